@@ -1,0 +1,3 @@
+from quotafs.cli import main
+
+raise SystemExit(main())

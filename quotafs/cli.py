@@ -1,0 +1,248 @@
+"""The `quotafs` command line: one function per subcommand, errors as one line + exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from quotafs import __version__, mounting
+from quotafs.errors import ExitCode, QuotafsError
+from quotafs.mountconfig import MountConfig
+from quotafs.size import format_size, parse_size
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, no usage dump: the usage is one `--help` away.
+        self.exit(int(ExitCode.USAGE), f"{self.prog}: error: {message}\n")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except QuotafsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: must be >= 0")
+    return value
+
+
+def _block_size(text: str) -> int:
+    value = _size(text)
+    if value < 512 or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"invalid block size {text!r}: a power of two >= 512")
+    return value
+
+
+def add_mount_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `mount` and `run`."""
+    p.add_argument("--limit", type=_size, default=None,
+                   help="quota in bytes: 120M, 1.5G, 10MB, 4096 (default: no limit)")
+    p.add_argument("--backing", metavar="DIR",
+                   help="existing directory to pass through; its content counts against the "
+                        "limit (default: a private temporary directory)")
+    p.add_argument("--keep-backing", action="store_true",
+                   help="do not remove the private backing directory at unmount")
+    p.add_argument("--accounting", choices=["blocks", "apparent"], default="blocks",
+                   help="charge allocated blocks like ext4 (default) or apparent sizes")
+    p.add_argument("--block-size", type=_block_size, default=4096,
+                   help="accounting block size, reported by statfs (default 4096)")
+    p.add_argument("--inodes", type=_count, default=None,
+                   help="inode limit: create/mkdir/... fail with ENOSPC past N inodes")
+    sigbus = p.add_mutually_exclusive_group()
+    sigbus.add_argument("--mmap-sigbus", dest="mmap_sigbus", action="store_true",
+                        help="ext4-faithful mmap: SIGBUS at the faulting write past the "
+                             "quota (reserves quota for hole pages read through writable "
+                             "handles; see docs/semantics.md)")
+    sigbus.add_argument("--no-mmap-sigbus", dest="mmap_sigbus", action="store_false",
+                        help="plain FUSE mmap semantics: ENOSPC at msync/fsync (default)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users access the mount (needs user_allow_other "
+                        "in /etc/fuse.conf when not root)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="no kernel attribute/entry caching: use when other programs "
+                        "also write to the backing directory")
+    p.add_argument("--fsname", default="quotafs", help="source name shown by mount and df")
+    p.add_argument("--debug", action="store_true", help="log every FUSE request")
+
+
+def _config(args: argparse.Namespace, mountpoint: str) -> MountConfig:
+    mounting.check_fuse()
+    backing, private = mounting.prepare_backing(args.backing)
+    return MountConfig(
+        mountpoint=mountpoint, backing=backing, limit=args.limit, private_backing=private,
+        keep_backing=args.keep_backing, inodes=args.inodes, accounting=args.accounting,
+        block_size=args.block_size, allow_other=args.allow_other, debug=args.debug,
+        fsname=args.fsname, mmap_sigbus=args.mmap_sigbus, no_cache=args.no_cache,
+    )
+
+
+# -- subcommands --------------------------------------------------------------------------
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    mountpoint = mounting.check_mountpoint(args.mountpoint)
+    config = _config(args, mountpoint)
+    if args.fg:
+        from quotafs import daemon
+
+        return daemon.run(config)
+    started = mounting.start_daemon(config, detach=True)
+    if not args.quiet:
+        limit = "no limit" if config.limit is None else format_size(config.limit)
+        print(f"quotafs mounted on {mountpoint} ({limit}, backing {config.backing}, "
+              f"pid {started.pid})", file=sys.stderr)
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    info = mounting.find_mount(mountpoint)
+    if info is None:
+        raise QuotafsError(f"{args.mountpoint} is not mounted", ExitCode.NOT_QUOTAFS)
+    if not info.is_quotafs:
+        raise QuotafsError(f"{args.mountpoint} is not a quotafs mount ({info.fstype})",
+                           ExitCode.NOT_QUOTAFS)
+    record = mounting.read_record(mountpoint)
+    pid: int | None = None
+    try:
+        pid = int(mounting.read_status(mountpoint)["pid"])
+        alive = True
+    except QuotafsError:
+        alive = False  # "Transport endpoint is not connected": the daemon died
+    if pid is None and record is not None:
+        pid = int(record["pid"])
+    mounting.unmount(mountpoint, lazy=args.lazy or not alive)
+    if alive and pid is not None and not mounting.wait_for_exit(pid, 30):
+        print(f"quotafs: warning: daemon {pid} still running after unmount", file=sys.stderr)
+    mounting.forget_record(mountpoint)
+    if not alive:
+        where = f"; its backing directory is kept at {record['backing']}" if record else ""
+        print(f"quotafs: cleaned up {mountpoint}: the daemon had died{where}", file=sys.stderr)
+    return 0
+
+
+def _status_lines(status: dict[str, Any]) -> list[str]:
+    def size(value: int | None) -> str:
+        return "none" if value is None else f"{format_size(value)} ({value} bytes)"
+
+    inode_limit = status["inode_limit"]
+    return [
+        f"mount point:  {status['mountpoint']}",
+        f"limit:        {size(status['limit'])}",
+        f"used:         {size(status['used'])}",
+        f"reserved:     {size(status['reserved'])}  (ext4-faithful mmap pages)",
+        f"free:         {size(status['free'])}",
+        f"inodes:       {status['inodes_used']} used"
+        + ("" if inode_limit is None else f" of {inode_limit}"),
+        f"accounting:   {status['accounting']}, block size {status['block_size']}",
+        f"mmap sigbus:  {'on' if status['mmap_sigbus'] else 'off'}",
+        f"ENOSPC:       {status['enospc_count']} answered",
+        f"backing:      {status['backing']}"
+        + (" (private)" if status["private_backing"] else ""),
+        f"daemon pid:   {status['pid']}",
+        f"options:      {','.join(status['mount_options'])}",
+    ]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = mounting.read_status(args.mountpoint)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print("\n".join(_status_lines(status)))
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    changes: dict[str, int | None] = {}
+    if args.limit is not None:
+        changes["limit"] = None if args.limit == "none" else _size(args.limit)
+    if args.inodes is not None:
+        changes["inodes"] = None if args.inodes == "none" else _count(args.inodes)
+    if not changes:
+        raise QuotafsError("nothing to set: give --limit and/or --inodes", ExitCode.USAGE)
+    mounting.set_limits(args.mountpoint, **changes)
+    status = mounting.read_status(args.mountpoint)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        limit = "none" if status["limit"] is None else format_size(status["limit"])
+        print(f"limit {limit}, used {format_size(status['used'])}, "
+              f"free {format_size(status['free'])}")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="quotafs", description=(
+        "A FUSE passthrough filesystem with a byte quota that runs out of space where a "
+        "real filesystem would."))
+    parser.add_argument("--version", action="version", version=f"quotafs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("mount", help="mount a quota-enforcing passthrough")
+    p.add_argument("mountpoint")
+    add_mount_options(p)
+    p.add_argument("--fg", action="store_true", help="stay in the foreground")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", aliases=["unmount"],
+                       help="unmount, also a mount whose daemon died")
+    p.add_argument("mountpoint")
+    p.add_argument("--lazy", action="store_true",
+                   help="detach even if busy (umount -l); the daemon exits when it is free")
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("status", help="limit, usage, inodes, options of a mount")
+    p.add_argument("mountpoint")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("set", help="change the limit while mounted")
+    p.add_argument("mountpoint")
+    p.add_argument("--limit", help="new quota (a size, or 'none')")
+    p.add_argument("--inodes", help="new inode limit (a count, or 'none')")
+    p.add_argument("--json", action="store_true", help="print the new status as JSON")
+    p.set_defaults(func=cmd_set)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Subcommands that live in their own modules register themselves here.
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except QuotafsError as exc:
+        print(f"quotafs: {exc}", file=sys.stderr)
+        return int(exc.code)
+    except argparse.ArgumentTypeError as exc:
+        print(f"quotafs: {exc}", file=sys.stderr)
+        return int(ExitCode.USAGE)
+    except KeyboardInterrupt:
+        print("quotafs: interrupted", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The daemon: scan the backing directory, mount, serve until unmounted or signalled.
+
+Run in the foreground by `quotafs mount --fg`, and as a child process for everything else
+(`python -m quotafs.daemon CONFIG_JSON`), reporting readiness through an inherited pipe so
+that the parent returns only once the mount answers — or prints the daemon's one-line
+error and its exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import sys
+from typing import Any
+
+import pyfuse3
+import trio
+
+from quotafs import __version__, syscalls
+from quotafs.accounting import Costs, Mode, scan_backing
+from quotafs.control import ControlChannel
+from quotafs.errors import ExitCode, QuotafsError
+from quotafs.fs import Options, QuotaFS
+from quotafs.ledger import Ledger
+from quotafs.mountconfig import MountConfig
+
+log = logging.getLogger("quotafs")
+
+PR_SET_PDEATHSIG = 1
+
+
+def _tell(ready_fd: int | None, line: str) -> None:
+    if ready_fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(ready_fd, (line + "\n").encode())
+
+
+def _die_with_parent() -> None:
+    """Unmount when the process that started us dies, even by SIGKILL (test runs)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _mount_options(config: MountConfig) -> set[str]:
+    options = {"default_permissions", f"fsname={config.fsname}", "subtype=quotafs"}
+    if config.allow_other:
+        options.add("allow_other")
+    if config.debug:
+        options.add("debug")
+    return options
+
+
+def build_filesystem(config: MountConfig) -> QuotaFS:
+    costs = Costs(Mode(config.accounting), config.block_size)
+    ledger = Ledger(config.limit, config.inodes)
+    existing_bytes, existing_inodes = scan_backing(config.backing, costs)
+    ledger.force_charge(existing_bytes)
+    ledger.force_add_inodes(existing_inodes)
+    owner = os.geteuid() if config.owner_uid is None else config.owner_uid
+    info: dict[str, Any] = {
+        "version": __version__,
+        "mountpoint": config.mountpoint,
+        "backing": config.backing,
+        "private_backing": config.private_backing,
+        "pid": os.getpid(),
+        "accounting": config.accounting,
+        "block_size": config.block_size,
+        "mmap_sigbus": config.mmap_sigbus,
+        "mount_options": sorted(_mount_options(config)),
+        "owner_uid": owner,
+        "existing_bytes_at_mount": existing_bytes,
+    }
+    control = ControlChannel(ledger, info, owner, config.backing)
+    fs = QuotaFS(config.backing, ledger,
+                 Options(costs, mmap_sigbus=config.mmap_sigbus,
+                         attr_timeout=0.0 if config.no_cache else 1.0,
+                         entry_timeout=0.0 if config.no_cache else 1.0,
+                         owner_uid=owner),
+                 control)
+    control.statistics = fs.statistics
+    return fs
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(on_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def run(config: MountConfig, ready_fd: int | None = None) -> int:
+    """Mount, serve, unmount. Returns the exit code; user errors are reported on ready_fd."""
+    if config.die_with_parent:
+        _die_with_parent()
+    syscalls.raise_nofile_limit()
+    os.umask(0)  # the caller's umask is applied per request
+    try:
+        fs = build_filesystem(config)
+        try:
+            pyfuse3.init(fs, config.mountpoint, _mount_options(config))
+        except RuntimeError as exc:
+            raise QuotafsError(f"cannot mount {config.mountpoint}: {exc} "
+                               "(is /dev/fuse usable and fusermount3 installed?)",
+                               ExitCode.NO_FUSE) from exc
+    except QuotafsError as exc:
+        _tell(ready_fd, f"error {int(exc.code)} {exc}")
+        return int(exc.code)
+    clean = False
+    try:
+        _tell(ready_fd, "ready")
+        if ready_fd is not None:
+            os.close(ready_fd)
+        trio.run(_serve)
+        clean = True
+    finally:
+        pyfuse3.close(unmount=True)
+        if clean and config.private_backing and not config.keep_backing:
+            shutil.rmtree(config.backing, ignore_errors=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    config = MountConfig.from_json(args[0])
+    ready_fd = int(args[1]) if len(args) > 1 else None
+    logging.basicConfig(
+        level=logging.DEBUG if config.debug else logging.WARNING,
+        format="%(asctime)s quotafs[%(process)d] %(levelname)s %(message)s",
+    )
+    return run(config, ready_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""User-facing errors: one exception type carrying an exit code, printed as one line."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Exit statuses of the quotafs command; the table in docs/exit-codes.md mirrors this."""
+
+    OK = 0
+    FAILURE = 1  # the operation ran and failed (e.g. compare --check found a mismatch)
+    USAGE = 2  # bad option, bad size, unknown writer, ... (argparse uses 2 as well)
+    MOUNTPOINT = 3  # mount point missing, not a directory, already mounted, busy
+    BACKING = 4  # backing directory missing or unusable
+    NO_FUSE = 5  # /dev/fuse missing or cannot be opened, fusermount3 missing
+    PERMISSION = 6  # no permission to mount / control / needs root
+    NOT_QUOTAFS = 7  # the path is not a quotafs mount (or its daemon is gone)
+    LOOP = 8  # no free loop device, mkfs.ext4 missing, ext4 reference failed
+    DAEMON = 9  # the daemon failed to start or died
+    INTERRUPTED = 130  # Ctrl-C
+
+
+class QuotafsError(Exception):
+    """An error the user can act on; main() prints it as one line and exits with `code`."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.FAILURE) -> None:
+        super().__init__(message)
+        self.code = code

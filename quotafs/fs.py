@@ -1,0 +1,785 @@
+"""The pyfuse3 Operations: a passthrough over a backing directory that enforces the ledger.
+
+Every known inode holds an O_PATH descriptor of its backing inode, so every operation is
+an *at() call relative to a descriptor: no path is ever built, whatever the depth below
+the mount or the length of the backing directory's own path. Handlers are plain
+functions wrapped by `handler`, the error boundary: OSError becomes the same errno, an
+unexpected exception is logged and answered with EIO, so the daemon never dies of one.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
+
+from quotafs import syscalls
+from quotafs.accounting import Costs, data_extents
+from quotafs.allocation import ceil_div, fitting_length, hole_blocks, round_up
+from quotafs.control import ControlChannel
+from quotafs.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Key = tuple[int, int]  # (st_dev, st_ino) of the backing inode
+
+# Flags the daemon must not pass to the backing open: creation and truncation are separate
+# requests, and O_APPEND would make pwrite ignore the offset the kernel computed.
+_STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND
+
+
+def handler(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Wrap a synchronous handler body as the async pyfuse3 handler with the error boundary.
+
+    The body runs without awaiting, so check-and-charge sequences in it are atomic with
+    respect to every other request.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s; answering EIO", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass(eq=False)
+class Node:
+    """A backing inode the kernel knows (lookup count > 0) or that is still open."""
+
+    inode: int
+    fd: int  # O_PATH | O_NOFOLLOW
+    key: Key
+    kind: int  # S_IFMT bits
+    lookups: int = 0
+    open_count: int = 0
+    size: int = 0  # regular files: st_size, kept current by our own writes/truncates
+    charged: int | None = None  # what the ledger holds for this inode; None: not measured
+    orphaned: bool = False  # unlinked while open: its charge is credited at last release
+    reserved: dict[int, int] = field(default_factory=dict)  # block -> fh that reserved it
+
+    @property
+    def proc_path(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+
+@dataclass(eq=False)
+class Handle:
+    node: Node
+    fd: int
+    writable: bool
+    entries: list[bytes] | None = None  # directory handles: the listing snapshot
+
+
+@dataclass
+class Options:
+    costs: Costs
+    mmap_sigbus: bool = False
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+    owner_uid: int = 0
+
+
+class QuotaFS(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False  # write(2) itself must return ENOSPC
+
+    def __init__(self, backing: str, ledger: Ledger, options: Options,
+                 control: ControlChannel | None = None) -> None:
+        super().__init__()
+        self.ledger = ledger
+        self.options = options
+        self.costs = options.costs
+        self.block = options.costs.block_size
+        self.control = control
+        self._nodes: dict[int, Node] = {}
+        self._by_key: dict[Key, Node] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self._next_fh = 1
+        root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY)
+        st = os.fstat(root_fd)
+        root = Node(pyfuse3.ROOT_INODE, root_fd, (st.st_dev, st.st_ino), stat.S_IFDIR,
+                    lookups=1)
+        self._nodes[root.inode] = root
+        self._by_key[root.key] = root
+        self.root = root
+        self._is_root = os.geteuid() == 0
+
+    # -- tables ---------------------------------------------------------------------------
+
+    def _node(self, inode: int) -> Node:
+        try:
+            return self._nodes[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    def _remember(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
+        """The node for a backing entry, created if new; does NOT count a lookup."""
+        key = (st.st_dev, st.st_ino)
+        node = self._by_key.get(key)
+        if node is not None:
+            if stat.S_ISREG(st.st_mode) and node.open_count == 0:
+                node.size = st.st_size
+            return node
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
+        node = Node(self._next_inode, fd, key, stat.S_IFMT(st.st_mode), size=st.st_size)
+        self._next_inode += 1
+        self._nodes[node.inode] = node
+        self._by_key[key] = node
+        return node
+
+    def _drop_if_unused(self, node: Node) -> None:
+        if node.lookups > 0 or node.open_count > 0 or node is self.root:
+            return
+        del self._nodes[node.inode]
+        if self._by_key.get(node.key) is node:
+            del self._by_key[node.key]
+        self._release_all_reservations(node)
+        os.close(node.fd)
+
+    def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = InodeT(node.inode)
+        entry.generation = 0
+        entry.entry_timeout = self.options.entry_timeout
+        entry.attr_timeout = self.options.attr_timeout
+        entry.st_mode = ModeT(st.st_mode)
+        entry.st_nlink = st.st_nlink
+        entry.st_uid = st.st_uid
+        entry.st_gid = st.st_gid
+        entry.st_rdev = st.st_rdev
+        entry.st_size = st.st_size
+        entry.st_blksize = st.st_blksize
+        entry.st_blocks = st.st_blocks
+        entry.st_atime_ns = st.st_atime_ns
+        entry.st_mtime_ns = st.st_mtime_ns
+        entry.st_ctime_ns = st.st_ctime_ns
+        return entry
+
+    def _stat(self, node: Node) -> os.stat_result:
+        return os.fstat(node.fd)  # fstat works on O_PATH descriptors, symlinks included
+
+    def _lookup_entry(self, parent: Node, name: bytes) -> tuple[Node, pyfuse3.EntryAttributes]:
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        node = self._remember(parent, name, st)
+        node.lookups += 1
+        return node, self._attrs(node, st)
+
+    # -- accounting helpers ---------------------------------------------------------------
+
+    def _charge_of(self, node: Node, st: os.stat_result | None = None) -> int:
+        """What the ledger holds for `node`, measuring it the first time it is needed."""
+        if node.charged is None:
+            st = st or self._stat(node)
+            if self.costs.is_sparse(st):
+                node.charged = self._measure_sparse(node, st)
+            else:
+                node.charged = self.costs.stat_result(st)
+        return node.charged
+
+    def _measure_sparse(self, node: Node, st: os.stat_result) -> int:
+        handle = next((h for h in self._handles.values() if h.node is node), None)
+        if handle is not None:
+            return self.costs.open_file(handle.fd, st.st_size)
+        try:
+            fd = os.open(node.proc_path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return self.costs.stat_result(st)
+        try:
+            return self.costs.open_file(fd, st.st_size)
+        finally:
+            os.close(fd)
+
+    def _forget_charge(self, node: Node | None, st: os.stat_result) -> None:
+        """The inode behind `st` lost its last name: give its space and inode back."""
+        self.ledger.remove_inode()
+        if node is None:
+            self.ledger.credit(self.costs.stat_result(st))
+            return
+        charge = self._charge_of(node, st)
+        if node.open_count > 0 and stat.S_ISREG(st.st_mode):
+            # An unlinked file that is still open keeps its blocks until the last release.
+            node.orphaned = True
+            return
+        self.ledger.credit(charge)
+        node.charged = 0
+        self._release_all_reservations(node)
+
+    def _release_all_reservations(self, node: Node) -> None:
+        if node.reserved:
+            self.ledger.release(len(node.reserved) * self.block)
+            node.reserved.clear()
+
+    def _release_reservations_from(self, node: Node, start_block: int) -> None:
+        dropped = [b for b in node.reserved if b >= start_block]
+        for b in dropped:
+            del node.reserved[b]
+        if dropped:
+            self.ledger.release(len(dropped) * self.block)
+
+    def _enospc(self, op: str, node: Node) -> pyfuse3.FUSEError:
+        if self.control is not None:
+            self.control.record_quota_hit(op, node.fd, self.root.fd)
+        return pyfuse3.FUSEError(errno.ENOSPC)
+
+    def _new_inode_or_enospc(self, op: str, parent: Node) -> None:
+        if not self.ledger.try_add_inode():
+            raise self._enospc(op, parent)
+
+    def _set_owner(self, fd_or_name: int | bytes, parent: Node, ctx: pyfuse3.RequestContext,
+                   st_mode: int | None = None) -> None:
+        """Give a new inode to the caller, as the kernel would have for a local create."""
+        if not self._is_root:
+            return
+        parent_st = self._stat(parent)
+        gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else ctx.gid
+        if isinstance(fd_or_name, int):
+            os.fchown(fd_or_name, ctx.uid, gid)
+            if st_mode is not None and st_mode & (stat.S_ISUID | stat.S_ISGID):
+                os.fchmod(fd_or_name, stat.S_IMODE(st_mode))  # chown cleared them
+        else:
+            os.chown(fd_or_name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+
+    # -- lookups and attributes -----------------------------------------------------------
+
+    @handler
+    def lookup(self, parent_inode: InodeT, name: FileNameT,
+                ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._lookup_entry(self._node(parent_inode), name)[1]
+
+    @handler
+    def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        for inode, count in inode_list:
+            node = self._nodes.get(inode)
+            if node is None or node is self.root:
+                continue
+            node.lookups = max(0, node.lookups - count)
+            self._drop_if_unused(node)
+
+    @handler
+    def getattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        return self._attrs(node, self._stat(node))
+
+    @handler
+    def setattr(self, inode: InodeT, attr: pyfuse3.EntryAttributes,
+                 fields: pyfuse3.SetattrFields, fh: FileHandleT | None,
+                 ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        is_link = node.kind == stat.S_IFLNK
+        if fields.update_size:
+            self._truncate(node, attr.st_size, self._handles.get(fh) if fh else None)
+        if fields.update_mode and not is_link:
+            os.chmod(node.proc_path, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            syscalls.fchown_path_fd(node.fd, attr.st_uid if fields.update_uid else -1,
+                                    attr.st_gid if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            atime = attr.st_atime_ns if fields.update_atime else None
+            mtime = attr.st_mtime_ns if fields.update_mtime else None
+            if is_link:
+                # No race-free way to set a symlink's times through an O_PATH fd on every
+                # kernel; the symlink's name is not known here. Report success, as FUSE
+                # passthroughs conventionally do, but do not pretend: times stay as they are.
+                pass
+            else:
+                syscalls.utimens_path_fd(node.fd, atime, mtime)
+        return self._attrs(node, self._stat(node))
+
+    def _truncate(self, node: Node, size: int, handle: Handle | None) -> None:
+        if node.kind != stat.S_IFREG:
+            raise pyfuse3.FUSEError(errno.EINVAL if node.kind != stat.S_IFDIR else errno.EISDIR)
+        fd = handle.fd if handle is not None and handle.writable else None
+        own_fd = fd is None
+        if fd is None:
+            fd = os.open(node.proc_path, os.O_WRONLY)
+        try:
+            old_charge = self._charge_of(node)
+            if not self.costs.blocks and size > old_charge:
+                # Apparent sizes: growing the file takes quota even though it is a hole.
+                if not self.ledger.try_charge(size - old_charge):
+                    raise self._enospc("truncate", node)
+                os.ftruncate(fd, size)
+                node.charged = size
+            else:
+                os.ftruncate(fd, size)
+                new_charge = self.costs.open_file(fd, size)
+                if new_charge < old_charge:
+                    self.ledger.credit(old_charge - new_charge)
+                else:
+                    self.ledger.force_charge(new_charge - old_charge)
+                node.charged = new_charge
+            node.size = size
+            self._release_reservations_from(node, ceil_div(size, self.block))
+        finally:
+            if own_fd:
+                os.close(fd)
+
+    @handler
+    def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileNameT:
+        node = self._node(inode)
+        return FileNameT(os.readlink(b"", dir_fd=node.fd))
+
+    # -- creating and removing names ------------------------------------------------------
+
+    @handler
+    def mknod(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
+               ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        self._new_inode_or_enospc("mknod", parent)
+        try:
+            os.mknod(name, mode & ~ctx.umask, rdev, dir_fd=parent.fd)
+        except BaseException:
+            self.ledger.remove_inode()
+            raise
+        self._set_owner(name, parent, ctx)
+        if mode & (stat.S_ISUID | stat.S_ISGID):
+            os.chmod(name, stat.S_IMODE(mode & ~ctx.umask), dir_fd=parent.fd)
+        return self._lookup_entry(parent, name)[1]
+
+    @handler
+    def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
+               ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        self._new_inode_or_enospc("mkdir", parent)
+        cost = self.costs.directory()
+        if not self.ledger.try_charge(cost):
+            self.ledger.remove_inode()
+            raise self._enospc("mkdir", parent)
+        try:
+            os.mkdir(name, mode & ~ctx.umask, dir_fd=parent.fd)
+        except BaseException:
+            self.ledger.remove_inode()
+            self.ledger.credit(cost)
+            raise
+        self._set_owner(name, parent, ctx)
+        node, entry = self._lookup_entry(parent, name)
+        node.charged = cost
+        return entry
+
+    @handler
+    def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
+                 ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        self._new_inode_or_enospc("symlink", parent)
+        cost = self.costs.symlink(len(target))
+        if not self.ledger.try_charge(cost):
+            self.ledger.remove_inode()
+            raise self._enospc("symlink", parent)
+        try:
+            os.symlink(target, name, dir_fd=parent.fd)
+        except BaseException:
+            self.ledger.remove_inode()
+            self.ledger.credit(cost)
+            raise
+        self._set_owner(name, parent, ctx)
+        node, entry = self._lookup_entry(parent, name)
+        node.charged = cost
+        return entry
+
+    @handler
+    def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
+              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        parent = self._node(new_parent_inode)
+        # Hard links share the inode's blocks: no charge, no new inode.
+        os.link(node.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        return self._lookup_entry(parent, new_name)[1]
+
+    @handler
+    def unlink(self, parent_inode: InodeT, name: FileNameT,
+                ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        node = self._by_key.get((st.st_dev, st.st_ino))
+        if node is not None:
+            self._charge_of(node, st)  # measure before the name (and the extents) go
+        os.unlink(name, dir_fd=parent.fd)
+        if st.st_nlink <= 1:
+            self._forget_charge(node, st)
+
+    @handler
+    def rmdir(self, parent_inode: InodeT, name: FileNameT,
+               ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        os.rmdir(name, dir_fd=parent.fd)
+        self._forget_charge(self._by_key.get((st.st_dev, st.st_ino)), st)
+
+    @handler
+    def rename(self, parent_inode_old: InodeT, name_old: FileNameT,
+                parent_inode_new: InodeT, name_new: FileNameT, flags: FlagT,
+                ctx: pyfuse3.RequestContext) -> None:
+        old_parent = self._node(parent_inode_old)
+        new_parent = self._node(parent_inode_new)
+        replaced: os.stat_result | None = None
+        if not flags & pyfuse3.RENAME_EXCHANGE:
+            try:
+                replaced = os.stat(name_new, dir_fd=new_parent.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                replaced = None
+        replaced_node = None
+        if replaced is not None:
+            moved = os.stat(name_old, dir_fd=old_parent.fd, follow_symlinks=False)
+            if (moved.st_dev, moved.st_ino) == (replaced.st_dev, replaced.st_ino):
+                replaced = None  # renaming a hard link onto itself removes nothing
+            else:
+                replaced_node = self._by_key.get((replaced.st_dev, replaced.st_ino))
+                if replaced_node is not None:
+                    self._charge_of(replaced_node, replaced)
+        if flags:
+            syscalls.renameat2(old_parent.fd, name_old, new_parent.fd, name_new, flags)
+        else:
+            os.rename(name_old, name_new, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd)
+        if replaced is not None and (stat.S_ISDIR(replaced.st_mode) or replaced.st_nlink <= 1):
+            self._forget_charge(replaced_node, replaced)
+
+    # -- files ----------------------------------------------------------------------------
+
+    def _new_handle(self, node: Node, fd: int, flags: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        self._handles[fh] = Handle(node, fd, writable)
+        node.open_count += 1
+        return fh
+
+    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
+        # keep_cache off: the kernel drops cached pages at open, so the ext4-faithful mmap
+        # mode sees the page-in reads it needs; direct_io off: shared mmap must work.
+        return pyfuse3.FileInfo(fh=FileHandleT(fh), direct_io=False, keep_cache=False)
+
+    @handler
+    def open(self, inode: InodeT, flags: FlagT,
+             ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        return self._open_node(self._node(inode), flags)
+
+    def _open_node(self, node: Node, flags: int) -> pyfuse3.FileInfo:
+        fd = os.open(node.proc_path, flags & ~_STRIP_OPEN_FLAGS)
+        fh = self._new_handle(node, fd, flags)
+        try:
+            if node.open_count == 1:
+                node.size = os.fstat(fd).st_size
+            if flags & os.O_TRUNC and node.size:
+                self._truncate(node, 0, self._handles[fh])
+        except BaseException:
+            self._close_handle(fh)
+            raise
+        return self._file_info(fh)
+
+    @handler
+    def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
+                ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._node(parent_inode)
+        self._new_inode_or_enospc("create", parent)
+        open_flags = (flags & ~(os.O_TRUNC | os.O_APPEND)) | os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(name, open_flags, mode & ~ctx.umask, dir_fd=parent.fd)
+        except FileExistsError:
+            self.ledger.remove_inode()
+            if flags & os.O_EXCL:
+                raise
+            # Lost a race with another creator: open what is there, as O_CREAT would.
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            node = self._remember(parent, name, st)
+            fi = self._open_node(node, flags)
+            node.lookups += 1
+            return fi, self._attrs(node, self._stat(node))
+        except BaseException:
+            self.ledger.remove_inode()
+            raise
+        try:
+            self._set_owner(fd, parent, ctx, mode & ~ctx.umask)
+            st = os.fstat(fd)
+            node = self._remember(parent, name, st)
+        except BaseException:
+            os.close(fd)
+            raise
+        node.lookups += 1
+        node.charged = 0
+        fh = self._new_handle(node, fd, flags)
+        return self._file_info(fh), self._attrs(node, st)
+
+    @handler
+    def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        handle = self._handle(fh)
+        if self.options.mmap_sigbus and handle.writable:
+            self._reserve_for_read(handle, fh, off, size)
+        return os.pread(handle.fd, size, off)
+
+    def _reserve_for_read(self, handle: Handle, fh: int, off: int, size: int) -> None:
+        """ext4-faithful mmap: a page brought in through a writable handle may be dirtied
+        through a shared mapping without the daemon hearing of it until writeback, so the
+        quota for its hole blocks is reserved now; if it does not fit, the read fails and
+        the kernel turns that into SIGBUS at the faulting access, as ext4's page_mkwrite
+        does. The kernel retries a failed readahead one page at a time, so the signal
+        lands on the first page that does not fit."""
+        node = handle.node
+        end = min(off + size, node.size)
+        if end <= off:
+            return
+        start = off - off % self.block
+        holes = hole_blocks(start, end, data_extents(handle.fd, start, end), self.block)
+        wanted = [b for b in holes if b not in node.reserved]
+        if not wanted:
+            return
+        if not self.ledger.try_reserve(len(wanted) * self.block):
+            raise self._enospc("read", node)
+        for b in wanted:
+            node.reserved[b] = fh
+
+    @handler
+    def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        handle = self._handle(fh)
+        node = handle.node
+        if self.costs.blocks:
+            written = self._write_blocks(handle, off, buf)
+        else:
+            written = self._write_apparent(handle, off, buf)
+        node.size = max(node.size, off + written)
+        return written
+
+    def _write_blocks(self, handle: Handle, off: int, buf: bytes) -> int:
+        node, block = handle.node, self.block
+        end = off + len(buf)
+        charged = self._charge_of(node)
+        start = off - off % block
+        data_end = min(end, node.size)
+        # Blocks past EOF hold no data; only the part of the write inside the file needs
+        # SEEK_DATA, so a plain append costs no extra syscall.
+        extents = data_extents(handle.fd, start, data_end) if start < data_end else []
+        holes = hole_blocks(off, end, extents, block)
+        reserved = [b for b in holes if b in node.reserved] if node.reserved else []
+        new = [b for b in holes if b not in node.reserved] if reserved else holes
+        length = fitting_length(off, len(buf), new, self.ledger.free() // block, block)
+        if length == 0:
+            self.ledger.note_enospc()
+            raise self._enospc("write", node)
+        written = os.pwrite(handle.fd, buf if length == len(buf) else buf[:length], off)
+        if written < len(buf):
+            self.ledger.note_enospc() if length < len(buf) else None
+        last = ceil_div(off + written, block)
+        taken = sum(1 for b in new if b < last)
+        self.ledger.force_charge(taken * block)  # fits: fitting_length checked the budget
+        converted = [b for b in reserved if b < last]
+        for b in converted:
+            del node.reserved[b]
+        if converted:
+            self.ledger.convert(len(converted) * block)
+        node.charged = charged + (taken + len(converted)) * block
+        return written
+
+    def _write_apparent(self, handle: Handle, off: int, buf: bytes) -> int:
+        node = handle.node
+        charged = self._charge_of(node)
+        growth = max(0, off + len(buf) - max(node.size, charged))
+        length = len(buf)
+        if growth > self.ledger.free():
+            length = max(0, len(buf) - (growth - self.ledger.free()))
+            self.ledger.note_enospc()
+            if length == 0:
+                raise self._enospc("write", node)
+        written = os.pwrite(handle.fd, buf if length == len(buf) else buf[:length], off)
+        new_size = max(node.size, off + written)
+        if new_size > charged:
+            self.ledger.force_charge(new_size - charged)
+            node.charged = new_size
+        return written
+
+    @handler
+    def flush(self, fh: FileHandleT) -> None:
+        # close(dup(fd)) passes the backing filesystem's close-time errors on to close(2).
+        os.close(os.dup(self._handle(fh).fd))
+
+    @handler
+    def fsync(self, fh: FileHandleT, datasync: bool) -> None:
+        fd = self._handle(fh).fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    def _close_handle(self, fh: int) -> None:
+        handle = self._handles.pop(fh)
+        node = handle.node
+        node.open_count -= 1
+        os.close(handle.fd)
+        if node.reserved:
+            mine = [b for b, owner in node.reserved.items() if owner == fh]
+            for b in mine:
+                del node.reserved[b]
+            if mine:
+                self.ledger.release(len(mine) * self.block)
+        if node.open_count == 0 and node.orphaned:
+            node.orphaned = False
+            self.ledger.credit(node.charged or 0)
+            node.charged = 0
+        self._drop_if_unused(node)
+
+    @handler
+    def release(self, fh: FileHandleT) -> None:
+        self._close_handle(fh)
+
+    # -- directories ----------------------------------------------------------------------
+
+    @handler
+    def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
+        node = self._node(inode)
+        fd = os.open(node.proc_path, os.O_RDONLY | os.O_DIRECTORY)
+        return FileHandleT(self._new_handle(node, fd, os.O_RDONLY))
+
+    @handler
+    def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._handle(fh)
+        if start_id == 0 or handle.entries is None:
+            # A snapshot per listing keeps offsets stable while entries come and go.
+            handle.entries = sorted(os.fsencode(n) for n in os.listdir(handle.fd))
+        entries: list[bytes] = handle.entries
+        parent = handle.node
+        for index in range(start_id, len(entries)):
+            name = entries[index]
+            try:
+                st = os.stat(name, dir_fd=handle.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            node = self._remember(parent, name, st)
+            if not pyfuse3.readdir_reply(token, FileNameT(name), self._attrs(node, st),
+                                         index + 1):
+                self._drop_if_unused(node)
+                return
+            node.lookups += 1
+
+    @handler
+    def releasedir(self, fh: FileHandleT) -> None:
+        self._close_handle(fh)
+
+    @handler
+    def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
+        os.fsync(self._handle(fh).fd)
+
+    @handler
+    def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        backing = os.statvfs(self.root.proc_path)
+        stats = self.ledger.stats()
+        block = self.block
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = block
+        data.f_frsize = block
+        if stats.limit is None:
+            data.f_blocks = backing.f_blocks * backing.f_frsize // block
+            free = min(backing.f_bavail * backing.f_frsize, stats.free) // block
+        else:
+            data.f_blocks = stats.limit // block
+            free = stats.free // block
+        data.f_bfree = free
+        data.f_bavail = free
+        if stats.inode_limit is None:
+            data.f_files = stats.inodes_used + backing.f_ffree
+            data.f_ffree = backing.f_ffree
+        else:
+            data.f_files = stats.inode_limit
+            data.f_ffree = max(0, stats.inode_limit - stats.inodes_used)
+        data.f_favail = data.f_ffree
+        data.f_namemax = 255
+        return data
+
+    # -- extended attributes (and the control channel on the root) ------------------------
+
+    def _xattr_path(self, node: Node) -> str:
+        if node.kind == stat.S_IFLNK:
+            # No race-free way to reach a symlink's xattrs through an O_PATH fd; Linux
+            # allows only trusted./security. ones on symlinks anyway.
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        return node.proc_path
+
+    @handler
+    def getxattr(self, inode: InodeT, name: XAttrNameT,
+                  ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if node is self.root and self.control is not None and self.control.owns(name):
+            return self.control.get(name, ctx)
+        try:
+            return os.getxattr(self._xattr_path(node), name)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @handler
+    def setxattr(self, inode: InodeT, name: XAttrNameT, value: bytes,
+                  ctx: pyfuse3.RequestContext) -> None:
+        node = self._node(inode)
+        if node is self.root and self.control is not None and self.control.owns(name):
+            self.control.set(name, value, ctx)
+            return
+        os.setxattr(self._xattr_path(node), name, value)
+
+    @handler
+    def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> Sequence[XAttrNameT]:
+        node = self._node(inode)
+        if node.kind == stat.S_IFLNK:
+            return []
+        return [XAttrNameT(os.fsencode(n)) for n in os.listxattr(node.proc_path)]
+
+    @handler
+    def removexattr(self, inode: InodeT, name: XAttrNameT,
+                     ctx: pyfuse3.RequestContext) -> None:
+        node = self._node(inode)
+        try:
+            os.removexattr(self._xattr_path(node), name)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @handler
+    def access(self, inode: InodeT, mode: ModeT, ctx: pyfuse3.RequestContext) -> bool:
+        # Only reached without default_permissions; the daemon answers for the caller.
+        node = self._node(inode)
+        st = self._stat(node)
+        if ctx.uid == 0:
+            return not (mode & os.X_OK) or bool(st.st_mode & 0o111) or stat.S_ISDIR(st.st_mode)
+        if st.st_uid == ctx.uid:
+            bits = (st.st_mode >> 6) & 7
+        elif st.st_gid == ctx.gid or st.st_gid in pyfuse3.get_sup_groups(ctx.pid):
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        return (bits & mode) == mode
+
+    # -- introspection --------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "known_inodes": len(self._nodes),
+            "open_handles": len(self._handles),
+            "reserved_blocks": sum(len(n.reserved) for n in self._nodes.values()),
+        }
+
+    def nodes(self) -> Iterator[Node]:
+        return iter(self._nodes.values())

@@ -1,0 +1,142 @@
+"""The quota: what is used, what is reserved, what is free — pure, no FUSE, no syscalls.
+
+All byte counts are in the accounting unit chosen at mount (whole blocks in block mode,
+bytes in apparent mode); the ledger does not care which. Every check-and-charge is one
+method call that completes without awaiting, so within the single-threaded trio loop it
+is atomic: racing writers can never push usage past the limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+UNLIMITED = 2**63 - 1
+
+
+@dataclass
+class LedgerStats:
+    limit: int | None
+    used: int
+    reserved: int
+    free: int
+    inode_limit: int | None
+    inodes_used: int
+    enospc_count: int
+
+
+class Ledger:
+    """Byte and inode budget. `used + reserved <= limit` holds after every grant.
+
+    Credits and forced charges (existing content at mount) may leave usage above a limit
+    that was lowered at runtime; that never deletes data, it only makes the next
+    allocating request fail.
+    """
+
+    def __init__(self, limit: int | None = None, inode_limit: int | None = None) -> None:
+        self._check_limit(limit, "limit")
+        self._check_limit(inode_limit, "inode limit")
+        self.limit = limit
+        self.inode_limit = inode_limit
+        self.used = 0
+        self.reserved = 0
+        self.inodes_used = 0
+        self.enospc_count = 0
+
+    @staticmethod
+    def _check_limit(value: int | None, what: str) -> None:
+        if value is not None and value < 0:
+            raise ValueError(f"{what} must be >= 0, got {value}")
+
+    # -- bytes --------------------------------------------------------------------------
+
+    def free(self) -> int:
+        """Bytes that a new allocation may still take (never negative)."""
+        limit = UNLIMITED if self.limit is None else self.limit
+        return max(0, limit - self.used - self.reserved)
+
+    def try_charge(self, nbytes: int) -> bool:
+        """Charge `nbytes` if they fit; otherwise charge nothing and count an ENOSPC."""
+        if nbytes < 0:
+            raise ValueError("charge must be >= 0")
+        if nbytes > self.free():
+            self.enospc_count += 1
+            return False
+        self.used += nbytes
+        return True
+
+    def force_charge(self, nbytes: int) -> None:
+        """Charge without a check: content that exists already (found at mount)."""
+        if nbytes < 0:
+            raise ValueError("charge must be >= 0")
+        self.used += nbytes
+
+    def credit(self, nbytes: int) -> None:
+        """Give back space (truncate, unlink, rmdir)."""
+        if nbytes < 0 or nbytes > self.used:
+            raise ValueError(f"credit {nbytes} outside [0, used={self.used}]")
+        self.used -= nbytes
+
+    def note_enospc(self) -> None:
+        """Count an ENOSPC that was decided outside try_charge (a short write's refusal)."""
+        self.enospc_count += 1
+
+    # -- reservations (ext4-faithful mmap) ----------------------------------------------
+
+    def try_reserve(self, nbytes: int) -> bool:
+        """Hold back `nbytes` for pages that will be written through a mapping."""
+        if nbytes < 0:
+            raise ValueError("reservation must be >= 0")
+        if nbytes > self.free():
+            self.enospc_count += 1
+            return False
+        self.reserved += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        """Drop a reservation that was not used (handle released, range truncated)."""
+        if nbytes < 0 or nbytes > self.reserved:
+            raise ValueError(f"release {nbytes} outside [0, reserved={self.reserved}]")
+        self.reserved -= nbytes
+
+    def convert(self, nbytes: int) -> None:
+        """Turn a reservation into usage: the reserved pages were written."""
+        self.release(nbytes)
+        self.used += nbytes
+
+    # -- inodes -------------------------------------------------------------------------
+
+    def try_add_inode(self) -> bool:
+        if self.inode_limit is not None and self.inodes_used >= self.inode_limit:
+            self.enospc_count += 1
+            return False
+        self.inodes_used += 1
+        return True
+
+    def force_add_inodes(self, count: int) -> None:
+        self.inodes_used += count
+
+    def remove_inode(self) -> None:
+        if self.inodes_used <= 0:
+            raise ValueError("no inode to remove")
+        self.inodes_used -= 1
+
+    # -- runtime control ----------------------------------------------------------------
+
+    def set_limit(self, limit: int | None) -> None:
+        self._check_limit(limit, "limit")
+        self.limit = limit
+
+    def set_inode_limit(self, inode_limit: int | None) -> None:
+        self._check_limit(inode_limit, "inode limit")
+        self.inode_limit = inode_limit
+
+    def stats(self) -> LedgerStats:
+        return LedgerStats(
+            limit=self.limit,
+            used=self.used,
+            reserved=self.reserved,
+            free=self.free(),
+            inode_limit=self.inode_limit,
+            inodes_used=self.inodes_used,
+            enospc_count=self.enospc_count,
+        )

@@ -1,0 +1,33 @@
+"""Everything a daemon needs to know to mount, as one serialisable record."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    backing: str
+    limit: int | None
+    private_backing: bool = False
+    keep_backing: bool = False
+    inodes: int | None = None
+    accounting: str = "blocks"
+    block_size: int = 4096
+    allow_other: bool = False
+    debug: bool = False
+    fsname: str = "quotafs"
+    mmap_sigbus: bool = False
+    no_cache: bool = False
+    owner_uid: int | None = None
+    die_with_parent: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> MountConfig:
+        return cls(**json.loads(text))
