@@ -13,6 +13,7 @@ import json
 import os
 import select
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -112,14 +113,15 @@ def check_mountpoint(path: str) -> str:
         st = os.stat(mountpoint)
     except FileNotFoundError:
         raise QuotafsError(f"mount point {path} does not exist", ExitCode.MOUNTPOINT) from None
+    except PermissionError:
+        raise QuotafsError(f"no permission to mount on {path}: cannot reach it",
+                           ExitCode.PERMISSION) from None
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             raise QuotafsError(f"{path} is a stale mount whose daemon died: run "
                                f"'quotafs umount {path}' first", ExitCode.MOUNTPOINT) from None
         raise QuotafsError(f"mount point {path}: {exc.strerror}", ExitCode.MOUNTPOINT) from None
-    import stat as stat_
-
-    if not stat_.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode):
         raise QuotafsError(f"mount point {path} is not a directory", ExitCode.MOUNTPOINT)
     if find_mount(mountpoint) is not None:
         raise QuotafsError(f"{path} is already a mount point", ExitCode.MOUNTPOINT)

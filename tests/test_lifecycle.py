@@ -1,0 +1,212 @@
+"""Mount lifecycle through the real command: detach, status, umount, signals, crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from quotafs import mounting
+from tests.conftest import fuse_unusable_reason
+
+pytestmark = pytest.mark.skipif(fuse_unusable_reason() is not None,
+                                reason=fuse_unusable_reason() or "")
+
+
+def quotafs(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "quotafs", *args], capture_output=True,
+                          text=True, check=check, timeout=120)
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[str]:
+    """An empty mount point; anything left mounted on it is removed afterwards."""
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield str(path)
+    if mounting.find_mount(str(path)) is not None:
+        mounting.unmount(str(path), lazy=True)
+
+
+def wait_unmounted(path: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while mounting.find_mount(path) is not None:
+        assert time.monotonic() < deadline, f"{path} still mounted"
+        time.sleep(0.05)
+
+
+def test_mount_status_umount_roundtrip(mnt: str) -> None:
+    result = quotafs("mount", "--limit", "5M", mnt)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(quotafs("status", "--json", mnt, check=True).stdout)
+    assert status["limit"] == 5 * 2**20
+    assert status["used"] == 0
+    assert status["private_backing"] is True
+    backing = status["backing"]
+    assert os.stat(backing).st_mode & 0o777 == 0o700
+    st = os.statvfs(mnt)
+    assert st.f_blocks * st.f_frsize == 5 * 2**20
+    text = quotafs("status", mnt, check=True).stdout
+    assert "limit:" in text and "5.0 MiB" in text
+    result = quotafs("umount", mnt)
+    assert result.returncode == 0, result.stderr
+    assert mounting.find_mount(mnt) is None
+    assert not os.path.exists(backing)  # the private backing directory is removed
+    assert not mounting.wait_for_exit(status["pid"], 0) or True
+
+
+def test_set_changes_the_limit_live(mnt: str) -> None:
+    quotafs("mount", "--limit", "1M", mnt, check=True)
+    result = quotafs("set", mnt, "--limit", "3M", "--inodes", "10", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert (status["limit"], status["inode_limit"]) == (3 * 2**20, 10)
+    assert os.statvfs(mnt).f_files == 10
+    quotafs("umount", mnt, check=True)
+
+
+def test_keep_backing_and_existing_backing(mnt: str, tmp_path: Path) -> None:
+    backing = tmp_path / "data"
+    backing.mkdir()
+    (backing / "old").write_bytes(b"o" * 10_000)
+    quotafs("mount", "--limit", "1M", "--backing", str(backing), mnt, check=True)
+    status = json.loads(quotafs("status", "--json", mnt, check=True).stdout)
+    assert status["used"] == 3 * 4096
+    assert status["private_backing"] is False
+    Path(mnt, "new").write_bytes(b"n")
+    quotafs("umount", mnt, check=True)
+    assert sorted(os.listdir(backing)) == ["new", "old"]
+
+
+def _daemon_pid(mnt: str) -> int:
+    return int(json.loads(quotafs("status", "--json", mnt, check=True).stdout)["pid"])
+
+
+def _write_fsynced(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        assert os.write(fd, data) == len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly_and_keeps_fsynced_data(mnt: str, tmp_path: Path,
+                                                         sig: signal.Signals) -> None:
+    backing = tmp_path / "data"
+    backing.mkdir()
+    quotafs("mount", "--limit", "2M", "--backing", str(backing), mnt, check=True)
+    pid = _daemon_pid(mnt)
+    _write_fsynced(os.path.join(mnt, "precious"), b"p" * 100_000)
+    os.kill(pid, sig)
+    wait_unmounted(mnt)
+    assert mounting.wait_for_exit(pid, 20)
+    assert (backing / "precious").read_bytes() == b"p" * 100_000
+
+
+def test_kill_9_then_umount_recovers(mnt: str, tmp_path: Path) -> None:
+    backing = tmp_path / "data"
+    backing.mkdir()
+    quotafs("mount", "--limit", "2M", "--backing", str(backing), mnt, check=True)
+    pid = _daemon_pid(mnt)
+    _write_fsynced(os.path.join(mnt, "precious"), b"k" * 300_000)
+    os.kill(pid, signal.SIGKILL)
+    assert mounting.wait_for_exit(pid, 10)
+    with pytest.raises(OSError) as exc:
+        os.stat(os.path.join(mnt, "precious"))
+    assert exc.value.errno == 107  # ENOTCONN: Transport endpoint is not connected
+    again = quotafs("mount", "--limit", "1M", mnt)
+    assert again.returncode == 3 and "stale" in again.stderr
+    result = quotafs("umount", mnt)
+    assert result.returncode == 0, result.stderr
+    assert "daemon had died" in result.stderr
+    assert mounting.find_mount(mnt) is None
+    assert (backing / "precious").read_bytes() == b"k" * 300_000
+
+
+def test_foreground_mount_serves_until_signalled(mnt: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "quotafs", "mount", "--fg", "--limit",
+                             "1M", mnt])
+    try:
+        deadline = time.monotonic() + 30
+        while mounting.find_mount(mnt) is None:
+            assert proc.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        Path(mnt, "f").write_bytes(b"x")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert mounting.find_mount(mnt) is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _unprivileged_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "the suite is not root, so it cannot switch to an unprivileged user"
+    import shutil
+
+    if shutil.which("fusermount3") is None or shutil.which("setpriv") is None:
+        return "fusermount3 or setpriv is not installed"
+    mode = os.stat("/dev/fuse").st_mode
+    if mode & 0o006 != 0o006:
+        return f"/dev/fuse is not open to other users here (mode {mode & 0o777:o})"
+    probe = subprocess.run([*NOBODY, sys.executable, "-c", "import quotafs.cli, pyfuse3"],
+                           capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        return (f"{sys.executable} or the installed package is not reachable by an "
+                "unprivileged user (e.g. a venv under /root)")
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create an unprivileged user's "
+                    "mount point")
+def test_unprivileged_user_can_mount_with_fusermount3() -> None:
+    reason = _unprivileged_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix="quotafs-unpriv-")
+    os.chmod(top, 0o755)
+    mnt = os.path.join(top, "mnt")
+    os.mkdir(mnt)
+    os.chown(mnt, 65534, 65534)
+    env = {**os.environ, "HOME": top, "XDG_RUNTIME_DIR": ""}
+    try:
+        result = subprocess.run([*NOBODY, sys.executable, "-m", "quotafs", "mount", "--limit",
+                                 "64K", mnt], capture_output=True, text=True, env=env,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        script = ("import os,errno\n"
+                  f"fd=os.open('{mnt}/f', os.O_WRONLY|os.O_CREAT, 0o600)\n"
+                  "n=0\n"
+                  "try:\n"
+                  "    while True: n+=os.write(fd, b'x'*4096)\n"
+                  "except OSError as e: print(n, errno.errorcode[e.errno])\n")
+        out = subprocess.run([*NOBODY, sys.executable, "-c", script], capture_output=True,
+                             text=True, timeout=60, env=env)
+        assert out.stdout.split() == [str(64 * 1024), "ENOSPC"], out.stderr
+        assert os.stat(os.path.join(mnt, "f")).st_uid == 65534
+        result = subprocess.run([*NOBODY, sys.executable, "-m", "quotafs", "umount", mnt],
+                                capture_output=True, text=True, env=env, timeout=60)
+        assert result.returncode == 0, result.stderr
+    finally:
+        if mounting.find_mount(mnt) is not None:
+            mounting.unmount(mnt, lazy=True)
+        import shutil
+
+        shutil.rmtree(top, ignore_errors=True)

@@ -1,0 +1,177 @@
+"""Pure parts without FUSE: size parsing, block arithmetic, the ledger's invariants."""
+
+from __future__ import annotations
+
+import errno
+
+import pyfuse3
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from quotafs.allocation import count_blocks, fitting_length, hole_blocks
+from quotafs.errors import ExitCode, QuotafsError
+from quotafs.fs import handler
+from quotafs.ledger import Ledger
+from quotafs.size import format_size, parse_size
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("4096", 4096), ("0", 0), ("1K", 1024), ("120M", 120 * 2**20), ("1.5G", 3 * 2**29),
+    ("2T", 2 * 2**40), ("1KiB", 1024), ("10MiB", 10 * 2**20), ("1GiB", 2**30),
+    ("1KB", 1000), ("10MB", 10**7), ("1.5GB", 15 * 10**8), ("7b", 7), ("1k", 1024),
+    (" 3M ", 3 * 2**20),
+])
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "M", "12X", "-1", "1..5M", "1.2.3", "1e6", "0.1K",
+                                  "1 2", "ten"])
+def test_parse_size_refuses(text: str) -> None:
+    with pytest.raises(QuotafsError) as exc:
+        parse_size(text)
+    assert exc.value.code == ExitCode.USAGE
+    assert "\n" not in str(exc.value)
+
+
+@given(st.integers(min_value=0, max_value=2**50))
+def test_bytes_roundtrip(n: int) -> None:
+    assert parse_size(str(n)) == n
+    assert format_size(n)
+
+
+def test_count_and_hole_blocks() -> None:
+    assert count_blocks([(0, 1), (4095, 4097), (10000, 10001)], 4096) == 3
+    assert count_blocks([], 4096) == 0
+    assert hole_blocks(0, 5 * 4096, [(4096, 8192), (12288, 12289)], 4096) == [0, 2, 4]
+    assert hole_blocks(100, 200, [(0, 4096)], 4096) == []
+    assert fitting_length(0, 8192, [0, 1], 1, 4096) == 4096
+    assert fitting_length(1000, 8192, [1, 2], 1, 4096) == 2 * 4096 - 1000  # up to block 2
+    assert fitting_length(4095, 2, [1], 0, 4096) == 1
+
+
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(1, 30)), max_size=8),
+       st.integers(0, 300), st.integers(0, 100), st.sampled_from([512, 4096]))
+def test_hole_blocks_matches_a_bitmap(raw: list[tuple[int, int]], start: int, length: int,
+                                      block: int) -> None:
+    # Build sorted, disjoint extents (in units of 100 bytes) and compare with a bitmap.
+    extents, cursor = [], 0
+    for gap, size in raw:
+        s = cursor + gap * 100
+        extents.append((s, s + size * 100))
+        cursor = s + size * 100 + 1
+    start, end = start * 100, start * 100 + length * 100
+    covered = {b for s, e in extents for b in range(s // block, -(-e // block))}
+    touched = range(start // block, -(-end // block)) if end > start else range(0)
+    expected = [b for b in touched if b not in covered]
+    assert hole_blocks(start, end, extents, block) == expected
+    assert count_blocks(extents, block) == len(covered)
+
+
+def test_ledger_basics() -> None:
+    ledger = Ledger(limit=10)
+    assert ledger.try_charge(6)
+    assert not ledger.try_charge(5)
+    assert ledger.enospc_count == 1
+    assert ledger.try_reserve(4)
+    assert ledger.free() == 0
+    ledger.convert(2)
+    assert (ledger.used, ledger.reserved) == (8, 2)
+    ledger.release(2)
+    ledger.credit(8)
+    assert ledger.free() == 10
+    with pytest.raises(ValueError):
+        ledger.credit(1)
+    with pytest.raises(ValueError):
+        Ledger(limit=-1)
+    ledger.set_limit(None)
+    assert ledger.try_charge(2**40)
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    """Whatever sequence of requests: used + reserved never passes the limit through a
+    grant, credits never go below zero, and the books balance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ledger = Ledger(limit=1000, inode_limit=5)
+        self.charged = 0
+        self.reserved = 0
+        self.inodes = 0
+
+    @rule(n=st.integers(0, 400))
+    def charge(self, n: int) -> None:
+        before = self.ledger.used + self.ledger.reserved
+        if self.ledger.try_charge(n):
+            self.charged += n
+            assert self.ledger.limit is None or before + n <= self.ledger.limit
+        else:
+            assert self.ledger.limit is not None and before + n > self.ledger.limit
+
+    @rule(n=st.integers(0, 400))
+    def credit(self, n: int) -> None:
+        n = min(n, self.charged)
+        self.ledger.credit(n)
+        self.charged -= n
+
+    @rule(n=st.integers(0, 300))
+    def reserve(self, n: int) -> None:
+        if self.ledger.try_reserve(n):
+            self.reserved += n
+
+    @rule(n=st.integers(0, 300), convert=st.booleans())
+    def settle(self, n: int, convert: bool) -> None:
+        n = min(n, self.reserved)
+        if convert:
+            self.ledger.convert(n)
+            self.charged += n
+        else:
+            self.ledger.release(n)
+        self.reserved -= n
+
+    @rule(limit=st.integers(0, 1500))
+    def set_limit(self, limit: int) -> None:
+        self.ledger.set_limit(limit)  # may drop below usage: nothing is taken away
+
+    @rule()
+    def add_inode(self) -> None:
+        if self.ledger.try_add_inode():
+            self.inodes += 1
+        assert self.inodes <= 5
+
+    @rule()
+    def remove_inode(self) -> None:
+        if self.inodes:
+            self.ledger.remove_inode()
+            self.inodes -= 1
+
+    @invariant()
+    def books_balance(self) -> None:
+        assert self.ledger.used == self.charged >= 0
+        assert self.ledger.reserved == self.reserved >= 0
+        assert self.ledger.inodes_used == self.inodes
+        limit = self.ledger.limit if self.ledger.limit is not None else 2**63
+        assert self.ledger.free() == max(0, limit - self.charged - self.reserved)
+
+
+TestLedgerMachine = LedgerMachine.TestCase
+TestLedgerMachine.settings = settings(max_examples=200, stateful_step_count=40)
+
+
+async def test_error_boundary_maps_errors() -> None:
+    @handler
+    def raises_oserror() -> None:
+        raise FileNotFoundError(errno.ENOENT, "gone")
+
+    @handler
+    def raises_bug() -> None:
+        raise ZeroDivisionError
+
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await raises_oserror()
+    assert exc.value.errno == errno.ENOENT
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await raises_bug()
+    assert exc.value.errno == errno.EIO
