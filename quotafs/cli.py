@@ -218,13 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the new status as JSON")
     p.set_defaults(func=cmd_set)
 
-    for register in _EXTRA_COMMANDS:
+    for register in _extra_commands():
         register(sub)
     return parser
 
 
-# Subcommands that live in their own modules register themselves here.
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+def _extra_commands() -> list[Callable[[Any], None]]:
+    """Subcommands that live in their own modules."""
+    from quotafs import runcmd
+
+    return [runcmd.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

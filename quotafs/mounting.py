@@ -157,8 +157,10 @@ class Daemon:
 def start_daemon(config: MountConfig, detach: bool) -> Daemon:
     """Start the daemon and return once the mount answers; raise its error otherwise.
 
-    Detached daemons get their own session and log to the state directory; attached ones
-    (the Python API, tests) share our stderr and die with us (PR_SET_PDEATHSIG).
+    Every daemon gets its own session, so a Ctrl-C meant for the program under test
+    does not unmount its filesystem under it. Detached daemons log to the state
+    directory; attached ones (the Python API, `run`, tests) share our stderr and die
+    with us (PR_SET_PDEATHSIG).
     """
     read_fd, write_fd = os.pipe()
     log = open(log_path(config.mountpoint), "ab") if detach else None  # noqa: SIM115
@@ -169,7 +171,7 @@ def start_daemon(config: MountConfig, detach: bool) -> Daemon:
             stdin=subprocess.DEVNULL,
             stdout=log if detach else None,
             stderr=log if detach else None,
-            start_new_session=detach,
+            start_new_session=True,
         )
     finally:
         os.close(write_fd)
