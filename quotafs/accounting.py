@@ -91,15 +91,20 @@ class Costs:
 def scan_backing(root: str, costs: Costs) -> tuple[int, int]:
     """(bytes, inodes) of what the backing directory holds already; hard links once.
 
-    The root itself is free, as a fresh filesystem's root is part of its overhead.
+    The root itself is free, as a fresh filesystem's root is part of its overhead. The walk
+    goes by directory descriptors, never by path, so that no depth of the tree and no
+    length of `root`'s own path can make it fail with ENAMETOOLONG; it holds one
+    descriptor per level of the directory it is in.
     """
     total = 0
     inodes = 0
     seen_links: set[tuple[int, int]] = set()
-    stack = [root]
-    while stack:
-        directory = stack.pop()
-        with os.scandir(directory) as entries:
+
+    def visit(dir_fd: int) -> list[str]:
+        """Count the entries of one directory; return the names of its subdirectories."""
+        nonlocal total, inodes
+        subdirs = []
+        with os.scandir(dir_fd) as entries:
             for entry in entries:
                 st = entry.stat(follow_symlinks=False)
                 if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
@@ -109,18 +114,38 @@ def scan_backing(root: str, costs: Costs) -> tuple[int, int]:
                     seen_links.add(key)
                 inodes += 1
                 if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
+                    subdirs.append(entry.name)
                     total += costs.directory()
                 elif costs.is_sparse(st):
-                    total += _measure_sparse_path(entry.path, st, costs)
+                    total += _measure_sparse_at(dir_fd, entry.name, st, costs)
                 else:
                     total += costs.stat_result(st)
+        return subdirs
+
+    stack: list[tuple[int, list[str]]] = []  # (directory fd, subdirectories left)
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        stack.append((fd, []))
+        stack[-1] = (fd, visit(fd))
+        while stack:
+            dir_fd, pending = stack[-1]
+            if not pending:
+                stack.pop()
+                os.close(dir_fd)
+                continue
+            fd = os.open(pending.pop(), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                         dir_fd=dir_fd)
+            stack.append((fd, []))
+            stack[-1] = (fd, visit(fd))
+    finally:
+        for dir_fd, _ in stack:
+            os.close(dir_fd)
     return total, inodes
 
 
-def _measure_sparse_path(path: str, st: os.stat_result, costs: Costs) -> int:
+def _measure_sparse_at(dir_fd: int, name: str, st: os.stat_result, costs: Costs) -> int:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except OSError:
         return costs.stat_result(st)
     try:

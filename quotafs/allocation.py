@@ -21,7 +21,7 @@ def round_up(n: int, block: int) -> int:
 
 
 def count_blocks(extents: Iterable[Extent], block: int) -> int:
-    """Blocks covered by `extents` (sorted, non-overlapping), a partly covered block counting whole."""
+    """Blocks covered by sorted, disjoint `extents`; a partly covered block counts whole."""
     total = 0
     last_block_end = 0  # first block index not yet counted
     for start, end in extents:

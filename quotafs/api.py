@@ -58,15 +58,49 @@ class QuotaMount:
     def set_inode_limit(self, inodes: int | None) -> None:
         mounting.set_limits(self.path, inodes=inodes)
 
-    def events(self) -> list[dict[str, Any]]:
-        import json
+    def events(self, after: int = 0) -> list[dict[str, Any]]:
+        """Quota ENOSPCs and fired faults (seq > after), oldest first."""
+        from quotafs.faultcmd import read_events
 
-        mountpoint = mounting.require_quotafs(self.path)
-        raw = os.getxattr(mountpoint, b"user.quotafs.events").decode()
-        return [json.loads(line) for line in raw.splitlines() if line]
+        return read_events(self.path, after)
+
+    def add_fault(self, op: str | list[str], **trigger_and_effect: Any) -> str:
+        """Add a fault rule, e.g. add_fault("fsync", errno="EIO", times=1); returns its id.
+
+        Keywords as `quotafs fault add`: path, errno, delay, short_write, corrupt_read,
+        probability, seed, after_bytes, nth, times.
+        """
+        from quotafs.faultcmd import add_rule
+        from quotafs.faults import spec_from_args
+
+        result = add_rule(self.path, spec_from_args(op, **trigger_and_effect))
+        return str(result["id"])
+
+    def faults(self) -> list[dict[str, Any]]:
+        """The rules with their counters (matched, fired, retired, ...)."""
+        from quotafs.faultcmd import list_rules
+
+        rules: list[dict[str, Any]] = list_rules(self.path)["rules"]
+        return rules
+
+    def clear_faults(self, rule_id: str | None = None) -> int:
+        from quotafs.faultcmd import clear_rules
+
+        return clear_rules(self.path, rule_id)
 
     def is_alive(self) -> bool:
         return self._process is None or self._process.poll() is None
+
+
+def _fault_settings(options: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+    """Seed and validated rules from rules=[dict, ...] and/or rules_file=PATH."""
+    from quotafs.cli import fault_settings
+    from quotafs.faults import RuleSpec
+
+    seed, rules = fault_settings(options.pop("rules_file", None), options.get("seed"))
+    for rule in options.get("rules") or []:
+        rules.append(RuleSpec.from_dict(rule).to_dict())
+    return seed, rules
 
 
 def _start(limit: SizeLike, backing: str | None, mountpoint: str | None,
@@ -79,6 +113,7 @@ def _start(limit: SizeLike, backing: str | None, mountpoint: str | None,
         backing_dir, private = mounting.prepare_backing(backing)
         if "block_size" in options:
             options["block_size"] = _bytes(options["block_size"])
+        options["seed"], options["rules"] = _fault_settings(options)
         config = MountConfig(mountpoint=path, backing=backing_dir, limit=_bytes(limit),
                              private_backing=private, die_with_parent=True, **options)
         daemon = mounting.start_daemon(config, detach=False)
@@ -119,7 +154,8 @@ def mounted(limit: SizeLike = None, backing: str | None = None,
     """Mount quotafs (a fresh temp mount point unless given) and unmount on exit.
 
     Options are those of `quotafs mount`, as keywords: inodes, accounting, block_size,
-    mmap_sigbus, allow_other, no_cache, keep_backing, fsname, debug.
+    mmap_sigbus, allow_other, no_cache, keep_backing, fsname, debug, seed, rules (a list
+    of rule dicts as in a rules file), rules_file.
     """
     mount, own = _start(limit, backing, mountpoint, dict(options))
     try:

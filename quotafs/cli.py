@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -74,13 +75,32 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="no kernel attribute/entry caching: use when other programs "
                         "also write to the backing directory")
     p.add_argument("--fsname", default="quotafs", help="source name shown by mount and df")
+    p.add_argument("--rules", metavar="FILE", help="load fault rules from a TOML file "
+                                                  "(see docs/faults.md)")
+    p.add_argument("--seed", type=_count, default=None,
+                   help="seed of the fault rules' random choices (default: random, printed)")
     p.add_argument("--debug", action="store_true", help="log every FUSE request")
 
 
+def fault_settings(rules_file: str | None, seed: int | None) -> tuple[int, list[dict[str, Any]]]:
+    """(seed, validated rule dicts) for a mount; warnings go to stderr."""
+    rules: list[dict[str, Any]] = []
+    if rules_file is not None:
+        from quotafs.faults import load_rules_file
+
+        loaded = load_rules_file(rules_file)
+        for warning in loaded.warnings:
+            print(f"quotafs: warning: {rules_file}: {warning}", file=sys.stderr)
+        rules = [spec.to_dict() for spec in loaded.rules]
+        seed = loaded.seed if seed is None else seed
+    return (random.getrandbits(32) if seed is None else seed), rules
+
+
 def _config(args: argparse.Namespace, mountpoint: str) -> MountConfig:
+    seed, rules = fault_settings(args.rules, args.seed)
     mounting.check_fuse()
     backing, private = mounting.prepare_backing(args.backing)
-    return MountConfig(
+    return MountConfig(seed=seed, rules=rules,
         mountpoint=mountpoint, backing=backing, limit=args.limit, private_backing=private,
         keep_backing=args.keep_backing, inodes=args.inodes, accounting=args.accounting,
         block_size=args.block_size, allow_other=args.allow_other, debug=args.debug,
@@ -101,7 +121,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not args.quiet:
         limit = "no limit" if config.limit is None else format_size(config.limit)
         print(f"quotafs mounted on {mountpoint} ({limit}, backing {config.backing}, "
-              f"pid {started.pid})", file=sys.stderr)
+              f"pid {started.pid}, seed {config.seed})", file=sys.stderr)
     return 0
 
 
@@ -152,6 +172,8 @@ def _status_lines(status: dict[str, Any]) -> list[str]:
         + (" (private)" if status["private_backing"] else ""),
         f"daemon pid:   {status['pid']}",
         f"options:      {','.join(status['mount_options'])}",
+        f"faults:       {status['fault_rules_active']} active of {status['fault_rules']} "
+        f"rules, {status['faults_fired']} fired, seed {status['seed']}",
     ]
 
 
@@ -225,9 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Subcommands that live in their own modules."""
-    from quotafs import runcmd
+    from quotafs import compare, faultcmd, runcmd
 
-    return [runcmd.register]
+    return [runcmd.register, faultcmd.register, compare.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,16 @@
 """The runtime control channel: extended attributes on the mount root.
 
-    getxattr(MOUNT, "user.quotafs.status")        -> JSON status document
-    getxattr(MOUNT, "user.quotafs.events")        -> recorded events, JSON lines
-    setxattr(MOUNT, "user.quotafs.set", JSON)     -> change the limit / inode limit
+    getxattr(MOUNT, "user.quotafs.status")          -> JSON status document
+    getxattr(MOUNT, "user.quotafs.events[.SEQ]")    -> events (after SEQ), JSON lines
+    getxattr(MOUNT, "user.quotafs.faults")          -> fault rules and their counters
+    getxattr(MOUNT, "user.quotafs.result")          -> outcome of this process's last set
+    setxattr(MOUNT, "user.quotafs.set", JSON)       -> change the limit / inode limit
+    setxattr(MOUNT, "user.quotafs.fault.add", JSON) -> add a fault rule
+    setxattr(MOUNT, "user.quotafs.fault.clear", JSON) -> remove one rule or all
+
+A setxattr can only answer an errno, so the outcome of every set (the new rule's id, or
+the validation message) is kept for the calling process and read back with
+"user.quotafs.result"; the kernel tells the daemon the caller's pid with each request.
 
 An xattr round trip is a FUSE request answered by the daemon itself, so a command returns
 only once the daemon has applied it, needs no socket file, and finds the daemon through
@@ -25,12 +33,18 @@ from typing import Any
 
 import pyfuse3
 
+from quotafs.errors import QuotafsError
+from quotafs.faults import Effect, FaultEngine, RuleSpec
 from quotafs.ledger import Ledger
 
 PREFIX = b"user.quotafs."
 STATUS = PREFIX + b"status"
 EVENTS = PREFIX + b"events"
+FAULTS = PREFIX + b"faults"
+RESULT = PREFIX + b"result"
 SET = PREFIX + b"set"
+FAULT_ADD = PREFIX + b"fault.add"
+FAULT_CLEAR = PREFIX + b"fault.clear"
 
 EVENT_RING_SIZE = 1000
 XATTR_SIZE_MAX = 65536
@@ -43,13 +57,18 @@ class Event:
     kind: str  # "quota" for an ENOSPC from the quota, "fault" for an injected fault
     op: str
     path: str
-    errno: str
+    errno: str | None  # the errno answered, if any
+    effect: str  # "ENOSPC (quota)", "errno EIO", "delay 200ms", "short-write 4096", ...
+    rule: str | None  # the fault rule that fired
+    pid: int | None  # the caller, where FUSE tells it (not for read/write/flush/fsync)
 
 
 class ControlChannel:
     def __init__(self, ledger: Ledger, info: dict[str, Any], owner_uid: int,
-                 backing: str) -> None:
+                 backing: str, faults: FaultEngine) -> None:
         self.ledger = ledger
+        self.faults = faults
+        self._results: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
         self.info = info  # static facts: backing, pid, options, accounting mode
         self.owner_uid = owner_uid
         self.backing = backing
@@ -63,7 +82,8 @@ class ControlChannel:
 
     # -- events ---------------------------------------------------------------------------
 
-    def _path_of(self, fd: int) -> str:
+    def path_of(self, fd: int) -> str:
+        """The "/"-prefixed path below the mount of an inode's O_PATH descriptor."""
         try:
             path = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
@@ -71,52 +91,111 @@ class ControlChannel:
         rel = os.path.relpath(path.removesuffix(" (deleted)"), self.backing)
         return "/" if rel == "." else "/" + rel
 
-    def record(self, kind: str, op: str, fd: int, err: int) -> None:
-        self.events.append(Event(self._next_seq, time.time(), kind, op, self._path_of(fd),
-                                 errno.errorcode.get(err, str(err))))
+    def _record(self, kind: str, op: str, path: str, err: int | None, effect: str,
+                rule: str | None, pid: int | None) -> None:
+        name = errno.errorcode.get(err, str(err)) if err is not None else None
+        self.events.append(Event(self._next_seq, time.time(), kind, op, path, name, effect,
+                                 rule, pid))
         self._next_seq += 1
 
-    def record_quota_hit(self, op: str, fd: int, root_fd: int) -> None:
-        self.record("quota", op, fd, errno.ENOSPC)
+    def record_quota_hit(self, op: str, fd: int, pid: int | None = None) -> None:
+        self._record("quota", op, self.path_of(fd), errno.ENOSPC, "ENOSPC (quota)", None, pid)
+
+    def record_fault(self, op: str, path: str, effect: Effect, pid: int | None) -> None:
+        err = effect.value if effect.kind == "errno" else None
+        self._record("fault", op, path, err, effect.describe(), effect.rule_id, pid)
 
     # -- requests -------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         stats = asdict(self.ledger.stats())
-        return {**self.info, **stats, **self.statistics(), "events_recorded": self._next_seq - 1}
+        faults = self.faults.statistics()
+        return {**self.info, **stats, **self.statistics(),
+                "events_recorded": self._next_seq - 1, "seed": faults.seed,
+                "fault_rules": faults.rules, "fault_rules_active": faults.active,
+                "faults_fired": faults.fired}
+
+    def _events_after(self, seq: int) -> bytes:
+        lines = [json.dumps(asdict(e), sort_keys=True) for e in self.events if e.seq > seq]
+        # An xattr value is at most 64 KiB: the oldest that fit; the caller asks again.
+        out: list[str] = []
+        size = 1
+        for line in lines:
+            size += len(line) + 1
+            if size > XATTR_SIZE_MAX:
+                break
+            out.append(line)
+        return "".join(line + "\n" for line in out).encode()
 
     def get(self, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == STATUS:
             return json.dumps(self.status(), sort_keys=True).encode()
-        if name == EVENTS:
-            lines = [json.dumps(asdict(e), sort_keys=True) for e in self.events]
-            # An xattr value is at most 64 KiB: keep the newest events that fit.
-            out: list[str] = []
-            size = 0
-            for line in reversed(lines):
-                size += len(line) + 1
-                if size > XATTR_SIZE_MAX - 1:
-                    break
-                out.append(line)
-            return ("\n".join(reversed(out)) + ("\n" if out else "")).encode()
+        if name == EVENTS or name.startswith(EVENTS + b"."):
+            after = name[len(EVENTS) + 1:]
+            if after and not after.isdigit():
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return self._events_after(int(after) if after else 0)
+        if name == FAULTS:
+            return json.dumps(self.faults.to_dict(), sort_keys=True).encode()
+        if name == RESULT:
+            # Not popped: a reader may ask twice (size probe, then the value).
+            return json.dumps(self._results.get(ctx.pid, {}), sort_keys=True).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
+    def _answer(self, ctx: pyfuse3.RequestContext, result: dict[str, Any]) -> None:
+        self._results[ctx.pid] = result
+        while len(self._results) > 100:  # callers that never read their result
+            self._results.popitem(last=False)
+
     def set(self, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._results.pop(ctx.pid, None)  # never answer with an older request's outcome
         if ctx.uid not in (0, self.owner_uid):
             raise pyfuse3.FUSEError(errno.EPERM)
-        if name != SET:
-            raise pyfuse3.FUSEError(errno.EINVAL)
         try:
             request = json.loads(value)
         except ValueError:
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
-        if not isinstance(request, dict) or not set(request) <= {"limit", "inodes"}:
+            request = None
+        if not isinstance(request, dict):
+            self._answer(ctx, {"error": "the control value must be a JSON object"})
             raise pyfuse3.FUSEError(errno.EINVAL)
-        for key in request:
-            value_ = request[key]
-            if value_ is not None and (not isinstance(value_, int) or value_ < 0):
-                raise pyfuse3.FUSEError(errno.EINVAL)
+        try:
+            result = self._apply(name, request)
+        except (QuotafsError, ValueError) as exc:
+            self._answer(ctx, {"error": str(exc)})
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        except KeyError as exc:
+            self._answer(ctx, {"error": str(exc.args[0])})
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        self._answer(ctx, result)
+
+    def _apply(self, name: bytes, request: dict[str, Any]) -> dict[str, Any]:
+        if name == SET:
+            return self._set_limits(request)
+        if name == FAULT_ADD:
+            rule = self.faults.add(RuleSpec.from_dict(request, where="rule"))
+            return {"id": rule.id, "effective_seed": rule.effective_seed,
+                    "warnings": rule.spec.warnings()}
+        if name == FAULT_CLEAR:
+            rule_id = request.get("id")
+            if rule_id is None:
+                return {"cleared": self.faults.clear()}
+            try:
+                self.faults.remove(str(rule_id))
+            except QuotafsError as exc:
+                raise KeyError(str(exc)) from None
+            return {"cleared": 1}
+        raise ValueError(f"unknown control request {name.decode(errors='replace')}")
+
+    def _set_limits(self, request: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(request) - {"limit", "inodes"}
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        for key, value in request.items():
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 0):
+                raise ValueError(f"{key} must be a non-negative integer or null")
         if "limit" in request:
             self.ledger.set_limit(request["limit"])
         if "inodes" in request:
             self.ledger.set_inode_limit(request["inodes"])
+        return {"limit": self.ledger.limit, "inodes": self.ledger.inode_limit}

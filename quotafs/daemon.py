@@ -24,6 +24,7 @@ from quotafs import __version__, syscalls
 from quotafs.accounting import Costs, Mode, scan_backing
 from quotafs.control import ControlChannel
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.faults import FaultEngine, RuleSpec
 from quotafs.fs import Options, QuotaFS
 from quotafs.ledger import Ledger
 from quotafs.mountconfig import MountConfig
@@ -75,13 +76,15 @@ def build_filesystem(config: MountConfig) -> QuotaFS:
         "owner_uid": owner,
         "existing_bytes_at_mount": existing_bytes,
     }
-    control = ControlChannel(ledger, info, owner, config.backing)
+    faults = FaultEngine(config.seed)
+    faults.add_all(RuleSpec.from_dict(rule) for rule in config.rules)
+    control = ControlChannel(ledger, info, owner, config.backing, faults)
     fs = QuotaFS(config.backing, ledger,
                  Options(costs, mmap_sigbus=config.mmap_sigbus,
                          attr_timeout=0.0 if config.no_cache else 1.0,
                          entry_timeout=0.0 if config.no_cache else 1.0,
                          owner_uid=owner),
-                 control)
+                 control, faults)
     control.statistics = fs.statistics
     return fs
 

@@ -19,12 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
 from quotafs import syscalls
 from quotafs.accounting import Costs, data_extents
-from quotafs.allocation import ceil_div, fitting_length, hole_blocks, round_up
+from quotafs.allocation import ceil_div, fitting_length, hole_blocks
+from quotafs.control import PREFIX as CONTROL_PREFIX
 from quotafs.control import ControlChannel
+from quotafs.faults import OPS as FAULT_OPS
+from quotafs.faults import Effect, FaultEngine
 from quotafs.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -35,8 +39,17 @@ R = TypeVar("R")
 Key = tuple[int, int]  # (st_dev, st_ino) of the backing inode
 
 # Flags the daemon must not pass to the backing open: creation and truncation are separate
-# requests, and O_APPEND would make pwrite ignore the offset the kernel computed.
-_STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND
+# requests, O_APPEND would make pwrite ignore the offset the kernel computed, and O_NOFOLLOW
+# would refuse the /proc/self/fd magic link itself (the kernel has resolved the name already).
+_STRIP_OPEN_FLAGS = (os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND
+                     | os.O_NOFOLLOW)
+
+_RENAME_WHITEOUT = 4  # linux/fs.h; pyfuse3 names only RENAME_EXCHANGE and RENAME_NOREPLACE
+
+# Inode numbers for backing inodes whose own st_ino cannot be the FUSE inode number (another
+# device below the backing directory, or a number taken already) come from here: far above
+# what filesystems hand out, so they do not take numbers the backing inodes will want.
+_SPARE_INODES_START = 1 << 62
 
 
 def handler(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -46,9 +59,15 @@ def handler(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
     respect to every other request.
     """
 
+    op = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            fs = args[0] if args else None
+            faults = getattr(fs, "faults", None)
+            if faults is not None and faults.active:
+                await fs._inject(op, args[1:])  # type: ignore[attr-defined]
             return fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
@@ -101,10 +120,14 @@ class Options:
 class QuotaFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False  # write(2) itself must return ENOSPC
+    enable_acl = True
 
     def __init__(self, backing: str, ledger: Ledger, options: Options,
-                 control: ControlChannel | None = None) -> None:
+                 control: ControlChannel | None = None,
+                 faults: FaultEngine | None = None) -> None:
         super().__init__()
+        self.faults = faults
+        self._pending: Effect | None = None  # a short-write/corrupt-read for the next body
         self.ledger = ledger
         self.options = options
         self.costs = options.costs
@@ -113,7 +136,7 @@ class QuotaFS(pyfuse3.Operations):
         self._nodes: dict[int, Node] = {}
         self._by_key: dict[Key, Node] = {}
         self._handles: dict[int, Handle] = {}
-        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self._next_inode = _SPARE_INODES_START
         self._next_fh = 1
         root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY)
         st = os.fstat(root_fd)
@@ -147,11 +170,26 @@ class QuotaFS(pyfuse3.Operations):
                 node.size = st.st_size
             return node
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
-        node = Node(self._next_inode, fd, key, stat.S_IFMT(st.st_mode), size=st.st_size)
-        self._next_inode += 1
+        node = Node(self._inode_number(st), fd, key, stat.S_IFMT(st.st_mode), size=st.st_size)
         self._nodes[node.inode] = node
         self._by_key[key] = node
         return node
+
+    def _inode_number(self, st: os.stat_result) -> int:
+        """The FUSE inode number (which is also st_ino) for a backing inode new to the table.
+
+        The backing st_ino where it can be, so that st_ino stays what it is across forgets,
+        lookups and remounts, as on the backing filesystem (tar, rsync -H and find compare
+        them). It cannot be reused for another inode while the node lives: the node's O_PATH
+        descriptor keeps the backing inode, and so its number, allocated.
+        """
+        if (st.st_dev == self.root.key[0] and st.st_ino != pyfuse3.ROOT_INODE
+                and st.st_ino not in self._nodes):
+            return st.st_ino
+        while self._next_inode in self._nodes:
+            self._next_inode += 1
+        self._next_inode += 1
+        return self._next_inode - 1
 
     def _drop_if_unused(self, node: Node) -> None:
         if node.lookups > 0 or node.open_count > 0 or node is self.root:
@@ -244,7 +282,7 @@ class QuotaFS(pyfuse3.Operations):
 
     def _enospc(self, op: str, node: Node) -> pyfuse3.FUSEError:
         if self.control is not None:
-            self.control.record_quota_hit(op, node.fd, self.root.fd)
+            self.control.record_quota_hit(op, node.fd)
         return pyfuse3.FUSEError(errno.ENOSPC)
 
     def _new_inode_or_enospc(self, op: str, parent: Node) -> None:
@@ -265,6 +303,66 @@ class QuotaFS(pyfuse3.Operations):
         else:
             os.chown(fd_or_name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
 
+    # -- fault injection ------------------------------------------------------------------
+
+    _NAME_OPS = frozenset({"lookup", "mknod", "mkdir", "unlink", "rmdir", "symlink", "create"})
+    _HANDLE_OPS = frozenset({"read", "write", "flush", "fsync", "release", "readdir",
+                             "releasedir", "fsyncdir"})
+    _XATTR_OPS = frozenset({"getxattr", "setxattr", "removexattr"})
+
+    def _path(self, node: Node) -> str:
+        if node is self.root:
+            return "/"
+        return self.control.path_of(node.fd) if self.control is not None else "?"
+
+    def _child_path(self, parent_inode: int, name: bytes) -> str:
+        parent = self._nodes.get(parent_inode)
+        base = self._path(parent) if parent is not None else "?"
+        return base.rstrip("/") + "/" + os.fsdecode(name)
+
+    def _fault_paths(self, op: str, args: tuple[Any, ...]) -> tuple[str, str | None]:
+        if op in self._NAME_OPS:
+            return self._child_path(args[0], args[1]), None
+        if op == "rename":
+            return self._child_path(args[0], args[1]), self._child_path(args[2], args[3])
+        if op == "link":
+            node = self._nodes.get(args[0])
+            return (self._child_path(args[1], args[2]),
+                    self._path(node) if node is not None else None)
+        if op in self._HANDLE_OPS:
+            handle = self._handles.get(args[0])
+            return (self._path(handle.node) if handle is not None else "?"), None
+        if op == "statfs":
+            return "/", None
+        node = self._nodes.get(args[0])
+        return (self._path(node) if node is not None else "?"), None
+
+    async def _inject(self, op: str, args: tuple[Any, ...]) -> None:
+        """Consult the fault rules before a request's body runs (only when rules exist)."""
+        assert self.faults is not None
+        if op == "setattr" and args[2].update_size:
+            op = "truncate"
+        if op not in FAULT_OPS or (op in self._XATTR_OPS and args[0] == self.root.inode
+                                   and bytes(args[1]).startswith(CONTROL_PREFIX)):
+            return  # forget/releasedir, and the control channel itself, are never faulted
+        path, path2 = self._fault_paths(op, args)
+        effect = self.faults.check(op, path, path2, len(args[2]) if op == "write" else None)
+        if effect is None:
+            return
+        ctx = args[-1] if args and isinstance(args[-1], pyfuse3.RequestContext) else None
+        if self.control is not None:
+            self.control.record_fault(op, path, effect, ctx.pid if ctx is not None else None)
+        if effect.kind == "delay":
+            await trio.sleep(effect.seconds)  # other requests are served meanwhile
+        elif effect.kind == "errno":
+            raise pyfuse3.FUSEError(effect.value)
+        else:
+            self._pending = effect  # the body runs next, without awaiting in between
+
+    def _take_pending(self, kind: str) -> Effect | None:
+        effect, self._pending = self._pending, None
+        return effect if effect is not None and effect.kind == kind else None
+
     # -- lookups and attributes -----------------------------------------------------------
 
     @handler
@@ -274,12 +372,17 @@ class QuotaFS(pyfuse3.Operations):
 
     @handler
     def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        # pyfuse3 answers forget itself and lets nothing raised here be caught: any
+        # exception, FUSEError included, would end the main loop. So none may leave.
         for inode, count in inode_list:
             node = self._nodes.get(inode)
             if node is None or node is self.root:
                 continue
             node.lookups = max(0, node.lookups - count)
-            self._drop_if_unused(node)
+            try:
+                self._drop_if_unused(node)
+            except Exception:
+                log.exception("unexpected error forgetting inode %d", inode)
 
     @handler
     def getattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -302,13 +405,12 @@ class QuotaFS(pyfuse3.Operations):
         if fields.update_atime or fields.update_mtime:
             atime = attr.st_atime_ns if fields.update_atime else None
             mtime = attr.st_mtime_ns if fields.update_mtime else None
-            if is_link:
-                # No race-free way to set a symlink's times through an O_PATH fd on every
-                # kernel; the symlink's name is not known here. Report success, as FUSE
-                # passthroughs conventionally do, but do not pretend: times stay as they are.
-                pass
-            else:
-                syscalls.utimens_path_fd(node.fd, atime, mtime)
+            syscalls.utimens_path_fd(node.fd, atime, mtime)  # symlinks too (lutimes)
+        if not (fields.update_size or fields.update_mode or fields.update_uid
+                or fields.update_gid or fields.update_atime or fields.update_mtime):
+            # chown(f, -1, -1): the kernel sends a setattr that changes nothing, where the
+            # backing filesystem would still have updated ctime. Do the same chown there.
+            syscalls.fchown_path_fd(node.fd, -1, -1)
         return self._attrs(node, self._stat(node))
 
     def _truncate(self, node: Node, size: int, handle: Handle | None) -> None:
@@ -452,7 +554,15 @@ class QuotaFS(pyfuse3.Operations):
                 replaced_node = self._by_key.get((replaced.st_dev, replaced.st_ino))
                 if replaced_node is not None:
                     self._charge_of(replaced_node, replaced)
-        if flags:
+        if flags & _RENAME_WHITEOUT:
+            # The old name becomes a whiteout: a new inode (a 0:0 character device).
+            self._new_inode_or_enospc("rename", old_parent)
+            try:
+                syscalls.renameat2(old_parent.fd, name_old, new_parent.fd, name_new, flags)
+            except BaseException:
+                self.ledger.remove_inode()
+                raise
+        elif flags:
             syscalls.renameat2(old_parent.fd, name_old, new_parent.fd, name_new, flags)
         else:
             os.rename(name_old, name_new, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd)
@@ -528,9 +638,11 @@ class QuotaFS(pyfuse3.Operations):
     @handler
     def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         handle = self._handle(fh)
+        corrupt = self._take_pending("corrupt_read") if self._pending else None
         if self.options.mmap_sigbus and handle.writable:
             self._reserve_for_read(handle, fh, off, size)
-        return os.pread(handle.fd, size, off)
+        data = os.pread(handle.fd, size, off)
+        return corrupt.corrupt(data) if corrupt is not None else data
 
     def _reserve_for_read(self, handle: Handle, fh: int, off: int, size: int) -> None:
         """ext4-faithful mmap: a page brought in through a writable handle may be dirtied
@@ -557,11 +669,16 @@ class QuotaFS(pyfuse3.Operations):
     def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         handle = self._handle(fh)
         node = handle.node
+        short = self._take_pending("short_write") if self._pending else None
+        if short is not None:
+            buf = buf[:short.value]
         if self.costs.blocks:
             written = self._write_blocks(handle, off, buf)
         else:
             written = self._write_apparent(handle, off, buf)
         node.size = max(node.size, off + written)
+        if self.faults is not None and self.faults.counting:
+            self.faults.note_written(self._path(node), written)
         return written
 
     def _write_blocks(self, handle: Handle, off: int, buf: bytes) -> int:
@@ -658,11 +775,19 @@ class QuotaFS(pyfuse3.Operations):
         handle = self._handle(fh)
         if start_id == 0 or handle.entries is None:
             # A snapshot per listing keeps offsets stable while entries come and go.
-            handle.entries = sorted(os.fsencode(n) for n in os.listdir(handle.fd))
+            handle.entries = [b".", b"..",
+                              *sorted(os.fsencode(n) for n in os.listdir(handle.fd))]
         entries: list[bytes] = handle.entries
         parent = handle.node
         for index in range(start_id, len(entries)):
             name = entries[index]
+            if name in (b".", b".."):
+                # Listed as the backing directory lists them; readdirplus takes no lookup
+                # reference on these two, so none is counted.
+                if not pyfuse3.readdir_reply(token, FileNameT(name),
+                                             self._dot_attrs(parent, name), index + 1):
+                    return
+                continue
             try:
                 st = os.stat(name, dir_fd=handle.fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -673,6 +798,16 @@ class QuotaFS(pyfuse3.Operations):
                 self._drop_if_unused(node)
                 return
             node.lookups += 1
+
+    def _dot_attrs(self, directory: Node, name: bytes) -> pyfuse3.EntryAttributes:
+        if name == b"." or directory is self.root:  # the root is its own parent, as on disk
+            node = directory if name == b"." else self.root
+            return self._attrs(node, self._stat(node))
+        st = os.stat(b"..", dir_fd=directory.fd)
+        entry = self._attrs(directory, st)
+        known = self._by_key.get((st.st_dev, st.st_ino))
+        entry.st_ino = InodeT(known.inode if known is not None else st.st_ino)
+        return entry
 
     @handler
     def releasedir(self, fh: FileHandleT) -> None:
@@ -711,10 +846,8 @@ class QuotaFS(pyfuse3.Operations):
     # -- extended attributes (and the control channel on the root) ------------------------
 
     def _xattr_path(self, node: Node) -> str:
-        if node.kind == stat.S_IFLNK:
-            # No race-free way to reach a symlink's xattrs through an O_PATH fd; Linux
-            # allows only trusted./security. ones on symlinks anyway.
-            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        # The magic link resolves to the inode the O_PATH descriptor holds, symlinks
+        # included (it is not followed any further), whatever the backing path's length.
         return node.proc_path
 
     @handler
@@ -742,9 +875,7 @@ class QuotaFS(pyfuse3.Operations):
     @handler
     def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> Sequence[XAttrNameT]:
         node = self._node(inode)
-        if node.kind == stat.S_IFLNK:
-            return []
-        return [XAttrNameT(os.fsencode(n)) for n in os.listxattr(node.proc_path)]
+        return [XAttrNameT(os.fsencode(n)) for n in os.listxattr(self._xattr_path(node))]
 
     @handler
     def removexattr(self, inode: InodeT, name: XAttrNameT,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -24,6 +25,8 @@ class MountConfig:
     no_cache: bool = False
     owner_uid: int | None = None
     die_with_parent: bool = False
+    seed: int | None = None  # fault rules' random seed (None: the daemon picks one)
+    rules: list[dict[str, Any]] = field(default_factory=list)  # validated RuleSpec dicts
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -248,7 +248,7 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
 
 # -- talking to a running daemon ----------------------------------------------------------
 
-def _control_error(mountpoint: str, exc: OSError) -> QuotafsError:
+def control_error(mountpoint: str, exc: OSError) -> QuotafsError:
     if exc.errno == errno.ENOTCONN:
         return QuotafsError(f"the quotafs daemon of {mountpoint} is gone: run "
                             f"'quotafs umount {mountpoint}'", ExitCode.NOT_QUOTAFS)
@@ -271,7 +271,7 @@ def read_status(path: str) -> dict[str, Any]:
     try:
         raw = os.getxattr(mountpoint, STATUS)
     except OSError as exc:
-        raise _control_error(mountpoint, exc) from None
+        raise control_error(mountpoint, exc) from None
     status: dict[str, Any] = json.loads(raw)
     return status
 
@@ -281,14 +281,13 @@ def set_limits(path: str, **changes: int | None) -> None:
     try:
         os.setxattr(mountpoint, SET, json.dumps(changes).encode())
     except OSError as exc:
-        raise _control_error(mountpoint, exc) from None
+        raise control_error(mountpoint, exc) from None
 
 
 def read_record(mountpoint: str) -> dict[str, Any] | None:
-    with contextlib.suppress(OSError, ValueError):
-        with open(record_path(mountpoint)) as f:
-            record: dict[str, Any] = json.load(f)
-            return record
+    with contextlib.suppress(OSError, ValueError), open(record_path(mountpoint)) as f:
+        record: dict[str, Any] = json.load(f)
+        return record
     return None
 
 

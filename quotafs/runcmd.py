@@ -37,12 +37,12 @@ def register(sub: Any) -> None:
 
 
 def _mount_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from quotafs.cli import fault_settings
+
     names = ("keep_backing", "inodes", "accounting", "block_size", "mmap_sigbus",
              "allow_other", "no_cache", "fsname", "debug")
     kwargs = {name: getattr(args, name) for name in names}
-    for name in ("rules", "seed"):
-        if getattr(args, name, None) is not None:
-            kwargs[name] = getattr(args, name)
+    kwargs["seed"], kwargs["rules"] = fault_settings(args.rules, args.seed)
     return kwargs
 
 
@@ -54,11 +54,11 @@ def _summary(status: dict[str, Any], events: list[dict[str, Any]]) -> str:
     limit = "no limit" if status["limit"] is None else format_size(status["limit"])
     lines = [f"quotafs: {format_size(status['used'])} used of {limit}; "
              f"{status['enospc_count']} ENOSPC from the quota"]
-    fired = Counter(f"{e['op']} {e['errno']}" + (f" (rule {e['rule']})" if e.get("rule")
-                                                 else "")
+    fired = Counter(f"{e['op']} {e['effect']} (rule {e['rule']})"
                     for e in events if e["kind"] == "fault")
     for what, count in fired.most_common():
         lines.append(f"quotafs: fault fired {count}x: {what}")
+    lines.append(f"quotafs: fault seed {status['seed']}")
     return "\n".join(lines)
 
 

@@ -61,7 +61,8 @@ def utimens_path_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None
         else:
             times[slot].tv_sec, times[slot].tv_nsec = divmod(value, 1_000_000_000)
     # utimensat() cannot take AT_EMPTY_PATH on older kernels; /proc/self/fd works for any
-    # inode type except symlinks, which the caller handles.
+    # inode type, symlinks included: the magic link resolves to the inode the descriptor
+    # holds and is not followed any further.
     path = f"/proc/self/fd/{fd}".encode()
     _check(_libc.utimensat(AT_FDCWD, path, times, 0), "utimensat")
 
