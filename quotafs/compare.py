@@ -142,10 +142,13 @@ class Runner:
     def run_quotafs(self, target: str, limit: int, backing: str) -> None:
         from quotafs.api import mounted
 
+        mountpoint = backing + "-mnt"
         os.makedirs(backing, exist_ok=True)
+        os.makedirs(mountpoint, exist_ok=True)
         for writer in self.plan.writers:
             with contextlib.ExitStack() as stack:
                 m = stack.enter_context(mounted(limit=limit, backing=backing,
+                                                mountpoint=mountpoint,
                                                 mmap_sigbus=target == "quotafs-sigbus"))
                 path = os.path.join(m.path, f"{writer}.dat")
 
