@@ -39,10 +39,12 @@ R = TypeVar("R")
 Key = tuple[int, int]  # (st_dev, st_ino) of the backing inode
 
 # Flags the daemon must not pass to the backing open: creation and truncation are separate
-# requests, O_APPEND would make pwrite ignore the offset the kernel computed, and O_NOFOLLOW
-# would refuse the /proc/self/fd magic link itself (the kernel has resolved the name already).
+# requests, O_APPEND would make pwrite ignore the offset the kernel computed, O_NOFOLLOW
+# would refuse the /proc/self/fd magic link itself (the kernel has resolved the name
+# already), and O_DIRECT would hold the daemon's own unaligned buffers to the backing
+# filesystem's alignment rules (the kernel already bypasses its cache for the caller).
 _STRIP_OPEN_FLAGS = (os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND
-                     | os.O_NOFOLLOW)
+                     | os.O_NOFOLLOW | os.O_DIRECT)
 
 _RENAME_WHITEOUT = 4  # linux/fs.h; pyfuse3 names only RENAME_EXCHANGE and RENAME_NOREPLACE
 
@@ -289,19 +291,26 @@ class QuotaFS(pyfuse3.Operations):
         if not self.ledger.try_add_inode():
             raise self._enospc(op, parent)
 
-    def _set_owner(self, fd_or_name: int | bytes, parent: Node, ctx: pyfuse3.RequestContext,
-                   st_mode: int | None = None) -> None:
+    def _set_owner(self, fd_or_name: int | bytes, parent: Node,
+                   ctx: pyfuse3.RequestContext) -> None:
         """Give a new inode to the caller, as the kernel would have for a local create."""
         if not self._is_root:
             return
         parent_st = self._stat(parent)
         gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else ctx.gid
         if isinstance(fd_or_name, int):
+            mode = os.fstat(fd_or_name).st_mode
             os.fchown(fd_or_name, ctx.uid, gid)
-            if st_mode is not None and st_mode & (stat.S_ISUID | stat.S_ISGID):
-                os.fchmod(fd_or_name, stat.S_IMODE(st_mode))  # chown cleared them
         else:
+            mode = os.stat(fd_or_name, dir_fd=parent.fd, follow_symlinks=False).st_mode
             os.chown(fd_or_name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+        if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(mode):
+            # chown cleared them: give back the mode the create made (its umask and default
+            # ACL applied), not the one asked for.
+            if isinstance(fd_or_name, int):
+                os.fchmod(fd_or_name, stat.S_IMODE(mode))
+            else:
+                os.chmod(fd_or_name, stat.S_IMODE(mode), dir_fd=parent.fd)
 
     # -- fault injection ------------------------------------------------------------------
 
@@ -460,8 +469,6 @@ class QuotaFS(pyfuse3.Operations):
             self.ledger.remove_inode()
             raise
         self._set_owner(name, parent, ctx)
-        if mode & (stat.S_ISUID | stat.S_ISGID):
-            os.chmod(name, stat.S_IMODE(mode & ~ctx.umask), dir_fd=parent.fd)
         return self._lookup_entry(parent, name)[1]
 
     @handler
@@ -607,7 +614,7 @@ class QuotaFS(pyfuse3.Operations):
                 ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._node(parent_inode)
         self._new_inode_or_enospc("create", parent)
-        open_flags = (flags & ~(os.O_TRUNC | os.O_APPEND)) | os.O_CREAT | os.O_EXCL
+        open_flags = (flags & ~(os.O_TRUNC | os.O_APPEND | os.O_DIRECT)) | os.O_CREAT | os.O_EXCL
         try:
             fd = os.open(name, open_flags, mode & ~ctx.umask, dir_fd=parent.fd)
         except FileExistsError:
@@ -624,7 +631,7 @@ class QuotaFS(pyfuse3.Operations):
             self.ledger.remove_inode()
             raise
         try:
-            self._set_owner(fd, parent, ctx, mode & ~ctx.umask)
+            self._set_owner(fd, parent, ctx)
             st = os.fstat(fd)
             node = self._remember(parent, name, st)
         except BaseException:
