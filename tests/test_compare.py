@@ -168,3 +168,33 @@ def test_interrupted_compare_leaves_nothing_behind(tmp_path: Path, sig: int) -> 
         proc.stderr.close()
     assert proc.returncode == ExitCode.INTERRUPTED
     assert leftovers(tmp_path) == []
+
+
+def test_not_root_is_one_clear_line(tmp_path: Path) -> None:
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run([*nobody, sys.executable, "-c", "import quotafs.cli"],
+                           capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip("the interpreter is not reachable by an unprivileged user")
+    result = subprocess.run([*nobody, sys.executable, "-m", "quotafs", "compare", "--limit",
+                             "32M"], capture_output=True, text=True, timeout=60, cwd="/")
+    assert result.returncode == ExitCode.PERMISSION
+    assert result.stderr.strip() == ("quotafs: compare needs root: it attaches a loop device "
+                                     "and mounts ext4")
+
+
+def test_keep_leaves_everything_and_says_how_to_remove_it(tmp_path: Path) -> None:
+    result = compare("--limit", "8M", "--writers", "write", "--file-size", "16M", "--keep",
+                     "--json", workdir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    commands = json.loads(result.stdout)["kept"]
+    try:
+        assert any(c.startswith("losetup -d /dev/loop") for c in commands)
+        with open("/proc/self/mountinfo") as f:
+            assert any(str(tmp_path) in line and " ext4 " in line for line in f)
+        kept_files = list(tmp_path.rglob("write.dat"))
+        assert len(kept_files) == 3  # one per target, for inspection
+    finally:
+        for command in commands:
+            subprocess.run(command, shell=True, check=True)
+    assert leftovers(tmp_path) == []
