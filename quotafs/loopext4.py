@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.mountinfo import find_mount
 from quotafs.size import format_size
 
 MIN_FREE = 1024 * 1024  # below this mkfs.ext4 has no room for its journal; not a useful test
@@ -358,21 +359,5 @@ def _devices_of(tools: _Tools, image: str) -> list[str]:
     return [line.split(":", 1)[0] for line in proc.stdout.splitlines() if line.strip()]
 
 
-def _unescape_mountinfo(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def _is_mounted(path: str) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(
-            _unescape_mountinfo(line.split()[4]) == target for line in f if line.strip())
+    return find_mount(os.path.realpath(path)) is not None

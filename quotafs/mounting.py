@@ -24,6 +24,7 @@ from typing import Any
 from quotafs.control import SET, STATUS
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.mountconfig import MountConfig
+from quotafs.mountinfo import find_mount
 
 READY_TIMEOUT = 60.0
 
@@ -52,44 +53,6 @@ def record_path(mountpoint: str) -> str:
 
 def log_path(mountpoint: str) -> str:
     return os.path.join(state_dir(), _record_name(mountpoint) + ".log")
-
-
-@dataclass
-class MountInfo:
-    mountpoint: str
-    fstype: str
-    source: str
-    options: str
-
-    @property
-    def is_quotafs(self) -> bool:
-        return self.fstype == "fuse.quotafs"
-
-
-def _unescape(field: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as octal.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def find_mount(path: str) -> MountInfo | None:
-    """The mount whose mount point is exactly `path` (the last one, if stacked)."""
-    target = os.path.abspath(path)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rest = left.split(), right.split()
-            if _unescape(fields[4]) == target:
-                found = MountInfo(target, rest[0], _unescape(rest[1]), fields[5])
-    return found
 
 
 # -- checks -------------------------------------------------------------------------------
