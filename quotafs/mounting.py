@@ -24,7 +24,7 @@ from typing import Any
 from quotafs.control import SET, STATUS
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.mountconfig import MountConfig
-from quotafs.mountinfo import find_mount
+from quotafs.mountinfo import find_mount as find_mount  # re-exported for callers
 
 READY_TIMEOUT = 60.0
 
