@@ -49,6 +49,10 @@ def _die_with_parent() -> None:
 
 def _mount_options(config: MountConfig) -> set[str]:
     options = {"default_permissions", f"fsname={config.fsname}", "subtype=quotafs"}
+    if os.geteuid() == 0:
+        # As a local filesystem would be: device nodes open, set-id bits honoured (libfuse
+        # adds nodev,nosuid otherwise; fusermount3 forces them for other users anyway).
+        options |= {"dev", "suid"}
     if config.allow_other:
         options.add("allow_other")
     if config.debug:
