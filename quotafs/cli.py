@@ -143,7 +143,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if pid is None and record is not None:
         pid = int(record["pid"])
     mounting.unmount(mountpoint, lazy=args.lazy or not alive)
-    if alive and pid is not None and not mounting.wait_for_exit(pid, 30):
+    if alive and args.lazy:
+        # Detached while busy: the daemon serves the remaining users, then exits.
+        print(f"quotafs: {mountpoint} detached; the daemon exits when its last user leaves",
+              file=sys.stderr)
+    elif alive and pid is not None and not mounting.wait_for_exit(pid, 30):
         print(f"quotafs: warning: daemon {pid} still running after unmount", file=sys.stderr)
     mounting.forget_record(mountpoint)
     if not alive:

@@ -98,3 +98,23 @@ def test_no_permission_to_mount_on_a_foreign_directory(tmp_path: Path) -> None:
     result = quotafs("mount", "--limit", "1M", str(target),
                      pre=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
     assert_one_line_error(result, ExitCode.PERMISSION, "no permission")
+
+
+@pytest.mark.skipif(fuse_unusable_reason() is not None, reason=fuse_unusable_reason() or "")
+def test_busy_mount_point_at_umount(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    assert quotafs("mount", "--limit", "1M", str(mnt)).returncode == 0
+    holder = subprocess.Popen(["sleep", "60"], cwd=mnt)  # a process inside keeps it busy
+    try:
+        result = quotafs("umount", str(mnt))
+        assert_one_line_error(result, ExitCode.MOUNTPOINT, "busy")
+        assert mounting.find_mount(str(mnt)) is not None
+        lazy = quotafs("umount", "--lazy", str(mnt))
+        assert lazy.returncode == 0, lazy.stderr
+        assert mounting.find_mount(str(mnt)) is None
+    finally:
+        holder.kill()
+        holder.wait()
+        if mounting.find_mount(str(mnt)) is not None:
+            mounting.unmount(str(mnt), lazy=True)
