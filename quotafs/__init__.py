@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from typing import Any
 
-__all__ = ["QuotaMount", "mounted", "open_quota_mount"]
+__all__ = ["Ext4Mount", "QuotaMount", "ext4_loop", "mounted", "open_quota_mount"]
 
 
 def __getattr__(name: str) -> Any:

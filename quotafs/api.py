@@ -11,18 +11,25 @@ if the caller is killed, so a crashed test run leaves no mount behind.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
+import queue
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quotafs import mounting
+from quotafs.errors import ExitCode, QuotafsError
 from quotafs.mountconfig import MountConfig
-from quotafs.size import parse_size
+from quotafs.size import format_size, parse_size
+
+if TYPE_CHECKING:
+    from quotafs.loopext4 import Ext4Loop
 
 SizeLike = int | str | None
 
@@ -103,6 +110,50 @@ def _fault_settings(options: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]
     return seed, rules
 
 
+# The daemon dies with "its parent" (PR_SET_PDEATHSIG), and for the kernel the parent is
+# the *thread* that started it, not the process. A mount started from a short-lived thread
+# (trio.to_thread's workers retire after 10 s idle) would be unmounted under the caller when
+# that thread ends. So daemons wanted off the main thread are started from daemon threads
+# that never end (not even at interpreter shutdown, as a ThreadPoolExecutor's do), as many
+# as there are concurrent starts.
+class _Spawner:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[mounting.Daemon],
+                                            MountConfig]] = queue.SimpleQueue()
+
+    def start(self, config: MountConfig) -> mounting.Daemon:
+        future: concurrent.futures.Future[mounting.Daemon] = concurrent.futures.Future()
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                threading.Thread(target=self._serve, name="quotafs-spawner",
+                                 daemon=True).start()
+        self._jobs.put((future, config))
+        return future.result()
+
+    def _serve(self) -> None:
+        while True:
+            future, config = self._jobs.get()
+            try:
+                future.set_result(mounting.start_daemon(config, detach=False))
+            except BaseException as exc:
+                future.set_exception(exc)
+            with self._lock:
+                self._idle += 1
+
+
+_spawner = _Spawner()
+
+
+def _start_daemon(config: MountConfig) -> mounting.Daemon:
+    if threading.current_thread() is threading.main_thread():
+        return mounting.start_daemon(config, detach=False)
+    return _spawner.start(config)
+
+
 def _start(limit: SizeLike, backing: str | None, mountpoint: str | None,
            options: dict[str, Any]) -> tuple[QuotaMount, bool]:
     own_mountpoint = mountpoint is None
@@ -116,7 +167,7 @@ def _start(limit: SizeLike, backing: str | None, mountpoint: str | None,
         options["seed"], options["rules"] = _fault_settings(options)
         config = MountConfig(mountpoint=path, backing=backing_dir, limit=_bytes(limit),
                              private_backing=private, die_with_parent=True, **options)
-        daemon = mounting.start_daemon(config, detach=False)
+        daemon = _start_daemon(config)
     except BaseException:
         if own_mountpoint:
             os.rmdir(path)
@@ -182,3 +233,102 @@ async def open_quota_mount(limit: SizeLike = None, backing: str | None = None,
             await trio.to_thread.run_sync(lambda: _stop(mount, own))
         if backing is None and not options.get("keep_backing"):
             shutil.rmtree(mount.backing, ignore_errors=True)
+
+
+# -- the loop-ext4 reference, as a handle shaped like QuotaMount ---------------------------
+
+_EXT4_CANNOT = ("{what}: the ext4 reference is a real filesystem of fixed size without fault "
+                "injection; use quotafs.mounted() (or the quota_mount fixture) for that")
+
+
+@dataclass
+class Ext4Mount:
+    """A mounted loop-ext4 (see loopext4.py): `.path` is its mount point, `.usage()` comes
+    from statvfs. It has no daemon (`.pid` is None) and no backing directory (`.backing` is
+    None); what cannot be done to a real ext4 (set_limit, add_fault) raises QuotafsError."""
+
+    path: str
+    loop: Ext4Loop
+    backing: None = None
+    pid: None = None
+    _free_at_start: int = field(default=0, repr=False)
+    _ffree_at_start: int = field(default=0, repr=False)
+
+    @property
+    def free_bytes(self) -> int:
+        """Free space for root when it was built (statvfs f_bfree), about what was asked."""
+        return self.loop.free_bytes
+
+    @property
+    def write_capacity_hint(self) -> int:
+        """About what write(2) can store: free space minus ext4's reserved clusters."""
+        return self.loop.write_capacity_hint
+
+    def usage(self) -> dict[str, Any]:
+        """The keys of QuotaMount.usage(), from statvfs: limit is the free space at mkfs,
+        used what has gone since, free what is left for root (f_bfree); inode_limit and
+        inodes_used likewise. ext4 neither counts its ENOSPCs nor reserves pages for mmap:
+        enospc_count and reserved are None."""
+        st = os.statvfs(self.path)
+        free = st.f_bfree * st.f_frsize
+        return {"limit": self._free_at_start, "used": self._free_at_start - free,
+                "reserved": None, "free": free, "inode_limit": self._ffree_at_start,
+                "inodes_used": self._ffree_at_start - st.f_ffree, "enospc_count": None}
+
+    def status(self) -> dict[str, Any]:
+        """usage() plus what the reference is made of (device, image, sizes)."""
+        st = os.statvfs(self.path)
+        loop = self.loop
+        return {**self.usage(), "filesystem": "ext4", "mountpoint": self.path,
+                "device": loop.device, "image": loop.image, "image_size": loop.image_size,
+                "block_size": loop.block_size, "avail": st.f_bavail * st.f_frsize,
+                "reserved_clusters_bytes": loop.reserved_clusters_bytes,
+                "write_capacity_hint": loop.write_capacity_hint, "pid": None, "backing": None}
+
+    def set_limit(self, limit: SizeLike) -> None:
+        raise QuotafsError(_EXT4_CANNOT.format(what="set_limit"), ExitCode.USAGE)
+
+    def set_inode_limit(self, inodes: int | None) -> None:
+        raise QuotafsError(_EXT4_CANNOT.format(what="set_inode_limit"), ExitCode.USAGE)
+
+    def add_fault(self, op: str | list[str], **trigger_and_effect: Any) -> str:
+        raise QuotafsError(_EXT4_CANNOT.format(what="add_fault"), ExitCode.USAGE)
+
+    def faults(self) -> list[dict[str, Any]]:
+        return []  # none can be added
+
+    def clear_faults(self, rule_id: str | None = None) -> int:
+        return 0
+
+    def events(self, after: int = 0) -> list[dict[str, Any]]:
+        return []  # ext4 records nothing; a quotafs mount records its ENOSPCs and faults
+
+    def is_alive(self) -> bool:
+        return os.path.ismount(self.path)
+
+
+@contextlib.contextmanager
+def ext4_loop(free: int | str, workdir: str | None = None,
+              keep: bool = False) -> Iterator[Ext4Mount]:
+    """The real thing, for comparison: a loop-mounted ext4 with `free` bytes free (for root;
+    "120M" and the like work too), torn down on exit whatever happens (keep=True leaves it
+    and notes the commands that remove it). Root only; builds in /var/tmp unless `workdir`.
+
+        with quotafs.ext4_loop(free="16M") as ref, quotafs.mounted(
+                limit=ref.write_capacity_hint) as q:
+            ...  # the same program on both
+    """
+    size = _bytes(free)
+    if size is None:
+        raise QuotafsError("ext4_loop needs a size: free='16M', for example", ExitCode.USAGE)
+    if os.geteuid() != 0:
+        raise QuotafsError(
+            f"ext4_loop needs root: it attaches a loop device and mounts ext4 "
+            f"({format_size(size)} requested); quotafs.mounted() needs no root",
+            ExitCode.PERMISSION)
+    from quotafs.loopext4 import open_ext4_loop
+
+    with open_ext4_loop(size, workdir=workdir, keep=keep) as loop:
+        st = os.statvfs(loop.mountpoint)
+        yield Ext4Mount(loop.mountpoint, loop, _free_at_start=st.f_bfree * st.f_frsize,
+                        _ffree_at_start=st.f_ffree)
