@@ -98,6 +98,56 @@ class QuotaMount:
     def is_alive(self) -> bool:
         return self._process is None or self._process.poll() is None
 
+    @property
+    def trio(self) -> TrioControls:
+        """The same controls as coroutines, for trio code: `await m.trio.set_limit("5M")`."""
+        return TrioControls(self)
+
+
+class TrioControls:
+    """QuotaMount's controls run in a worker thread, so the trio loop never blocks on the
+    daemon's answer."""
+
+    def __init__(self, mount: QuotaMount) -> None:
+        self._mount = mount
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        import functools
+
+        import trio
+
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+    async def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(self._mount.status)
+        return result
+
+    async def usage(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(self._mount.usage)
+        return result
+
+    async def set_limit(self, limit: SizeLike) -> None:
+        await self._call(self._mount.set_limit, limit)
+
+    async def set_inode_limit(self, inodes: int | None) -> None:
+        await self._call(self._mount.set_inode_limit, inodes)
+
+    async def add_fault(self, op: str | list[str], **trigger_and_effect: Any) -> str:
+        rule_id: str = await self._call(self._mount.add_fault, op, **trigger_and_effect)
+        return rule_id
+
+    async def faults(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._call(self._mount.faults)
+        return result
+
+    async def clear_faults(self, rule_id: str | None = None) -> int:
+        count: int = await self._call(self._mount.clear_faults, rule_id)
+        return count
+
+    async def events(self, after: int = 0) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._call(self._mount.events, after)
+        return result
+
 
 def _fault_settings(options: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
     """Seed and validated rules from rules=[dict, ...] and/or rules_file=PATH."""

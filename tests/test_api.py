@@ -177,3 +177,27 @@ def test_ext4_loop_has_quotamounts_shape(tmp_path: Any) -> None:
         mountpoint, image = ref.path, ref.loop.image
     assert not os.path.ismount(mountpoint)
     assert not os.path.exists(image)
+
+
+async def test_trio_controls() -> None:
+    import errno
+
+    import trio
+
+    async with open_quota_mount(limit="1M") as m:
+        await m.trio.set_limit("2M")
+        assert (await m.trio.usage())["limit"] == 2 * M
+        rule = await m.trio.add_fault("mkdir", errno="EROFS", times=1)
+
+        def mkdir() -> int:
+            try:
+                os.mkdir(os.path.join(m.path, "d"))
+            except OSError as exc:
+                return exc.errno or 0
+            return 0
+
+        assert await trio.to_thread.run_sync(mkdir) == errno.EROFS
+        [fired] = [e for e in await m.trio.events() if e["kind"] == "fault"]
+        assert fired["rule"] == rule
+        assert (await m.trio.faults())[0]["retired"] is True
+        assert await m.trio.clear_faults() == 1
