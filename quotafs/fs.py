@@ -46,6 +46,7 @@ Key = tuple[int, int]  # (st_dev, st_ino) of the backing inode
 _STRIP_OPEN_FLAGS = (os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND
                      | os.O_NOFOLLOW | os.O_DIRECT)
 
+_CAPABILITY_XATTR = b"security.capability"
 _RENAME_WHITEOUT = 4  # linux/fs.h; pyfuse3 names only RENAME_EXCHANGE and RENAME_NOREPLACE
 
 # Inode numbers for backing inodes whose own st_ino cannot be the FUSE inode number (another
@@ -96,6 +97,9 @@ class Node:
     charged: int | None = None  # what the ledger holds for this inode; None: not measured
     orphaned: bool = False  # unlinked while open: its charge is credited at last release
     reserved: dict[int, int] = field(default_factory=dict)  # block -> fh that reserved it
+    # The kernel asks for security.capability before every write(2) (FUSE clears SB_NOSEC);
+    # as the only writer we may remember that the file has none.
+    no_capability: bool = False
 
     @property
     def proc_path(self) -> str:
@@ -863,10 +867,14 @@ class QuotaFS(pyfuse3.Operations):
         node = self._node(inode)
         if node is self.root and self.control is not None and self.control.owns(name):
             return self.control.get(name, ctx)
+        capability = name == _CAPABILITY_XATTR
+        if capability and node.no_capability:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         try:
             return os.getxattr(self._xattr_path(node), name)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
+                node.no_capability = node.no_capability or capability
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
             raise
 
@@ -877,6 +885,7 @@ class QuotaFS(pyfuse3.Operations):
         if node is self.root and self.control is not None and self.control.owns(name):
             self.control.set(name, value, ctx)
             return
+        node.no_capability = False
         os.setxattr(self._xattr_path(node), name, value)
 
     @handler
@@ -888,6 +897,7 @@ class QuotaFS(pyfuse3.Operations):
     def removexattr(self, inode: InodeT, name: XAttrNameT,
                      ctx: pyfuse3.RequestContext) -> None:
         node = self._node(inode)
+        node.no_capability = False
         try:
             os.removexattr(self._xattr_path(node), name)
         except OSError as exc:
