@@ -66,7 +66,7 @@ def build_filesystem(config: MountConfig) -> QuotaFS:
     existing_bytes, existing_inodes = scan_backing(config.backing, costs)
     ledger.force_charge(existing_bytes)
     ledger.force_add_inodes(existing_inodes)
-    owner = os.geteuid() if config.owner_uid is None else config.owner_uid
+    owner = os.geteuid()  # with root, the only uid allowed to change settings
     info: dict[str, Any] = {
         "version": __version__,
         "mountpoint": config.mountpoint,
@@ -86,8 +86,7 @@ def build_filesystem(config: MountConfig) -> QuotaFS:
     fs = QuotaFS(config.backing, ledger,
                  Options(costs, mmap_sigbus=config.mmap_sigbus,
                          attr_timeout=0.0 if config.no_cache else 1.0,
-                         entry_timeout=0.0 if config.no_cache else 1.0,
-                         owner_uid=owner),
+                         entry_timeout=0.0 if config.no_cache else 1.0),
                  control, faults)
     control.statistics = fs.statistics
     return fs

@@ -120,7 +120,6 @@ class Options:
     mmap_sigbus: bool = False
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
-    owner_uid: int = 0
 
 
 class QuotaFS(pyfuse3.Operations):

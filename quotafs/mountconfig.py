@@ -23,7 +23,6 @@ class MountConfig:
     fsname: str = "quotafs"
     mmap_sigbus: bool = False
     no_cache: bool = False
-    owner_uid: int | None = None
     die_with_parent: bool = False
     seed: int | None = None  # fault rules' random seed (None: the daemon picks one)
     rules: list[dict[str, Any]] = field(default_factory=list)  # validated RuleSpec dicts
