@@ -136,6 +136,12 @@ def start_daemon(config: MountConfig, detach: bool) -> Daemon:
             stderr=log if detach else None,
             start_new_session=True,
         )
+    except OSError as exc:
+        os.close(read_fd)
+        if config.private_backing:
+            shutil.rmtree(config.backing, ignore_errors=True)
+        raise QuotafsError(f"cannot start the daemon ({sys.executable}): {exc.strerror}",
+                           ExitCode.DAEMON) from None
     finally:
         os.close(write_fd)
         if log is not None:
