@@ -9,10 +9,12 @@ unexpected exception is logged and answered with EIO, so the daemon never dies o
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
 import os
+import resource
 import stat
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -88,9 +90,16 @@ class Node:
     """A backing inode the kernel knows (lookup count > 0) or that is still open."""
 
     inode: int
-    fd: int  # O_PATH | O_NOFOLLOW
     key: Key
     kind: int  # S_IFMT bits
+    # Where the inode's name is, to open it again once its descriptor was closed to stay
+    # within RLIMIT_NOFILE (None for the root); the latest name it was seen under.
+    parent: Node | None
+    name: bytes
+    path_fd: int = -1  # O_PATH | O_NOFOLLOW, or -1 while closed; use QuotaFS._fd()
+    # Kept open: the root, and inodes whose name cannot be trusted to reach them again
+    # (hard links, whose remembered name may be the one removed; unlinked inodes).
+    pinned: bool = False
     lookups: int = 0
     open_count: int = 0
     size: int = 0  # regular files: st_size, kept current by our own writes/truncates
@@ -100,10 +109,6 @@ class Node:
     # The kernel asks for security.capability before every write(2) (FUSE clears SB_NOSEC);
     # as the only writer we may remember that the file has none.
     no_capability: bool = False
-
-    @property
-    def proc_path(self) -> str:
-        return f"/proc/self/fd/{self.fd}"
 
 
 @dataclass(eq=False)
@@ -145,8 +150,15 @@ class QuotaFS(pyfuse3.Operations):
         self._next_fh = 1
         root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY)
         st = os.fstat(root_fd)
-        root = Node(pyfuse3.ROOT_INODE, root_fd, (st.st_dev, st.st_ino), stat.S_IFDIR,
-                    lookups=1)
+        root = Node(pyfuse3.ROOT_INODE, (st.st_dev, st.st_ino), stat.S_IFDIR, None, b"",
+                    path_fd=root_fd, pinned=True, lookups=1)
+        # Open O_PATH descriptors of unpinned nodes, least recently used first; beyond the
+        # budget the oldest are closed and opened again by name when next needed, so the
+        # number of inodes the kernel may keep looked up is not bounded by RLIMIT_NOFILE.
+        self._open_paths: collections.OrderedDict[Node, None] = collections.OrderedDict()
+        self._path_fd_budget = int(os.environ.get(
+            "QUOTAFS_PATH_FD_BUDGET",  # for tests that exercise closing and reopening
+            max(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] * 3 // 4)))
         self._nodes[root.inode] = root
         self._by_key[root.key] = root
         self.root = root
@@ -173,12 +185,65 @@ class QuotaFS(pyfuse3.Operations):
         if node is not None:
             if stat.S_ISREG(st.st_mode) and node.open_count == 0:
                 node.size = st.st_size
-            return node
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
-        node = Node(self._inode_number(st), fd, key, stat.S_IFMT(st.st_mode), size=st.st_size)
-        self._nodes[node.inode] = node
-        self._by_key[key] = node
+            node.parent, node.name = parent, name
+        else:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=self._fd(parent))
+            node = Node(self._inode_number(st), key, stat.S_IFMT(st.st_mode), parent, name,
+                        size=st.st_size)
+            self._nodes[node.inode] = node
+            self._by_key[key] = node
+            self._adopt(node, fd)
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            self._pin(node)
         return node
+
+    # -- O_PATH descriptors ---------------------------------------------------------------
+
+    def _fd(self, node: Node) -> int:
+        """The node's O_PATH descriptor, opened again by name if it was closed."""
+        fd = node.path_fd
+        if fd >= 0:
+            if not node.pinned:
+                self._open_paths.move_to_end(node)
+            return fd
+        if node.parent is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        try:
+            fd = os.open(node.name, os.O_PATH | os.O_NOFOLLOW, dir_fd=self._fd(node.parent))
+        except FileNotFoundError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != node.key:  # the name now holds another inode
+            os.close(fd)
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        self._adopt(node, fd)
+        return fd
+
+    def _proc(self, node: Node) -> str:
+        return f"/proc/self/fd/{self._fd(node)}"
+
+    def _adopt(self, node: Node, fd: int) -> None:
+        node.path_fd = fd
+        if node.pinned:
+            return
+        self._open_paths[node] = None
+        while len(self._open_paths) > self._path_fd_budget:
+            victim, _ = self._open_paths.popitem(last=False)
+            os.close(victim.path_fd)
+            victim.path_fd = -1
+
+    def _pin(self, node: Node) -> None:
+        """Keep the node's descriptor open until it is forgotten (its name may go)."""
+        if not node.pinned:
+            self._fd(node)
+            node.pinned = True
+            self._open_paths.pop(node, None)
+
+    def _close_path(self, node: Node) -> None:
+        self._open_paths.pop(node, None)
+        if node.path_fd >= 0:
+            os.close(node.path_fd)
+            node.path_fd = -1
 
     def _inode_number(self, st: os.stat_result) -> int:
         """The FUSE inode number (which is also st_ino) for a backing inode new to the table.
@@ -203,7 +268,7 @@ class QuotaFS(pyfuse3.Operations):
         if self._by_key.get(node.key) is node:
             del self._by_key[node.key]
         self._release_all_reservations(node)
-        os.close(node.fd)
+        self._close_path(node)
 
     def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -225,10 +290,10 @@ class QuotaFS(pyfuse3.Operations):
         return entry
 
     def _stat(self, node: Node) -> os.stat_result:
-        return os.fstat(node.fd)  # fstat works on O_PATH descriptors, symlinks included
+        return os.fstat(self._fd(node))  # fstat works on O_PATH descriptors, symlinks included
 
     def _lookup_entry(self, parent: Node, name: bytes) -> tuple[Node, pyfuse3.EntryAttributes]:
-        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        st = os.stat(name, dir_fd=self._fd(parent), follow_symlinks=False)
         node = self._remember(parent, name, st)
         node.lookups += 1
         return node, self._attrs(node, st)
@@ -250,7 +315,7 @@ class QuotaFS(pyfuse3.Operations):
         if handle is not None:
             return self.costs.open_file(handle.fd, st.st_size)
         try:
-            fd = os.open(node.proc_path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self._proc(node), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return self.costs.stat_result(st)
         try:
@@ -264,6 +329,8 @@ class QuotaFS(pyfuse3.Operations):
         if node is None:
             self.ledger.credit(self.costs.stat_result(st))
             return
+        if self._by_key.get(node.key) is node:
+            del self._by_key[node.key]  # once the inode is freed, its number may come back
         charge = self._charge_of(node, st)
         if node.open_count > 0 and stat.S_ISREG(st.st_mode):
             # An unlinked file that is still open keeps its blocks until the last release.
@@ -287,7 +354,7 @@ class QuotaFS(pyfuse3.Operations):
 
     def _enospc(self, op: str, node: Node) -> pyfuse3.FUSEError:
         if self.control is not None:
-            self.control.record_quota_hit(op, node.fd)
+            self.control.record_quota_hit(op, self._fd(node))
         return pyfuse3.FUSEError(errno.ENOSPC)
 
     def _new_inode_or_enospc(self, op: str, parent: Node) -> None:
@@ -305,15 +372,15 @@ class QuotaFS(pyfuse3.Operations):
             mode = os.fstat(fd_or_name).st_mode
             os.fchown(fd_or_name, ctx.uid, gid)
         else:
-            mode = os.stat(fd_or_name, dir_fd=parent.fd, follow_symlinks=False).st_mode
-            os.chown(fd_or_name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+            mode = os.stat(fd_or_name, dir_fd=self._fd(parent), follow_symlinks=False).st_mode
+            os.chown(fd_or_name, ctx.uid, gid, dir_fd=self._fd(parent), follow_symlinks=False)
         if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(mode):
             # chown cleared them: give back the mode the create made (its umask and default
             # ACL applied), not the one asked for.
             if isinstance(fd_or_name, int):
                 os.fchmod(fd_or_name, stat.S_IMODE(mode))
             else:
-                os.chmod(fd_or_name, stat.S_IMODE(mode), dir_fd=parent.fd)
+                os.chmod(fd_or_name, stat.S_IMODE(mode), dir_fd=self._fd(parent))
 
     # -- fault injection ------------------------------------------------------------------
 
@@ -325,7 +392,7 @@ class QuotaFS(pyfuse3.Operations):
     def _path(self, node: Node) -> str:
         if node is self.root:
             return "/"
-        return self.control.path_of(node.fd) if self.control is not None else "?"
+        return self.control.path_of(self._fd(node)) if self.control is not None else "?"
 
     def _child_path(self, parent_inode: int, name: bytes) -> str:
         parent = self._nodes.get(parent_inode)
@@ -410,19 +477,19 @@ class QuotaFS(pyfuse3.Operations):
         if fields.update_size:
             self._truncate(node, attr.st_size, self._handles.get(fh) if fh else None)
         if fields.update_mode and not is_link:
-            os.chmod(node.proc_path, stat.S_IMODE(attr.st_mode))
+            os.chmod(self._proc(node), stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
-            syscalls.fchown_path_fd(node.fd, attr.st_uid if fields.update_uid else -1,
+            syscalls.fchown_path_fd(self._fd(node), attr.st_uid if fields.update_uid else -1,
                                     attr.st_gid if fields.update_gid else -1)
         if fields.update_atime or fields.update_mtime:
             atime = attr.st_atime_ns if fields.update_atime else None
             mtime = attr.st_mtime_ns if fields.update_mtime else None
-            syscalls.utimens_path_fd(node.fd, atime, mtime)  # symlinks too (lutimes)
+            syscalls.utimens_path_fd(self._fd(node), atime, mtime)  # symlinks too (lutimes)
         if not (fields.update_size or fields.update_mode or fields.update_uid
                 or fields.update_gid or fields.update_atime or fields.update_mtime):
             # chown(f, -1, -1): the kernel sends a setattr that changes nothing, where the
             # backing filesystem would still have updated ctime. Do the same chown there.
-            syscalls.fchown_path_fd(node.fd, -1, -1)
+            syscalls.fchown_path_fd(self._fd(node), -1, -1)
         return self._attrs(node, self._stat(node))
 
     def _truncate(self, node: Node, size: int, handle: Handle | None) -> None:
@@ -431,7 +498,7 @@ class QuotaFS(pyfuse3.Operations):
         fd = handle.fd if handle is not None and handle.writable else None
         own_fd = fd is None
         if fd is None:
-            fd = os.open(node.proc_path, os.O_WRONLY)
+            fd = os.open(self._proc(node), os.O_WRONLY)
         try:
             old_charge = self._charge_of(node)
             if not self.costs.blocks and size > old_charge:
@@ -457,7 +524,7 @@ class QuotaFS(pyfuse3.Operations):
     @handler
     def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileNameT:
         node = self._node(inode)
-        return FileNameT(os.readlink(b"", dir_fd=node.fd))
+        return FileNameT(os.readlink(b"", dir_fd=self._fd(node)))
 
     # -- creating and removing names ------------------------------------------------------
 
@@ -467,7 +534,7 @@ class QuotaFS(pyfuse3.Operations):
         parent = self._node(parent_inode)
         self._new_inode_or_enospc("mknod", parent)
         try:
-            os.mknod(name, mode & ~ctx.umask, rdev, dir_fd=parent.fd)
+            os.mknod(name, mode & ~ctx.umask, rdev, dir_fd=self._fd(parent))
         except BaseException:
             self.ledger.remove_inode()
             raise
@@ -484,7 +551,7 @@ class QuotaFS(pyfuse3.Operations):
             self.ledger.remove_inode()
             raise self._enospc("mkdir", parent)
         try:
-            os.mkdir(name, mode & ~ctx.umask, dir_fd=parent.fd)
+            os.mkdir(name, mode & ~ctx.umask, dir_fd=self._fd(parent))
         except BaseException:
             self.ledger.remove_inode()
             self.ledger.credit(cost)
@@ -504,7 +571,7 @@ class QuotaFS(pyfuse3.Operations):
             self.ledger.remove_inode()
             raise self._enospc("symlink", parent)
         try:
-            os.symlink(target, name, dir_fd=parent.fd)
+            os.symlink(target, name, dir_fd=self._fd(parent))
         except BaseException:
             self.ledger.remove_inode()
             self.ledger.credit(cost)
@@ -520,18 +587,20 @@ class QuotaFS(pyfuse3.Operations):
         node = self._node(inode)
         parent = self._node(new_parent_inode)
         # Hard links share the inode's blocks: no charge, no new inode.
-        os.link(node.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        os.link(self._proc(node), new_name, dst_dir_fd=self._fd(parent), follow_symlinks=True)
         return self._lookup_entry(parent, new_name)[1]
 
     @handler
     def unlink(self, parent_inode: InodeT, name: FileNameT,
                 ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
-        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        st = os.stat(name, dir_fd=self._fd(parent), follow_symlinks=False)
         node = self._by_key.get((st.st_dev, st.st_ino))
         if node is not None:
             self._charge_of(node, st)  # measure before the name (and the extents) go
-        os.unlink(name, dir_fd=parent.fd)
+            if st.st_nlink <= 1:
+                self._pin(node)  # no name will reach it any more
+        os.unlink(name, dir_fd=self._fd(parent))
         if st.st_nlink <= 1:
             self._forget_charge(node, st)
 
@@ -539,9 +608,12 @@ class QuotaFS(pyfuse3.Operations):
     def rmdir(self, parent_inode: InodeT, name: FileNameT,
                ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
-        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        os.rmdir(name, dir_fd=parent.fd)
-        self._forget_charge(self._by_key.get((st.st_dev, st.st_ino)), st)
+        st = os.stat(name, dir_fd=self._fd(parent), follow_symlinks=False)
+        node = self._by_key.get((st.st_dev, st.st_ino))
+        if node is not None:
+            self._pin(node)
+        os.rmdir(name, dir_fd=self._fd(parent))
+        self._forget_charge(node, st)
 
     @handler
     def rename(self, parent_inode_old: InodeT, name_old: FileNameT,
@@ -552,30 +624,44 @@ class QuotaFS(pyfuse3.Operations):
         replaced: os.stat_result | None = None
         if not flags & pyfuse3.RENAME_EXCHANGE:
             try:
-                replaced = os.stat(name_new, dir_fd=new_parent.fd, follow_symlinks=False)
+                replaced = os.stat(name_new, dir_fd=self._fd(new_parent), follow_symlinks=False)
             except FileNotFoundError:
                 replaced = None
         replaced_node = None
+        moved = os.stat(name_old, dir_fd=self._fd(old_parent), follow_symlinks=False)
+        moved_node = self._by_key.get((moved.st_dev, moved.st_ino))
+        other_node = None  # RENAME_EXCHANGE: the inode that moves the other way
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            other = os.stat(name_new, dir_fd=self._fd(new_parent), follow_symlinks=False)
+            other_node = self._by_key.get((other.st_dev, other.st_ino))
         if replaced is not None:
-            moved = os.stat(name_old, dir_fd=old_parent.fd, follow_symlinks=False)
             if (moved.st_dev, moved.st_ino) == (replaced.st_dev, replaced.st_ino):
                 replaced = None  # renaming a hard link onto itself removes nothing
             else:
                 replaced_node = self._by_key.get((replaced.st_dev, replaced.st_ino))
                 if replaced_node is not None:
                     self._charge_of(replaced_node, replaced)
+                    if stat.S_ISDIR(replaced.st_mode) or replaced.st_nlink <= 1:
+                        self._pin(replaced_node)  # it loses its only name
         if flags & _RENAME_WHITEOUT:
             # The old name becomes a whiteout: a new inode (a 0:0 character device).
             self._new_inode_or_enospc("rename", old_parent)
             try:
-                syscalls.renameat2(old_parent.fd, name_old, new_parent.fd, name_new, flags)
+                syscalls.renameat2(self._fd(old_parent), name_old, self._fd(new_parent),
+                                   name_new, flags)
             except BaseException:
                 self.ledger.remove_inode()
                 raise
         elif flags:
-            syscalls.renameat2(old_parent.fd, name_old, new_parent.fd, name_new, flags)
+            syscalls.renameat2(self._fd(old_parent), name_old, self._fd(new_parent), name_new,
+                               flags)
         else:
-            os.rename(name_old, name_new, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd)
+            os.rename(name_old, name_new, src_dir_fd=self._fd(old_parent),
+                      dst_dir_fd=self._fd(new_parent))
+        if moved_node is not None:
+            moved_node.parent, moved_node.name = new_parent, name_new
+        if other_node is not None:
+            other_node.parent, other_node.name = old_parent, name_old
         if replaced is not None and (stat.S_ISDIR(replaced.st_mode) or replaced.st_nlink <= 1):
             self._forget_charge(replaced_node, replaced)
 
@@ -600,7 +686,7 @@ class QuotaFS(pyfuse3.Operations):
         return self._open_node(self._node(inode), flags)
 
     def _open_node(self, node: Node, flags: int) -> pyfuse3.FileInfo:
-        fd = os.open(node.proc_path, flags & ~_STRIP_OPEN_FLAGS)
+        fd = os.open(self._proc(node), flags & ~_STRIP_OPEN_FLAGS)
         fh = self._new_handle(node, fd, flags)
         try:
             if node.open_count == 1:
@@ -619,13 +705,13 @@ class QuotaFS(pyfuse3.Operations):
         self._new_inode_or_enospc("create", parent)
         open_flags = (flags & ~(os.O_TRUNC | os.O_APPEND | os.O_DIRECT)) | os.O_CREAT | os.O_EXCL
         try:
-            fd = os.open(name, open_flags, mode & ~ctx.umask, dir_fd=parent.fd)
+            fd = os.open(name, open_flags, mode & ~ctx.umask, dir_fd=self._fd(parent))
         except FileExistsError:
             self.ledger.remove_inode()
             if flags & os.O_EXCL:
                 raise
             # Lost a race with another creator: open what is there, as O_CREAT would.
-            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            st = os.stat(name, dir_fd=self._fd(parent), follow_symlinks=False)
             node = self._remember(parent, name, st)
             fi = self._open_node(node, flags)
             node.lookups += 1
@@ -777,7 +863,7 @@ class QuotaFS(pyfuse3.Operations):
     @handler
     def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
         node = self._node(inode)
-        fd = os.open(node.proc_path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(self._proc(node), os.O_RDONLY | os.O_DIRECTORY)
         return FileHandleT(self._new_handle(node, fd, os.O_RDONLY))
 
     @handler
@@ -813,7 +899,7 @@ class QuotaFS(pyfuse3.Operations):
         if name == b"." or directory is self.root:  # the root is its own parent, as on disk
             node = directory if name == b"." else self.root
             return self._attrs(node, self._stat(node))
-        st = os.stat(b"..", dir_fd=directory.fd)
+        st = os.stat(b"..", dir_fd=self._fd(directory))
         entry = self._attrs(directory, st)
         known = self._by_key.get((st.st_dev, st.st_ino))
         entry.st_ino = InodeT(known.inode if known is not None else st.st_ino)
@@ -829,7 +915,7 @@ class QuotaFS(pyfuse3.Operations):
 
     @handler
     def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        backing = os.statvfs(self.root.proc_path)
+        backing = os.statvfs(self._proc(self.root))
         stats = self.ledger.stats()
         block = self.block
         data = pyfuse3.StatvfsData()
@@ -858,7 +944,7 @@ class QuotaFS(pyfuse3.Operations):
     def _xattr_path(self, node: Node) -> str:
         # The magic link resolves to the inode the O_PATH descriptor holds, symlinks
         # included (it is not followed any further), whatever the backing path's length.
-        return node.proc_path
+        return self._proc(node)
 
     @handler
     def getxattr(self, inode: InodeT, name: XAttrNameT,

@@ -1,0 +1,54 @@
+"""More live inodes than the daemon may hold descriptors for: O_PATH descriptors of
+unpinned inodes are closed least-recently-used first and opened again by name."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import MountFactory
+
+
+@pytest.fixture
+def small_budget(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("QUOTAFS_PATH_FD_BUDGET", "16")  # the daemon inherits it
+    yield
+
+
+def test_tree_far_larger_than_the_descriptor_budget(small_budget: None,
+                                                    mount_factory: MountFactory) -> None:
+    m = mount_factory("8M")
+    for d in range(10):
+        os.makedirs(os.path.join(m.path, f"d{d}", "sub"))
+        for f in range(20):
+            with open(os.path.join(m.path, f"d{d}", "sub", f"f{f}"), "wb") as out:
+                out.write(f"{d}/{f}".encode() * 100)
+    # renames move names while descriptors are closed and reopened underneath
+    os.rename(os.path.join(m.path, "d3"), os.path.join(m.path, "moved"))
+    os.rename(os.path.join(m.path, "d4", "sub", "f0"), os.path.join(m.path, "d5", "f0-moved"))
+    os.link(os.path.join(m.path, "d6", "sub", "f1"), os.path.join(m.path, "hard"))
+    fd = os.open(os.path.join(m.path, "d7", "sub", "f2"), os.O_RDWR)
+    os.unlink(os.path.join(m.path, "d7", "sub", "f2"))
+    for _ in range(2):  # every inode, twice over, through a budget of 16 descriptors
+        for d in range(10):
+            top = "moved" if d == 3 else f"d{d}"
+            for f in range(20):
+                path = os.path.join(m.path, top, "sub", f"f{f}")
+                if (d, f) in ((4, 0), (7, 2)):
+                    assert not os.path.exists(path)
+                    continue
+                with open(path, "rb") as inp:
+                    assert inp.read() == f"{d}/{f}".encode() * 100
+                os.chmod(path, 0o640)
+                assert os.stat(path).st_mode & 0o777 == 0o640
+    with open(os.path.join(m.path, "d5", "f0-moved"), "rb") as inp:
+        assert inp.read() == b"4/0" * 100
+    assert os.stat(os.path.join(m.path, "hard")).st_nlink == 2
+    assert os.fstat(fd).st_nlink == 0
+    os.write(fd, b"still writable")
+    os.close(fd)
+    status = m.status()
+    assert status["known_inodes"] > 16  # the kernel keeps them all looked up
+    assert status["used"] == 10 * 2 * 4096 + 199 * 4096  # dirs, files (one unlinked)
