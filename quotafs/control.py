@@ -72,6 +72,8 @@ class ControlChannel:
         self.info = info  # static facts: backing, pid, options, accounting mode
         self.owner_uid = owner_uid
         self.backing = backing
+        self._backing_real = os.path.realpath(backing)
+        self._backing_prefix = self._backing_real.rstrip("/") + "/"
         self.events: collections.deque[Event] = collections.deque(maxlen=EVENT_RING_SIZE)
         self._next_seq = 1
         self.statistics: Callable[[], dict[str, Any]] = dict
@@ -85,11 +87,15 @@ class ControlChannel:
     def path_of(self, fd: int) -> str:
         """The "/"-prefixed path below the mount of an inode's O_PATH descriptor."""
         try:
-            path = os.readlink(f"/proc/self/fd/{fd}")
+            path = os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")
         except OSError:
             return "?"
-        rel = os.path.relpath(path.removesuffix(" (deleted)"), self.backing)
-        return "/" if rel == "." else "/" + rel
+        # The kernel gives the canonical path: below the backing root, a plain prefix.
+        if path == self._backing_real:
+            return "/"
+        if path.startswith(self._backing_prefix):
+            return path[len(self._backing_prefix) - 1:]
+        return "?"
 
     def _record(self, kind: str, op: str, path: str, err: int | None, effect: str,
                 rule: str | None, pid: int | None) -> None:

@@ -804,6 +804,7 @@ class FaultEngine:
         self._rules: list[Rule] = []
         self._live: tuple[Rule, ...] = ()  # not retired, in order: what check() scans
         self._counting: tuple[Rule, ...] = ()  # live rules with after_bytes
+        self._ops_in_play: frozenset[str] = frozenset()  # ops some live rule names
         self._next_id = 1
         self.active = False  # any live rule? Callers may skip check() when False.
 
@@ -811,6 +812,10 @@ class FaultEngine:
         self._live = tuple(r for r in self._rules if not r.retired)
         self._counting = tuple(r for r in self._live if r.spec.after_bytes is not None)
         self.active = bool(self._live)
+        ops: set[str] = set()
+        for rule in self._live:
+            ops.update(OPS if rule._ops is None else rule._ops)
+        self._ops_in_play = frozenset(ops)
 
     def add(self, spec: RuleSpec) -> Rule:
         """Append a rule (validated again, so a hand-built RuleSpec cannot slip through)."""
@@ -892,6 +897,11 @@ class FaultEngine:
         if retired:
             self._refresh()
         return winner
+
+    def concerns(self, op: str) -> bool:
+        """Could any live rule match a request of this op? If not, the caller need not
+        work out the request's paths at all."""
+        return op in self._ops_in_play
 
     @property
     def counting(self) -> bool:

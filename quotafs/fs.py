@@ -29,7 +29,6 @@ from quotafs.accounting import Costs, data_extents
 from quotafs.allocation import ceil_div, fitting_length, hole_blocks
 from quotafs.control import PREFIX as CONTROL_PREFIX
 from quotafs.control import ControlChannel
-from quotafs.faults import OPS as FAULT_OPS
 from quotafs.faults import Effect, FaultEngine
 from quotafs.ledger import Ledger
 
@@ -421,7 +420,7 @@ class QuotaFS(pyfuse3.Operations):
         assert self.faults is not None
         if op == "setattr" and args[2].update_size:
             op = "truncate"
-        if op not in FAULT_OPS or (op in self._XATTR_OPS and args[0] == self.root.inode
+        if not self.faults.concerns(op) or (op in self._XATTR_OPS and args[0] == self.root.inode
                                    and bytes(args[1]).startswith(CONTROL_PREFIX)):
             return  # forget/releasedir, and the control channel itself, are never faulted
         path, path2 = self._fault_paths(op, args)
