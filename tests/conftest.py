@@ -44,3 +44,23 @@ def mount_factory(tmp_path: Any) -> Iterator[MountFactory]:
 def qmount(mount_factory: MountFactory) -> QuotaMount:
     """A 1 MiB quota mount with a private backing directory."""
     return mount_factory("1M")
+
+
+# -- lines for the terminal summary (e.g. how many differential examples ran) -----------
+
+_SUMMARY = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def terminal_summary(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """add(line): print `line` in pytest's terminal summary, after the test results."""
+    return request.config.stash.setdefault(_SUMMARY, []).append
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
+                            config: pytest.Config) -> None:
+    lines = config.stash.get(_SUMMARY, [])
+    if lines:
+        terminalreporter.section("quotafs")
+        for line in lines:
+            terminalreporter.write_line(line)
