@@ -1,0 +1,1 @@
+"""The quotafs benchmark suite: `python bench/run.py --help`."""

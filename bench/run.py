@@ -1,0 +1,535 @@
+"""quotafs benchmark: one command that mounts every target itself and runs the workloads.
+
+    sudo python bench/run.py                    # the full run (~10-15 min on 2 cores)
+    sudo python bench/run.py --smoke --json out.json
+
+Targets, all over the same ext4 (a sparse image on a tmpfs of our own, loop device):
+native (ext4 itself), pyfuse3's own passthroughfs.py example (downloaded into bench/.cache
+with pip from pyfuse3's source distribution), quotafs --limit none, quotafs with a quota,
+and quotafs with a quota and one fault rule that never matches. The workloads run
+interleaved — every round runs each workload on every target, in a rotating order — and
+the report gives medians, spreads and ratios to native from the same rounds. A scale part
+measures mount time and daemon memory with 100,000 files and the per-append cost of the
+accounting as the number of files grows. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import shutil
+import sys
+import time
+import traceback
+from contextlib import ExitStack
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import report, scale
+from bench.system import (
+    FOREIGN,
+    BenchError,
+    log,
+    machine_info,
+    memory_kib,
+    open_fds,
+    signals_deferred,
+    sigterm_as_interrupt,
+)
+from bench.targets import (
+    IDLE_RULE,
+    Ext4,
+    NativeTarget,
+    PassthroughTarget,
+    QuotafsTarget,
+    Target,
+    TargetUnavailable,
+    check_passthrough_argv,
+    fault_support,
+    fetch_passthrough_example,
+    open_ext4,
+)
+from bench.workloads import (
+    FULL,
+    SMOKE,
+    WARMUP,
+    WORKLOADS,
+    Context,
+    Sample,
+    Sizes,
+)
+
+HERE = Path(__file__).resolve().parent
+MiB = 1024 * 1024
+QUIET_CORES = 0.15  # other processes using more than this during a sample disturb it
+
+TARGETS = {
+    "native": "the loop-ext4 itself (the reference)",
+    "pyfuse3-passthrough": "pyfuse3's examples/passthroughfs.py, unchanged (entry/attr "
+                           "timeout 0)",
+    "quotafs-nolimit": "quotafs mount --backing DIR (no --limit)",
+    "quotafs": "quotafs mount --limit SIZE --backing DIR (default options)",
+    "quotafs-rule": "quotafs with the quota and one fault rule that never matches",
+}
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1024, "M": MiB, "G": 1024 * MiB}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1] if text and text[-1] in units else ""
+    try:
+        return int(float(text[:len(text) - len(unit)]) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
+
+
+def _names(choices: dict[str, Any]) -> Any:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or 'empty list'} (known: {', '.join(choices)})")
+        return names
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, 1 round, 200/2,000-file scale test (a check that it runs)")
+    p.add_argument("--rounds", type=int, help="rounds of every workload on every target "
+                   "(default 5; --smoke: 1)")
+    p.add_argument("--size", type=_size, help="sequential write/read file size (default 256M)")
+    p.add_argument("--rand-size", type=_size, help="random 4K write file size (default 64M)")
+    p.add_argument("--mmap-size", type=_size, help="mmap writer file size (default 128M)")
+    p.add_argument("--files", type=int, help="create+stat+unlink file count (default 2000)")
+    p.add_argument("--tree", type=int, nargs=2, metavar=("DIRS", "FILES"),
+                   help="tree walk: DIRS directories of FILES files (default 40 100)")
+    p.add_argument("--workloads", type=_names(WORKLOADS), default=list(WORKLOADS),
+                   help=f"comma-separated subset of: {', '.join(WORKLOADS)}")
+    p.add_argument("--targets", type=_names(TARGETS), default=list(TARGETS),
+                   help=f"comma-separated subset of: {', '.join(TARGETS)} (native is "
+                        "always run: ratios need it)")
+    p.add_argument("--engine", choices=["auto", "fio", "python"], default="auto",
+                   help="fio for the block workloads where installed (auto), or the Python "
+                        "fallback")
+    p.add_argument("--skip-scale", action="store_true", help="no scale measurements")
+    p.add_argument("--scale-files", type=int,
+                   help="files for the scale test (default 100000; --smoke: 2000); it is "
+                        "compared with 1%% of that (at least 200)")
+    p.add_argument("--warm", action="store_true",
+                   help="do not drop caches before the read and walk workloads")
+    p.add_argument("--rule", default=" ".join(IDLE_RULE),
+                   help="`quotafs fault add MOUNT` arguments of the quotafs-rule target "
+                        "(default: %(default)s)")
+    p.add_argument("--quiet-budget", type=float, metavar="S",
+                   help="before each sample wait (up to 10 s) for other processes to use "
+                        f"less than {QUIET_CORES} cores, S seconds of waiting in all "
+                        "(default 300; --smoke: 0, no waiting)")
+    p.add_argument("--retries", type=int,
+                   help="measure a sample again when other processes used more than "
+                        f"{QUIET_CORES} cores during it, while the quiet budget lasts "
+                        "(default 1; --smoke: 0)")
+    p.add_argument("--nice", type=int, metavar="N",
+                   help="run the bench, fio and the daemons at this nice value (e.g. -5 on "
+                        "a shared machine; default: unchanged)")
+    p.add_argument("--json", metavar="FILE", help="write all results as JSON")
+    p.add_argument("--csv", metavar="FILE", help="write the workload results as CSV")
+    p.add_argument("--markdown", metavar="FILE", help="write the tables as markdown")
+    p.add_argument("--cache-dir", default=str(HERE / ".cache"),
+                   help="where the pyfuse3 source distribution is kept (default bench/.cache)")
+    args = p.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    return args
+
+
+def choose_sizes(args: argparse.Namespace) -> Sizes:
+    sizes = SMOKE if args.smoke else FULL
+    changes: dict[str, int] = {}
+    for arg, key in (("size", "seq"), ("rand_size", "rand"), ("mmap_size", "mmap"),
+                     ("files", "files")):
+        if getattr(args, arg) is not None:
+            changes[key] = getattr(args, arg)
+    if args.tree is not None:
+        changes["tree_dirs"], changes["tree_files"] = args.tree
+    return replace(sizes, **changes)
+
+
+def image_size(sizes: Sizes, scale_files: int, n_targets: int) -> int:
+    need = (384 * MiB + 3 * sizes.seq + sizes.rand + sizes.mmap
+            + n_targets * sizes.tree_dirs * sizes.tree_files * 8192
+            + int(scale_files * 1.02) * 8192)
+    step = 256 * MiB
+    return -(-need // step) * step
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sizes = choose_sizes(args)
+        self.rounds = args.rounds or (1 if args.smoke else 5)
+        self.workloads = [WORKLOADS[n] for n in args.workloads]
+        wanted = args.targets if "native" in args.targets else ["native", *args.targets]
+        self.wanted = [t for t in TARGETS if t in wanted]
+        self.engine = self._engine()
+        self.cold = not args.warm and os.geteuid() == 0
+        self.scale_files = 0 if args.skip_scale else (
+            args.scale_files or (2000 if args.smoke else 100_000))
+        self.retries = args.retries if args.retries is not None else (0 if args.smoke else 1)
+        self.quiet_left = (args.quiet_budget if args.quiet_budget is not None
+                           else (0.0 if args.smoke else 300.0))
+        self.quiet_timeout = 0.0 if self.quiet_left <= 0 else 5.0  # per scale step
+        self.targets: list[Target] = []
+        self.skipped: dict[str, str] = {}
+        self.samples: dict[tuple[str, str], list[Sample | None]] = {}
+        self.errors: list[str] = []
+        self.scale_rows: list[dict[str, Any]] = []
+        self.memory: dict[str, dict[str, Any]] = {}
+
+    def _engine(self) -> str:
+        if self.args.engine == "python":
+            return "python"
+        if shutil.which("fio"):
+            return "fio"
+        if self.args.engine == "fio":
+            raise BenchError("--engine fio: fio is not installed")
+        return "python"
+
+    # -- targets --
+
+    def make_targets(self, ext4: Ext4) -> list[Target]:
+        out: list[Target] = []
+        limit = ext4.image_size  # a real quota, never reached by the workloads
+        for name in self.wanted:
+            try:
+                if name == "native":
+                    out.append(NativeTarget(ext4))
+                elif name == "pyfuse3-passthrough":
+                    script = fetch_passthrough_example(Path(self.args.cache_dir))
+                    check_passthrough_argv(script)
+                    out.append(PassthroughTarget(
+                        script, ext4.subdir(f"backing-{name}"), ext4.mountpoint_for(name),
+                        os.path.join(ext4.root, f"{name}.log")))
+                elif name == "quotafs-rule":
+                    reason = fault_support()
+                    if reason is not None:
+                        raise TargetUnavailable(reason)
+                    out.append(QuotafsTarget(name, TARGETS[name], ext4.subdir(f"backing-{name}"),
+                                             ext4.mountpoint_for(name), limit,
+                                             rule=shlex.split(self.args.rule)))
+                else:
+                    out.append(QuotafsTarget(name, TARGETS[name], ext4.subdir(f"backing-{name}"),
+                                             ext4.mountpoint_for(name),
+                                             None if name == "quotafs-nolimit" else limit))
+            except TargetUnavailable as exc:
+                self.skipped[name] = str(exc)
+                log(f"{name}: {exc}")
+        return out
+
+    def start_targets(self, stack: ExitStack, ext4: Ext4) -> None:
+        for target in self.make_targets(ext4):
+            stack.callback(target.stop)  # before start(): stop() undoes a partial start too
+            try:
+                with signals_deferred():
+                    target.start()
+            except TargetUnavailable as exc:
+                self.skipped[target.name] = str(exc)
+                log(f"{target.name}: {exc}")
+                continue
+            self.targets.append(target)
+            if target.pid is not None:
+                FOREIGN.own.add(target.pid)
+            where = f"pid {target.pid}, " if target.pid else ""
+            log(f"target {target.name} ready ({where}{target.path})")
+        if not any(t.name == "native" for t in self.targets):
+            raise BenchError("the native target did not start")
+
+    # -- workloads --
+
+    def run_one(self, target: Target, name: str, sizes: Sizes) -> Sample:
+        workload = WORKLOADS[name]
+        directory = os.path.join(target.path, f"run-{name}")
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory)
+        try:
+            ctx = Context(directory, sizes, self.engine, target.pid, self.cold)
+            return workload.run(ctx)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def measure(self, target: Target, name: str) -> Sample:
+        """One sample, taken when other people's processes are quiet; taken again when
+        they were not quiet during it. The least disturbed attempt is kept. Waiting is
+        limited by a budget for the whole run, so a busy machine slows the run down by at
+        most that much (and the report shows how busy it was)."""
+        best: Sample | None = None
+        for attempt in range(1 + self.retries):
+            if self.quiet_left > 0:
+                began = time.monotonic()
+                load = FOREIGN.wait_quiet(QUIET_CORES, 0.5, min(10.0, self.quiet_left))
+                self.quiet_left -= time.monotonic() - began
+                if load >= QUIET_CORES:
+                    log(f"other processes keep {load:.2f} cores busy; measuring anyway "
+                        f"({max(0.0, self.quiet_left):.0f}s of waiting left)")
+            sample = self.run_one(target, name, self.sizes)
+            if best is None or sample.foreign_load < best.foreign_load:
+                best = sample
+            if sample.foreign_load < QUIET_CORES or self.quiet_left <= 0:
+                break
+            if attempt < self.retries:
+                log(f"{name} on {target.name} disturbed: other processes used "
+                    f"{sample.foreign_load:.2f} cores meanwhile; again")
+        assert best is not None
+        return best
+
+    def run_rounds(self) -> None:
+        names = [t.name for t in self.targets]
+        for w in self.workloads:
+            if w.prepare is not None:
+                for t in self.targets:
+                    w.prepare(t.path, self.sizes)
+        if self.rounds > 1:
+            log("warm-up pass (not counted)")
+            for w in self.workloads:
+                for t in self.targets:
+                    self.run_one(t, w.name, replace(WARMUP, tree_dirs=self.sizes.tree_dirs,
+                                                    tree_files=self.sizes.tree_files))
+        for r in range(self.rounds):
+            # Rotate the order every round, so no target always runs first (or after native).
+            order = self.targets[r % len(names):] + self.targets[:r % len(names)]
+            for w in self.workloads:
+                for t in order:
+                    key = (t.name, w.name)
+                    self.samples.setdefault(key, [None] * self.rounds)
+                    try:
+                        sample = self.measure(t, w.name)
+                    except (OSError, BenchError) as exc:
+                        message = f"round {r + 1} {w.name} on {t.name}: {exc}"
+                        self.errors.append(message)
+                        log(f"ERROR {message}")
+                        continue
+                    self.samples[key][r] = sample
+                    cpu = (f", daemon CPU {sample.daemon_cpu:.2f}s"
+                           if sample.daemon_cpu is not None else "")
+                    log(f"round {r + 1}/{self.rounds} {w.name:9s} {t.name:20s} "
+                        f"{sample.value:12,.1f} {w.unit} ({sample.seconds:.3f}s{cpu})")
+        for t in self.targets:
+            if t.pid is not None:
+                self.memory[t.name] = {**memory_kib(t.pid), "fds": open_fds(t.pid)}
+
+    # -- scale --
+
+    def run_scale(self, ext4: Ext4) -> None:
+        big = self.scale_files
+        small = max(200, big // 100)
+        appends, batches = (300, 3) if self.args.smoke else (2000, 5)
+        makers: dict[str, Any] = {
+            "quotafs": lambda top: QuotafsTarget(
+                "quotafs", TARGETS["quotafs"], top, ext4.mountpoint_for("scale-quotafs"),
+                ext4.image_size),
+        }
+        if "pyfuse3-passthrough" not in self.skipped and \
+                "pyfuse3-passthrough" in self.wanted:
+            script = fetch_passthrough_example(Path(self.args.cache_dir))
+            makers["pyfuse3-passthrough"] = lambda top: PassthroughTarget(
+                script, top, ext4.mountpoint_for("scale-pyfuse3"),
+                os.path.join(ext4.root, "scale-pyfuse3.log"))
+        for count in (small, big):
+            log(f"scale: building {count:,} files in the backing directory")
+            top = scale.build_tree(ext4, count)
+            for name, make in makers.items():
+                try:
+                    row = scale.measure(make, top, count, appends, batches,
+                                        self.quiet_timeout)
+                    self.scale_rows.append(row.as_dict())
+                except (OSError, BenchError) as exc:
+                    message = f"scale {name} {count}: {exc}"
+                    self.errors.append(message)
+                    log(f"ERROR {message}")
+
+    def run(self) -> None:
+        stack = ExitStack()
+        try:
+            n = len(self.wanted)
+            size = image_size(self.sizes, self.scale_files, n)
+            inodes = 65536 + int(self.scale_files * 1.2) + 2 * (
+                n * self.sizes.tree_dirs * (self.sizes.tree_files + 2) + self.sizes.files)
+            log(f"native: {size // MiB} MiB sparse ext4 image ({inodes:,} inodes) on a tmpfs")
+            ext4 = stack.enter_context(open_ext4(size, inodes))
+            mounts = stack.enter_context(ExitStack())
+            self.start_targets(mounts, ext4)
+            self.run_rounds()
+            with signals_deferred():
+                mounts.close()
+            if self.scale_files:
+                self.run_scale(ext4)
+        finally:
+            with signals_deferred(reraise=False):
+                stack.close()
+
+    # -- output --
+
+    def document(self, results: list[report.Result],
+                 comparisons: list[report.Comparison]) -> dict[str, Any]:
+        machine = machine_info()
+        targets = []
+        for t in self.targets:
+            targets.append({"name": t.name, "description": t.description, "status": "ok",
+                            "note": "; ".join(t.notes), "mount_seconds": t.mount_seconds,
+                            "daemon_memory_kib": self.memory.get(t.name)})
+        for name, note in self.skipped.items():
+            targets.append({"name": name, "description": TARGETS[name], "status": "skipped",
+                            "note": note})
+        return {
+            "schema": 1,
+            "command": self.command(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": asdict(machine),
+            "engine": self.engine,
+            "cold_caches": self.cold,
+            "rounds": self.rounds,
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),
+            "sizes": asdict(self.sizes),
+            "workloads": [{"name": w.name, "title": w.title, "unit": w.unit, "op": w.op,
+                           "goal": w.goal} for w in self.workloads],
+            "targets": targets,
+            "results": [asdict(r) for r in results],
+            "comparisons": [asdict(c) for c in comparisons],
+            "scale": {"rows": self.scale_rows, "checks": self.scale_checks()},
+            "errors": self.errors,
+        }
+
+    def command(self) -> str:
+        return " ".join(shlex.quote(a) for a in ["python", "bench/run.py", *sys.argv[1:]])
+
+    def scale_checks(self) -> list[dict[str, Any]]:
+        rows = [r for r in self.scale_rows if r["target"] == "quotafs"]
+        if not rows:
+            return []
+        small = min(rows, key=lambda r: r["files"])
+        big = max(rows, key=lambda r: r["files"])
+        checks: list[dict[str, Any]] = []
+        if big["mount_cold_s"] is not None:
+            checks.append({"check": f"mount with {big['files']:,} files ready (cold caches)",
+                           "value": big["mount_cold_s"], "unit": "s",
+                           "goal": f"< {report.MOUNT_GOAL_S:g} s",
+                           "meets": big["mount_cold_s"] < report.MOUNT_GOAL_S})
+        if big["rss_after_lookups_mib"] is not None:
+            rss_bytes = big["rss_after_lookups_mib"] * MiB
+            complete = big["lookups_ok"] == big["files"]
+            checks.append({"check": f"daemon RSS after {big['files']:,} lookups"
+                                    + ("" if complete else
+                                       f" (only {big['lookups_ok']:,} succeeded)"),
+                           "value": rss_bytes / 1e6, "unit": "MB",
+                           "goal": f"< {report.RSS_GOAL_BYTES / 1e6:g} MB",
+                           "meets": complete and rss_bytes < report.RSS_GOAL_BYTES})
+        for key, what in (("append_us", "files present"),
+                          ("append_us_looked_up", "files looked up")):
+            growth = big[key] / small[key] if small[key] and big[key] else None
+            checks.append({"check": f"4K append time, {big['files']:,} vs "
+                                    f"{small['files']:,} files ({what})",
+                           "value": growth, "unit": "x",
+                           "goal": f"≤ {report.APPEND_GROWTH_GOAL:g}x (must not grow)",
+                           "meets": growth is not None
+                           and growth <= report.APPEND_GROWTH_GOAL})
+        return checks
+
+    def tables(self, results: list[report.Result], comparisons: list[report.Comparison],
+               fmt: str) -> str:
+        table = report.markdown_table if fmt == "md" else report.text_table
+        parts = [table(report.RESULT_HEADER, report.result_rows(results, self.workloads))]
+        if self.memory:
+            parts.append(table(["daemon after the rounds", "RSS MiB", "peak RSS MiB", "fds"], [
+                [name, f"{m['VmRSS'] / 1024:.1f}", f"{m['VmHWM'] / 1024:.1f}", str(m["fds"])]
+                for name, m in self.memory.items()]))
+        if comparisons:
+            parts.append(table(report.COMPARISON_HEADER,
+                               report.comparison_rows(comparisons, self.workloads)))
+        if self.scale_rows:
+            parts.append(table(report.SCALE_HEADER, report.scale_rows(self.scale_rows)))
+            notes = [f"{r['target']} {r['files']:,} files: {note}"
+                     for r in self.scale_rows for note in r["notes"]]
+            if notes:
+                parts.append("\n".join(("- " if fmt == "md" else "  ") + n for n in notes))
+            checks = self.scale_checks()
+            if checks:
+                parts.append(table(["scale check", "value", "goal", "verdict"], [
+                    [c["check"], "not measured" if c["value"] is None
+                     else f"{c['value']:.2f} {c['unit']}", c["goal"],
+                     "meets" if c["meets"] else "MISSES"] for c in checks]))
+        return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sigterm_as_interrupt()
+    if args.nice is not None:
+        # Inherited by everything we start: fio, `quotafs mount` and so its daemon, the
+        # pyfuse3 example. Kernel threads (loop, writeback) keep their own priority.
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)
+    bench = Bench(args)
+    try:
+        bench.run()
+    except KeyboardInterrupt:
+        log("interrupted: everything was unmounted and detached")
+        return 130
+    except BenchError as exc:
+        log(f"error: {exc}")
+        return 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+    names = [t.name for t in bench.targets]
+    results = report.summarise(bench.samples, names, bench.skipped, bench.workloads)
+    comparisons: list[report.Comparison] = []
+    if "quotafs-nolimit" in names:
+        for other in ("quotafs", "quotafs-rule"):
+            if other in names:
+                comparisons += report.compare(bench.samples, other, "quotafs-nolimit",
+                                              bench.workloads)
+    document = bench.document(results, comparisons)
+    machine = document["machine"]
+    print(f"\nquotafs benchmark, {document['date']}: {bench.rounds} round(s), engine "
+          f"{bench.engine}, caches {'dropped' if bench.cold else 'warm'} for read/walk, "
+          f"nice {document['nice']}")
+    print(f"machine: {machine_info().line()}")
+    print(f"command: {document['command']}\n")
+    print(bench.tables(results, comparisons, "text"))
+    for t in document["targets"]:
+        if t["status"] != "ok":
+            print(f"\n{t['name']}: {t['note']}")
+    if bench.errors:
+        print("\nerrors:\n  " + "\n  ".join(bench.errors))
+    if args.json:
+        report.write_json(args.json, document)
+    if args.csv:
+        report.write_csv(args.csv, results)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"Command: `{document['command']}`  \n"
+                    f"Date: {document['date']}  \n"
+                    f"Machine: {machine['nproc']} CPU ({machine['cpu_model']}), Linux "
+                    f"{machine['kernel']}, {machine['mem_total_mib']} MiB RAM, Python "
+                    f"{machine['python']}, pyfuse3 {machine['pyfuse3']}, "
+                    f"{machine['fio'] or 'no fio'}, {machine['fuse']}  \n"
+                    f"Rounds: {bench.rounds}, engine {bench.engine}, caches "
+                    f"{'dropped' if bench.cold else 'warm'} for read/walk, nice "
+                    f"{document['nice']}, load average at the end {machine['load_avg']}, "
+                    f"sizes {document['sizes']}\n\n")
+            f.write(bench.tables(results, comparisons, "md") + "\n")
+    return 1 if bench.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Small system helpers for the benchmark: commands, caches, daemon CPU and memory, machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+class BenchError(Exception):
+    """A setup step failed; the message is one line for the user."""
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def tool(name: str) -> str:
+    """The absolute path of a system tool, also from sbin directories not in PATH."""
+    found = shutil.which(name) or shutil.which(name, path=os.pathsep.join(_SBIN))
+    if found is None:
+        raise BenchError(f"{name} not found: install it (util-linux / e2fsprogs / fuse3)")
+    return found
+
+
+def run(cmd: Sequence[str], timeout: float = 120.0,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command, capture its output; raise BenchError with its last line on failure."""
+    result = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
+                            stdin=subprocess.DEVNULL, check=False)
+    if check and result.returncode != 0:
+        lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        last = lines[-1] if lines else f"exit status {result.returncode}"
+        raise BenchError(f"{' '.join(cmd)}: {last}")
+    return result
+
+
+def drop_caches() -> None:
+    """Write back dirty data, then drop page cache, dentries and inodes (root only).
+
+    On a FUSE mount dropping dentries and inodes sends FORGETs, so the daemon's tables
+    shrink and the next access is a cold lookup for native and FUSE alike.
+    """
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass  # not root: caches stay warm; the report says which mode ran
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is the state (field 3); utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (ppid, utime + stime + cutime + cstime in seconds) of every process."""
+    table: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile: its CPU moves to its parent's cutime/cstime
+        ticks = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+        table[int(entry)] = (int(fields[1]), ticks / CLOCK_TICKS)
+    return table
+
+
+class ForeignCpu:
+    """CPU used by processes that are not ours, to tell a quiet measurement from a noisy
+    one on a shared machine. Ours: this process, the daemons, and their descendants.
+    Kernel threads (children of kthreadd, pid 2) are left out: loop devices and writeback
+    work for the workload itself. A process that exits between two snapshots still counts:
+    its time moves to its parent's cutime/cstime when it is reaped."""
+
+    def __init__(self) -> None:
+        self.own: set[int] = {os.getpid()}
+
+    def _foreign_total(self) -> float:
+        table = _proc_table()
+        mine: dict[int, bool] = {}
+
+        def is_mine(pid: int) -> bool:
+            chain = []
+            while pid not in mine:
+                if pid in self.own:
+                    mine[pid] = True
+                    break
+                if pid in (0, 2) or pid not in table:
+                    mine[pid] = pid == 2  # kernel threads count as "not foreign"
+                    break
+                chain.append(pid)
+                pid = table[pid][0]
+            verdict = mine[pid]
+            for p in chain:
+                mine[p] = verdict
+            return verdict
+
+        return sum(cpu for pid, (_, cpu) in table.items() if not is_mine(pid))
+
+    def snapshot(self) -> float:
+        return self._foreign_total()
+
+    def wait_quiet(self, threshold: float, window: float, timeout: float) -> float:
+        """Wait until foreign processes use less than `threshold` cores over one `window`,
+        at most `timeout` seconds; return the last foreign load seen (cores)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            before = self.snapshot()
+            time.sleep(window)
+            load = (self.snapshot() - before) / window
+            if load < threshold or time.monotonic() >= deadline:
+                return load
+
+
+FOREIGN = ForeignCpu()
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def open_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_pid_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.02)
+    return not pid_alive(pid)
+
+
+def is_mounted(path: str) -> bool:
+    """Whether `path` is a mount point, from /proc/self/mountinfo (never stats the mount)."""
+    target = os.path.abspath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].replace("\\040", " ").replace("\\011", "\t")
+            if mp.replace("\\012", "\n").replace("\\134", "\\") == target:
+                return True
+    return False
+
+
+def unmount(path: str, lazy: bool = False) -> None:
+    """umount as root, fusermount3 -u otherwise; raise BenchError if it fails."""
+    if os.geteuid() == 0:
+        run([tool("umount"), *(["-l"] if lazy else []), path], timeout=60)
+    else:
+        run([tool("fusermount3"), "-u", *(["-z"] if lazy else []), path], timeout=60)
+
+
+def unmount_retrying(path: str, attempts: int = 20) -> None:
+    """Unmount, retrying while busy, then lazily: whatever happens, `path` is unmounted."""
+    for _ in range(attempts):
+        if not is_mounted(path):
+            return
+        try:
+            unmount(path)
+            return
+        except BenchError:
+            time.sleep(0.25)
+    if is_mounted(path):
+        unmount(path, lazy=True)
+
+
+@contextmanager
+def signals_deferred(reraise: bool = True) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while a step that must not be cut in half runs (starting a
+    mount, cleaning up); with `reraise`, a signal that arrived meanwhile interrupts right
+    after the step, once its undo is registered."""
+    received: list[int] = []
+
+    def remember(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    old_int = signal.signal(signal.SIGINT, remember)
+    old_term = signal.signal(signal.SIGTERM, remember)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    if received and reraise:
+        raise KeyboardInterrupt(f"signal {received[0]}")
+
+
+def sigterm_as_interrupt() -> None:
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@dataclass
+class Machine:
+    nproc: int
+    kernel: str
+    cpu_model: str
+    mem_total_mib: int
+    python: str
+    pyfuse3: str
+    fio: str | None
+    fuse: str | None
+    load_avg: str
+
+    def line(self) -> str:
+        return (f"{self.nproc} CPU ({self.cpu_model}), {self.mem_total_mib} MiB RAM, "
+                f"Linux {self.kernel}, Python {self.python}, pyfuse3 {self.pyfuse3}, "
+                f"{self.fio or 'no fio'}, {self.fuse or 'libfuse ?'}")
+
+
+def machine_info() -> Machine:
+    from importlib.metadata import PackageNotFoundError, version
+
+    model = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) // 1024
+    try:
+        pyfuse3_version = version("pyfuse3")
+    except PackageNotFoundError:
+        pyfuse3_version = "?"
+    fio = None
+    if shutil.which("fio"):
+        fio = run(["fio", "--version"], check=False).stdout.strip() or None
+    fuse = None
+    if shutil.which("fusermount3"):
+        out = run(["fusermount3", "-V"], check=False)
+        fuse = (out.stdout.strip() or out.stderr.strip()) or None
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    return Machine(nproc=os.cpu_count() or 0, kernel=platform.release(), cpu_model=model,
+                   mem_total_mib=mem, python=platform.python_version(),
+                   pyfuse3=pyfuse3_version, fio=fio, fuse=fuse, load_avg=load)

@@ -1,0 +1,369 @@
+"""What the workloads run against: a loop-ext4 on tmpfs (native) and FUSE mounts over it.
+
+    tmpfs (ours)  ->  sparse ext4.img  ->  losetup --find --show  ->  mkfs.ext4  ->  mount
+                                                                              |
+        native/             the native target: workloads run on ext4 itself   |
+        backing-<target>/   backing directories of the FUSE targets, same ext4
+
+Every step registers its undo on an ExitStack right after it succeeds, and the undo finds
+what to remove from the system (`losetup -j IMAGE`, /proc/self/mountinfo), not only from
+our own bookkeeping, so an interrupt between two steps leaks nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.system import (
+    BenchError,
+    is_mounted,
+    log,
+    pid_alive,
+    run,
+    tool,
+    unmount_retrying,
+    wait_pid_gone,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+
+
+class TargetUnavailable(Exception):
+    """A target cannot run here; the message is the note printed in its place."""
+
+
+# -- the loop-ext4 on tmpfs -------------------------------------------------------------------
+
+@dataclass
+class Ext4:
+    root: str  # our temp dir: tmpfs/, ext4/, mnt/
+    image: str
+    device: str
+    mountpoint: str
+    image_size: int
+
+    def subdir(self, name: str) -> str:
+        path = os.path.join(self.mountpoint, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def mountpoint_for(self, name: str) -> str:
+        path = os.path.join(self.root, "mnt", name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+
+def _detach_loops(image: str) -> None:
+    losetup = tool("losetup")
+    out = run([losetup, "-j", image], check=False).stdout
+    for line in out.splitlines():
+        device = line.split(":", 1)[0].strip()
+        if device.startswith("/dev/loop"):
+            run([losetup, "-d", device], check=False)
+
+
+def _umount_plain(path: str) -> None:
+    for _ in range(40):
+        if not is_mounted(path):
+            return
+        if run([tool("umount"), path], check=False).returncode == 0:
+            return
+        time.sleep(0.25)
+    run([tool("umount"), "-l", path], check=False)
+
+
+def _prefault(mountpoint: str) -> None:
+    """Write the ext4's free space once and delete it, so that every block of the sparse
+    image has its tmpfs page: no target pays tmpfs's first-touch allocation later."""
+    st = os.statvfs(mountpoint)
+    free = st.f_bavail * st.f_frsize
+    amount = max(0, free - 64 * MiB)
+    path = os.path.join(mountpoint, ".prefault")
+    chunk = b"\0" * (4 * MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        written = 0
+        while written < amount:
+            written += os.write(fd, chunk[:min(len(chunk), amount - written)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    os.sync()
+
+
+@contextlib.contextmanager
+def open_ext4(image_size: int, inodes: int, prefault: bool = True) -> Iterator[Ext4]:
+    """A tmpfs we mount, a sparse image on it, a loop device, ext4, mounted; all undone."""
+    if os.geteuid() != 0:
+        raise BenchError("the native target needs root (tmpfs, losetup, mount)")
+    mount, losetup, mkfs = tool("mount"), tool("losetup"), tool("mkfs.ext4")
+    with contextlib.ExitStack() as stack:
+        root = tempfile.mkdtemp(prefix="quotafs-bench-")
+        stack.callback(shutil.rmtree, root, True)
+        tmpfs = os.path.join(root, "tmpfs")
+        ext4 = os.path.join(root, "ext4")
+        os.makedirs(tmpfs)
+        os.makedirs(ext4)
+        os.makedirs(os.path.join(root, "mnt"))
+        stack.callback(_umount_plain, tmpfs)
+        run([mount, "-t", "tmpfs", "-o", f"size={image_size + 64 * MiB},mode=0700",
+             "quotafs-bench", tmpfs])
+        image = os.path.join(tmpfs, "ext4.img")
+        with open(image, "wb") as f:
+            f.truncate(image_size)  # sparse
+        stack.callback(_detach_loops, image)
+        device = run([losetup, "--find", "--show", image]).stdout.strip()
+        # Initialise inode tables and journal now: no ext4lazyinit thread writing in the
+        # background while we measure.
+        run([mkfs, "-q", "-F", "-N", str(inodes), "-E",
+             "lazy_itable_init=0,lazy_journal_init=0", device], timeout=300)
+        stack.callback(_umount_plain, ext4)
+        run([mount, device, ext4])
+        if prefault:
+            _prefault(ext4)
+        yield Ext4(root, image, device, ext4, image_size)
+
+
+# -- targets ----------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """Something the workloads run in: `path` is a directory; `pid` the daemon, if any."""
+
+    name: str
+    description: str
+    path: str = ""
+    pid: int | None = None
+    mount_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_fuse(self) -> bool:
+        return False
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class NativeTarget(Target):
+    def __init__(self, ext4: Ext4) -> None:
+        super().__init__("native", "the loop-ext4 itself")
+        self._ext4 = ext4
+
+    def start(self) -> None:
+        self.path = self._ext4.subdir("native")
+
+    def stop(self) -> None:
+        pass
+
+
+def quotafs_command() -> tuple[list[str], dict[str, str]]:
+    """The `quotafs` command of this Python environment (and its environment variables)."""
+    script = Path(sys.executable).parent / "quotafs"
+    env = dict(os.environ)
+    if script.exists():
+        return [str(script)], env
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return [sys.executable, "-m", "quotafs"], env
+
+
+def _quotafs(*args: str, timeout: float = 120.0,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd, env = quotafs_command()
+    # Its own session: a Ctrl-C in the terminal must not stop `quotafs mount` half-way,
+    # after its daemon was started but before we know about it.
+    result = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env,
+                            timeout=timeout, stdin=subprocess.DEVNULL, check=False,
+                            start_new_session=True)
+    if check and result.returncode != 0:
+        lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise BenchError(f"quotafs {' '.join(args)}: "
+                         f"{lines[-1] if lines else result.returncode}")
+    return result
+
+
+def fault_support() -> str | None:
+    """None if `quotafs fault add` exists, else why the rule target is skipped."""
+    result = _quotafs("fault", "add", "--help", check=False)
+    if result.returncode != 0:
+        return "skipped: `quotafs fault add` does not exist yet in this quotafs"
+    return None
+
+
+# A rule that every request evaluates (all operations) and none matches (no such path):
+# the rule engine's cost without any of its effects.
+IDLE_RULE = ["--op", "all", "--path", "/.quotafs-bench/never/matches", "--errno", "EIO"]
+
+
+class QuotafsTarget(Target):
+    """`quotafs mount [--limit SIZE] --backing DIR MOUNTPOINT`, stopped by `quotafs umount`."""
+
+    def __init__(self, name: str, description: str, backing: str, mountpoint: str,
+                 limit: int | None, rule: list[str] | None = None,
+                 extra: list[str] | None = None) -> None:
+        super().__init__(name, description)
+        self.backing = backing
+        self.mountpoint = mountpoint
+        self.limit = limit
+        self.rule = rule
+        self.extra = extra or []
+
+    @property
+    def is_fuse(self) -> bool:
+        return True
+
+    def start(self) -> None:
+        args = ["mount", "-q", "--backing", self.backing, *self.extra]
+        if self.limit is not None:
+            args += ["--limit", str(self.limit)]
+        begin = time.perf_counter()
+        _quotafs(*args, self.mountpoint)
+        self.mount_seconds = time.perf_counter() - begin
+        try:
+            status = json.loads(_quotafs("status", "--json", self.mountpoint).stdout)
+            self.pid = int(status["pid"])
+            if self.rule is not None:
+                result = _quotafs("fault", "add", self.mountpoint, *self.rule, check=False)
+                if result.returncode != 0:
+                    message = (result.stderr.strip().splitlines() or ["failed"])[-1]
+                    raise TargetUnavailable(f"skipped: quotafs fault add failed: {message}")
+                self.notes.append(f"rule: quotafs fault add MOUNT {' '.join(self.rule)}")
+        except BaseException:
+            self.stop()
+            raise
+        self.path = self.mountpoint
+
+    def stop(self) -> None:
+        """Safe to call at any point, also if start() was interrupted or never ran."""
+        if self.pid is None and is_mounted(self.mountpoint):
+            with contextlib.suppress(Exception):
+                status = json.loads(_quotafs("status", "--json", self.mountpoint).stdout)
+                self.pid = int(status["pid"])
+        if is_mounted(self.mountpoint):
+            result = _quotafs("umount", self.mountpoint, check=False, timeout=90)
+            if result.returncode != 0:
+                unmount_retrying(self.mountpoint)
+        if self.pid is not None and not wait_pid_gone(self.pid, 30):
+            log(f"{self.name}: daemon {self.pid} still running after unmount: SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, 9)
+        self.pid = None
+
+
+# -- the bare pyfuse3 passthrough (pyfuse3's own example, downloaded) ---------------------
+
+def fetch_passthrough_example(cache_dir: Path) -> Path:
+    """pyfuse3's examples/passthroughfs.py from the source distribution of the installed
+    pyfuse3 version, downloaded with pip into the cache directory on first use."""
+    from importlib.metadata import version
+
+    pyfuse3_version = version("pyfuse3")
+    dest = cache_dir / f"pyfuse3-{pyfuse3_version}" / "passthroughfs.py"
+    if dest.exists():
+        return dest
+    sdist_dir = cache_dir / "sdist"
+    sdist_dir.mkdir(parents=True, exist_ok=True)
+    sdist = sdist_dir / f"pyfuse3-{pyfuse3_version}.tar.gz"
+    if not sdist.exists():
+        log(f"downloading the pyfuse3 {pyfuse3_version} source distribution (pip download)")
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             "--disable-pip-version-check", "-d", str(sdist_dir),
+             f"pyfuse3=={pyfuse3_version}"],
+            capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+            check=False)
+        if result.returncode != 0 or not sdist.exists():
+            last = (result.stderr.strip().splitlines() or ["no sdist"])[-1]
+            raise TargetUnavailable(f"skipped: pip download of pyfuse3=={pyfuse3_version} "
+                                    f"failed: {last}")
+    member_name = f"pyfuse3-{pyfuse3_version}/examples/passthroughfs.py"
+    with tarfile.open(sdist) as tar:
+        member = tar.extractfile(member_name)
+        if member is None:
+            raise TargetUnavailable(f"skipped: {member_name} not in {sdist.name}")
+        data = member.read()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(dest)
+    return dest
+
+
+def check_passthrough_argv(script: Path) -> None:
+    """The example must take `SOURCE MOUNTPOINT` (as pyfuse3 3.x's does)."""
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                            text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+    usage = result.stdout.split("\n\n", 1)[0]
+    if result.returncode != 0 or "source mountpoint" not in usage:
+        raise TargetUnavailable(f"skipped: {script.name} does not take SOURCE MOUNTPOINT "
+                                f"(usage: {usage.strip()!r})")
+
+
+class PassthroughTarget(Target):
+    """`python passthroughfs.py SOURCE MOUNTPOINT` as a child in its own session (Ctrl-C
+    of the bench must not kill it before we unmount); stopped by unmounting."""
+
+    def __init__(self, script: Path, backing: str, mountpoint: str, log_path: str) -> None:
+        super().__init__("pyfuse3-passthrough",
+                         f"pyfuse3's examples/{script.name}, unchanged")
+        self.script = script
+        self.backing = backing
+        self.mountpoint = mountpoint
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def is_fuse(self) -> bool:
+        return True
+
+    def start(self) -> None:
+        begin = time.perf_counter()
+        with open(self.log_path, "ab") as logf:
+            self._process = subprocess.Popen(
+                [sys.executable, str(self.script), self.backing, self.mountpoint],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+        self.pid = self._process.pid
+        deadline = time.monotonic() + 60
+        while not is_mounted(self.mountpoint):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise BenchError(f"{self.script.name} did not mount (log: {self.log_path})")
+            time.sleep(0.01)
+        while not os.path.ismount(self.mountpoint):  # answers: the loop is serving
+            time.sleep(0.01)
+        self.mount_seconds = time.perf_counter() - begin
+        self.path = self.mountpoint
+
+    def stop(self) -> None:
+        process = self._process
+        if process is not None and process.poll() is None and is_mounted(self.mountpoint):
+            unmount_retrying(self.mountpoint)
+        if process is not None:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if is_mounted(self.mountpoint):
+            unmount_retrying(self.mountpoint)
+        self._process = None
+        self.pid = None
+
+    def alive(self) -> bool:
+        return self.pid is not None and pid_alive(self.pid)
