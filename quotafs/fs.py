@@ -389,9 +389,18 @@ class QuotaFS(pyfuse3.Operations):
     _XATTR_OPS = frozenset({"getxattr", "setxattr", "removexattr"})
 
     def _path(self, node: Node) -> str:
-        if node is self.root:
-            return "/"
-        return self.control.path_of(self._fd(node)) if self.control is not None else "?"
+        """The node's path below the mount, for fault rules and events."""
+        names: list[bytes] = []
+        walk: Node | None = node
+        while walk is not None and walk is not self.root:
+            if walk.pinned:
+                # A hard link or an unlinked inode: its remembered name may be gone, so
+                # ask the kernel where the descriptor is now.
+                prefix = self.control.path_of(self._fd(walk)) if self.control else "?"
+                return prefix.rstrip("/") + "".join("/" + os.fsdecode(n) for n in names)
+            names.insert(0, walk.name)
+            walk = walk.parent
+        return "/" + "/".join(os.fsdecode(n) for n in names)
 
     def _child_path(self, parent_inode: int, name: bytes) -> str:
         parent = self._nodes.get(parent_inode)
