@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from quotafs import mounting
@@ -119,7 +120,8 @@ def cmd_fault_clear(args: argparse.Namespace) -> int:
     return 0
 
 
-def _event_line(e: dict[str, Any]) -> str:
+def event_line(e: Mapping[str, Any]) -> str:
+    """One recorded event as a line a person reads."""
     millis = int(e["time"] % 1 * 1000)
     stamp = time.strftime("%H:%M:%S", time.localtime(e["time"])) + f".{millis:03d}"
     who = f" pid {e['pid']}" if e.get("pid") else ""
@@ -131,7 +133,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     after = 0
     while True:
         for event in read_events(args.mountpoint, after):
-            print(json.dumps(event, sort_keys=True) if args.json else _event_line(event),
+            print(json.dumps(event, sort_keys=True) if args.json else event_line(event),
                   flush=True)
             after = event["seq"]
         if not args.follow:
