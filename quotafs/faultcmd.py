@@ -121,12 +121,12 @@ def cmd_fault_clear(args: argparse.Namespace) -> int:
 
 
 def event_line(e: Mapping[str, Any]) -> str:
-    """One recorded event as a line a person reads."""
+    """One recorded event as a line a person reads (the CLI and the pytest report)."""
     millis = int(e["time"] % 1 * 1000)
     stamp = time.strftime("%H:%M:%S", time.localtime(e["time"])) + f".{millis:03d}"
-    who = f" pid {e['pid']}" if e.get("pid") else ""
     rule = f" rule {e['rule']}" if e.get("rule") else ""
-    return f"{stamp} #{e['seq']} {e['kind']:<5} {e['op']:<9} {e['path']}  {e['effect']}{rule}{who}"
+    who = f" pid {e['pid']}" if e.get("pid") else ""
+    return f"{stamp} #{e['seq']} {e['kind']} {e['op']} {e['path']}: {e['effect']}{rule}{who}"
 
 
 def cmd_events(args: argparse.Namespace) -> int:

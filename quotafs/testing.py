@@ -456,14 +456,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         _marker_options(item)
 
 
-def _event_line(e: Mapping[str, Any]) -> str:
-    millis = int(e["time"] % 1 * 1000)
-    stamp = time.strftime("%H:%M:%S", time.localtime(e["time"])) + f".{millis:03d}"
-    rule = f" rule {e['rule']}" if e.get("rule") else ""
-    who = f" pid {e['pid']}" if e.get("pid") else ""
-    return f"{stamp} #{e['seq']} {e['kind']} {e['op']} {e['path']}: {e['effect']}{rule}{who}"
-
-
 def _describe_quotafs(mount: QuotaMount) -> str:
     if not mount.is_alive():
         process = mount._process
@@ -485,7 +477,9 @@ def _describe_quotafs(mount: QuotaMount) -> str:
         shown = events[-REPORT_EVENTS:]
         newest = f", the newest {len(shown)}" if len(shown) < len(events) else ""
         lines.append(f"events ({len(events)}{newest}):")
-        lines += ["  " + _event_line(e) for e in shown]
+        from quotafs.faultcmd import event_line
+
+        lines += ["  " + event_line(e) for e in shown]
     else:
         lines.append("events: none")
     return "\n".join(lines)
