@@ -104,8 +104,8 @@ class ControlChannel:
                                  rule, pid))
         self._next_seq += 1
 
-    def record_quota_hit(self, op: str, fd: int, pid: int | None = None) -> None:
-        self._record("quota", op, self.path_of(fd), errno.ENOSPC, "ENOSPC (quota)", None, pid)
+    def record_quota_hit(self, op: str, path: str, pid: int | None = None) -> None:
+        self._record("quota", op, path, errno.ENOSPC, "ENOSPC (quota)", None, pid)
 
     def record_fault(self, op: str, path: str, effect: Effect, pid: int | None) -> None:
         err = effect.value if effect.kind == "errno" else None

@@ -16,7 +16,7 @@ import logging
 import os
 import resource
 import stat
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -353,7 +353,7 @@ class QuotaFS(pyfuse3.Operations):
 
     def _enospc(self, op: str, node: Node) -> pyfuse3.FUSEError:
         if self.control is not None:
-            self.control.record_quota_hit(op, self._fd(node))
+            self.control.record_quota_hit(op, self._path(node))
         return pyfuse3.FUSEError(errno.ENOSPC)
 
     def _new_inode_or_enospc(self, op: str, parent: Node) -> None:
@@ -1021,6 +1021,3 @@ class QuotaFS(pyfuse3.Operations):
             "open_handles": len(self._handles),
             "reserved_blocks": sum(len(n.reserved) for n in self._nodes.values()),
         }
-
-    def nodes(self) -> Iterator[Node]:
-        return iter(self._nodes.values())
