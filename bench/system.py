@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from quotafs.mountinfo import find_mount
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
@@ -172,13 +174,7 @@ def wait_pid_gone(pid: int, timeout: float) -> bool:
 
 def is_mounted(path: str) -> bool:
     """Whether `path` is a mount point, from /proc/self/mountinfo (never stats the mount)."""
-    target = os.path.abspath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].replace("\\040", " ").replace("\\011", "\t")
-            if mp.replace("\\012", "\n").replace("\\134", "\\") == target:
-                return True
-    return False
+    return find_mount(path) is not None
 
 
 def unmount(path: str, lazy: bool = False) -> None:
