@@ -46,13 +46,14 @@ from bench.targets import (
     IDLE_RULE,
     Ext4,
     NativeTarget,
-    PassthroughTarget,
     QuotafsTarget,
     Target,
     TargetUnavailable,
     check_passthrough_argv,
     fault_support,
     fetch_passthrough_example,
+    null_target,
+    passthrough_target,
     open_ext4,
 )
 from bench.workloads import (
@@ -73,6 +74,8 @@ TARGETS = {
     "native": "the loop-ext4 itself (the reference)",
     "pyfuse3-passthrough": "pyfuse3's examples/passthroughfs.py, unchanged (entry/attr "
                            "timeout 0)",
+    "pyfuse3-null": "bench/nullfs.py: pyfuse3 and trio doing no I/O at all, the ceiling "
+                    "of any pyfuse3 daemon (entry/attr timeout 1 s, like quotafs)",
     "quotafs-nolimit": "quotafs mount --backing DIR (no --limit)",
     "quotafs": "quotafs mount --limit SIZE --backing DIR (default options)",
     "quotafs-rule": "quotafs with the quota and one fault rule that never matches",
@@ -218,9 +221,12 @@ class Bench:
                 elif name == "pyfuse3-passthrough":
                     script = fetch_passthrough_example(Path(self.args.cache_dir))
                     check_passthrough_argv(script)
-                    out.append(PassthroughTarget(
+                    out.append(passthrough_target(
                         script, ext4.subdir(f"backing-{name}"), ext4.mountpoint_for(name),
                         os.path.join(ext4.root, f"{name}.log")))
+                elif name == "pyfuse3-null":
+                    out.append(null_target(ext4.mountpoint_for(name),
+                                           os.path.join(ext4.root, f"{name}.log")))
                 elif name == "quotafs-rule":
                     reason = fault_support()
                     if reason is not None:
@@ -342,7 +348,7 @@ class Bench:
         if "pyfuse3-passthrough" not in self.skipped and \
                 "pyfuse3-passthrough" in self.wanted:
             script = fetch_passthrough_example(Path(self.args.cache_dir))
-            makers["pyfuse3-passthrough"] = lambda top: PassthroughTarget(
+            makers["pyfuse3-passthrough"] = lambda top: passthrough_target(
                 script, top, ext4.mountpoint_for("scale-pyfuse3"),
                 os.path.join(ext4.root, "scale-pyfuse3.log"))
         for count in (small, big):

@@ -315,15 +315,14 @@ def check_passthrough_argv(script: Path) -> None:
                                 f"(usage: {usage.strip()!r})")
 
 
-class PassthroughTarget(Target):
-    """`python passthroughfs.py SOURCE MOUNTPOINT` as a child in its own session (Ctrl-C
-    of the bench must not kill it before we unmount); stopped by unmounting."""
+class ChildDaemonTarget(Target):
+    """A FUSE daemon run as `argv` (a child in its own session: Ctrl-C of the bench must
+    not kill it before we unmount), mounted on `mountpoint`; stopped by unmounting."""
 
-    def __init__(self, script: Path, backing: str, mountpoint: str, log_path: str) -> None:
-        super().__init__("pyfuse3-passthrough",
-                         f"pyfuse3's examples/{script.name}, unchanged")
-        self.script = script
-        self.backing = backing
+    def __init__(self, name: str, description: str, argv: list[str], mountpoint: str,
+                 log_path: str) -> None:
+        super().__init__(name, description)
+        self.argv = argv
         self.mountpoint = mountpoint
         self.log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
@@ -336,14 +335,14 @@ class PassthroughTarget(Target):
         begin = time.perf_counter()
         with open(self.log_path, "ab") as logf:
             self._process = subprocess.Popen(
-                [sys.executable, str(self.script), self.backing, self.mountpoint],
+                self.argv,
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
         self.pid = self._process.pid
         deadline = time.monotonic() + 60
         while not is_mounted(self.mountpoint):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise BenchError(f"{self.script.name} did not mount (log: {self.log_path})")
+                raise BenchError(f"{self.name} did not mount (log: {self.log_path})")
             time.sleep(0.01)
         while not os.path.ismount(self.mountpoint):  # answers: the loop is serving
             time.sleep(0.01)
@@ -367,3 +366,18 @@ class PassthroughTarget(Target):
 
     def alive(self) -> bool:
         return self.pid is not None and pid_alive(self.pid)
+
+
+def passthrough_target(script: Path, backing: str, mountpoint: str,
+                       log_path: str) -> ChildDaemonTarget:
+    """pyfuse3's example as `python passthroughfs.py SOURCE MOUNTPOINT`."""
+    return ChildDaemonTarget("pyfuse3-passthrough", f"pyfuse3's examples/{script.name}, "
+                             "unchanged", [sys.executable, str(script), backing, mountpoint],
+                             mountpoint, log_path)
+
+
+def null_target(mountpoint: str, log_path: str) -> ChildDaemonTarget:
+    """bench/nullfs.py: the ceiling of any pyfuse3 daemon (no I/O at all)."""
+    return ChildDaemonTarget("pyfuse3-null", "bench/nullfs.py: pyfuse3 doing no I/O",
+                             [sys.executable, str(Path(__file__).with_name("nullfs.py")),
+                              mountpoint], mountpoint, log_path)

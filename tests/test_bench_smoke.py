@@ -47,7 +47,8 @@ def test_smoke_run_reports_every_target_and_workload(tmp_path: Path) -> None:
     workloads = {w["name"] for w in data["workloads"]}
     assert workloads == {"seqwrite", "randwrite", "seqread", "files", "walk", "mmap"}
     targets = {t["name"]: t for t in data["targets"]}
-    assert set(targets) == {"native", "pyfuse3-passthrough", "quotafs-nolimit", "quotafs",
+    assert set(targets) == {"native", "pyfuse3-passthrough", "pyfuse3-null", "quotafs-nolimit",
+                            "quotafs",
                             "quotafs-rule"}
     for name, target in targets.items():
         if target["status"] != "ok":
