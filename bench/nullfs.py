@@ -29,7 +29,7 @@ TIMEOUT = 1.0
 
 
 class Node:
-    __slots__ = ("attr", "children", "parent", "name")
+    __slots__ = ("attr", "children", "name", "parent")
 
     def __init__(self, ino: int, mode: int, parent: int, name: bytes) -> None:
         now = time.time_ns()

@@ -53,8 +53,8 @@ from bench.targets import (
     fault_support,
     fetch_passthrough_example,
     null_target,
-    passthrough_target,
     open_ext4,
+    passthrough_target,
 )
 from bench.workloads import (
     FULL,
@@ -72,8 +72,8 @@ QUIET_CORES = 0.15  # other processes using more than this during a sample distu
 
 TARGETS = {
     "native": "the loop-ext4 itself (the reference)",
-    "pyfuse3-passthrough": "pyfuse3's examples/passthroughfs.py, unchanged (entry/attr "
-                           "timeout 0)",
+    "pyfuse3-passthrough": "pyfuse3's examples/passthroughfs.py plus an fsync handler "
+                           "(entry/attr timeout 0)",
     "pyfuse3-null": "bench/nullfs.py: pyfuse3 and trio doing no I/O at all, the ceiling "
                     "of any pyfuse3 daemon (entry/attr timeout 1 s, like quotafs)",
     "quotafs-nolimit": "quotafs mount --backing DIR (no --limit)",

@@ -370,9 +370,12 @@ class ChildDaemonTarget(Target):
 
 def passthrough_target(script: Path, backing: str, mountpoint: str,
                        log_path: str) -> ChildDaemonTarget:
-    """pyfuse3's example as `python passthroughfs.py SOURCE MOUNTPOINT`."""
-    return ChildDaemonTarget("pyfuse3-passthrough", f"pyfuse3's examples/{script.name}, "
-                             "unchanged", [sys.executable, str(script), backing, mountpoint],
+    """pyfuse3's example as `python passthroughfs.py SOURCE MOUNTPOINT`, through
+    bench/pyfuse3_example.py, which adds the fsync handler the example lacks."""
+    wrapper = Path(__file__).with_name("pyfuse3_example.py")
+    return ChildDaemonTarget("pyfuse3-passthrough", f"pyfuse3's examples/{script.name} "
+                             "with an fsync handler",
+                             [sys.executable, str(wrapper), str(script), backing, mountpoint],
                              mountpoint, log_path)
 
 

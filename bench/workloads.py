@@ -200,11 +200,11 @@ def _write_file(path: str, size: int) -> None:
         os.close(fd)
 
 
-def _seqread(ctx: Context) -> Sample:
+def _read_back(ctx: Context, cold: bool) -> Sample:
     path = os.path.join(ctx.directory, "read.bin")
     size = ctx.sizes.seq
     _write_file(path, size)  # untimed: through the target, so the daemon accounts it
-    if ctx.cold:
+    if cold:
         drop_caches()
     else:
         os.sync()
@@ -222,6 +222,16 @@ def _seqread(ctx: Context) -> Sample:
                 os.close(fd)
         seconds = m.seconds
     return m.sample(nbytes / MiB / seconds, seconds, nbytes / MiB)
+
+
+def _seqread(ctx: Context) -> Sample:
+    """Read a file that is no longer in any cache (the daemon serves every byte)."""
+    return _read_back(ctx, cold=ctx.cold)
+
+
+def _seqread_warm(ctx: Context) -> Sample:
+    """Read back a file just written and fsynced: what the page cache keeps is used."""
+    return _read_back(ctx, cold=False)
 
 
 # -- create + stat + unlink ---------------------------------------------------------------------
@@ -313,6 +323,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("randwrite", "random write 4 KiB + fsync", "IOPS", "4K write", 0.2, _randwrite,
              uses_fio=True),
     Workload("seqread", "seq read 1 MiB (cold)", "MiB/s", "MiB", 0.9, _seqread, uses_fio=True),
+    Workload("seqread-warm", "seq read 1 MiB (warm)", "MiB/s", "MiB", 0.9, _seqread_warm,
+             uses_fio=True),
     Workload("files", "create+stat+unlink 4 KiB files", "files/s", "file", 0.08, _files),
     Workload("walk", "tree walk: readdir + lstat (cold)", "entries/s", "entry", None, _walk,
              prepare=_prepare_tree),

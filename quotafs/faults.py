@@ -903,6 +903,16 @@ class FaultEngine:
         work out the request's paths at all."""
         return op in self._ops_in_play
 
+    def could_match(self, op: str, path: str) -> bool:
+        """Could a live rule match a request of this op on this path (ignoring size and
+        triggers)? quotafs asks at open: while a read rule could fire on a file, opening
+        it drops the kernel's cached pages, so its reads reach the daemon and the rule."""
+        if op not in self._ops_in_play:
+            return False
+        return any((rule._ops is None or op in rule._ops)
+                   and (rule._regex is None or rule._path_matches(path))
+                   for rule in self._live)
+
     @property
     def counting(self) -> bool:
         """Does any live rule count written bytes (after-bytes)? Else skip note_written."""

@@ -124,6 +124,7 @@ class Options:
     mmap_sigbus: bool = False
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
+    keep_cache: bool = True
 
 
 class QuotaFS(pyfuse3.Operations):
@@ -683,10 +684,15 @@ class QuotaFS(pyfuse3.Operations):
         node.open_count += 1
         return fh
 
-    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
-        # keep_cache off: the kernel drops cached pages at open, so the ext4-faithful mmap
-        # mode sees the page-in reads it needs; direct_io off: shared mmap must work.
-        return pyfuse3.FileInfo(fh=FileHandleT(fh), direct_io=False, keep_cache=False)
+    def _file_info(self, fh: int, node: Node) -> pyfuse3.FileInfo:
+        # keep_cache: quotafs is the only writer of the backing directory, so pages the
+        # kernel cached stay true across opens, as on a local filesystem. Off (the kernel
+        # drops them at open) with --no-cache (other writers), with --mmap-sigbus (it
+        # needs the page-in reads) and while a read fault rule could fire on this file
+        # (its reads must reach the daemon). direct_io off: shared mmap must work.
+        keep = self.options.keep_cache and not (
+            self.faults is not None and self.faults.could_match("read", self._path(node)))
+        return pyfuse3.FileInfo(fh=FileHandleT(fh), direct_io=False, keep_cache=keep)
 
     @handler
     def open(self, inode: InodeT, flags: FlagT,
@@ -704,7 +710,7 @@ class QuotaFS(pyfuse3.Operations):
         except BaseException:
             self._close_handle(fh)
             raise
-        return self._file_info(fh)
+        return self._file_info(fh, node)
 
     @handler
     def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
@@ -737,7 +743,7 @@ class QuotaFS(pyfuse3.Operations):
         node.lookups += 1
         node.charged = 0
         fh = self._new_handle(node, fd, flags)
-        return self._file_info(fh), self._attrs(node, st)
+        return self._file_info(fh, node), self._attrs(node, st)
 
     @handler
     def read(self, fh: FileHandleT, off: int, size: int) -> bytes:

@@ -15,6 +15,7 @@ class MountInfo:
     fstype: str
     source: str
     options: str
+    device: str = ""  # "MAJOR:MINOR", the name of the mount's /sys/class/bdi entry
 
     @property
     def is_quotafs(self) -> bool:
@@ -35,5 +36,5 @@ def find_mount(path: str) -> MountInfo | None:
             left, _, right = line.partition(" - ")
             fields, rest = left.split(), right.split()
             if _unescape(fields[4]) == target:
-                found = MountInfo(target, rest[0], _unescape(rest[1]), fields[5])
+                found = MountInfo(target, rest[0], _unescape(rest[1]), fields[5], fields[2])
     return found

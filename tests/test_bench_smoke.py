@@ -45,7 +45,8 @@ def test_smoke_run_reports_every_target_and_workload(tmp_path: Path) -> None:
 
     data = json.loads(out.read_text())
     workloads = {w["name"] for w in data["workloads"]}
-    assert workloads == {"seqwrite", "randwrite", "seqread", "files", "walk", "mmap"}
+    assert workloads == {"seqwrite", "randwrite", "seqread", "seqread-warm", "files", "walk",
+                         "mmap"}
     targets = {t["name"]: t for t in data["targets"]}
     assert set(targets) == {"native", "pyfuse3-passthrough", "pyfuse3-null", "quotafs-nolimit",
                             "quotafs",
