@@ -4,7 +4,7 @@ and does no I/O at all (writes are discarded, reads return zeros).
 It is the bench's ceiling target. Every request still crosses the kernel, libfuse,
 pyfuse3 and trio exactly as it does for quotafs, so no pyfuse3 filesystem that stores
 data can be faster than this one; when a goal is out of reach for it, the goal is out of
-reach for quotafs too. It uses the same kernel cache timeouts as quotafs (1 s).
+reach for quotafs too. It uses the same kernel cache timeouts as quotafs (60 s).
 
     python bench/nullfs.py [--xattr] MOUNTPOINT
 
@@ -25,7 +25,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-TIMEOUT = 1.0
+TIMEOUT = 60.0  # the kernel cache timeouts quotafs uses
 
 
 class Node:

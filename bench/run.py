@@ -75,7 +75,9 @@ TARGETS = {
     "pyfuse3-passthrough": "pyfuse3's examples/passthroughfs.py plus an fsync handler "
                            "(entry/attr timeout 0)",
     "pyfuse3-null": "bench/nullfs.py: pyfuse3 and trio doing no I/O at all, the ceiling "
-                    "of any pyfuse3 daemon (entry/attr timeout 1 s, like quotafs)",
+                    "of any pyfuse3 daemon (getxattr: ENOSYS, so the kernel stops asking)",
+    "pyfuse3-null-xattr": "bench/nullfs.py --xattr: the same, answering getxattr like a "
+                          "filesystem with extended attributes (ENODATA), as quotafs must",
     "quotafs-nolimit": "quotafs mount --backing DIR (no --limit)",
     "quotafs": "quotafs mount --limit SIZE --backing DIR (default options)",
     "quotafs-rule": "quotafs with the quota and one fault rule that never matches",
@@ -224,9 +226,10 @@ class Bench:
                     out.append(passthrough_target(
                         script, ext4.subdir(f"backing-{name}"), ext4.mountpoint_for(name),
                         os.path.join(ext4.root, f"{name}.log")))
-                elif name == "pyfuse3-null":
-                    out.append(null_target(ext4.mountpoint_for(name),
-                                           os.path.join(ext4.root, f"{name}.log")))
+                elif name.startswith("pyfuse3-null"):
+                    out.append(null_target(name, TARGETS[name], ext4.mountpoint_for(name),
+                                           os.path.join(ext4.root, f"{name}.log"),
+                                           xattr=name.endswith("-xattr")))
                 elif name == "quotafs-rule":
                     reason = fault_support()
                     if reason is not None:

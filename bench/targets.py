@@ -379,8 +379,10 @@ def passthrough_target(script: Path, backing: str, mountpoint: str,
                              mountpoint, log_path)
 
 
-def null_target(mountpoint: str, log_path: str) -> ChildDaemonTarget:
-    """bench/nullfs.py: the ceiling of any pyfuse3 daemon (no I/O at all)."""
-    return ChildDaemonTarget("pyfuse3-null", "bench/nullfs.py: pyfuse3 doing no I/O",
-                             [sys.executable, str(Path(__file__).with_name("nullfs.py")),
-                              mountpoint], mountpoint, log_path)
+def null_target(name: str, description: str, mountpoint: str, log_path: str,
+                xattr: bool) -> ChildDaemonTarget:
+    """bench/nullfs.py: the ceiling of any pyfuse3 daemon (no I/O at all); with `xattr`,
+    of one that supports extended attributes (as quotafs must)."""
+    argv = [sys.executable, str(Path(__file__).with_name("nullfs.py")), mountpoint]
+    return ChildDaemonTarget(name, description, [*argv, "--xattr"] if xattr else argv,
+                             mountpoint, log_path)

@@ -25,7 +25,7 @@ from quotafs.accounting import Costs, Mode, scan_backing
 from quotafs.control import ControlChannel
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.faults import FaultEngine, RuleSpec
-from quotafs.fs import Options, QuotaFS
+from quotafs.fs import CACHE_TIMEOUT, Options, QuotaFS
 from quotafs.ledger import Ledger
 from quotafs.mountconfig import MountConfig
 from quotafs.mountinfo import find_mount
@@ -86,8 +86,8 @@ def build_filesystem(config: MountConfig) -> QuotaFS:
     control = ControlChannel(ledger, info, owner, config.backing, faults)
     fs = QuotaFS(config.backing, ledger,
                  Options(costs, mmap_sigbus=config.mmap_sigbus,
-                         attr_timeout=0.0 if config.no_cache else 1.0,
-                         entry_timeout=0.0 if config.no_cache else 1.0,
+                         attr_timeout=0.0 if config.no_cache else CACHE_TIMEOUT,
+                         entry_timeout=0.0 if config.no_cache else CACHE_TIMEOUT,
                          keep_cache=not (config.no_cache or config.mmap_sigbus)),
                  control, faults)
     control.statistics = fs.statistics

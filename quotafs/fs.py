@@ -118,12 +118,18 @@ class Handle:
     entries: list[bytes] | None = None  # directory handles: the listing snapshot
 
 
+CACHE_TIMEOUT = 60.0  # seconds
+
+
 @dataclass
 class Options:
     costs: Costs
     mmap_sigbus: bool = False
-    attr_timeout: float = 1.0
-    entry_timeout: float = 1.0
+    # Kernel cache timeouts. quotafs is the only writer of the backing directory while
+    # mounted, and the kernel drops what it cached for every change made through the
+    # mount, so long timeouts stay exact; --no-cache sets 0 for shared backing dirs.
+    attr_timeout: float = CACHE_TIMEOUT
+    entry_timeout: float = CACHE_TIMEOUT
     keep_cache: bool = True
 
 
@@ -690,8 +696,10 @@ class QuotaFS(pyfuse3.Operations):
         # drops them at open) with --no-cache (other writers), with --mmap-sigbus (it
         # needs the page-in reads) and while a read fault rule could fire on this file
         # (its reads must reach the daemon). direct_io off: shared mmap must work.
+        faults = self.faults
         keep = self.options.keep_cache and not (
-            self.faults is not None and self.faults.could_match("read", self._path(node)))
+            faults is not None and faults.concerns("read")
+            and faults.could_match("read", self._path(node)))
         return pyfuse3.FileInfo(fh=FileHandleT(fh), direct_io=False, keep_cache=keep)
 
     @handler
