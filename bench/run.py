@@ -81,6 +81,8 @@ TARGETS = {
     "quotafs-nolimit": "quotafs mount --backing DIR (no --limit)",
     "quotafs": "quotafs mount --limit SIZE --backing DIR (default options)",
     "quotafs-rule": "quotafs with the quota and one fault rule that never matches",
+    "quotafs-nocache": "quotafs with the quota and --no-cache (no kernel caching: what the "
+                       "cache levers are worth)",
 }
 
 
@@ -240,7 +242,9 @@ class Bench:
                 else:
                     out.append(QuotafsTarget(name, TARGETS[name], ext4.subdir(f"backing-{name}"),
                                              ext4.mountpoint_for(name),
-                                             None if name == "quotafs-nolimit" else limit))
+                                             None if name == "quotafs-nolimit" else limit,
+                                             extra=["--no-cache"] if name == "quotafs-nocache"
+                                             else None))
             except TargetUnavailable as exc:
                 self.skipped[name] = str(exc)
                 log(f"{name}: {exc}")

@@ -72,8 +72,9 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="let other users access the mount (needs user_allow_other "
                         "in /etc/fuse.conf when not root)")
     p.add_argument("--no-cache", action="store_true",
-                   help="no kernel attribute/entry caching: use when other programs "
-                        "also write to the backing directory")
+                   help="no kernel caching (attributes, names, pages across opens, "
+                        "raised read-ahead): use when other programs also write to the "
+                        "backing directory")
     p.add_argument("--fsname", default="quotafs", help="source name shown by mount and df")
     p.add_argument("--rules", metavar="FILE", help="load fault rules from a TOML file "
                                                   "(see docs/faults.md)")

@@ -49,7 +49,8 @@ def test_smoke_run_reports_every_target_and_workload(tmp_path: Path) -> None:
                          "mmap"}
     targets = {t["name"]: t for t in data["targets"]}
     assert set(targets) == {"native", "pyfuse3-passthrough", "pyfuse3-null",
-                            "pyfuse3-null-xattr", "quotafs-nolimit", "quotafs", "quotafs-rule"}
+                            "pyfuse3-null-xattr", "quotafs-nolimit", "quotafs", "quotafs-rule",
+                            "quotafs-nocache"}
     for name, target in targets.items():
         if target["status"] != "ok":
             assert name not in ALWAYS, f"{name} skipped: {target['note']}"
