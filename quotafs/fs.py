@@ -108,6 +108,9 @@ class Node:
     # The kernel asks for security.capability before every write(2) (FUSE clears SB_NOSEC);
     # as the only writer we may remember that the file has none.
     no_capability: bool = False
+    # The path below the mount, valid while path_gen equals QuotaFS._names_gen.
+    path: str = ""
+    path_gen: int = -1
 
 
 @dataclass(eq=False)
@@ -154,6 +157,9 @@ class QuotaFS(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._next_inode = _SPARE_INODES_START
         self._next_fh = 1
+        # Bumped whenever a known node's name or parent changes (rename, a name seen
+        # again elsewhere): every cached Node.path is then stale at once.
+        self._names_gen = 0
         root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY)
         st = os.fstat(root_fd)
         root = Node(pyfuse3.ROOT_INODE, (st.st_dev, st.st_ino), stat.S_IFDIR, None, b"",
@@ -191,7 +197,9 @@ class QuotaFS(pyfuse3.Operations):
         if node is not None:
             if stat.S_ISREG(st.st_mode) and node.open_count == 0:
                 node.size = st.st_size
-            node.parent, node.name = parent, name
+            if node.parent is not parent or node.name != name:
+                node.parent, node.name = parent, name
+                self._names_gen += 1
         else:
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=self._fd(parent))
             node = Node(self._inode_number(st), key, stat.S_IFMT(st.st_mode), parent, name,
@@ -396,18 +404,33 @@ class QuotaFS(pyfuse3.Operations):
     _XATTR_OPS = frozenset({"getxattr", "setxattr", "removexattr"})
 
     def _path(self, node: Node) -> str:
-        """The node's path below the mount, for fault rules and events."""
-        names: list[bytes] = []
+        """The node's path below the mount, for fault rules and events.
+
+        Built from the remembered names and cached per node (every request of an idle
+        fault rule asks), except for pinned nodes: a hard link or an unlinked inode, whose
+        remembered name may be gone, so the kernel is asked where the descriptor is now.
+        """
+        gen = self._names_gen
+        if node.pinned:
+            return self.control.path_of(self._fd(node)) if self.control else "?"
+        # Walk up to the nearest node whose cached path is current, then fill in downward.
+        chain: list[Node] = []
         walk: Node | None = node
-        while walk is not None and walk is not self.root:
-            if walk.pinned:
-                # A hard link or an unlinked inode: its remembered name may be gone, so
-                # ask the kernel where the descriptor is now.
-                prefix = self.control.path_of(self._fd(walk)) if self.control else "?"
-                return prefix.rstrip("/") + "".join("/" + os.fsdecode(n) for n in names)
-            names.insert(0, walk.name)
+        while walk is not None and walk.path_gen != gen:
+            if walk is self.root:
+                walk.path, walk.path_gen = "/", gen
+                break
+            if walk.pinned:  # an ancestor: cannot happen for directories, but be safe
+                base = self.control.path_of(self._fd(walk)) if self.control else "?"
+                return base.rstrip("/") + "".join(
+                    "/" + os.fsdecode(n.name) for n in reversed(chain))
+            chain.append(walk)
             walk = walk.parent
-        return "/" + "/".join(os.fsdecode(n) for n in names)
+        base = walk.path if walk is not None else "?"
+        for below in reversed(chain):
+            base = below.path = ("" if base == "/" else base) + "/" + os.fsdecode(below.name)
+            below.path_gen = gen
+        return base
 
     def _child_path(self, parent_inode: int, name: bytes) -> str:
         parent = self._nodes.get(parent_inode)
@@ -677,6 +700,7 @@ class QuotaFS(pyfuse3.Operations):
             moved_node.parent, moved_node.name = new_parent, name_new
         if other_node is not None:
             other_node.parent, other_node.name = old_parent, name_old
+        self._names_gen += 1  # the paths of everything below a moved directory changed
         if replaced is not None and (stat.S_ISDIR(replaced.st_mode) or replaced.st_nlink <= 1):
             self._forget_charge(replaced_node, replaced)
 

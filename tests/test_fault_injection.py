@@ -266,3 +266,18 @@ def test_other_users_cannot_change_settings(mount_factory: MountFactory) -> None
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert m.usage()["limit"] == 1024 * 1024
+
+
+def test_rules_follow_renames_of_directories(mount_factory: MountFactory) -> None:
+    """Paths are cached per inode: a renamed directory must take its files' paths along."""
+    m = mount_factory("1M")
+    os.mkdir(os.path.join(m.path, "a"))
+    write_file(os.path.join(m.path, "a", "f"), b"1")
+    m.add_fault("open", errno="EACCES", path="/b/f")
+    assert errno_of(lambda: open(os.path.join(m.path, "a", "f"), "rb").close()) == 0
+    os.rename(os.path.join(m.path, "a"), os.path.join(m.path, "b"))
+    assert errno_of(lambda: open(os.path.join(m.path, "b", "f"), "rb").close()) == errno.EACCES
+    os.rename(os.path.join(m.path, "b"), os.path.join(m.path, "c"))
+    assert errno_of(lambda: open(os.path.join(m.path, "c", "f"), "rb").close()) == 0
+    [event] = [e for e in m.events() if e["kind"] == "fault"]
+    assert (event["op"], event["path"]) == ("open", "/b/f")
