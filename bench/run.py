@@ -5,8 +5,10 @@
 
 Targets, all over the same ext4 (a sparse image on a tmpfs of our own, loop device):
 native (ext4 itself), pyfuse3's own passthroughfs.py example (downloaded into bench/.cache
-with pip from pyfuse3's source distribution), quotafs --limit none, quotafs with a quota,
-and quotafs with a quota and one fault rule that never matches. The workloads run
+with pip from pyfuse3's source distribution; run with the fsync handler it lacks), two
+ceilings (bench/nullfs.py: pyfuse3 doing no I/O, without and with xattr support),
+quotafs --limit none, quotafs with a quota, quotafs with a quota and one fault rule that
+never matches, and quotafs with a quota and --no-cache. The workloads run
 interleaved — every round runs each workload on every target, in a rotating order — and
 the report gives medians, spreads and ratios to native from the same rounds. A scale part
 measures mount time and daemon memory with 100,000 files and the per-append cost of the
@@ -276,7 +278,8 @@ class Bench:
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory)
         try:
-            ctx = Context(directory, sizes, self.engine, target.pid, self.cold)
+            ctx = Context(directory, sizes, self.engine, target.pid, self.cold,
+                          3 * sizes.seq if workload.memory_heavy else 0)
             return workload.run(ctx)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
