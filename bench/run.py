@@ -49,6 +49,7 @@ from bench.targets import (
     Ext4,
     NativeTarget,
     QuotafsTarget,
+    SettingsVariant,
     Target,
     TargetUnavailable,
     check_passthrough_argv,
@@ -80,12 +81,17 @@ TARGETS = {
                     "of any pyfuse3 daemon (getxattr: ENOSYS, so the kernel stops asking)",
     "pyfuse3-null-xattr": "bench/nullfs.py --xattr: the same, answering getxattr like a "
                           "filesystem with extended attributes (ENODATA), as quotafs must",
-    "quotafs-nolimit": "quotafs mount --backing DIR (no --limit)",
     "quotafs": "quotafs mount --limit SIZE --backing DIR (default options)",
-    "quotafs-rule": "quotafs with the quota and one fault rule that never matches",
+    "quotafs-nolimit": "the quotafs daemon with its limit set to none (quotafs set) for "
+                       "each of these samples",
+    "quotafs-rule": "the quotafs daemon with one fault rule that never matches added for "
+                    "each of these samples",
     "quotafs-nocache": "quotafs with the quota and --no-cache (no kernel caching: what the "
                        "cache levers are worth)",
 }
+
+
+VARIANTS = ("quotafs-nolimit", "quotafs-rule")  # settings of the quotafs target's daemon
 
 
 def _size(text: str) -> int:
@@ -189,7 +195,9 @@ class Bench:
         self.sizes = choose_sizes(args)
         self.rounds = args.rounds or (1 if args.smoke else 5)
         self.workloads = [WORKLOADS[n] for n in args.workloads]
-        wanted = args.targets if "native" in args.targets else ["native", *args.targets]
+        wanted = {"native", *args.targets}
+        if wanted & set(VARIANTS):
+            wanted.add("quotafs")  # the daemon whose settings the variants switch
         self.wanted = [t for t in TARGETS if t in wanted]
         self.engine = self._engine()
         self.cold = not args.warm and os.geteuid() == 0
@@ -234,17 +242,17 @@ class Bench:
                     out.append(null_target(name, TARGETS[name], ext4.mountpoint_for(name),
                                            os.path.join(ext4.root, f"{name}.log"),
                                            xattr=name.endswith("-xattr")))
-                elif name == "quotafs-rule":
-                    reason = fault_support()
-                    if reason is not None:
+                elif name in VARIANTS:
+                    if name == "quotafs-rule" and (reason := fault_support()) is not None:
                         raise TargetUnavailable(reason)
-                    out.append(QuotafsTarget(name, TARGETS[name], ext4.subdir(f"backing-{name}"),
-                                             ext4.mountpoint_for(name), limit,
-                                             rule=shlex.split(self.args.rule)))
+                    base = next(t for t in out if t.name == "quotafs")
+                    assert isinstance(base, QuotafsTarget)
+                    out.append(SettingsVariant(
+                        name, TARGETS[name], base, None if name == "quotafs-nolimit" else limit,
+                        rule=shlex.split(self.args.rule) if name == "quotafs-rule" else None))
                 else:
                     out.append(QuotafsTarget(name, TARGETS[name], ext4.subdir(f"backing-{name}"),
-                                             ext4.mountpoint_for(name),
-                                             None if name == "quotafs-nolimit" else limit,
+                                             ext4.mountpoint_for(name), limit,
                                              extra=["--no-cache"] if name == "quotafs-nocache"
                                              else None))
             except TargetUnavailable as exc:
@@ -280,7 +288,11 @@ class Bench:
         try:
             ctx = Context(directory, sizes, self.engine, target.pid, self.cold,
                           3 * sizes.seq if workload.memory_heavy else 0)
-            return workload.run(ctx)
+            target.before_sample()
+            try:
+                return workload.run(ctx)
+            finally:
+                target.after_sample()
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -313,8 +325,8 @@ class Bench:
         names = [t.name for t in self.targets]
         for w in self.workloads:
             if w.prepare is not None:
-                for t in self.targets:
-                    w.prepare(t.path, self.sizes)
+                for path in dict.fromkeys(t.path for t in self.targets):  # variants share
+                    w.prepare(path, self.sizes)
         if self.rounds > 1:
             log("warm-up pass (not counted)")
             for w in self.workloads:

@@ -160,6 +160,12 @@ class Target:
     def stop(self) -> None:
         raise NotImplementedError
 
+    def before_sample(self) -> None:
+        """Called right before every sample (also warm-up ones)."""
+
+    def after_sample(self) -> None:
+        """Called after every sample, also one that failed."""
+
 
 class NativeTarget(Target):
     def __init__(self, ext4: Ext4) -> None:
@@ -264,6 +270,67 @@ class QuotafsTarget(Target):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, 9)
         self.pid = None
+
+
+class SettingsVariant(Target):
+    """Another setting of a running quotafs target's daemon, switched on before each of
+    its samples and back off after: `limit` (None: no limit) and an optional fault rule.
+
+    The quota and idle-rule comparisons are 5% questions, and two daemons running the
+    same code differ by more than that from process to process on this VM (10-15% in
+    whole runs: memory placement, which vCPU they land on). Switching settings on one
+    daemon takes that difference out of the comparison.
+    """
+
+    def __init__(self, name: str, description: str, base: QuotafsTarget,
+                 limit: int | None, rule: list[str] | None = None) -> None:
+        super().__init__(name, description)
+        self.base = base
+        self.limit = limit
+        self.rule = rule
+
+    @property
+    def is_fuse(self) -> bool:
+        return True
+
+    def start(self) -> None:
+        if self.base.pid is None:
+            raise TargetUnavailable(f"skipped: {self.base.name} is not running")
+        if self.rule is not None:  # once, to fail early on a rule quotafs refuses
+            self._add_rule()
+            _quotafs("fault", "clear", self.base.path)
+            self.notes.append(f"rule: quotafs fault add MOUNT {' '.join(self.rule)}")
+        self.path, self.pid = self.base.path, self.base.pid
+        self.notes.append(f"the {self.base.name} daemon with "
+                          + ("no limit" if self.limit is None else f"limit {self.limit}")
+                          + (" and the rule" if self.rule is not None else "")
+                          + ", switched per sample")
+
+    def _add_rule(self) -> None:
+        assert self.rule is not None
+        result = _quotafs("fault", "add", self.base.path, *self.rule, check=False)
+        if result.returncode != 0:
+            message = (result.stderr.strip().splitlines() or ["failed"])[-1]
+            raise TargetUnavailable(f"skipped: quotafs fault add failed: {message}")
+
+    def stop(self) -> None:
+        self.pid = None
+
+    def before_sample(self) -> None:
+        if self.limit != self.base.limit:
+            _quotafs("set", self.base.path, "--limit", _limit_arg(self.limit))
+        if self.rule is not None:
+            self._add_rule()
+
+    def after_sample(self) -> None:
+        if self.rule is not None:
+            _quotafs("fault", "clear", self.base.path)
+        if self.limit != self.base.limit:
+            _quotafs("set", self.base.path, "--limit", _limit_arg(self.base.limit))
+
+
+def _limit_arg(limit: int | None) -> str:
+    return "none" if limit is None else str(limit)
 
 
 # -- the bare pyfuse3 passthrough (pyfuse3's own example, downloaded) ---------------------

@@ -115,7 +115,11 @@ async def _tune_after_init(config: MountConfig) -> None:
     # The kernel lowers the bdi's read-ahead to what INIT negotiated when it processes
     # the INIT reply, so raise it only once the mount has answered a request (a stat in
     # a thread, served by the loop that runs beside it).
-    await trio.to_thread.run_sync(os.stat, config.mountpoint)
+    # Abandoned on cancel: if the loop stops first, nothing would ever answer the stat.
+    try:
+        await trio.to_thread.run_sync(os.stat, config.mountpoint, abandon_on_cancel=True)
+    except OSError:
+        return
     _raise_read_ahead(config.mountpoint)
 
 
