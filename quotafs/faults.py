@@ -263,6 +263,28 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
     return _compile("".join(parts))
 
 
+_GLOB_CHARS = frozenset("*?[]!^\\{}")
+
+
+def _literal_prefix(pattern: str | None) -> tuple[tuple[str, ...], bool] | None:
+    """The leading path segments of a glob that hold no wildcard, and whether more
+    segments follow; None when the glob can match below any directory (no path, a
+    basename pattern, or one starting with a wildcard segment such as /**)."""
+    if pattern is None or not pattern.startswith("/"):
+        return None
+    if pattern == "/":
+        return (), False
+    segments = pattern[1:].split("/")
+    literal: list[str] = []
+    for segment in segments:
+        if _GLOB_CHARS & set(segment):
+            break
+        literal.append(segment)
+    if not literal:
+        return None
+    return tuple(literal), len(literal) < len(segments)
+
+
 def _compile(regex: str) -> re.Pattern[str]:
     try:
         return re.compile(regex)
@@ -738,8 +760,8 @@ def _derive_seed(seed: int, salt: str) -> int:
 class Rule:
     """A rule in an engine: its spec, id, counters and random generators."""
 
-    __slots__ = ("_corrupt_rng", "_ops", "_regex", "_rng", "effective_seed", "fired", "id",
-                 "matched", "retired", "shadowed", "spec", "written")
+    __slots__ = ("_corrupt_rng", "_ops", "_prefix", "_regex", "_rng", "effective_seed",
+                 "fired", "id", "matched", "retired", "shadowed", "spec", "written")
 
     def __init__(self, rule_id: str, spec: RuleSpec, effective_seed: int) -> None:
         self.id = rule_id
@@ -754,10 +776,21 @@ class Rule:
         self._corrupt_rng = random.Random(_derive_seed(effective_seed, "corrupt"))
         self._ops: frozenset[str] | None = None if spec.ops == (ALL_OPS,) else frozenset(spec.ops)
         self._regex = compile_glob(spec.path) if spec.path is not None else None
+        self._prefix = _literal_prefix(spec.path)
 
     def _path_matches(self, path: str) -> bool:
         assert self._regex is not None
         return self._regex.fullmatch("" if path == "/" else path) is not None
+
+    def _may_match_below(self, directory: str) -> bool:
+        """Could the glob match some path strictly below `directory`? Conservative."""
+        if self._prefix is None:
+            return True
+        literal, more = self._prefix
+        segments = () if directory == "/" else tuple(directory[1:].split("/"))
+        if len(segments) < len(literal):
+            return segments == literal[:len(segments)]
+        return more and segments[:len(literal)] == literal
 
     def to_dict(self) -> dict[str, Any]:
         """{"id", spec fields..., "effective_seed", "matched", "fired", "shadowed",
@@ -807,8 +840,10 @@ class FaultEngine:
         self._ops_in_play: frozenset[str] = frozenset()  # ops some live rule names
         self._next_id = 1
         self.active = False  # any live rule? Callers may skip check() when False.
+        self.generation = 0  # changes whenever the live rules do: callers' caches expire
 
     def _refresh(self) -> None:
+        self.generation += 1
         self._live = tuple(r for r in self._rules if not r.retired)
         self._counting = tuple(r for r in self._live if r.spec.after_bytes is not None)
         self.active = bool(self._live)
@@ -902,6 +937,16 @@ class FaultEngine:
         """Could any live rule match a request of this op? If not, the caller need not
         work out the request's paths at all."""
         return op in self._ops_in_play
+
+    def may_match_path(self, path: str) -> bool:
+        """Could a live rule match a request on this path, for any op? If not, check()
+        would return None for every request on it until the rules change."""
+        return any(rule._regex is None or rule._path_matches(path) for rule in self._live)
+
+    def may_match_below(self, directory: str) -> bool:
+        """Could a live rule match a request on some path below this directory? If not,
+        requests on its entries (lookup, create, unlink, ...) need no check()."""
+        return any(rule._may_match_below(directory) for rule in self._live)
 
     def could_match(self, op: str, path: str) -> bool:
         """Could a live rule match a request of this op on this path (ignoring size and

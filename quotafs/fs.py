@@ -111,6 +111,10 @@ class Node:
     # The path below the mount, valid while path_gen equals QuotaFS._names_gen.
     path: str = ""
     path_gen: int = -1
+    # Can no fault rule match a request on this node / on an entry below this directory?
+    # Valid while the (rules, names) generations are the ones recorded.
+    quiet: tuple[int, int, bool] = (-1, -1, False)
+    quiet_below: tuple[int, int, bool] = (-1, -1, False)
 
 
 @dataclass(eq=False)
@@ -437,6 +441,45 @@ class QuotaFS(pyfuse3.Operations):
         base = self._path(parent) if parent is not None else "?"
         return base.rstrip("/") + "/" + os.fsdecode(name)
 
+    def _quiet(self, node: Node | None, below: bool) -> bool:
+        """True if no live rule can match a request on the node (below=False) or on an
+        entry of the directory (below=True), so the request needs no check at all.
+        Cached per node; pinned nodes, whose path the kernel tells, are always checked."""
+        assert self.faults is not None
+        if node is None or node.pinned:
+            return False
+        rules, names = self.faults.generation, self._names_gen
+        cached = node.quiet_below if below else node.quiet
+        if cached[0] == rules and cached[1] == names:
+            return cached[2]
+        path = self._path(node)
+        quiet = not (self.faults.may_match_below(path) if below
+                     else self.faults.may_match_path(path))
+        if below:
+            node.quiet_below = (rules, names, quiet)
+        else:
+            node.quiet = (rules, names, quiet)
+        return quiet
+
+    def _request_is_quiet(self, op: str, args: tuple[Any, ...]) -> bool:
+        """Can no rule match this request? The nodes it names are asked (cached), so an
+        idle rule costs a lookup per request instead of a path and a glob match."""
+        nodes = self._nodes
+        if op in self._NAME_OPS:
+            return self._quiet(nodes.get(args[0]), below=True)
+        if op == "rename":
+            return (self._quiet(nodes.get(args[0]), below=True)
+                    and self._quiet(nodes.get(args[2]), below=True))
+        if op == "link":
+            return (self._quiet(nodes.get(args[1]), below=True)
+                    and self._quiet(nodes.get(args[0]), below=False))
+        if op in self._HANDLE_OPS:
+            handle = self._handles.get(args[0])
+            return self._quiet(handle.node if handle is not None else None, below=False)
+        if op == "statfs":
+            return False
+        return self._quiet(nodes.get(args[0]), below=False)
+
     def _fault_paths(self, op: str, args: tuple[Any, ...]) -> tuple[str, str | None]:
         if op in self._NAME_OPS:
             return self._child_path(args[0], args[1]), None
@@ -462,6 +505,8 @@ class QuotaFS(pyfuse3.Operations):
         if not self.faults.concerns(op) or (op in self._XATTR_OPS and args[0] == self.root.inode
                                    and bytes(args[1]).startswith(CONTROL_PREFIX)):
             return  # forget/releasedir, and the control channel itself, are never faulted
+        if self._request_is_quiet(op, args):
+            return
         path, path2 = self._fault_paths(op, args)
         effect = self.faults.check(op, path, path2, len(args[2]) if op == "write" else None)
         if effect is None:
@@ -722,7 +767,7 @@ class QuotaFS(pyfuse3.Operations):
         # (its reads must reach the daemon). direct_io off: shared mmap must work.
         faults = self.faults
         keep = self.options.keep_cache and not (
-            faults is not None and faults.concerns("read")
+            faults is not None and faults.concerns("read") and not self._quiet(node, False)
             and faults.could_match("read", self._path(node)))
         return pyfuse3.FileInfo(fh=FileHandleT(fh), direct_io=False, keep_cache=keep)
 

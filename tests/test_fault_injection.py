@@ -281,3 +281,20 @@ def test_rules_follow_renames_of_directories(mount_factory: MountFactory) -> Non
     assert errno_of(lambda: open(os.path.join(m.path, "c", "f"), "rb").close()) == 0
     [event] = [e for e in m.events() if e["kind"] == "fault"]
     assert (event["op"], event["path"]) == ("open", "/b/f")
+
+
+def test_a_rule_added_later_fires_on_files_the_daemon_found_quiet(
+        mount_factory: MountFactory) -> None:
+    """The daemon remembers per inode that no rule can match it; a new rule must count."""
+    m = mount_factory("1M")
+    os.mkdir(os.path.join(m.path, "d"))
+    path = os.path.join(m.path, "d", "f")
+    write_file(path, b"1")
+    m.add_fault("all", errno="EIO", path="/elsewhere")  # rules exist, none for /d/f
+    for _ in range(3):
+        os.stat(path)
+        assert errno_of(lambda: open(path, "rb").close()) == 0
+    m.add_fault("open", errno="EACCES", path="/d/f")
+    assert errno_of(lambda: open(path, "rb").close()) == errno.EACCES
+    m.add_fault("create", errno="EDQUOT", path="/d/new")
+    assert errno_of(write_file, os.path.join(m.path, "d", "new"), b"x") == errno.EDQUOT

@@ -754,3 +754,43 @@ def test_load_rules_file(tmp_path: Any) -> None:
         load_rules_file(path)
     with usage_error(f"cannot read rules file {tmp_path / 'missing.toml'}: No such file"):
         load_rules_file(tmp_path / "missing.toml")
+
+
+def test_could_match_follows_ops_paths_and_retirement() -> None:
+    engine = engine_with(spec_from_args("read", path="/logs/*.log", errno="EIO", times=1),
+                         spec_from_args("all", path="/never/here", errno="EIO"))
+    assert engine.could_match("read", "/logs/a.log")
+    assert not engine.could_match("read", "/logs/a.txt")
+    assert not engine.could_match("write", "/logs/a.log")
+    assert engine.could_match("write", "/never/here")  # "all" names every op
+    assert engine.check("read", "/logs/a.log") is not None  # fires once, then retires
+    assert not engine.could_match("read", "/logs/a.log")
+    assert not engine_with().could_match("read", "/any")
+
+
+@pytest.mark.parametrize(("pattern", "directory", "expected"), [
+    ("/a/b", "/", True), ("/a/b", "/a", True), ("/a/b", "/a/b", False),
+    ("/a/b", "/x", False), ("/a/*.log", "/a", True), ("/a/*.log", "/a/sub", True),
+    ("/a/*.log", "/b", False), ("/a/**", "/a/b/c", True), ("/**", "/any", True),
+    ("*.log", "/any/where", True), ("/", "/", False), ("/[ab]/c", "/z", True),
+])
+def test_may_match_below_is_conservative(pattern: str, directory: str,
+                                         expected: bool) -> None:
+    engine = engine_with(spec_from_args("all", path=pattern, errno="EIO"))
+    assert engine.may_match_below(directory) is expected
+    # Whatever it says, it never says no where a path below would match:
+    regex = compile_glob(pattern)
+    below = ("" if directory == "/" else directory) + "/x"
+    if regex.fullmatch(below):
+        assert engine.may_match_below(directory)
+
+
+def test_generation_changes_with_the_live_rules() -> None:
+    engine = FaultEngine(1)
+    g0 = engine.generation
+    engine.add(spec_from_args("read", errno="EIO", times=1))
+    g1 = engine.generation
+    assert g1 != g0
+    engine.check("read", "/f")  # fires once and retires
+    assert engine.generation != g1
+    assert not engine.may_match_path("/f")
