@@ -415,6 +415,8 @@ class QuotaFS(pyfuse3.Operations):
         remembered name may be gone, so the kernel is asked where the descriptor is now.
         """
         gen = self._names_gen
+        if node is self.root:
+            return "/"
         if node.pinned:
             return self.control.path_of(self._fd(node)) if self.control else "?"
         # Walk up to the nearest node whose cached path is current, then fill in downward.
@@ -446,7 +448,7 @@ class QuotaFS(pyfuse3.Operations):
         entry of the directory (below=True), so the request needs no check at all.
         Cached per node; pinned nodes, whose path the kernel tells, are always checked."""
         assert self.faults is not None
-        if node is None or node.pinned:
+        if node is None or (node.pinned and node is not self.root):
             return False
         rules, names = self.faults.generation, self._names_gen
         cached = node.quiet_below if below else node.quiet

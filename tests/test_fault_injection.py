@@ -298,3 +298,17 @@ def test_a_rule_added_later_fires_on_files_the_daemon_found_quiet(
     assert errno_of(lambda: open(path, "rb").close()) == errno.EACCES
     m.add_fault("create", errno="EDQUOT", path="/d/new")
     assert errno_of(write_file, os.path.join(m.path, "d", "new"), b"x") == errno.EDQUOT
+
+
+def test_rules_on_the_root_directory_and_its_entries(mount_factory: MountFactory) -> None:
+    m = mount_factory("1M")
+    m.add_fault("all", errno="EIO", path="/elsewhere")
+    write_file(os.path.join(m.path, "top"), b"1")  # quiet: nothing matches /top
+    m.add_fault("create", errno="EDQUOT", path="/new")
+    assert errno_of(write_file, os.path.join(m.path, "new"), b"x") == errno.EDQUOT
+    assert errno_of(write_file, os.path.join(m.path, "other"), b"x") == 0
+    assert errno_of(os.listdir, m.path) == 0  # the root itself found quiet
+    m.add_fault("opendir", errno="EACCES", path="/")
+    assert errno_of(os.listdir, m.path) == errno.EACCES
+    [event] = [e for e in m.events() if e["kind"] == "fault" and e["op"] == "create"]
+    assert event["path"] == "/new"
