@@ -245,8 +245,9 @@ class Bench:
                 elif name in VARIANTS:
                     if name == "quotafs-rule" and (reason := fault_support()) is not None:
                         raise TargetUnavailable(reason)
-                    base = next(t for t in out if t.name == "quotafs")
-                    assert isinstance(base, QuotafsTarget)
+                    base = next((t for t in out if t.name == "quotafs"), None)
+                    if not isinstance(base, QuotafsTarget):
+                        raise TargetUnavailable("skipped: there is no quotafs target")
                     out.append(SettingsVariant(
                         name, TARGETS[name], base, None if name == "quotafs-nolimit" else limit,
                         rule=shlex.split(self.args.rule) if name == "quotafs-rule" else None))
