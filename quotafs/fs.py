@@ -125,6 +125,10 @@ class Handle:
     entries: list[bytes] | None = None  # directory handles: the listing snapshot
 
 
+# What a request names, for fault rules: (node, None) for the node itself, (directory
+# node, name) for an entry of it; the node is None when the daemon does not know it.
+Subject = tuple[Node | None, bytes | None]
+
 CACHE_TIMEOUT = 60.0  # seconds
 
 
@@ -438,10 +442,26 @@ class QuotaFS(pyfuse3.Operations):
             below.path_gen = gen
         return base
 
-    def _child_path(self, parent_inode: int, name: bytes) -> str:
-        parent = self._nodes.get(parent_inode)
-        base = self._path(parent) if parent is not None else "?"
-        return base.rstrip("/") + "/" + os.fsdecode(name)
+    def _subjects(self, op: str, args: tuple[Any, ...]) -> list[Subject]:
+        """What a request names, for fault rules: a node, or an entry (a directory node and
+        a name); two for rename and link (the second path a rule may match)."""
+        nodes = self._nodes
+        if op in self._NAME_OPS:
+            return [(nodes.get(args[0]), args[1])]
+        if op == "rename":
+            return [(nodes.get(args[0]), args[1]), (nodes.get(args[2]), args[3])]
+        if op == "link":
+            return [(nodes.get(args[1]), args[2]), (nodes.get(args[0]), None)]
+        if op in self._HANDLE_OPS:
+            handle = self._handles.get(args[0])
+            return [(handle.node if handle is not None else None, None)]
+        if op == "statfs":
+            return [(self.root, None)]
+        return [(nodes.get(args[0]), None)]
+
+    def _subject_path(self, node: Node | None, name: bytes | None) -> str:
+        base = self._path(node) if node is not None else "?"
+        return base if name is None else base.rstrip("/") + "/" + os.fsdecode(name)
 
     def _quiet(self, node: Node | None, below: bool) -> bool:
         """True if no live rule can match a request on the node (below=False) or on an
@@ -463,42 +483,6 @@ class QuotaFS(pyfuse3.Operations):
             node.quiet = (rules, names, quiet)
         return quiet
 
-    def _request_is_quiet(self, op: str, args: tuple[Any, ...]) -> bool:
-        """Can no rule match this request? The nodes it names are asked (cached), so an
-        idle rule costs a lookup per request instead of a path and a glob match."""
-        nodes = self._nodes
-        if op in self._NAME_OPS:
-            return self._quiet(nodes.get(args[0]), below=True)
-        if op == "rename":
-            return (self._quiet(nodes.get(args[0]), below=True)
-                    and self._quiet(nodes.get(args[2]), below=True))
-        if op == "link":
-            return (self._quiet(nodes.get(args[1]), below=True)
-                    and self._quiet(nodes.get(args[0]), below=False))
-        if op in self._HANDLE_OPS:
-            handle = self._handles.get(args[0])
-            return self._quiet(handle.node if handle is not None else None, below=False)
-        if op == "statfs":
-            return False
-        return self._quiet(nodes.get(args[0]), below=False)
-
-    def _fault_paths(self, op: str, args: tuple[Any, ...]) -> tuple[str, str | None]:
-        if op in self._NAME_OPS:
-            return self._child_path(args[0], args[1]), None
-        if op == "rename":
-            return self._child_path(args[0], args[1]), self._child_path(args[2], args[3])
-        if op == "link":
-            node = self._nodes.get(args[0])
-            return (self._child_path(args[1], args[2]),
-                    self._path(node) if node is not None else None)
-        if op in self._HANDLE_OPS:
-            handle = self._handles.get(args[0])
-            return (self._path(handle.node) if handle is not None else "?"), None
-        if op == "statfs":
-            return "/", None
-        node = self._nodes.get(args[0])
-        return (self._path(node) if node is not None else "?"), None
-
     async def _inject(self, op: str, args: tuple[Any, ...]) -> None:
         """Consult the fault rules before a request's body runs (only when rules exist)."""
         assert self.faults is not None
@@ -507,9 +491,12 @@ class QuotaFS(pyfuse3.Operations):
         if not self.faults.concerns(op) or (op in self._XATTR_OPS and args[0] == self.root.inode
                                    and bytes(args[1]).startswith(CONTROL_PREFIX)):
             return  # forget/releasedir, and the control channel itself, are never faulted
-        if self._request_is_quiet(op, args):
+        subjects = self._subjects(op, args)
+        # Nodes remember that no rule can match them: an idle rule costs a lookup here.
+        if all(self._quiet(node, below=name is not None) for node, name in subjects):
             return
-        path, path2 = self._fault_paths(op, args)
+        path, *others = [self._subject_path(node, name) for node, name in subjects]
+        path2 = others[0] if others else None
         effect = self.faults.check(op, path, path2, len(args[2]) if op == "write" else None)
         if effect is None:
             return
