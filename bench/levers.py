@@ -35,6 +35,7 @@ if __package__ in (None, ""):
 
 from bench.system import BenchError, cpu_seconds, drop_caches, run, tool, unmount_retrying
 from bench.targets import QuotafsTarget
+from bench.workloads import read_all, write_file
 from quotafs.mountinfo import find_mount
 
 MiB = 1024 * 1024
@@ -61,27 +62,10 @@ def quotafs_on_tmpfs(size: int, *extra: str) -> Iterator[QuotafsTarget]:
         yield target
 
 
-def _write(path: str, size: int) -> None:
-    block = os.urandom(MiB)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for _ in range(size // MiB):
-            os.write(fd, block)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _timed_read(path: str, pid: int) -> tuple[float, float]:
     """(MiB/s, daemon µs per MiB) of reading the whole file in 1 MiB calls."""
     cpu0, begin = cpu_seconds(pid), time.perf_counter()
-    nbytes = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        while chunk := os.read(fd, MiB):
-            nbytes += len(chunk)
-    finally:
-        os.close(fd)
+    nbytes = read_all(path)
     seconds, cpu = time.perf_counter() - begin, cpu_seconds(pid) - cpu0
     return nbytes / MiB / seconds, cpu * 1e6 / (nbytes / MiB)
 
@@ -98,7 +82,7 @@ def lever_readahead(args: argparse.Namespace) -> dict[str, Any]:
     with quotafs_on_tmpfs(args.size) as q:
         assert q.pid is not None
         path = os.path.join(q.path, "big")
-        _write(path, args.size)
+        write_file(path, args.size)
         for _ in range(args.rounds):
             for kib in rows:
                 _set_read_ahead(q.path, int(kib))
@@ -113,7 +97,7 @@ def lever_reread(args: argparse.Namespace) -> dict[str, Any]:
         with quotafs_on_tmpfs(args.size, *extra) as q:
             assert q.pid is not None
             path = os.path.join(q.path, "big")
-            _write(path, args.size)
+            write_file(path, args.size)
             for _ in range(args.rounds):
                 _timed_read(path, q.pid)  # the first read after writing always reaches us
                 rows[label].append(_timed_read(path, q.pid))

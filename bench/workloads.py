@@ -167,14 +167,7 @@ def _seqwrite(ctx: Context) -> Sample:
     else:
         buf = _pattern(MiB)
         with ctx.meter() as m:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                done = 0
-                while done < size:
-                    done += os.write(fd, buf[:min(MiB, size - done)])
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_file(path, size, buf)
         nbytes, seconds = float(size), m.seconds
     return m.sample(nbytes / MiB / seconds, seconds, nbytes / MiB)
 
@@ -209,8 +202,11 @@ def _randwrite(ctx: Context) -> Sample:
 
 # -- sequential read ----------------------------------------------------------------------------
 
-def _write_file(path: str, size: int) -> None:
-    buf = _pattern(MiB)
+def write_file(path: str, size: int, buf: bytes | None = None) -> None:
+    """Write `size` bytes in 1 MiB write(2)s of `buf` (default: the bench's pattern), then
+    fsync."""
+    if buf is None:
+        buf = _pattern(MiB)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         done = 0
@@ -221,7 +217,7 @@ def _write_file(path: str, size: int) -> None:
         os.close(fd)
 
 
-def _read_all(path: str) -> float:
+def read_all(path: str) -> float:
     """Read the file in 1 MiB calls; the number of bytes read."""
     fd = os.open(path, os.O_RDONLY)
     nbytes = 0.0
@@ -236,19 +232,19 @@ def _read_all(path: str) -> float:
 def _read_back(ctx: Context, cold: bool) -> Sample:
     path = os.path.join(ctx.directory, "read.bin")
     size = ctx.sizes.seq
-    _write_file(path, size)  # untimed: through the target, so the daemon accounts it
+    write_file(path, size)  # untimed: through the target, so the daemon accounts it
     if cold:
         drop_caches()
     else:
         os.sync()
-        _read_all(path)  # untimed: now the file has been read once since it was written
+        read_all(path)  # untimed: now the file has been read once since it was written
     if ctx.engine == "fio":
         with ctx.meter() as m:
             nbytes, seconds = _fio("seqread", path, "read", MiB, size, end_fsync=False,
                                    invalidate=cold)
     else:
         with ctx.meter() as m:
-            nbytes = _read_all(path)
+            nbytes = read_all(path)
         seconds = m.seconds
     return m.sample(nbytes / MiB / seconds, seconds, nbytes / MiB)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import os
 import queue
 import shutil
@@ -22,6 +23,8 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import trio
 
 from quotafs import mounting
 from quotafs.errors import ExitCode, QuotafsError
@@ -112,10 +115,6 @@ class TrioControls:
         self._mount = mount
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        import functools
-
-        import trio
-
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
     async def status(self) -> dict[str, Any]:
@@ -272,8 +271,6 @@ async def open_quota_mount(limit: SizeLike = None, backing: str | None = None,
                            mountpoint: str | None = None,
                            **options: Any) -> AsyncIterator[QuotaMount]:
     """Trio flavour of `mounted`: start and stop run in a worker thread."""
-    import trio
-
     mount, own = await trio.to_thread.run_sync(
         lambda: _start(limit, backing, mountpoint, dict(options)))
     try:
