@@ -390,6 +390,8 @@ class QuotaFS(pyfuse3.Operations):
             return
         parent_st = self._stat(parent)
         gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else ctx.gid
+        if ctx.uid == 0 and (parent_st.st_mode & stat.S_ISGID or ctx.gid == os.getegid()):
+            return  # the daemon (root) made it with the owner and group the caller gets
         if isinstance(fd_or_name, int):
             mode = os.fstat(fd_or_name).st_mode
             os.fchown(fd_or_name, ctx.uid, gid)
