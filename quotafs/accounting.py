@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
+import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from quotafs.allocation import Extent, count_blocks, round_up
+
+log = logging.getLogger(__name__)
 
 EXT4_FAST_SYMLINK_MAX = 59  # ext4 keeps targets shorter than 60 bytes inside the inode
 
@@ -63,15 +68,40 @@ class Costs:
         return target_length
 
     def open_file(self, fd: int, size: int) -> int:
-        """Cost of a regular file open as `fd` (any access mode) with st_size `size`."""
+        """Cost of a regular file open as `fd` (any access mode) with st_size `size`: its
+        data extents (SEEK_DATA/SEEK_HOLE), each block they touch counted once."""
         if not self.blocks:
             return size
         return count_blocks(data_extents(fd, 0, size), self.block_size) * self.block_size
 
+    def measure(self, st: os.stat_result, opener: Callable[[], int]) -> int:
+        """What the inode behind `st` costs: the one way every inode is measured, by the
+        mount scan and by every later measure alike, so that they always agree.
+
+        A regular file in block mode is measured by its data extents, on a descriptor
+        from `opener()` (closed here), never by st_blocks: on ext4 st_blocks also counts
+        extent-tree and xattr blocks, which the model does not charge. Everything else
+        costs what its stat says.
+        """
+        if not (self.blocks and stat.S_ISREG(st.st_mode)):
+            return self.stat_result(st)
+        try:
+            fd = opener()
+        except OSError as exc:
+            log.debug("cannot open inode %d to measure it (%s); charging its st_blocks",
+                      st.st_ino, exc.strerror)
+            return self.stat_result(st)
+        try:
+            return self.open_file(fd, st.st_size)
+        finally:
+            os.close(fd)
+
     def stat_result(self, st: os.stat_result) -> int:
-        """Cost of an inode from its stat alone. For a sparse regular file in block mode
-        this is the backing allocation rounded to blocks; callers that can open the file
-        use open_file() instead, which reads the extents."""
+        """Cost of an inode from its stat alone: directories, symlinks, special files, and
+        regular files in apparent mode. For a regular file in block mode this is only the
+        fallback of measure() for a file that cannot be opened for reading at all (a
+        daemon without root and a file without read permission for it): its allocation
+        as the backing filesystem reports it, bounded by its size in blocks."""
         if stat.S_ISDIR(st.st_mode):
             return self.directory()
         if stat.S_ISLNK(st.st_mode):
@@ -80,13 +110,16 @@ class Costs:
             return 0
         if not self.blocks:
             return st.st_size
-        # Not sparse: every block up to EOF holds data, which is what SEEK_DATA would say.
         return min(round_up(st.st_size, self.block_size),
                    round_up(st.st_blocks * 512, self.block_size))
 
-    def is_sparse(self, st: os.stat_result) -> bool:
-        return self.blocks and stat.S_ISREG(st.st_mode) and \
-            st.st_blocks * 512 < round_up(st.st_size, self.block_size)
+
+def open_entry(dir_fd: int, name: str | bytes) -> int:
+    """A descriptor of the regular file `name` in `dir_fd` to measure it with: read-only,
+    never following a symlink, never blocking (a fifo that replaced it)."""
+    return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+                   dir_fd=dir_fd)
+
 
 def scan_backing(root: str, costs: Costs) -> tuple[int, int]:
     """(bytes, inodes) of what the backing directory holds already; hard links once.
@@ -116,10 +149,8 @@ def scan_backing(root: str, costs: Costs) -> tuple[int, int]:
                 if stat.S_ISDIR(st.st_mode):
                     subdirs.append(entry.name)
                     total += costs.directory()
-                elif costs.is_sparse(st):
-                    total += _measure_sparse_at(dir_fd, entry.name, st, costs)
                 else:
-                    total += costs.stat_result(st)
+                    total += costs.measure(st, functools.partial(open_entry, dir_fd, entry.name))
         return subdirs
 
     stack: list[tuple[int, list[str]]] = []  # (directory fd, subdirectories left)
@@ -142,13 +173,3 @@ def scan_backing(root: str, costs: Costs) -> tuple[int, int]:
             os.close(dir_fd)
     return total, inodes
 
-
-def _measure_sparse_at(dir_fd: int, name: str, st: os.stat_result, costs: Costs) -> int:
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
-    except OSError:
-        return costs.stat_result(st)
-    try:
-        return costs.open_file(fd, st.st_size)
-    finally:
-        os.close(fd)

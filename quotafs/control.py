@@ -7,6 +7,8 @@
     setxattr(MOUNT, "user.quotafs.set", JSON)       -> change the limit / inode limit
     setxattr(MOUNT, "user.quotafs.fault.add", JSON) -> add a fault rule
     setxattr(MOUNT, "user.quotafs.fault.clear", JSON) -> remove one rule or all
+    setxattr(MOUNT, "user.quotafs.forget", "{}")    -> make the kernel forget this mount's
+                                                       cached inodes (for tests)
 
 A setxattr can only answer an errno, so the outcome of every set (the new rule's id, or
 the validation message) is kept for the calling process and read back with
@@ -45,6 +47,7 @@ RESULT = PREFIX + b"result"
 SET = PREFIX + b"set"
 FAULT_ADD = PREFIX + b"fault.add"
 FAULT_CLEAR = PREFIX + b"fault.clear"
+FORGET = PREFIX + b"forget"
 
 EVENT_RING_SIZE = 1000
 XATTR_SIZE_MAX = 65536
@@ -77,6 +80,7 @@ class ControlChannel:
         self.events: collections.deque[Event] = collections.deque(maxlen=EVENT_RING_SIZE)
         self._next_seq = 1
         self.statistics: Callable[[], dict[str, Any]] = dict
+        self.forget_cached: Callable[[], int] = lambda: 0  # QuotaFS.forget_cached
 
     @staticmethod
     def owns(name: bytes) -> bool:
@@ -190,6 +194,8 @@ class ControlChannel:
             except QuotafsError as exc:
                 raise KeyError(str(exc)) from None
             return {"cleared": 1}
+        if name == FORGET:
+            return {"entries": self.forget_cached()}
         raise ValueError(f"unknown control request {name.decode(errors='replace')}")
 
     def _set_limits(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -91,6 +91,7 @@ def build_filesystem(config: MountConfig) -> QuotaFS:
                          keep_cache=not (config.no_cache or config.mmap_sigbus)),
                  control, faults)
     control.statistics = fs.statistics
+    control.forget_cached = fs.forget_cached
     return fs
 
 

@@ -25,7 +25,7 @@ import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
 from quotafs import syscalls
-from quotafs.accounting import Costs, data_extents
+from quotafs.accounting import Costs, data_extents, open_entry
 from quotafs.allocation import ceil_div, fitting_length, hole_blocks
 from quotafs.control import PREFIX as CONTROL_PREFIX
 from quotafs.control import ControlChannel
@@ -162,6 +162,10 @@ class QuotaFS(pyfuse3.Operations):
         self.control = control
         self._nodes: dict[int, Node] = {}
         self._by_key: dict[Key, Node] = {}
+        # What the ledger holds for regular files whose node was dropped (the kernel forgot
+        # them) while a fresh measure would say otherwise; taken back when the inode is
+        # seen again, removed when it is freed. Usually empty: the charges are exact.
+        self._forgotten: dict[Key, int] = {}
         self._handles: dict[int, Handle] = {}
         self._next_inode = _SPARE_INODES_START
         self._next_fh = 1
@@ -211,7 +215,7 @@ class QuotaFS(pyfuse3.Operations):
         else:
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=self._fd(parent))
             node = Node(self._inode_number(st), key, stat.S_IFMT(st.st_mode), parent, name,
-                        size=st.st_size)
+                        size=st.st_size, charged=self._forgotten.pop(key, None))
             self._nodes[node.inode] = node
             self._by_key[key] = node
             self._adopt(node, fd)
@@ -286,11 +290,24 @@ class QuotaFS(pyfuse3.Operations):
     def _drop_if_unused(self, node: Node) -> None:
         if node.lookups > 0 or node.open_count > 0 or node is self.root:
             return
+        self._keep_charge(node)
         del self._nodes[node.inode]
         if self._by_key.get(node.key) is node:
             del self._by_key[node.key]
         self._release_all_reservations(node)
         self._close_path(node)
+
+    def _keep_charge(self, node: Node) -> None:
+        """The node is dropped: keep its charge if measuring it again would not give it."""
+        if (node.charged is None or node.kind != stat.S_IFREG
+                or self._by_key.get(node.key) is not node):  # unmeasured, or freed
+            return
+        try:
+            again: int | None = self._measure(node, self._stat(node))
+        except (OSError, pyfuse3.FUSEError):
+            again = None
+        if again != node.charged:
+            self._forgotten[node.key] = node.charged
 
     def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -325,42 +342,68 @@ class QuotaFS(pyfuse3.Operations):
     def _charge_of(self, node: Node, st: os.stat_result | None = None) -> int:
         """What the ledger holds for `node`, measuring it the first time it is needed."""
         if node.charged is None:
-            st = st or self._stat(node)
-            if self.costs.is_sparse(st):
-                node.charged = self._measure_sparse(node, st)
-            else:
-                node.charged = self.costs.stat_result(st)
+            node.charged = self._measure(node, st or self._stat(node))
         return node.charged
 
-    def _measure_sparse(self, node: Node, st: os.stat_result) -> int:
+    def _measure(self, node: Node, st: os.stat_result) -> int:
+        """Costs.measure of the node: on a handle's descriptor if one is open, so that a
+        file the daemon may no longer open (its mode changed) is measured all the same."""
         handle = next((h for h in self._handles.values() if h.node is node), None)
         if handle is not None:
-            return self.costs.open_file(handle.fd, st.st_size)
-        try:
-            fd = os.open(self._proc(node), os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            return self.costs.stat_result(st)
-        try:
-            return self.costs.open_file(fd, st.st_size)
-        finally:
-            os.close(fd)
+            fd = handle.fd
+            return self.costs.measure(st, lambda: os.dup(fd))
+        return self.costs.measure(
+            st, lambda: os.open(self._proc(node), os.O_RDONLY | os.O_NONBLOCK))
 
-    def _forget_charge(self, node: Node | None, st: os.stat_result) -> None:
-        """The inode behind `st` lost its last name: give its space and inode back."""
-        self.ledger.remove_inode()
+    def _losing_name(self, parent: Node, name: bytes,
+                     st: os.stat_result) -> tuple[Node | None, int]:
+        """Before `name` (the inode behind `st`) goes: its node, pinned if this is its last
+        name, and what the ledger holds for the inode."""
+        node = self._by_key.get((st.st_dev, st.st_ino))
+        last = stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1
+        if node is not None:
+            charge = self._charge_of(node, st)  # measure before the name (and extents) go
+            if last:
+                self._pin(node)  # no name will reach it any more
+            return node, charge
+        if not last:
+            return None, 0
+        # No node: kept when the kernel forgot it, or untouched since the mount scan,
+        # which measured it as this does.
+        kept = self._forgotten.get((st.st_dev, st.st_ino))
+        if kept is not None:
+            return None, kept
+        return None, self.costs.measure(st, lambda: open_entry(self._fd(parent), name))
+
+    def _forget_charge(self, node: Node | None, st: os.stat_result, charge: int) -> None:
+        """The inode behind `st` lost its last name: give its space and inode back.
+        `charge` is what _losing_name said the ledger holds for it."""
+        if self.ledger.inodes_used > 0:
+            self.ledger.remove_inode()
+        else:
+            log.warning("inode %d freed with no inode counted: accounting drifted", st.st_ino)
+        self._forgotten.pop((st.st_dev, st.st_ino), None)
         if node is None:
-            self.ledger.credit(self.costs.stat_result(st))
+            self._credit(charge)
             return
         if self._by_key.get(node.key) is node:
             del self._by_key[node.key]  # once the inode is freed, its number may come back
-        charge = self._charge_of(node, st)
         if node.open_count > 0 and stat.S_ISREG(st.st_mode):
             # An unlinked file that is still open keeps its blocks until the last release.
             node.orphaned = True
             return
-        self.ledger.credit(charge)
+        self._credit(charge)
         node.charged = 0
         self._release_all_reservations(node)
+
+    def _credit(self, nbytes: int) -> None:
+        """Give space back for a change already made on disk. Bookkeeping never fails such
+        a request: a credit beyond usage (accounting drifted) is logged and clamped."""
+        if nbytes > self.ledger.used:
+            log.warning("credit of %d bytes exceeds usage %d: accounting drifted",
+                        nbytes, self.ledger.used)
+            nbytes = self.ledger.used
+        self.ledger.credit(nbytes)
 
     def _release_all_reservations(self, node: Node) -> None:
         if node.reserved:
@@ -585,7 +628,7 @@ class QuotaFS(pyfuse3.Operations):
                 os.ftruncate(fd, size)
                 new_charge = self.costs.open_file(fd, size)
                 if new_charge < old_charge:
-                    self.ledger.credit(old_charge - new_charge)
+                    self._credit(old_charge - new_charge)
                 else:
                     self.ledger.force_charge(new_charge - old_charge)
                 node.charged = new_charge
@@ -669,25 +712,19 @@ class QuotaFS(pyfuse3.Operations):
                 ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
         st = os.stat(name, dir_fd=self._fd(parent), follow_symlinks=False)
-        node = self._by_key.get((st.st_dev, st.st_ino))
-        if node is not None:
-            self._charge_of(node, st)  # measure before the name (and the extents) go
-            if st.st_nlink <= 1:
-                self._pin(node)  # no name will reach it any more
+        node, charge = self._losing_name(parent, name, st)
         os.unlink(name, dir_fd=self._fd(parent))
         if st.st_nlink <= 1:
-            self._forget_charge(node, st)
+            self._forget_charge(node, st, charge)
 
     @handler
     def rmdir(self, parent_inode: InodeT, name: FileNameT,
                ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
         st = os.stat(name, dir_fd=self._fd(parent), follow_symlinks=False)
-        node = self._by_key.get((st.st_dev, st.st_ino))
-        if node is not None:
-            self._pin(node)
+        node, charge = self._losing_name(parent, name, st)
         os.rmdir(name, dir_fd=self._fd(parent))
-        self._forget_charge(node, st)
+        self._forget_charge(node, st, charge)
 
     @handler
     def rename(self, parent_inode_old: InodeT, name_old: FileNameT,
@@ -701,7 +738,7 @@ class QuotaFS(pyfuse3.Operations):
                 replaced = os.stat(name_new, dir_fd=self._fd(new_parent), follow_symlinks=False)
             except FileNotFoundError:
                 replaced = None
-        replaced_node = None
+        replaced_node, replaced_charge = None, 0
         moved = os.stat(name_old, dir_fd=self._fd(old_parent), follow_symlinks=False)
         moved_node = self._by_key.get((moved.st_dev, moved.st_ino))
         other_node = None  # RENAME_EXCHANGE: the inode that moves the other way
@@ -712,11 +749,8 @@ class QuotaFS(pyfuse3.Operations):
             if (moved.st_dev, moved.st_ino) == (replaced.st_dev, replaced.st_ino):
                 replaced = None  # renaming a hard link onto itself removes nothing
             else:
-                replaced_node = self._by_key.get((replaced.st_dev, replaced.st_ino))
-                if replaced_node is not None:
-                    self._charge_of(replaced_node, replaced)
-                    if stat.S_ISDIR(replaced.st_mode) or replaced.st_nlink <= 1:
-                        self._pin(replaced_node)  # it loses its only name
+                replaced_node, replaced_charge = self._losing_name(new_parent, name_new,
+                                                                   replaced)
         if flags & _RENAME_WHITEOUT:
             # The old name becomes a whiteout: a new inode (a 0:0 character device).
             self._new_inode_or_enospc("rename", old_parent)
@@ -738,7 +772,7 @@ class QuotaFS(pyfuse3.Operations):
             other_node.parent, other_node.name = old_parent, name_old
         self._names_gen += 1  # the paths of everything below a moved directory changed
         if replaced is not None and (stat.S_ISDIR(replaced.st_mode) or replaced.st_nlink <= 1):
-            self._forget_charge(replaced_node, replaced)
+            self._forget_charge(replaced_node, replaced, replaced_charge)
 
     # -- files ----------------------------------------------------------------------------
 
@@ -932,7 +966,7 @@ class QuotaFS(pyfuse3.Operations):
                 self.ledger.release(len(mine) * self.block)
         if node.open_count == 0 and node.orphaned:
             node.orphaned = False
-            self.ledger.credit(node.charged or 0)
+            self._credit(node.charged or 0)
             node.charged = 0
         self._drop_if_unused(node)
 
@@ -1088,6 +1122,18 @@ class QuotaFS(pyfuse3.Operations):
         return (bits & mode) == mode
 
     # -- introspection --------------------------------------------------------------------
+
+    def forget_cached(self) -> int:
+        """Ask the kernel to drop the entries of this mount it caches, so that it forgets
+        their inodes as under memory pressure (FORGET), without touching other mounts as
+        drop_caches would; for tests. Asynchronous: returns how many entries were asked."""
+        entries = [(n.parent.inode, n.name) for n in self._nodes.values()
+                   if n.parent is not None]
+        for parent_inode, name in entries:
+            pyfuse3.invalidate_entry_async(InodeT(parent_inode), FileNameT(name),
+                                           ignore_enoent=True)
+        return len(entries)
+
 
     def statistics(self) -> dict[str, Any]:
         return {
