@@ -898,9 +898,10 @@ class QuotaFS(pyfuse3.Operations):
         end = off + len(buf)
         charged = self._charge_of(node)
         start = off - off % block
-        data_end = min(end, node.size)
-        # Blocks past EOF hold no data; only the part of the write inside the file needs
-        # SEEK_DATA, so a plain append costs no extra syscall.
+        # Up to the end of the last block the write touches: on a backing of smaller blocks
+        # (1 KiB ext4) data may lie past `end` in it. Blocks past EOF hold no data; only
+        # the part inside the file needs SEEK_DATA, so a plain append costs no extra syscall.
+        data_end = min(ceil_div(end, block) * block, node.size)
         extents = data_extents(handle.fd, start, data_end) if start < data_end else []
         holes = hole_blocks(off, end, extents, block)
         reserved = [b for b in holes if b in node.reserved] if node.reserved else []
