@@ -37,8 +37,8 @@ BLOCK = 4096  # quotafs's accounting block
 COSTS = Costs(Mode.BLOCKS, BLOCK)
 J = os.path.join
 
-# Enough examples to mean something, few enough for about 20 s per block size.
-EXAMPLES = int(os.environ.get("QUOTAFS_MEASURE_EXAMPLES", "25"))
+# Enough examples to mean something, few enough for about 20 s per block size (2 cores).
+EXAMPLES = int(os.environ.get("QUOTAFS_MEASURE_EXAMPLES", "40"))
 
 
 def _reason() -> str | None:
