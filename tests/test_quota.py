@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from quotafs.differential import wait_until
 from tests.conftest import MountFactory
 
 MiB = 1024 * 1024
@@ -162,7 +163,8 @@ def test_unlinked_open_file_keeps_its_space_until_last_close(
         assert os.pread(fd, 3, 199_999) == b"qrr"
     finally:
         os.close(fd)
-    assert m.usage()["used"] == 0
+    # RELEASE is asynchronous: close(2) returns before the daemon has seen it.
+    assert wait_until(lambda: m.usage()["used"] == 0, timeout=10), m.usage()
 
 
 def test_truncate_and_unlink_give_space_back_at_once(mount_factory: MountFactory) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import re
+from decimal import Decimal
 
 import pyfuse3
 import pytest
@@ -36,10 +38,36 @@ def test_parse_size_refuses(text: str) -> None:
     assert "\n" not in str(exc.value)
 
 
-@given(st.integers(min_value=0, max_value=2**50))
+_FORMAT_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50}
+
+
+@given(st.integers(min_value=0, max_value=2**60))
 def test_bytes_roundtrip(n: int) -> None:
     assert parse_size(str(n)) == n
-    assert format_size(n)
+    number, unit = format_size(n).split(" ")
+    scale = _FORMAT_UNITS[unit]
+    if unit == "B":
+        assert number == str(n) and n < 1024
+        return
+    # One decimal of the largest unit that keeps the number below 1024 (PiB has no cap).
+    assert re.fullmatch(r"\d+\.\d", number), number
+    assert 1 <= Decimal(number) and (unit == "PiB" or Decimal(number) <= 1024)
+    assert abs(Decimal(number) * scale - n) <= Decimal("0.05") * scale
+    assert n < 1024 * scale or unit == "PiB"
+
+
+@given(st.integers(min_value=0, max_value=1023), st.sampled_from(list(_FORMAT_UNITS.values())))
+def test_whole_units_round_trip_through_parse_size(count: int, scale: int) -> None:
+    assert parse_size(format_size(count * scale)) == count * scale
+
+
+@pytest.mark.parametrize(("n", "text"), [
+    (0, "0 B"), (1, "1 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
+    (2**20 - 1, "1024.0 KiB"), (2**20, "1.0 MiB"), (120 * 2**20, "120.0 MiB"),
+    (3 * 2**29, "1.5 GiB"), (2**40, "1.0 TiB"), (2**50, "1.0 PiB"), (2**60, "1024.0 PiB"),
+])
+def test_format_size_exact(n: int, text: str) -> None:
+    assert format_size(n) == text
 
 
 def test_count_and_hole_blocks() -> None:
