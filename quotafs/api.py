@@ -255,7 +255,8 @@ def mounted(limit: SizeLike = None, backing: str | None = None,
 
     Options are those of `quotafs mount`, as keywords: inodes, accounting, block_size,
     mmap_sigbus, allow_other, no_cache, keep_backing, fsname, debug, seed, rules (a list
-    of rule dicts as in a rules file), rules_file.
+    of rule dicts as in a rules file), rules_file; and log_file, a file the daemon appends
+    its log to (warnings and errors; everything with debug) instead of the caller's stderr.
     """
     mount, own = _start(limit, backing, mountpoint, dict(options))
     try:

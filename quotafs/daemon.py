@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if config.debug else logging.WARNING,
         format="%(asctime)s quotafs[%(process)d] %(levelname)s %(message)s",
+        filename=config.log_file,  # None: stderr
     )
     return run(config, ready_fd)
 

@@ -26,6 +26,7 @@ class MountConfig:
     die_with_parent: bool = False
     seed: int | None = None  # fault rules' random seed (None: the daemon picks one)
     rules: list[dict[str, Any]] = field(default_factory=list)  # validated RuleSpec dicts
+    log_file: str | None = None  # the daemon's log (WARNING and up), else its stderr
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

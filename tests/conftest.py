@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import os
+import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from quotafs import mounting
 from quotafs.api import QuotaMount, mounted
+from quotafs.mountconfig import MountConfig
 
 
 def fuse_unusable_reason() -> str | None:
@@ -64,3 +70,109 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
         terminalreporter.section("quotafs")
         for line in lines:
             terminalreporter.write_line(line)
+    orphans = config.stash.get(_ORPHAN_RECORDS, [])
+    if orphans:
+        terminalreporter.section("quotafs daemons logged outside any test", red=True)
+        for record in orphans:
+            terminalreporter.write_line(record)
+
+
+# -- the daemons' logs: a test whose daemon logged a warning or an error fails ----------
+#
+# As s3ql's pytest_checklogs: every daemon this process starts (quotafs.mounted, the
+# plugin's fixtures, open_quota_mount) logs to a file of its own, and after each test the
+# records it added are checked. "unexpected error in ...; answering EIO" is one of them.
+# A test that provokes one on purpose says so: expect_daemon_log(r"regex").
+
+# The first line of a record as daemon.main formats it: "DATE TIME quotafs[PID] LEVEL ...".
+_RECORD = re.compile(r"^\S+ \S+ quotafs\[\d+\] (?P<level>[A-Z]+) ")
+_CHECKED_LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL"})
+_ORPHAN_RECORDS = pytest.StashKey[list[str]]()
+_EXPECTED = pytest.StashKey[list[re.Pattern[str]]]()
+_LOGS = pytest.StashKey["DaemonLogs"]()
+
+
+class DaemonLogs:
+    """The log files of the session's daemons and how far each was checked."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._numbers = itertools.count(1)
+        self.checked: dict[Path, int] = {}  # log file -> bytes read so far
+        self.between_tests: list[str] = []  # logged while no test ran (module teardown)
+
+    def assign(self, config: MountConfig) -> MountConfig:
+        if config.log_file is not None:
+            return config  # a test that reads its daemon's log itself
+        path = self.directory / f"daemon-{next(self._numbers)}.log"
+        self.checked[path] = 0
+        return dataclasses.replace(config, log_file=str(path))
+
+    def new_records(self) -> list[str]:
+        """WARNING-and-up records (with their traceback lines) logged since the last call."""
+        records: list[str] = []
+        for path, offset in self.checked.items():
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+            except FileNotFoundError:  # the daemon has not logged anything (yet)
+                continue
+            self.checked[path] = offset + len(data)
+            keep = False
+            for line in data.decode(errors="replace").splitlines():
+                match = _RECORD.match(line)
+                if match is not None:
+                    keep = match["level"] in _CHECKED_LEVELS
+                    if keep:
+                        records.append(f"{path.name}: {line}")
+                elif keep:
+                    records[-1] += "\n" + line
+        return records
+
+
+@pytest.fixture(scope="session", autouse=True)
+def daemon_logs(request: pytest.FixtureRequest,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonLogs]:
+    logs = DaemonLogs(tmp_path_factory.mktemp("daemon-logs"))
+    request.config.stash[_LOGS] = logs
+    start = mounting.start_daemon
+
+    def start_logged(config: MountConfig, detach: bool) -> mounting.Daemon:
+        return start(logs.assign(config), detach)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mounting, "start_daemon", start_logged)
+        yield logs
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # After the session fixtures' teardown: what module-scoped daemons logged between
+    # tests or at their unmount fails the run too.
+    logs = session.config.stash.get(_LOGS, None)
+    if logs is None:
+        return
+    orphans = logs.between_tests + logs.new_records()
+    session.config.stash[_ORPHAN_RECORDS] = orphans
+    if orphans and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def expect_daemon_log(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """expect(regex): a daemon record matching regex (re.search) is this test's intent."""
+    expected = request.node.stash.setdefault(_EXPECTED, [])
+    return lambda pattern: expected.append(re.compile(pattern))
+
+
+@pytest.fixture(autouse=True)
+def _check_daemon_logs(request: pytest.FixtureRequest,
+                       daemon_logs: DaemonLogs) -> Iterator[None]:
+    daemon_logs.between_tests += daemon_logs.new_records()
+    yield
+    expected = request.node.stash.get(_EXPECTED, [])
+    unexpected = [r for r in daemon_logs.new_records()
+                  if not any(p.search(r) for p in expected)]
+    if unexpected:
+        pytest.fail("the quotafs daemon logged during this test:\n" + "\n".join(unexpected),
+                    pytrace=False)

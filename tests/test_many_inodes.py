@@ -10,7 +10,6 @@ import pytest
 
 from tests.conftest import MountFactory
 
-
 BUDGET = 16
 # Descriptors outside the budget: the daemon's own dozen (std streams, epoll, /dev/fuse,
 # trio's wakeup sockets and pipe, the backing root; 12 measured), the pinned hard-linked

@@ -51,7 +51,7 @@ def test_bytes_roundtrip(n: int) -> None:
         return
     # One decimal of the largest unit that keeps the number below 1024 (PiB has no cap).
     assert re.fullmatch(r"\d+\.\d", number), number
-    assert 1 <= Decimal(number) and (unit == "PiB" or Decimal(number) <= 1024)
+    assert Decimal(number) >= 1 and (unit == "PiB" or Decimal(number) <= 1024)
     assert abs(Decimal(number) * scale - n) <= Decimal("0.05") * scale
     assert n < 1024 * scale or unit == "PiB"
 
