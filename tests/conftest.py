@@ -138,8 +138,8 @@ def daemon_logs(request: pytest.FixtureRequest,
     request.config.stash[_LOGS] = logs
     start = mounting.start_daemon
 
-    def start_logged(config: MountConfig, detach: bool) -> mounting.Daemon:
-        return start(logs.assign(config), detach)
+    def start_logged(config: MountConfig, *args: Any, **kwargs: Any) -> mounting.Daemon:
+        return start(logs.assign(config), *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(mounting, "start_daemon", start_logged)
