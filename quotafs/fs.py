@@ -3,8 +3,9 @@
 Every known inode holds an O_PATH descriptor of its backing inode, so every operation is
 an *at() call relative to a descriptor: no path is ever built, whatever the depth below
 the mount or the length of the backing directory's own path. Handlers are plain
-functions wrapped by `handler`, the error boundary: OSError becomes the same errno, an
-unexpected exception is logged and answered with EIO, so the daemon never dies of one.
+functions wrapped by `handler`, the error boundary: OSError becomes the same errno (an EIO
+from the backing is logged as a warning), an unexpected exception is logged and answered
+with EIO, so the daemon never dies of one.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def handler(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
         except pyfuse3.FUSEError:
             raise
         except OSError as exc:
+            if exc.errno in (None, 0, errno.EIO):  # a sick backing, never the caller's fault
+                log.warning("%s: %s; answering EIO", op, exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s; answering EIO", fn.__name__)
