@@ -26,12 +26,13 @@ Where the two may legitimately differ — and only there — a difference is *ex
 reported (and listed in `explained`): an ENOSPC (short write, SIGBUS) on one side only
 when both ended within their window of full (ext4: the folio it refuses whole; quotafs:
 the write request it refuses whole; both: the drift that block granularity and ext4's
-metadata explain, plus one block) and what each acknowledged differs by no more; free space within that drift; usage off only by blocks
-of zeros one side keeps (ext4 after a refused folio, the candidate after a truncate into
-one of its larger blocks). The window and the reasons are in docs/semantics.md
-("Differences found by the differential tests"). A divergence at the limit is repaired at
-once (the longer file is cut back to where the shorter write stopped, on both sides; an
-extra directory is removed) so the two stay comparable.
+metadata explain, plus one block) and what each acknowledged differs by no more; free
+space within that drift; usage off only by blocks of zeros one side keeps (ext4 after a
+refused folio, the candidate after a truncate into one of its larger blocks). The window
+and the reasons are in docs/semantics.md ("Differences found by the differential
+tests"). A divergence at the limit is repaired at once (the longer file is cut back to
+where the shorter write stopped, on both sides; an extra directory is removed) so the
+two stay comparable.
 
 Operations run in the calling process, except mmap stores, which run in a child process:
 a store past the limit may be killed by SIGBUS, and that must not kill the caller.

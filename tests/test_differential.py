@@ -528,7 +528,9 @@ def test_difference_default_mode_mmap_defers_enospc(default_pair: Pair) -> None:
     """In its default mode quotafs never stops an mmap writer: every store succeeds, the
     pages that do not fit are refused at writeback and msync reports ENOSPC (ext4 kills
     the writer by SIGBUS). Documented in "mmap: where ext4 and plain FUSE part ways";
-    the harness reports it as a difference, since acknowledged stores are lost."""
+    the harness reports it as a difference, since acknowledged stores are lost. Writeback
+    sends 1 MiB requests and quotafs refuses the one that does not fit whole, so the
+    stores from 1 MiB on are not on disk, and the room they would have taken stays free."""
     diff = default_pair.diff
     diff.reset()
     try:
@@ -539,6 +541,8 @@ def test_difference_default_mode_mmap_defers_enospc(default_pair: Pair) -> None:
     assert (last.reference.signal, last.reference.error) == ("SIGBUS", None)
     assert (last.candidate.signal, last.candidate.error) == (None, "ENOSPC")
     assert (last.candidate.call, last.candidate.value) == ("msync", 4 * MiB)
-    assert [d.aspect for d in diff.differences] == ["enospc"]
+    aspects = [d.aspect for d in diff.differences]
+    assert aspects == ["enospc", "contents", "accounting", "statvfs free"], diff.report()
     assert "ENOSPC deferred to msync" in diff.differences[0].note
+    assert "first different byte at 1,048,576 " in diff.differences[1].note
     diff.reset()
