@@ -19,7 +19,7 @@ import resource
 import stat
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -27,7 +27,7 @@ from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
 from quotafs import syscalls
 from quotafs.accounting import Costs, data_extents
-from quotafs.allocation import ceil_div, fitting_length, hole_blocks
+from quotafs.allocation import ceil_div, hole_blocks
 from quotafs.control import PREFIX as CONTROL_PREFIX
 from quotafs.control import ControlChannel
 from quotafs.faults import Effect, FaultEngine
@@ -874,16 +874,12 @@ class QuotaFS(pyfuse3.Operations):
         holes = hole_blocks(off, end, extents, block)
         reserved = [b for b in holes if b in node.reserved] if node.reserved else []
         new = [b for b in holes if b not in node.reserved] if reserved else holes
-        length = fitting_length(off, len(buf), new, self.ledger.free() // block, block)
-        if length == 0:
-            self.ledger.note_enospc()
-            raise self._enospc("write", node)
-        written = os.pwrite(handle.fd, buf if length == len(buf) else buf[:length], off)
-        if written < len(buf):
-            self.ledger.note_enospc() if length < len(buf) else None
+        if len(new) > self.ledger.free() // block:
+            self._refuse_write(node)
+        written = os.pwrite(handle.fd, buf, off)
         last = ceil_div(off + written, block)
         taken = sum(1 for b in new if b < last)
-        self.ledger.force_charge(taken * block)  # fits: fitting_length checked the budget
+        self.ledger.force_charge(taken * block)  # fits: checked against free() above
         converted = [b for b in reserved if b < last]
         for b in converted:
             del node.reserved[b]
@@ -892,17 +888,20 @@ class QuotaFS(pyfuse3.Operations):
         node.charged = charged + (taken + len(converted)) * block
         return written
 
+    def _refuse_write(self, node: Node) -> NoReturn:
+        """A write request that does not fit whole is refused whole: a short count would
+        lose data, because the kernel's writeback of mmap pages marks the pages it was not
+        told about clean (msync/fsync return 0), and O_DIRECT makes it EIO."""
+        self.ledger.note_enospc()
+        raise self._enospc("write", node)
+
     def _write_apparent(self, handle: Handle, off: int, buf: bytes) -> int:
         node = handle.node
         charged = self._charge_of(node)
         growth = max(0, off + len(buf) - max(node.size, charged))
-        length = len(buf)
         if growth > self.ledger.free():
-            length = max(0, len(buf) - (growth - self.ledger.free()))
-            self.ledger.note_enospc()
-            if length == 0:
-                raise self._enospc("write", node)
-        written = os.pwrite(handle.fd, buf if length == len(buf) else buf[:length], off)
+            self._refuse_write(node)
+        written = os.pwrite(handle.fd, buf, off)
         new_size = max(node.size, off + written)
         if new_size > charged:
             self.ledger.force_charge(new_size - charged)

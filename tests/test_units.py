@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from quotafs.allocation import count_blocks, fitting_length, hole_blocks
+from quotafs.allocation import count_blocks, hole_blocks
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.fs import handler
 from quotafs.ledger import Ledger
@@ -75,9 +75,6 @@ def test_count_and_hole_blocks() -> None:
     assert count_blocks([], 4096) == 0
     assert hole_blocks(0, 5 * 4096, [(4096, 8192), (12288, 12289)], 4096) == [0, 2, 4]
     assert hole_blocks(100, 200, [(0, 4096)], 4096) == []
-    assert fitting_length(0, 8192, [0, 1], 1, 4096) == 4096
-    assert fitting_length(1000, 8192, [1, 2], 1, 4096) == 2 * 4096 - 1000  # up to block 2
-    assert fitting_length(4095, 2, [1], 0, 4096) == 1
 
 
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(1, 30)), max_size=8),
