@@ -222,8 +222,9 @@ def control_error(mountpoint: str, exc: OSError) -> QuotafsError:
         return QuotafsError(f"the quotafs daemon of {mountpoint} is gone: run "
                             f"'quotafs umount {mountpoint}'", ExitCode.NOT_QUOTAFS)
     if exc.errno in (errno.EPERM, errno.EACCES):
-        return QuotafsError(f"not allowed to change {mountpoint}: only the user who mounted "
-                            "it and root may", ExitCode.PERMISSION)
+        return QuotafsError(f"not allowed to change {mountpoint} or read its events and "
+                            "rules: only the user who mounted it and root may",
+                            ExitCode.PERMISSION)
     return QuotafsError(f"{mountpoint}: {exc.strerror}", ExitCode.FAILURE)
 
 

@@ -11,9 +11,12 @@ configuration is not on its command line.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -24,6 +27,7 @@ from typing import Any
 import pytest
 
 from quotafs.api import QuotaMount, mounted
+from quotafs.errors import ExitCode
 from tests.conftest import fuse_unusable_reason
 from tests.test_posix import Err, as_user, read
 
@@ -300,3 +304,34 @@ def test_setgid_directory_gives_its_group_and_strips_sgid_like_the_backing(
     reference = create_in(J(s.ref, "sgid"))
     assert on_mount == reference
     assert [gid for _, gid, _ in on_mount] == [GROUP] * 3
+
+
+# -- events and fault rules are the mount owner's ---------------------------------------
+
+
+def test_events_and_rules_are_the_owners_status_is_public(setup: Setup) -> None:
+    s = setup
+    s.mount.add_fault("open", errno="EIO", path="/t/private/*")
+    os.mkdir(J(s.mnt, "private"), 0o700)
+    make(J(s.mnt, "private", "f"), 0o600)
+    with pytest.raises(OSError):
+        read(J(s.mnt, "private", "f"))
+    assert [e["path"] for e in s.mount.events()] == ["/t/private/f"]
+
+    @nobody()
+    def peek(mnt: str) -> Any:
+        return [os.getxattr(mnt, b"user.quotafs." + name)
+                for name in (b"events", b"events.0", b"faults", b"status")]
+
+    assert peek(s.mount.path) == EPERM
+    status = nobody()(lambda m: json.loads(os.getxattr(m, b"user.quotafs.status")))(
+        s.mount.path)
+    assert status["used"] == s.mount.usage()["used"]
+    for command in (["events"], ["fault", "list"]):
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-m", "quotafs", *command, s.mount.path],
+            capture_output=True, text=True, timeout=60)
+        assert result.returncode == ExitCode.PERMISSION, result
+        assert "/t/private" not in result.stdout + result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
