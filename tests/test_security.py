@@ -11,6 +11,7 @@ configuration is not on its command line.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -335,3 +336,19 @@ def test_events_and_rules_are_the_owners_status_is_public(setup: Setup) -> None:
         assert result.returncode == ExitCode.PERMISSION, result
         assert "/t/private" not in result.stdout + result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# -- the daemon's configuration is not on its command line ------------------------------
+
+
+def test_20000_rules_mount_and_the_daemons_argv_shows_none() -> None:
+    rules = [{"op": "open", "path": f"/secret-rule-{i}", "errno": "EIO"} for i in range(20000)]
+    with mounted(limit="1M", rules=rules) as m:
+        assert m.status()["fault_rules"] == 20000
+        with open(f"/proc/{m.pid}/cmdline", "rb") as f:
+            argv = f.read()
+        assert b"secret-rule" not in argv and os.fsencode(m.backing) not in argv, argv
+        open(J(m.path, "secret-rule-19999"), "w").close()
+        with pytest.raises(OSError) as raised:  # the last rule arrived whole and fires
+            read(J(m.path, "secret-rule-19999"))
+        assert raised.value.errno == errno.EIO
