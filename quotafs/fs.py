@@ -10,13 +10,14 @@ unexpected exception is logged and answered with EIO, so the daemon never dies o
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import logging
 import os
 import resource
 import stat
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
@@ -25,7 +26,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
-from quotafs import syscalls
+from quotafs import permissions, syscalls
 from quotafs.accounting import Costs, data_extents
 from quotafs.allocation import ceil_div, fitting_length, hole_blocks
 from quotafs.control import PREFIX as CONTROL_PREFIX
@@ -87,6 +88,8 @@ def handler(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
                 identity = fs._identity_of(args[-1])  # type: ignore[arg-type]
                 if identity is not None:
                     with identity:
+                        if fs._checking is not None:
+                            fs._check_request(op, args[1:])
                         return fn(*args, **kwargs)
             return fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -200,6 +203,7 @@ class QuotaFS(pyfuse3.Operations):
         self.root = root
         self._is_root = os.geteuid() == 0
         self._identity = syscalls.Identity()
+        self._checking: permissions.Caller | None = None  # non-root daemon, other caller
 
     # -- whose rights a request's syscalls use --------------------------------------------
 
@@ -208,13 +212,101 @@ class QuotaFS(pyfuse3.Operations):
         identity = self._identity
         if ctx.uid == identity.uid and ctx.gid == identity.gid:
             return None  # the common case (every request on a mount without allow_other)
-        if not self._is_root:
-            return None
         try:
             groups = pyfuse3.get_sup_groups(ctx.pid)
         except (OSError, RuntimeError, ValueError):
             groups = set()  # the caller is gone or out of sight: no groups, fewer rights
+        if not self._is_root:  # cannot switch: check the caller's rights instead
+            return self._checking_as(permissions.Caller(ctx.uid, ctx.gid, frozenset(groups)))
         return identity.caller(ctx.uid, ctx.gid, sorted(groups))
+
+    @contextlib.contextmanager
+    def _checking_as(self, caller: permissions.Caller) -> Iterator[None]:
+        self._checking = caller
+        try:
+            yield
+        finally:
+            self._checking = None
+
+    def _may(self, node: Node, mask: int) -> bool:
+        caller = self._checking
+        assert caller is not None
+        st = self._stat(node)
+        return permissions.allowed(st, caller, mask, self._has_acl(node, st, caller))
+
+    def _has_acl(self, node: Node, st: os.stat_result, caller: permissions.Caller) -> bool:
+        if st.st_uid == caller.uid or stat.S_ISLNK(st.st_mode):
+            return False  # the owner's bits decide, ACL or not
+        try:
+            os.getxattr(self._proc(node), permissions.ACL_XATTR)
+        except OSError:
+            return False
+        return True
+
+    def _check_request(self, op: str, args: tuple[Any, ...]) -> None:
+        """A non-root daemon's check of another user's request against fresh attributes
+        (the open itself is checked in _open_node, which the create race reaches too)."""
+        caller = self._checking
+        assert caller is not None
+        require, W, X = permissions.require, permissions.W, permissions.X
+        if op in ("lookup", "mknod", "mkdir", "symlink", "create"):
+            require(self._may(self._node(args[0]), X if op == "lookup" else W | X))
+        elif op == "opendir":
+            require(self._may(self._node(args[0]), permissions.R))
+        elif op == "setattr":
+            self._check_setattr(caller, self._node(args[0]), args[1], args[2], args[3])
+        elif op == "link":
+            node, st = self._node(args[0]), self._stat(self._node(args[0]))
+            require(self._may(self._node(args[1]), W | X))
+            require(permissions.owns(st, caller)
+                    or self._may(node, permissions.R | W), errno.EPERM)
+        elif op in ("unlink", "rmdir"):
+            self._check_delete(caller, self._node(args[0]), args[1], required=True)
+        elif op == "rename":
+            self._check_delete(caller, self._node(args[0]), args[1], required=True)
+            if not self._check_delete(caller, self._node(args[2]), args[3], required=False):
+                require(self._may(self._node(args[2]), W | X))
+        elif op in ("getxattr", "setxattr", "removexattr"):
+            node, name = self._node(args[0]), bytes(args[1])
+            if node is self.root and name.startswith(CONTROL_PREFIX):
+                return
+            if name.startswith(b"user."):
+                require(self._may(node, permissions.R if op == "getxattr" else W))
+            elif op != "getxattr" and name.startswith(b"system.posix_acl"):
+                require(permissions.owns(self._stat(node), caller), errno.EPERM)
+
+    def _check_setattr(self, caller: permissions.Caller, node: Node,
+                       attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                       fh: int | None) -> None:
+        require, st = permissions.require, self._stat(node)
+        handle = self._handles.get(fh) if fh else None
+        if fields.update_size and not (handle is not None and handle.writable):
+            require(self._may(node, permissions.W))
+        if fields.update_mode or fields.update_uid:
+            require(permissions.owns(st, caller)
+                    and (not fields.update_uid or attr.st_uid == st.st_uid), errno.EPERM)
+        if fields.update_gid:
+            require(permissions.owns(st, caller) and (
+                attr.st_gid in (st.st_gid, caller.gid) or attr.st_gid in caller.groups),
+                errno.EPERM)
+        if fields.update_atime or fields.update_mtime:
+            # Explicit times are the owner's; "now" (which pyfuse3 makes explicit) also
+            # whoever may write: the latter is as much as can be told apart here.
+            require(permissions.owns(st, caller) or self._may(node, permissions.W))
+
+    def _check_delete(self, caller: permissions.Caller, parent: Node, name: bytes,
+                      required: bool) -> bool:
+        """Check removing/replacing parent/name; False if there is no such entry."""
+        try:
+            victim = os.stat(name, dir_fd=self._fd(parent), follow_symlinks=False)
+        except FileNotFoundError:
+            if required:
+                raise
+            return False
+        parent_st = self._stat(parent)
+        permissions.require(self._may(parent, permissions.W | permissions.X))
+        permissions.require(permissions.may_delete(parent_st, victim, caller), errno.EPERM)
+        return True
 
     def _as_daemon(self) -> AbstractContextManager[None]:
         """The daemon's own rights for bookkeeping (measuring, reopening descriptors)."""
@@ -806,6 +898,8 @@ class QuotaFS(pyfuse3.Operations):
         return self._open_node(self._node(inode), flags)
 
     def _open_node(self, node: Node, flags: int) -> pyfuse3.FileInfo:
+        if self._checking is not None:
+            permissions.require(self._may(node, permissions.open_mask(flags)))
         fd = os.open(self._proc(node), flags & ~_STRIP_OPEN_FLAGS)
         fh = self._new_handle(node, fd, flags)
         try:

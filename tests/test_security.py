@@ -352,3 +352,115 @@ def test_20000_rules_mount_and_the_daemons_argv_shows_none() -> None:
         with pytest.raises(OSError) as raised:  # the last rule arrived whole and fires
             read(J(m.path, "secret-rule-19999"))
         assert raised.value.errno == errno.EIO
+
+
+# -- a daemon that is not root checks the caller's rights itself ------------------------
+
+OWNER = NOBODY  # the non-root user who mounts (fusermount3 wants a passwd entry)
+OTHER = 4242  # and another user
+
+# Run as root in a private mount namespace: /etc/fuse.conf with user_allow_other and a
+# /dev/fuse that OWNER may open, bound over the machine's only inside the namespace.
+_NON_ROOT_MOUNT = r"""
+import json, os, subprocess, sys, time
+base, owner, other = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+J = os.path.join
+conf, dev = J(base, "fuse.conf"), J(base, "fuse")
+with open(conf, "w") as f:
+    f.write("user_allow_other\n")
+os.mknod(dev, 0o20666, os.makedev(10, 229)); os.chmod(dev, 0o666)
+subprocess.run(["mount", "--bind", conf, "/etc/fuse.conf"], check=True)
+subprocess.run(["mount", "--bind", dev, "/dev/fuse"], check=True)
+# This Python may live below root's 0700 home: show OWNER a 0755 /root with only it inside.
+view = J(base, "root")
+os.mkdir(view); os.chmod(view, 0o755)
+for name in os.listdir("/root"):
+    if sys.executable.startswith("/root/" + name) or os.path.realpath(
+            sys.executable).startswith("/root/" + name + "/"):
+        os.mkdir(J(view, name))
+        subprocess.run(["mount", "--bind", "/root/" + name, J(view, name)], check=True)
+subprocess.run(["mount", "--rbind", view, "/root"], check=True)
+B, M, run = J(base, "b"), J(base, "m"), J(base, "run")
+for d in (B, M, run):
+    os.mkdir(d); os.chown(d, owner, owner)
+as_owner = ["setpriv", f"--reuid={owner}", f"--regid={owner}", "--clear-groups"]
+env = dict(os.environ, XDG_RUNTIME_DIR=run)
+q = [sys.executable, "-m", "quotafs"]
+subprocess.run(as_owner + q + ["mount", "--allow-other", "--backing", B, M], check=True,
+               env=env)
+out = {}
+try:
+    def as_other(name, fn):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            os.setgroups([]); os.setresgid(other, other, other)
+            os.setresuid(other, other, other)
+            try:
+                fn(); res = "ok"
+            except OSError as exc:
+                res = os.strerror(exc.errno)
+            os.write(w, res.encode()); os._exit(0)
+        os.close(w)
+        out[name] = os.read(r, 200).decode(); os.waitpid(pid, 0); os.close(r)
+
+    def as_owner_do(fn):
+        pid = os.fork()
+        if pid == 0:
+            os.setgroups([]); os.setresgid(owner, owner, owner)
+            os.setresuid(owner, owner, owner)
+            fn(); os._exit(0)
+        os.waitpid(pid, 0)
+
+    def setup():
+        os.mkdir(J(M, "t")); os.chmod(J(M, "t"), 0o1777)
+        with open(J(M, "t", "f"), "w") as f:
+            f.write("SECRET")
+        os.chmod(J(M, "t", "f"), 0o666)
+        os.stat(J(M, "t", "f"))
+        os.chmod(J(B, "t", "f"), 0o600)  # behind the kernel's cache
+    as_owner_do(setup)
+    as_other("open_stale", lambda: open(J(M, "t", "f")).read())
+    as_other("truncate_stale", lambda: os.truncate(J(M, "t", "f"), 0))
+    as_other("unlink_sticky", lambda: os.unlink(J(M, "t", "f")))
+    subprocess.run(as_owner + q + ["fault", "add", M, "--op", "create", "--path", "/t/x",
+                                   "--delay", "3s"], check=True, env=env)
+    def appear():
+        time.sleep(1.5)
+        with open(J(B, "t", "x"), "w") as f:
+            f.write("SECRET")
+        os.chmod(J(B, "t", "x"), 0o600)
+    pid = os.fork()
+    if pid == 0:
+        as_owner_do(appear); os._exit(0)
+    as_other("create_race", lambda: os.open(J(M, "t", "x"), os.O_RDWR | os.O_CREAT))
+    os.waitpid(pid, 0)
+    as_other("create_new", lambda: open(J(M, "t", "new"), "w").close())
+    as_other("read_public", lambda: open(J(M, "t", "new")).read())
+    out["secret_kept"] = open(J(B, "t", "f")).read()
+finally:
+    subprocess.run(["umount", M])
+    for _ in range(500):
+        if not os.path.ismount(M):
+            break
+        time.sleep(0.01)
+print(json.dumps(out))
+"""
+
+
+def test_a_non_root_daemon_checks_other_users_against_fresh_attributes() -> None:
+    base = tempfile.mkdtemp(prefix="quotafs-security-", dir="/tmp")
+    try:
+        os.chmod(base, 0o755)
+        result = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable,
+                                 "-c", _NON_ROOT_MOUNT, base, str(OWNER), str(OTHER)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        out = json.loads(result.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    denied, refused = os.strerror(errno.EACCES), os.strerror(errno.EPERM)
+    assert out == {"open_stale": denied, "truncate_stale": denied, "unlink_sticky": refused,
+                   "create_race": denied, "create_new": "ok", "read_public": "ok",
+                   "secret_kept": "SECRET"}
