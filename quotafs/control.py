@@ -14,9 +14,10 @@ the validation message) is kept for the calling process and read back with
 
 An xattr round trip is a FUSE request answered by the daemon itself, so a command returns
 only once the daemon has applied it, needs no socket file, and finds the daemon through
-the mount. Changing settings is allowed to root and to the user who mounted; the caller's
-uid comes from the kernel with the request, so other users let in by --allow-other get
-EPERM. These names are never listed by listxattr, so copying the root's xattrs does not
+the mount. Changing settings, and reading events and fault rules (paths and pids), is
+allowed to root and to the user who mounted; the caller's uid comes from the kernel with
+the request, so other users let in by --allow-other get EPERM. The status is public, as
+df is. These names are never listed by listxattr, so copying the root's xattrs does not
 copy them.
 """
 
@@ -133,9 +134,16 @@ class ControlChannel:
             out.append(line)
         return "".join(line + "\n" for line in out).encode()
 
+    def _require_owner(self, ctx: pyfuse3.RequestContext) -> None:
+        if ctx.uid not in (0, self.owner_uid):
+            raise pyfuse3.FUSEError(errno.EPERM)
+
     def get(self, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == STATUS:
             return json.dumps(self.status(), sort_keys=True).encode()
+        if name in (EVENTS, FAULTS) or name.startswith(EVENTS + b"."):
+            # Paths (of directories the caller may not list) and pids: the owner's and root's.
+            self._require_owner(ctx)
         if name == EVENTS or name.startswith(EVENTS + b"."):
             after = name[len(EVENTS) + 1:]
             if after and not after.isdigit():
@@ -155,8 +163,7 @@ class ControlChannel:
 
     def set(self, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._results.pop(ctx.pid, None)  # never answer with an older request's outcome
-        if ctx.uid not in (0, self.owner_uid):
-            raise pyfuse3.FUSEError(errno.EPERM)
+        self._require_owner(ctx)
         try:
             request = json.loads(value)
         except ValueError:

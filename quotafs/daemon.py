@@ -1,9 +1,9 @@
 """The daemon: scan the backing directory, mount, serve until unmounted or signalled.
 
 Run in the foreground by `quotafs mount --fg`, and as a child process for everything else
-(`python -m quotafs.daemon CONFIG_JSON`), reporting readiness through an inherited pipe so
-that the parent returns only once the mount answers — or prints the daemon's one-line
-error and its exit code.
+(`python -m quotafs.daemon CONFIG_FD READY_FD`, the configuration read from an inherited
+descriptor), reporting readiness through an inherited pipe so that the parent returns only
+once the mount answers — or prints the daemon's one-line error and its exit code.
 """
 
 from __future__ import annotations
@@ -170,9 +170,19 @@ def run(config: MountConfig, ready_fd: int | None = None) -> int:
     return 0
 
 
+def read_config(source: str) -> MountConfig:
+    """The configuration the starter left in an inherited descriptor ("-": stdin)."""
+    if source == "-":
+        return MountConfig.from_json(sys.stdin.buffer.read().decode())
+    with os.fdopen(int(source), "rb") as f:
+        return MountConfig.from_json(f.read().decode())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`python -m quotafs.daemon CONFIG_FD [READY_FD]`: CONFIG_FD holds the MountConfig JSON
+    ("-": stdin), never argv, which any user may read and ARG_MAX bounds."""
     args = sys.argv[1:] if argv is None else argv
-    config = MountConfig.from_json(args[0])
+    config = read_config(args[0])
     ready_fd = int(args[1]) if len(args) > 1 else None
     logging.basicConfig(
         level=logging.DEBUG if config.debug else logging.WARNING,

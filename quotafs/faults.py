@@ -854,17 +854,24 @@ class FaultEngine:
 
     def add(self, spec: RuleSpec) -> Rule:
         """Append a rule (validated again, so a hand-built RuleSpec cannot slip through)."""
+        rule = self._append(spec)
+        self._refresh()
+        return rule
+
+    def _append(self, spec: RuleSpec) -> Rule:
         spec = RuleSpec.from_dict(spec.to_dict())
         rule_id = f"r{self._next_id}"
         self._next_id += 1
         seed = spec.seed if spec.seed is not None else _derive_seed(self.seed, rule_id)
         rule = Rule(rule_id, spec, seed)
         self._rules.append(rule)
-        self._refresh()
         return rule
 
     def add_all(self, specs: Iterable[RuleSpec]) -> list[Rule]:
-        return [self.add(spec) for spec in specs]
+        # One refresh for all: refreshing per rule made a mount with n rules cost n^2.
+        rules = [self._append(spec) for spec in specs]
+        self._refresh()
+        return rules
 
     def get(self, rule_id: str) -> Rule:
         for rule in self._rules:

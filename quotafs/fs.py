@@ -11,13 +11,15 @@ with EIO, so the daemon never dies of one.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import logging
 import os
 import resource
 import stat
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
@@ -25,7 +27,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
-from quotafs import syscalls
+from quotafs import permissions, syscalls
 from quotafs.accounting import Costs, data_extents
 from quotafs.allocation import ceil_div, hole_blocks
 from quotafs.control import PREFIX as CONTROL_PREFIX
@@ -57,6 +59,15 @@ _RENAME_WHITEOUT = 4  # linux/fs.h; pyfuse3 names only RENAME_EXCHANGE and RENAM
 _SPARE_INODES_START = 1 << 62
 
 
+# Requests that look up, open, create, change or remove backing inodes: their syscalls run
+# with the caller's filesystem uid, gid and groups (when those are not the daemon's own),
+# so that the backing filesystem applies the caller's rights to fresh attributes, never
+# root's. Not getattr, readlink, statfs: an O_PATH descriptor's fstat/readlink needs none.
+_AS_CALLER = frozenset({"lookup", "setattr", "mknod", "mkdir", "symlink", "link", "unlink",
+                        "rmdir", "rename", "open", "create", "opendir", "getxattr",
+                        "setxattr", "listxattr", "removexattr"})
+
+
 def handler(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Wrap a synchronous handler body as the async pyfuse3 handler with the error boundary.
 
@@ -65,6 +76,7 @@ def handler(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
     """
 
     op = fn.__name__
+    as_caller = op in _AS_CALLER
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -73,6 +85,13 @@ def handler(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
             faults = getattr(fs, "faults", None)
             if faults is not None and faults.active:
                 await fs._inject(op, args[1:])  # type: ignore[attr-defined]
+            if as_caller and isinstance(fs, QuotaFS):
+                identity = fs._identity_of(args[-1])  # type: ignore[arg-type]
+                if identity is not None:
+                    with identity:
+                        if fs._checking is not None:
+                            fs._check_request(op, args[1:])
+                        return fn(*args, **kwargs)
             return fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
@@ -186,6 +205,115 @@ class QuotaFS(pyfuse3.Operations):
         self._by_key[root.key] = root
         self.root = root
         self._is_root = os.geteuid() == 0
+        self._identity = syscalls.Identity()
+        self._checking: permissions.Caller | None = None  # non-root daemon, other caller
+
+    # -- whose rights a request's syscalls use --------------------------------------------
+
+    def _identity_of(self, ctx: pyfuse3.RequestContext) -> AbstractContextManager[None] | None:
+        """A context that runs the body with the caller's identity; None for the daemon's."""
+        identity = self._identity
+        if ctx.uid == identity.uid and ctx.gid == identity.gid:
+            return None  # the common case (every request on a mount without allow_other)
+        try:
+            groups = pyfuse3.get_sup_groups(ctx.pid)
+        except (OSError, RuntimeError, ValueError):
+            groups = set()  # the caller is gone or out of sight: no groups, fewer rights
+        if not self._is_root:  # cannot switch: check the caller's rights instead
+            return self._checking_as(permissions.Caller(ctx.uid, ctx.gid, frozenset(groups)))
+        return identity.caller(ctx.uid, ctx.gid, sorted(groups))
+
+    @contextlib.contextmanager
+    def _checking_as(self, caller: permissions.Caller) -> Iterator[None]:
+        self._checking = caller
+        try:
+            yield
+        finally:
+            self._checking = None
+
+    def _may(self, node: Node, mask: int) -> bool:
+        caller = self._checking
+        assert caller is not None
+        st = self._stat(node)
+        return permissions.allowed(st, caller, mask, self._has_acl(node, st, caller))
+
+    def _has_acl(self, node: Node, st: os.stat_result, caller: permissions.Caller) -> bool:
+        if st.st_uid == caller.uid or stat.S_ISLNK(st.st_mode):
+            return False  # the owner's bits decide, ACL or not
+        try:
+            os.getxattr(self._proc(node), permissions.ACL_XATTR)
+        except OSError:
+            return False
+        return True
+
+    def _check_request(self, op: str, args: tuple[Any, ...]) -> None:
+        """A non-root daemon's check of another user's request against fresh attributes
+        (the open itself is checked in _open_node, which the create race reaches too)."""
+        caller = self._checking
+        assert caller is not None
+        require, W, X = permissions.require, permissions.W, permissions.X
+        if op in ("lookup", "mknod", "mkdir", "symlink", "create"):
+            require(self._may(self._node(args[0]), X if op == "lookup" else W | X))
+        elif op == "opendir":
+            require(self._may(self._node(args[0]), permissions.R))
+        elif op == "setattr":
+            self._check_setattr(caller, self._node(args[0]), args[1], args[2], args[3])
+        elif op == "link":
+            node, st = self._node(args[0]), self._stat(self._node(args[0]))
+            require(self._may(self._node(args[1]), W | X))
+            require(permissions.owns(st, caller)
+                    or self._may(node, permissions.R | W), errno.EPERM)
+        elif op in ("unlink", "rmdir"):
+            self._check_delete(caller, self._node(args[0]), args[1], required=True)
+        elif op == "rename":
+            self._check_delete(caller, self._node(args[0]), args[1], required=True)
+            if not self._check_delete(caller, self._node(args[2]), args[3], required=False):
+                require(self._may(self._node(args[2]), W | X))
+        elif op in ("getxattr", "setxattr", "removexattr"):
+            node, name = self._node(args[0]), bytes(args[1])
+            if node is self.root and name.startswith(CONTROL_PREFIX):
+                return
+            if name.startswith(b"user."):
+                require(self._may(node, permissions.R if op == "getxattr" else W))
+            elif op != "getxattr" and name.startswith(b"system.posix_acl"):
+                require(permissions.owns(self._stat(node), caller), errno.EPERM)
+
+    def _check_setattr(self, caller: permissions.Caller, node: Node,
+                       attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                       fh: int | None) -> None:
+        require, st = permissions.require, self._stat(node)
+        handle = self._handles.get(fh) if fh else None
+        if fields.update_size and not (handle is not None and handle.writable):
+            require(self._may(node, permissions.W))
+        if fields.update_mode or fields.update_uid:
+            require(permissions.owns(st, caller)
+                    and (not fields.update_uid or attr.st_uid == st.st_uid), errno.EPERM)
+        if fields.update_gid:
+            require(permissions.owns(st, caller) and (
+                attr.st_gid in (st.st_gid, caller.gid) or attr.st_gid in caller.groups),
+                errno.EPERM)
+        if fields.update_atime or fields.update_mtime:
+            # Explicit times are the owner's; "now" (which pyfuse3 makes explicit) also
+            # whoever may write: the latter is as much as can be told apart here.
+            require(permissions.owns(st, caller) or self._may(node, permissions.W))
+
+    def _check_delete(self, caller: permissions.Caller, parent: Node, name: bytes,
+                      required: bool) -> bool:
+        """Check removing/replacing parent/name; False if there is no such entry."""
+        try:
+            victim = os.stat(name, dir_fd=self._fd(parent), follow_symlinks=False)
+        except FileNotFoundError:
+            if required:
+                raise
+            return False
+        parent_st = self._stat(parent)
+        permissions.require(self._may(parent, permissions.W | permissions.X))
+        permissions.require(permissions.may_delete(parent_st, victim, caller), errno.EPERM)
+        return True
+
+    def _as_daemon(self) -> AbstractContextManager[None]:
+        """The daemon's own rights for bookkeeping (measuring, reopening descriptors)."""
+        return self._identity.daemon()
 
     # -- tables ---------------------------------------------------------------------------
 
@@ -233,8 +361,11 @@ class QuotaFS(pyfuse3.Operations):
             return fd
         if node.parent is None:
             raise pyfuse3.FUSEError(errno.ESTALE)
+        parent_fd = self._fd(node.parent)
         try:
-            fd = os.open(node.name, os.O_PATH | os.O_NOFOLLOW, dir_fd=self._fd(node.parent))
+            # Bookkeeping, not the caller's path walk: the caller reached this node already.
+            with self._as_daemon():
+                fd = os.open(node.name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent_fd)
         except FileNotFoundError:
             raise pyfuse3.FUSEError(errno.ESTALE) from None
         st = os.fstat(fd)
@@ -340,7 +471,8 @@ class QuotaFS(pyfuse3.Operations):
         if handle is not None:
             return self.costs.open_file(handle.fd, st.st_size)
         try:
-            fd = os.open(self._proc(node), os.O_RDONLY | os.O_NOFOLLOW)
+            with self._as_daemon():  # measuring is the daemon's business, not the caller's
+                fd = os.open(self._proc(node), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return self.costs.stat_result(st)
         try:
@@ -385,29 +517,6 @@ class QuotaFS(pyfuse3.Operations):
     def _new_inode_or_enospc(self, op: str, parent: Node) -> None:
         if not self.ledger.try_add_inode():
             raise self._enospc(op, parent)
-
-    def _set_owner(self, fd_or_name: int | bytes, parent: Node,
-                   ctx: pyfuse3.RequestContext) -> None:
-        """Give a new inode to the caller, as the kernel would have for a local create."""
-        if not self._is_root:
-            return
-        parent_st = self._stat(parent)
-        gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else ctx.gid
-        if ctx.uid == 0 and (parent_st.st_mode & stat.S_ISGID or ctx.gid == os.getegid()):
-            return  # the daemon (root) made it with the owner and group the caller gets
-        if isinstance(fd_or_name, int):
-            mode = os.fstat(fd_or_name).st_mode
-            os.fchown(fd_or_name, ctx.uid, gid)
-        else:
-            mode = os.stat(fd_or_name, dir_fd=self._fd(parent), follow_symlinks=False).st_mode
-            os.chown(fd_or_name, ctx.uid, gid, dir_fd=self._fd(parent), follow_symlinks=False)
-        if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(mode):
-            # chown cleared them: give back the mode the create made (its umask and default
-            # ACL applied), not the one asked for.
-            if isinstance(fd_or_name, int):
-                os.fchmod(fd_or_name, stat.S_IMODE(mode))
-            else:
-                os.chmod(fd_or_name, stat.S_IMODE(mode), dir_fd=self._fd(parent))
 
     # -- fault injection ------------------------------------------------------------------
 
@@ -554,20 +663,44 @@ class QuotaFS(pyfuse3.Operations):
         if fields.update_size:
             self._truncate(node, attr.st_size, self._handles.get(fh) if fh else None)
         if fields.update_mode and not is_link:
-            os.chmod(self._proc(node), stat.S_IMODE(attr.st_mode))
+            self._chmod(node, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
             syscalls.fchown_path_fd(self._fd(node), attr.st_uid if fields.update_uid else -1,
                                     attr.st_gid if fields.update_gid else -1)
         if fields.update_atime or fields.update_mtime:
             atime = attr.st_atime_ns if fields.update_atime else None
             mtime = attr.st_mtime_ns if fields.update_mtime else None
-            syscalls.utimens_path_fd(self._fd(node), atime, mtime)  # symlinks too (lutimes)
+            self._set_times(node, atime, mtime)
         if not (fields.update_size or fields.update_mode or fields.update_uid
                 or fields.update_gid or fields.update_atime or fields.update_mtime):
             # chown(f, -1, -1): the kernel sends a setattr that changes nothing, where the
             # backing filesystem would still have updated ctime. Do the same chown there.
             syscalls.fchown_path_fd(self._fd(node), -1, -1)
         return self._attrs(node, self._stat(node))
+
+    def _chmod(self, node: Node, mode: int) -> None:
+        path = self._proc(node)
+        if self._identity.acting is not None:
+            old = stat.S_IMODE(self._stat(node).st_mode)
+            if mode == old & ~(stat.S_ISUID | stat.S_ISGID):
+                # Only set-id bits cleared: the kernel's kill-priv after another user's write
+                # or truncate, which it does with its own rights. It never grants access.
+                with self._as_daemon():
+                    os.chmod(path, mode)
+                return
+        os.chmod(path, mode)
+
+    def _set_times(self, node: Node, atime: int | None, mtime: int | None) -> None:
+        try:
+            syscalls.utimens_path_fd(self._fd(node), atime, mtime)  # symlinks too (lutimes)
+        except PermissionError:
+            # pyfuse3 turns "set to now" into explicit times, which only the owner may set;
+            # the kernel let a non-owner's request through, so it was "now", which needs
+            # write permission: let the backing filesystem check that.
+            if self._identity.acting is None:
+                raise
+            syscalls.utimens_path_fd(self._fd(node), None if atime is None else syscalls.NOW,
+                                     None if mtime is None else syscalls.NOW)
 
     def _truncate(self, node: Node, size: int, handle: Handle | None) -> None:
         if node.kind != stat.S_IFREG:
@@ -615,7 +748,6 @@ class QuotaFS(pyfuse3.Operations):
         except BaseException:
             self.ledger.remove_inode()
             raise
-        self._set_owner(name, parent, ctx)
         return self._lookup_entry(parent, name)[1]
 
     @handler
@@ -633,7 +765,6 @@ class QuotaFS(pyfuse3.Operations):
             self.ledger.remove_inode()
             self.ledger.credit(cost)
             raise
-        self._set_owner(name, parent, ctx)
         node, entry = self._lookup_entry(parent, name)
         node.charged = cost
         return entry
@@ -653,7 +784,6 @@ class QuotaFS(pyfuse3.Operations):
             self.ledger.remove_inode()
             self.ledger.credit(cost)
             raise
-        self._set_owner(name, parent, ctx)
         node, entry = self._lookup_entry(parent, name)
         node.charged = cost
         return entry
@@ -771,6 +901,8 @@ class QuotaFS(pyfuse3.Operations):
         return self._open_node(self._node(inode), flags)
 
     def _open_node(self, node: Node, flags: int) -> pyfuse3.FileInfo:
+        if self._checking is not None:
+            permissions.require(self._may(node, permissions.open_mask(flags)))
         fd = os.open(self._proc(node), flags & ~_STRIP_OPEN_FLAGS)
         fh = self._new_handle(node, fd, flags)
         try:
@@ -795,17 +927,21 @@ class QuotaFS(pyfuse3.Operations):
             self.ledger.remove_inode()
             if flags & os.O_EXCL:
                 raise
-            # Lost a race with another creator: open what is there, as O_CREAT would.
+            # Lost a race with another creator: open what is there, as O_CREAT would, with
+            # the caller's rights (the kernel checked only the directory's).
             st = os.stat(name, dir_fd=self._fd(parent), follow_symlinks=False)
             node = self._remember(parent, name, st)
-            fi = self._open_node(node, flags)
+            try:
+                fi = self._open_node(node, flags)
+            except BaseException:
+                self._drop_if_unused(node)
+                raise
             node.lookups += 1
             return fi, self._attrs(node, self._stat(node))
         except BaseException:
             self.ledger.remove_inode()
             raise
         try:
-            self._set_owner(fd, parent, ctx)
             st = os.fstat(fd)
             node = self._remember(parent, name, st)
         except BaseException:
@@ -1060,7 +1196,10 @@ class QuotaFS(pyfuse3.Operations):
     @handler
     def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> Sequence[XAttrNameT]:
         node = self._node(inode)
-        return [XAttrNameT(os.fsencode(n)) for n in os.listxattr(self._xattr_path(node))]
+        names = [XAttrNameT(os.fsencode(n)) for n in os.listxattr(self._xattr_path(node))]
+        if ctx.uid != 0:  # the daemon's CAP_SYS_ADMIN lists trusted.*; the caller's would not
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     @handler
     def removexattr(self, inode: InodeT, name: XAttrNameT,

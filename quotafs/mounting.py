@@ -126,11 +126,12 @@ def start_daemon(config: MountConfig, detach: bool) -> Daemon:
     with us (PR_SET_PDEATHSIG).
     """
     read_fd, write_fd = os.pipe()
+    config_fd = _config_descriptor(config)
     log = open(log_path(config.mountpoint), "ab") if detach else None  # noqa: SIM115
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "quotafs.daemon", config.to_json(), str(write_fd)],
-            pass_fds=(write_fd,),
+            [sys.executable, "-m", "quotafs.daemon", str(config_fd), str(write_fd)],
+            pass_fds=(write_fd, config_fd),
             stdin=subprocess.DEVNULL,
             stdout=log if detach else None,
             stderr=log if detach else None,
@@ -144,6 +145,7 @@ def start_daemon(config: MountConfig, detach: bool) -> Daemon:
                            ExitCode.DAEMON) from None
     finally:
         os.close(write_fd)
+        os.close(config_fd)
         if log is not None:
             log.close()
     try:
@@ -165,6 +167,22 @@ def start_daemon(config: MountConfig, detach: bool) -> Daemon:
         with open(record_path(config.mountpoint), "w") as f:
             json.dump({"pid": process.pid, **json.loads(config.to_json())}, f)
     return Daemon(process.pid, process, config)
+
+
+def _config_descriptor(config: MountConfig) -> int:
+    """The configuration in an anonymous memory file for the daemon to inherit: not on its
+    argv, which every user may read (ps) and ARG_MAX bounds."""
+    fd = os.memfd_create("quotafs-config", os.MFD_CLOEXEC)
+    try:
+        data = config.to_json().encode()
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _read_ready_line(fd: int, process: subprocess.Popen[bytes]) -> str:
@@ -222,8 +240,9 @@ def control_error(mountpoint: str, exc: OSError) -> QuotafsError:
         return QuotafsError(f"the quotafs daemon of {mountpoint} is gone: run "
                             f"'quotafs umount {mountpoint}'", ExitCode.NOT_QUOTAFS)
     if exc.errno in (errno.EPERM, errno.EACCES):
-        return QuotafsError(f"not allowed to change {mountpoint}: only the user who mounted "
-                            "it and root may", ExitCode.PERMISSION)
+        return QuotafsError(f"not allowed to change {mountpoint} or read its events and "
+                            "rules: only the user who mounted it and root may",
+                            ExitCode.PERMISSION)
     return QuotafsError(f"{mountpoint}: {exc.strerror}", ExitCode.FAILURE)
 
 
