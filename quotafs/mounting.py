@@ -52,24 +52,37 @@ def _open_state_dir() -> int:
     Files in it are reached through this descriptor, never by a path that could be swapped.
     """
     base = _state_base()
-    os.makedirs(os.path.dirname(base), exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(base, 0o700)
+    fd = -1
     try:
-        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(base, 0o700)
+        st = os.lstat(base)
+        problem = _state_dir_problem(st)
+        if problem is None:
+            fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if not os.path.samestat(os.fstat(fd), st):
+                problem = "was replaced while it was checked"
     except OSError as exc:
-        why = {errno.ELOOP: "is a symbolic link",
-               errno.ENOTDIR: "is not a directory"}.get(exc.errno or 0, exc.strerror)
-        raise QuotafsError(f"refusing the state directory {base}: it {why}",
-                           ExitCode.PERMISSION) from None
-    st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        os.close(fd)
-        why = (f"is owned by uid {st.st_uid}" if st.st_uid != os.geteuid()
-               else f"has mode {st.st_mode & 0o777:o}, not 700")
-        raise QuotafsError(f"refusing the state directory {base}: it {why}",
+        problem = f"cannot be made or opened: {exc.strerror}"
+    if problem is not None:
+        if fd >= 0:
+            os.close(fd)
+        raise QuotafsError(f"refusing the state directory {base}: it {problem}",
                            ExitCode.PERMISSION)
     return fd
+
+
+def _state_dir_problem(st: os.stat_result) -> str | None:
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by you (uid {os.geteuid()})"
+    if st.st_mode & 0o077:
+        return f"has mode {st.st_mode & 0o777:o}: others must have no access (700)"
+    return None
 
 
 def state_dir() -> str:
