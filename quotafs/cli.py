@@ -263,6 +263,7 @@ def _extra_commands() -> list[Callable[[Any], None]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    mounting.ISOLATE_PROBES = True  # a command never hangs on a sick mount
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

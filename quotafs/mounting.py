@@ -23,11 +23,13 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import IO, Any
 
+from quotafs import probe as _probe
 from quotafs.control import SET, STATUS
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.mountconfig import MountConfig
 from quotafs.mountinfo import MountInfo
 from quotafs.mountinfo import find_mount as find_mount  # re-exported for callers
+from quotafs.probe import Op, Result
 
 READY_TIMEOUT = 60.0
 # How long a probe of a mount (status, set, fault, events, umount) waits for its daemon.
@@ -337,7 +339,9 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
     try:
         _, stderr = proc.communicate(timeout=PROBE_TIMEOUT)
     except subprocess.TimeoutExpired:
-        _abandon(proc)
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(1)  # else it waits in the kernel; init reaps it later
         raise NoAnswer(mountpoint) from None
     if proc.returncode != 0:
         message = (stderr.strip().splitlines() or ["unmount failed"])[-1]
@@ -384,65 +388,25 @@ class NoAnswer(QuotafsError):
                          ExitCode.DAEMON)
 
 
-# Run by a child process: a request to a stopped daemon cannot be interrupted in the
-# thread that made it, and a thread stuck there would keep our process from exiting. A
-# child that does not answer in time is killed (a request the daemon never read dies with
-# it) or, if the daemon read it and hangs, abandoned. Reads ops as JSON from stdin, prints
-# one JSON line per op, in order, in one process (the control channel keeps each set's
-# result for the caller's pid).
-_PROBE = """\
-import json, os, sys
-path = sys.argv[1]
-for op in json.loads(sys.stdin.read()):
+# The command line sets this: a command must exit even when a request it made is never
+# answered, so its probes run in a child process (see quotafs/probe.py).
+ISOLATE_PROBES = False
+
+
+def probe(mountpoint: str, ops: list[Op]) -> list[Result]:
+    """Run ("get", name) / ("set", name, value) / ("stat",) / ("statvfs",) on the mount
+    within PROBE_TIMEOUT (NoAnswer otherwise), in order, from one thread; results are bytes
+    or the OSError. A single op's OSError is raised rather than returned."""
+    run = _probe.in_child if ISOLATE_PROBES else _probe.in_thread
     try:
-        if op[0] == "get":
-            out = {"value": os.getxattr(path, bytes.fromhex(op[1])).hex()}
-        elif op[0] == "set":
-            os.setxattr(path, bytes.fromhex(op[1]), bytes.fromhex(op[2]))
-            out = {"value": ""}
-        else:
-            getattr(os, op[0])(path)
-            out = {"value": ""}
-    except OSError as exc:
-        out = {"errno": exc.errno}
-    print(json.dumps(out), flush=True)
-"""
-
-Op = tuple[str | bytes, ...]  # the op's name, then its bytes arguments
-
-
-def probe(mountpoint: str, ops: list[Op]) -> list[bytes | OSError]:
-    """Run ("get", name) / ("set", name, value) / ("stat",) / ("statvfs",) on the mount in
-    a child, within PROBE_TIMEOUT; values are bytes, results bytes or the OSError.
-    A single op's OSError is raised rather than returned."""
-    wire = [[op[0], *(v.hex() for v in op[1:] if isinstance(v, bytes))] for op in ops]
-    proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _PROBE, mountpoint],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    try:
-        out, _ = proc.communicate(json.dumps(wire).encode(), timeout=PROBE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        _abandon(proc)
-        raise NoAnswer(mountpoint) from None
-    results: list[bytes | OSError] = []
-    for line in out.decode().splitlines():
-        answer = json.loads(line)
-        if "errno" in answer:
-            results.append(OSError(answer["errno"], os.strerror(answer["errno"]), mountpoint))
-        else:
-            results.append(bytes.fromhex(answer["value"]))
-    if len(results) != len(ops):
-        raise QuotafsError(f"probing {mountpoint} failed (exit status {proc.returncode})",
-                           ExitCode.FAILURE)
+        results = run(mountpoint, ops, PROBE_TIMEOUT)
+    except (OSError, ValueError) as exc:  # the child itself failed
+        raise QuotafsError(f"cannot probe {mountpoint}: {exc}", ExitCode.FAILURE) from None
+    if results is None:
+        raise NoAnswer(mountpoint)
     if len(ops) == 1 and isinstance(results[0], OSError):
         raise results[0]
     return results
-
-
-def _abandon(proc: subprocess.Popen[Any]) -> None:
-    proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(1)  # else it waits in the kernel for the daemon; init reaps it later
 
 
 def get_control(mountpoint: str, name: bytes) -> bytes:

@@ -19,7 +19,7 @@ import pytest
 
 from quotafs import mounting
 from quotafs.errors import ExitCode
-from tests.conftest import fuse_unusable_reason
+from tests.conftest import MountFactory, fuse_unusable_reason
 
 pytestmark = pytest.mark.skipif(fuse_unusable_reason() is not None,
                                 reason=fuse_unusable_reason() or "")
@@ -314,3 +314,20 @@ def test_non_owner_umount_exits_permission(shared_tmp: str, cleanup: list[str]) 
     assert_one_line(result, ExitCode.PERMISSION, "not allowed to unmount")
     assert mounting.find_mount(mnt) is not None
     assert quotafs("umount", mnt).returncode == 0
+
+
+def test_api_controls_of_a_stopped_daemon_give_up_in_time(
+        mount_factory: MountFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python API probes from a worker thread: the caller gets NoAnswer in time."""
+    m = mount_factory("1M", no_cache=True)
+    monkeypatch.setattr(mounting, "PROBE_TIMEOUT", 1.0)
+    os.kill(m.pid, signal.SIGSTOP)
+    try:
+        for call in (m.status, lambda: m.set_limit("2M"), m.events, m.faults):
+            started = time.monotonic()
+            with pytest.raises(mounting.NoAnswer):
+                call()
+            assert time.monotonic() - started < 5
+    finally:
+        os.kill(m.pid, signal.SIGCONT)
+    assert m.usage()["used"] == 0  # serving again (the set that gave up may land late)
