@@ -32,8 +32,23 @@ from quotafs.mountinfo import find_mount as find_mount  # re-exported for caller
 from quotafs.probe import Op, Result
 
 READY_TIMEOUT = 60.0
-# How long a probe of a mount (status, set, fault, events, umount) waits for its daemon.
-PROBE_TIMEOUT = float(os.environ.get("QUOTAFS_PROBE_TIMEOUT", "10"))
+# How long a probe of a mount (status, set, fault, events, umount) waits for its daemon,
+# in seconds; QUOTAFS_PROBE_TIMEOUT overrides it.
+PROBE_TIMEOUT = 10.0
+
+
+def probe_timeout() -> float:
+    text = os.environ.get("QUOTAFS_PROBE_TIMEOUT")
+    if text is None:
+        return PROBE_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 86400:
+        raise QuotafsError(f"QUOTAFS_PROBE_TIMEOUT={text!r}: not a number of seconds "
+                           "between 0 and 86400", ExitCode.USAGE)
+    return value
 
 
 # -- where things are ---------------------------------------------------------------------
@@ -334,15 +349,16 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
         cmd = ["umount", "-c", *(["-l"] if lazy else []), mountpoint]
     else:
         cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
+    timeout = probe_timeout()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        _, stderr = proc.communicate(timeout=PROBE_TIMEOUT)
+        _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(1)  # else it waits in the kernel; init reaps it later
-        raise NoAnswer(mountpoint) from None
+        raise NoAnswer(mountpoint, timeout) from None
     if proc.returncode != 0:
         message = (stderr.strip().splitlines() or ["unmount failed"])[-1]
         raise QuotafsError(f"cannot unmount {mountpoint}: {message}", _unmount_code(message))
@@ -381,9 +397,9 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
 class NoAnswer(QuotafsError):
     """The daemon did not answer a probe within PROBE_TIMEOUT (stopped, or stuck)."""
 
-    def __init__(self, mountpoint: str) -> None:
+    def __init__(self, mountpoint: str, waited: float) -> None:
         super().__init__(f"the quotafs daemon of {mountpoint} does not answer (waited "
-                         f"{PROBE_TIMEOUT:g} s): it is stopped or stuck; resume it, or "
+                         f"{waited:g} s): it is stopped or stuck; resume it, or "
                          f"detach the mount with 'quotafs umount --lazy {mountpoint}'",
                          ExitCode.DAEMON)
 
@@ -398,12 +414,13 @@ def probe(mountpoint: str, ops: list[Op]) -> list[Result]:
     within PROBE_TIMEOUT (NoAnswer otherwise), in order, from one thread; results are bytes
     or the OSError. A single op's OSError is raised rather than returned."""
     run = _probe.in_child if ISOLATE_PROBES else _probe.in_thread
+    timeout = probe_timeout()
     try:
-        results = run(mountpoint, ops, PROBE_TIMEOUT)
+        results = run(mountpoint, ops, timeout)
     except (OSError, ValueError) as exc:  # the child itself failed
         raise QuotafsError(f"cannot probe {mountpoint}: {exc}", ExitCode.FAILURE) from None
     if results is None:
-        raise NoAnswer(mountpoint)
+        raise NoAnswer(mountpoint, timeout)
     if len(ops) == 1 and isinstance(results[0], OSError):
         raise results[0]
     return results

@@ -320,7 +320,7 @@ def test_api_controls_of_a_stopped_daemon_give_up_in_time(
         mount_factory: MountFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Python API probes from a worker thread: the caller gets NoAnswer in time."""
     m = mount_factory("1M", no_cache=True)
-    monkeypatch.setattr(mounting, "PROBE_TIMEOUT", 1.0)
+    monkeypatch.setenv("QUOTAFS_PROBE_TIMEOUT", "1")
     os.kill(m.pid, signal.SIGSTOP)
     try:
         for call in (m.status, lambda: m.set_limit("2M"), m.events, m.faults):
