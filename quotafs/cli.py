@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from collections.abc import Callable, Sequence
@@ -117,6 +116,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.fg:
         from quotafs import daemon
 
+        mounting.check_overlap(config.mountpoint, config.backing)
         return daemon.run(config)
     started = mounting.start_daemon(config, detach=True)
     if not args.quiet:
@@ -127,18 +127,23 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    mountpoint = os.path.abspath(args.mountpoint)
+    mountpoint = mounting.resolve(args.mountpoint)
     info = mounting.find_mount(mountpoint)
     if info is None:
         raise QuotafsError(f"{args.mountpoint} is not mounted", ExitCode.NOT_QUOTAFS)
     if not info.is_quotafs:
         raise QuotafsError(f"{args.mountpoint} is not a quotafs mount ({info.fstype})",
                            ExitCode.NOT_QUOTAFS)
+    mounting.check_may_unmount(info)
     record = mounting.read_record(mountpoint)
     pid: int | None = None
     try:
         pid = int(mounting.read_status(mountpoint)["pid"])
         alive = True
+    except mounting.NoAnswer:
+        if not args.lazy:
+            raise
+        alive = True  # stopped or stuck: detach it; it may still have users
     except QuotafsError:
         alive = False  # "Transport endpoint is not connected": the daemon died
     if pid is None and record is not None:
@@ -258,6 +263,7 @@ def _extra_commands() -> list[Callable[[Any], None]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    mounting.ISOLATE_PROBES = True  # a command never hangs on a sick mount
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

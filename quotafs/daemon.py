@@ -29,6 +29,7 @@ from quotafs.fs import CACHE_TIMEOUT, Options, QuotaFS
 from quotafs.ledger import Ledger
 from quotafs.mountconfig import MountConfig
 from quotafs.mountinfo import find_mount
+from quotafs.mounting import forget_record
 
 log = logging.getLogger("quotafs")
 
@@ -64,7 +65,11 @@ def _mount_options(config: MountConfig) -> set[str]:
 def build_filesystem(config: MountConfig) -> QuotaFS:
     costs = Costs(Mode(config.accounting), config.block_size)
     ledger = Ledger(config.limit, config.inodes)
-    existing_bytes, existing_inodes = scan_backing(config.backing, costs)
+    try:
+        existing_bytes, existing_inodes = scan_backing(config.backing, costs)
+    except OSError as exc:  # e.g. a dead FUSE mount inside it (ENOTCONN), or EACCES
+        raise QuotafsError(f"cannot read the backing directory {config.backing}: "
+                           f"{exc.filename or '?'}: {exc.strerror}", ExitCode.BACKING) from None
     ledger.force_charge(existing_bytes)
     ledger.force_add_inodes(existing_inodes)
     owner = os.geteuid()  # with root, the only uid allowed to change settings
@@ -155,6 +160,8 @@ def run(config: MountConfig, ready_fd: int | None = None) -> int:
                                ExitCode.NO_FUSE) from exc
     except QuotafsError as exc:
         _tell(ready_fd, f"error {int(exc.code)} {exc}")
+        if ready_fd is None:  # mount --fg: nobody else will say it
+            print(f"quotafs: {exc}", file=sys.stderr)
         return int(exc.code)
     clean = False
     try:
@@ -165,6 +172,8 @@ def run(config: MountConfig, ready_fd: int | None = None) -> int:
         clean = True
     finally:
         pyfuse3.close(unmount=True)
+        if clean:  # a detached mount's record, written by the command that started us
+            forget_record(config.mountpoint, pid=os.getpid())
         if clean and config.private_backing and not config.keep_backing:
             shutil.rmtree(config.backing, ignore_errors=True)
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -23,15 +22,11 @@ from quotafs.faults import Rule, RuleSpec, spec_from_args
 def _request(mountpoint: str, name: bytes, payload: dict[str, Any]) -> dict[str, Any]:
     """setxattr a control request, then read this process's result (id or error)."""
     path = mounting.require_quotafs(mountpoint)
-    try:
-        os.setxattr(path, name, json.dumps(payload).encode())
-        failed: OSError | None = None
-    except OSError as exc:
-        failed = exc
-    try:
-        result: dict[str, Any] = json.loads(os.getxattr(path, RESULT) or b"{}")
-    except OSError:
-        result = {}
+    # One probe process for both: the daemon keeps the result for the caller's pid.
+    done, answer = mounting.probe(path, [("set", name, json.dumps(payload).encode()),
+                                         ("get", RESULT)])
+    failed = done if isinstance(done, OSError) else None
+    result: dict[str, Any] = {} if isinstance(answer, OSError) else json.loads(answer or b"{}")
     if failed is not None:
         if result.get("error"):
             code = ExitCode.USAGE
@@ -41,11 +36,7 @@ def _request(mountpoint: str, name: bytes, payload: dict[str, Any]) -> dict[str,
 
 
 def _get(mountpoint: str, name: bytes) -> bytes:
-    path = mounting.require_quotafs(mountpoint)
-    try:
-        return os.getxattr(path, name)
-    except OSError as exc:
-        raise mounting.control_error(path, exc) from None
+    return mounting.get_control(mounting.require_quotafs(mountpoint), name)
 
 
 # -- Python-level API (used by quotafs.api too) -------------------------------------------
