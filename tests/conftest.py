@@ -7,12 +7,18 @@ import dataclasses
 import itertools
 import os
 import re
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import quotafs
 from quotafs import mounting
 from quotafs.api import QuotaMount, mounted
 from quotafs.mountconfig import MountConfig
@@ -176,3 +182,58 @@ def _check_daemon_logs(request: pytest.FixtureRequest,
     if unexpected:
         pytest.fail("the quotafs daemon logged during this test:\n" + "\n".join(unexpected),
                     pytrace=False)
+
+
+# -- an interpreter that nobody may run (the project's venv may sit below /root) -----------
+
+NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@dataclass
+class NobodyEnv:
+    top: Path  # everything of the test lives here, readable by nobody
+    python: str  # the venv's interpreter, executable by nobody
+    src: Path  # PYTHONPATH: the copy of the package
+
+
+def _nobody_setup_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to make a mount namespace and a device node"
+    for tool in ("unshare", "setpriv", "fusermount3", "mount", "df"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        return f"{SYSTEM_PYTHON} is missing"
+    return None
+
+
+def run_capture(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def nobody_env() -> Iterator[NobodyEnv]:
+    """For tests that run quotafs as nobody: a venv of /usr/bin/python3 with the project's
+    pyfuse3 and trio and a copy of the package, made once per session (a pip install:
+    pyfuse3 may compile against libfuse3-dev)."""
+    reason = _nobody_setup_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    top = Path(tempfile.mkdtemp(prefix="quotafs-nobody-"))
+    try:
+        top.chmod(0o755)
+        venv = top / "venv"
+        made  = run_capture([SYSTEM_PYTHON, "-m", "venv", str(venv)])
+        assert made.returncode == 0, f"{SYSTEM_PYTHON} -m venv failed: {made.stderr}"
+        pins = [f"pyfuse3=={version('pyfuse3')}", f"trio=={version('trio')}"]
+        pip  = run_capture([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input",
+                    "--disable-pip-version-check", "-q", *pins])
+        assert pip.returncode == 0, f"pip install {' '.join(pins)} failed:\n{pip.stderr}"
+        src = top / "src"
+        shutil.copytree(Path(quotafs.__file__).parent, src / "quotafs",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        run_capture(["chmod", "-R", "a+rX", str(top)])
+        yield NobodyEnv(top, str(venv / "bin" / "python"), src)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

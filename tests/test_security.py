@@ -29,7 +29,7 @@ import pytest
 
 from quotafs.api import QuotaMount, mounted
 from quotafs.errors import ExitCode
-from tests.conftest import fuse_unusable_reason
+from tests.conftest import NobodyEnv, fuse_unusable_reason
 from tests.test_posix import Err, as_user, read
 
 pytestmark = pytest.mark.skipif(
@@ -310,7 +310,8 @@ def test_setgid_directory_gives_its_group_and_strips_sgid_like_the_backing(
 # -- events and fault rules are the mount owner's ---------------------------------------
 
 
-def test_events_and_rules_are_the_owners_status_is_public(setup: Setup) -> None:
+def test_events_and_rules_are_the_owners_status_is_public(setup: Setup,
+                                                          nobody_env: NobodyEnv) -> None:
     s = setup
     s.mount.add_fault("open", errno="EIO", path="/t/private/*")
     os.mkdir(J(s.mnt, "private"), 0o700)
@@ -331,8 +332,9 @@ def test_events_and_rules_are_the_owners_status_is_public(setup: Setup) -> None:
     for command in (["events"], ["fault", "list"]):
         result = subprocess.run(
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-             sys.executable, "-m", "quotafs", *command, s.mount.path],
-            capture_output=True, text=True, timeout=60)
+             nobody_env.python, "-m", "quotafs", *command, s.mount.path],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": str(nobody_env.src)})
         assert result.returncode == ExitCode.PERMISSION, result
         assert "/t/private" not in result.stdout + result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -13,71 +13,14 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
-import pytest
-
-import quotafs
 from quotafs import mounting
+from tests.conftest import NOBODY, NobodyEnv, run_capture
 
-NOBODY = 65534
-SYSTEM_PYTHON = "/usr/bin/python3"
 LIMIT = 64 * 1024
-
-
-@dataclass
-class NobodyEnv:
-    top: Path  # everything of the test lives here, readable by nobody
-    python: str  # the venv's interpreter, executable by nobody
-    src: Path  # PYTHONPATH: the copy of the package
-
-
-def _setup_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to make a mount namespace and a device node"
-    for tool in ("unshare", "setpriv", "fusermount3", "mount", "df"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    if not os.access(SYSTEM_PYTHON, os.X_OK):
-        return f"{SYSTEM_PYTHON} is missing"
-    return None
-
-
-def _run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def nobody_env() -> Iterator[NobodyEnv]:
-    """A venv of /usr/bin/python3 with the project's pyfuse3 and trio, made once per
-    session (a pip install: pyfuse3 may compile against libfuse3-dev)."""
-    reason = _setup_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    top = Path(tempfile.mkdtemp(prefix="quotafs-nobody-"))
-    try:
-        top.chmod(0o755)
-        venv = top / "venv"
-        made = _run([SYSTEM_PYTHON, "-m", "venv", str(venv)])
-        assert made.returncode == 0, f"{SYSTEM_PYTHON} -m venv failed: {made.stderr}"
-        pins = [f"pyfuse3=={version('pyfuse3')}", f"trio=={version('trio')}"]
-        pip = _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input",
-                    "--disable-pip-version-check", "-q", *pins])
-        assert pip.returncode == 0, f"pip install {' '.join(pins)} failed:\n{pip.stderr}"
-        src = top / "src"
-        shutil.copytree(Path(quotafs.__file__).parent, src / "quotafs",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        _run(["chmod", "-R", "a+rX", str(top)])
-        yield NobodyEnv(top, str(venv / "bin" / "python"), src)
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
-
 
 # Run by nobody: mount, fill past the limit, df, fusermount3 -u. Prints one JSON line.
 SCENARIO = """
@@ -172,7 +115,7 @@ def test_nobody_mounts_fills_and_unmounts_with_fusermount3(nobody_env: NobodyEnv
     (top / "inside.py").write_text(INSIDE)
     host_fuse = os.stat("/dev/fuse")
     try:
-        result = _run(["unshare", "--mount", "--propagation", "private", sys.executable,
+        result = run_capture(["unshare", "--mount", "--propagation", "private", sys.executable,
                        str(top / "inside.py"), str(top), nobody_env.python,
                        str(nobody_env.src), str(LIMIT)], timeout=400)
         assert result.returncode == 0, result.stderr
