@@ -58,8 +58,8 @@ class QuotaMount:
     def usage(self) -> dict[str, Any]:
         """used / reserved / free / limit / inodes, in bytes and counts."""
         s = self.status()
-        keys = ("limit", "used", "reserved", "free", "inode_limit", "inodes_used",
-                "enospc_count")
+        keys = ("limit", "used", "reserved", "free", "root_reserve", "available",
+                "inode_limit", "inodes_used", "enospc_count")
         return {k: s[k] for k in keys}
 
     def set_limit(self, limit: SizeLike) -> None:
@@ -67,6 +67,10 @@ class QuotaMount:
 
     def set_inode_limit(self, inodes: int | None) -> None:
         mounting.set_limits(self.path, inodes=inodes)
+
+    def set_reserve(self, reserve: int | str) -> None:
+        """Root's reserve: "5%" of the current limit, a size ("6M", bytes), or 0."""
+        mounting.set_limits(self.path, reserve=reserve)
 
     def events(self, after: int = 0) -> list[dict[str, Any]]:
         """Quota ENOSPCs and fired faults (seq > after), oldest first."""
@@ -130,6 +134,9 @@ class TrioControls:
 
     async def set_inode_limit(self, inodes: int | None) -> None:
         await self._call(self._mount.set_inode_limit, inodes)
+
+    async def set_reserve(self, reserve: int | str) -> None:
+        await self._call(self._mount.set_reserve, reserve)
 
     async def add_fault(self, op: str | list[str], **trigger_and_effect: Any) -> str:
         rule_id: str = await self._call(self._mount.add_fault, op, **trigger_and_effect)
@@ -203,8 +210,18 @@ def _start_daemon(config: MountConfig) -> mounting.Daemon:
     return _spawner.start(config)
 
 
+def _reserve(limit: SizeLike, options: dict[str, Any]) -> int:
+    """reserve="5%" or a size, resolved against the limit as `--reserve` is."""
+    from quotafs.reserve import resolve_reserve
+
+    blocks = options.get("accounting", "blocks") == "blocks"
+    unit = _bytes(options.get("block_size", 4096)) if blocks else 1
+    return resolve_reserve(options.get("reserve"), _bytes(limit), unit or 1)
+
+
 def _start(limit: SizeLike, backing: str | None, mountpoint: str | None,
            options: dict[str, Any]) -> tuple[QuotaMount, bool]:
+    options["reserve"] = _reserve(limit, options)
     own_mountpoint = mountpoint is None
     path = tempfile.mkdtemp(prefix="quotafs-mnt-") if mountpoint is None else mountpoint
     try:
@@ -253,7 +270,8 @@ def mounted(limit: SizeLike = None, backing: str | None = None,
             mountpoint: str | None = None, **options: Any) -> Iterator[QuotaMount]:
     """Mount quotafs (a fresh temp mount point unless given) and unmount on exit.
 
-    Options are those of `quotafs mount`, as keywords: inodes, accounting, block_size,
+    Options are those of `quotafs mount`, as keywords: inodes, reserve ("5%" or a size
+    that only root may use; default 0), accounting, block_size,
     mmap_sigbus, allow_other, no_cache, keep_backing, fsname, debug, seed, rules (a list
     of rule dicts as in a rules file), rules_file.
     """

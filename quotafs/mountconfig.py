@@ -16,6 +16,7 @@ class MountConfig:
     private_backing: bool = False
     keep_backing: bool = False
     inodes: int | None = None
+    reserve: int = 0  # bytes below the limit for root only (resolved from --reserve)
     accounting: str = "blocks"
     block_size: int = 4096
     allow_other: bool = False

@@ -245,7 +245,7 @@ def read_status(path: str) -> dict[str, Any]:
     return status
 
 
-def set_limits(path: str, **changes: int | None) -> None:
+def set_limits(path: str, **changes: int | str | None) -> None:
     mountpoint = require_quotafs(path)
     try:
         os.setxattr(mountpoint, SET, json.dumps(changes).encode())

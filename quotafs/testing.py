@@ -66,7 +66,7 @@ _BOOLS = ("mmap_sigbus", "allow_other", "no_cache", "keep_backing", "debug")
 _PATHS = ("backing", "rules_file")
 OPTION_NAMES = ("limit", "inodes", "accounting", "block_size", "mmap_sigbus", "seed", "rules",
                 "rules_file", "backing", "keep_backing", "allow_other", "no_cache", "fsname",
-                "debug")
+                "debug", "reserve")
 
 
 class QuotafsLeakWarning(UserWarning):
@@ -104,6 +104,17 @@ def _count(name: str, value: Any) -> int | None:
     raise OptionError(f"{name} must be a whole number >= 0 or None, got {value!r}")
 
 
+def _check_reserve(value: Any) -> Any:
+    """Syntax only: "5%" is resolved against the limit at mount."""
+    from quotafs.reserve import resolve_reserve
+
+    try:
+        resolve_reserve(value, 2**62, 1)
+    except QuotafsError as exc:
+        raise OptionError(f"reserve: {exc}") from None
+    return value
+
+
 def _check(name: str, value: Any) -> Any:
     if name in _SIZES:
         size = _size(name, value, allow_none=name == "limit")
@@ -112,6 +123,8 @@ def _check(name: str, value: Any) -> Any:
         return size
     if name in ("inodes", "seed"):
         return _count(name, value)
+    if name == "reserve":
+        return _check_reserve(value)
     if name == "accounting":
         if value not in ("blocks", "apparent"):
             raise OptionError(f"accounting must be 'blocks' or 'apparent', got {value!r}")
