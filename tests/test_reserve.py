@@ -1,0 +1,181 @@
+"""Root's reserve (`--reserve`), as ext4's reserved blocks: other users stop at
+limit - reserve and see it in df Avail, root writes on into it. On real mounts, with the
+other user a real child process of uid 65534 on an --allow-other mount."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from quotafs import cli
+from quotafs.api import QuotaMount
+from quotafs.errors import QuotafsError
+from quotafs.testing import OptionError, mount_options
+from tests.conftest import MountFactory, needs_root
+
+KiB = 1024
+MiB = 1024 * KiB
+NOBODY = 65534
+
+def _as(uid: int, fn: Callable[[], object]) -> Any:
+    """fn() in a forked child that has become `uid` (real, effective, saved; no groups);
+    its JSON-able result. (A fork, not an exec: this venv's Python may not be executable
+    by that user.)"""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read_end)
+            if uid != 0:
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+            os.write(write_end, json.dumps(fn()).encode())
+            os._exit(0)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            os._exit(1)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return json.loads(out)
+
+
+def _errno_of(call: Callable[[], object]) -> str | None:
+    try:
+        call()
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+    return None
+
+
+def _fill(uid: int, path: str, fd: int | None = None) -> dict[str, Any]:
+    """Append 4 KiB writes to `path` (or the open `fd`) as `uid` until an error."""
+    def fill() -> dict[str, Any]:
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if fd is None \
+            else fd
+        written = 0
+        err = _errno_of(lambda: [os.write(out, b"x" * 4096) for _ in iter(int, 1)])
+        written = os.fstat(out).st_size
+        return {"written": written, "errno": err}
+
+    result: dict[str, Any] = _as(uid, fill)
+    return result
+
+
+def _shared(m: QuotaMount) -> str:
+    """A directory of the mount that the other user may write to."""
+    os.chmod(m.path, 0o755)  # mkdtemp's 0700
+    d = os.path.join(m.path, "shared")
+    os.mkdir(d)
+    os.chmod(d, 0o1777)
+    return d
+
+
+def _df(m: QuotaMount) -> tuple[int, int, int]:
+    st = os.statvfs(m.path)
+    return st.f_blocks * st.f_frsize, st.f_bfree * st.f_frsize, st.f_bavail * st.f_frsize
+
+
+@needs_root
+def test_other_users_stop_at_limit_minus_reserve_root_writes_on(
+        mount_factory: MountFactory) -> None:
+    m = mount_factory("1M", reserve="256K", allow_other=True)
+    d = _shared(m)
+    assert _df(m) == (MiB, MiB - 4 * KiB, MiB - 4 * KiB - 256 * KiB)  # the dir's block
+    other = _fill(NOBODY, os.path.join(d, "nobody.dat"))
+    assert other["errno"] == "ENOSPC"
+    assert m.usage()["used"] == MiB - 256 * KiB  # exactly where the reserve begins
+    assert os.stat(os.path.join(d, "nobody.dat")).st_uid == NOBODY
+    # df as ext4 shows it: Avail 0 for everyone but root, the reserve still free for root
+    assert _df(m) == (MiB, 256 * KiB, 0)
+    assert _as(NOBODY, lambda: _errno_of(lambda: os.mkdir(os.path.join(d, "sub")))) \
+        == "ENOSPC"
+    root = _fill(0, os.path.join(d, "root.dat"))
+    assert (root["errno"], root["written"]) == ("ENOSPC", 256 * KiB)
+    assert m.usage()["used"] == MiB
+    assert os.path.getsize(os.path.join(d, "nobody.dat")) == other["written"]
+
+
+@needs_root
+def test_a_handle_keeps_its_openers_rights(mount_factory: MountFactory) -> None:
+    """write(2) carries no caller: the handle's opener decides (here root opens, then the
+    writes come from a process that is no longer root through that descriptor)."""
+    m = mount_factory("1M", reserve="512K", allow_other=True)
+    d = _shared(m)
+    _fill(NOBODY, os.path.join(d, "nobody.dat"))
+    fd = os.open(os.path.join(d, "root-opened.dat"), os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        assert _fill(NOBODY, "", fd) == {"written": 512 * KiB, "errno": "ENOSPC"}
+    finally:
+        os.close(fd)
+    assert m.usage()["used"] == MiB
+
+
+@needs_root
+def test_set_reserve_live(mount_factory: MountFactory,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    m = mount_factory("1M", allow_other=True)
+    d = _shared(m)
+    assert _df(m)[2] == MiB - 4 * KiB  # default 0: every user gets the whole limit
+    assert cli.main(["set", m.path, "--reserve", "50%"]) == 0
+    assert "reserve 512.0 KiB" in capsys.readouterr().out
+    assert m.usage()["root_reserve"] == 512 * KiB
+    assert _df(m)[2] == 512 * KiB - 4 * KiB
+    assert _fill(NOBODY, os.path.join(d, "a"))["errno"] == "ENOSPC"
+    assert m.usage()["used"] == 512 * KiB
+    m.set_reserve("128K")
+    assert _fill(NOBODY, os.path.join(d, "b"))["written"] == 384 * KiB
+    m.set_reserve(0)
+    assert _fill(NOBODY, os.path.join(d, "c"))["written"] == 128 * KiB
+    assert m.usage()["used"] == MiB
+    assert cli.main(["status", m.path]) == 0
+    assert "reserve:      0 B" in capsys.readouterr().out
+    assert cli.main(["status", "--json", m.path]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["root_reserve"], status["available"]) == (0, 0)
+
+
+def test_set_reserve_refuses_what_does_not_fit(mount_factory: MountFactory,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    m = mount_factory("1M", reserve="10%")
+    assert m.usage()["root_reserve"] == 25 * 4 * KiB  # 10% of 256 blocks, rounded down
+    with pytest.raises(QuotafsError, match="larger than the limit"):
+        m.set_reserve("2M")
+    with pytest.raises(QuotafsError, match="needs a limit"):
+        m.set_limit(None)  # a reserve of an unlimited mount would mean nothing
+    assert cli.main(["set", m.path, "--reserve", "5x"]) == 2
+    assert "invalid size" in capsys.readouterr().err
+    assert m.usage()["root_reserve"] == 100 * KiB and m.usage()["limit"] == MiB
+    m.set_limit(2 * MiB)  # a reserve is bytes, as ext4's reserved block count
+    assert m.usage()["root_reserve"] == 100 * KiB
+
+
+def test_reserve_is_validated_before_anything_is_made(
+        tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in (["--reserve", "5%"], ["--limit", "1M", "--reserve", "101%"],
+                ["--limit", "1M", "--reserve", "2M"], ["--limit", "1M", "--reserve", "x%"]):
+        with pytest.raises(SystemExit) as exited:  # argparse exits, main returns
+            raise SystemExit(cli.main(["run", *bad, "--", "true"]))
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "reserve" in err, err
+    with pytest.raises(OptionError, match="reserve"):
+        mount_options({"reserve": "5 percent"})
+    assert mount_options({"reserve": "5%"}) == {"reserve": "5%"}
+
+
+@pytest.mark.quotafs("1M", reserve="25%")
+def test_plugin_marker_takes_a_reserve(quota_mount: QuotaMount) -> None:
+    assert quota_mount.usage()["root_reserve"] == 256 * KiB
+    assert os.statvfs(quota_mount.path).f_bavail * os.statvfs(quota_mount.path).f_frsize \
+        == 768 * KiB
