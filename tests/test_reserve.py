@@ -15,6 +15,7 @@ import pytest
 from quotafs import cli
 from quotafs.api import QuotaMount
 from quotafs.errors import QuotafsError
+from quotafs.reserve import resolve_reserve
 from quotafs.testing import OptionError, mount_options
 from tests.conftest import MountFactory, needs_root
 
@@ -179,3 +180,11 @@ def test_plugin_marker_takes_a_reserve(quota_mount: QuotaMount) -> None:
     assert quota_mount.usage()["root_reserve"] == 256 * KiB
     assert os.statvfs(quota_mount.path).f_bavail * os.statvfs(quota_mount.path).f_frsize \
         == 768 * KiB
+
+
+def test_percent_counts_whole_blocks_as_mke2fs() -> None:
+    # mke2fs: 5% of 131,072 blocks is 6,553 reserved blocks (DESIGN.md fact 9)
+    assert resolve_reserve("5%", 131072 * KiB, KiB) == 6553 * KiB
+    assert resolve_reserve("0.5 %", 1000, 1) == 5
+    assert resolve_reserve("6M", 8 * MiB, 4096) == 6 * MiB
+    assert resolve_reserve(None, None, 4096) == resolve_reserve("0%", 1, 1) == 0

@@ -92,7 +92,8 @@ def test_ledger_basics() -> None:
 
 class LedgerMachine(RuleBasedStateMachine):
     """Whatever sequence of requests: used + reserved never passes the limit through a
-    grant, credits never go below zero, and the books balance."""
+    grant (nor limit - root reserve for a caller other than root), credits never go below
+    zero, and the books balance."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -101,15 +102,23 @@ class LedgerMachine(RuleBasedStateMachine):
         self.reserved = 0
         self.inodes = 0
 
+    def _ceiling(self) -> int | None:
+        """Where the current caller's grants must stop."""
+        limit = self.ledger.limit
+        if limit is None or self.ledger.privileged:
+            return limit
+        return limit - self.ledger.root_reserve
+
     @rule(n=st.integers(0, 400))
     def charge(self, n: int) -> None:
         before = self.ledger.used + self.ledger.reserved
+        ceiling = self._ceiling()
         if self.ledger.try_charge(n):
             self.charged += n
-            # a grant never takes usage past the limit (a zero charge takes nothing)
-            assert self.ledger.limit is None or n == 0 or before + n <= self.ledger.limit
+            # a grant never takes usage past the ceiling (a zero charge takes nothing)
+            assert ceiling is None or n == 0 or before + n <= ceiling
         else:
-            assert self.ledger.limit is not None and before + n > self.ledger.limit
+            assert ceiling is not None and before + n > ceiling
 
     @rule(n=st.integers(0, 400))
     def credit(self, n: int) -> None:
@@ -119,8 +128,10 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(0, 300))
     def reserve(self, n: int) -> None:
+        before, ceiling = self.ledger.used + self.ledger.reserved, self._ceiling()
         if self.ledger.try_reserve(n):
             self.reserved += n
+            assert ceiling is None or n == 0 or before + n <= ceiling
 
     @rule(n=st.integers(0, 300), convert=st.booleans())
     def settle(self, n: int, convert: bool) -> None:
@@ -135,6 +146,14 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(limit=st.integers(0, 1500))
     def set_limit(self, limit: int) -> None:
         self.ledger.set_limit(limit)  # may drop below usage: nothing is taken away
+
+    @rule(reserve=st.integers(0, 600))
+    def set_root_reserve(self, reserve: int) -> None:
+        self.ledger.set_limit(self.ledger.limit, reserve)  # may exceed the limit too
+
+    @rule(privileged=st.booleans())
+    def next_caller(self, privileged: bool) -> None:
+        self.ledger.privileged = privileged
 
     @rule()
     def add_inode(self) -> None:
@@ -154,7 +173,12 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.ledger.reserved == self.reserved >= 0
         assert self.ledger.inodes_used == self.inodes
         limit = self.ledger.limit if self.ledger.limit is not None else 2**63
-        assert self.ledger.free() == max(0, limit - self.charged - self.reserved)
+        for_root = max(0, limit - self.charged - self.reserved)
+        for_others = max(0, limit - self.ledger.root_reserve - self.charged - self.reserved)
+        stats = self.ledger.stats()
+        assert (stats.free, stats.available) == (for_root, for_others)
+        assert self.ledger.free() == (for_root if self.ledger.privileged else for_others)
+        assert stats.available == max(0, stats.free - stats.root_reserve)  # df's bavail
 
 
 TestLedgerMachine = LedgerMachine.TestCase
