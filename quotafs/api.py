@@ -210,28 +210,28 @@ def _start_daemon(config: MountConfig) -> mounting.Daemon:
     return _spawner.start(config)
 
 
-def _reserve(limit: SizeLike, options: dict[str, Any]) -> int:
-    """reserve="5%" or a size, resolved against the limit as `--reserve` is."""
-    from quotafs.reserve import resolve_reserve
+def _room(limit: SizeLike, options: dict[str, Any]) -> dict[str, Any]:
+    """like_ext4 and reserve="5%" resolved as `--like-ext4` and `--reserve` are."""
+    from quotafs.reserve import resolve_room
 
-    blocks = options.get("accounting", "blocks") == "blocks"
-    unit = _bytes(options.get("block_size", 4096)) if blocks else 1
-    return resolve_reserve(options.get("reserve"), _bytes(limit), unit or 1)
+    sized = {"limit": _bytes(limit), **options}
+    for name in ("like_ext4", "block_size"):
+        if name in sized:
+            sized[name] = _bytes(sized[name])
+    return resolve_room(sized)
 
 
 def _start(limit: SizeLike, backing: str | None, mountpoint: str | None,
            options: dict[str, Any]) -> tuple[QuotaMount, bool]:
-    options["reserve"] = _reserve(limit, options)
+    options = _room(limit, options)
     own_mountpoint = mountpoint is None
     path = tempfile.mkdtemp(prefix="quotafs-mnt-") if mountpoint is None else mountpoint
     try:
         path = mounting.check_mountpoint(path)
         mounting.check_fuse()
         backing_dir, private = mounting.prepare_backing(backing)
-        if "block_size" in options:
-            options["block_size"] = _bytes(options["block_size"])
         options["seed"], options["rules"] = _fault_settings(options)
-        config = MountConfig(mountpoint=path, backing=backing_dir, limit=_bytes(limit),
+        config = MountConfig(mountpoint=path, backing=backing_dir,
                              private_backing=private, die_with_parent=True, **options)
         daemon = _start_daemon(config)
     except BaseException:
@@ -271,7 +271,8 @@ def mounted(limit: SizeLike = None, backing: str | None = None,
     """Mount quotafs (a fresh temp mount point unless given) and unmount on exit.
 
     Options are those of `quotafs mount`, as keywords: inodes, reserve ("5%" or a size
-    that only root may use; default 0), accounting, block_size,
+    that only root may use; default 0), like_ext4 (a size: a default mkfs.ext4's room
+    for that image), accounting, block_size,
     mmap_sigbus, allow_other, no_cache, keep_backing, fsname, debug, seed, rules (a list
     of rule dicts as in a rules file), rules_file.
     """

@@ -68,7 +68,7 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="do not remove the private backing directory at unmount")
     p.add_argument("--accounting", choices=["blocks", "apparent"], default="blocks",
                    help="charge allocated blocks like ext4 (default) or apparent sizes")
-    p.add_argument("--block-size", type=_block_size, default=4096,
+    p.add_argument("--block-size", type=_block_size, default=None,
                    help="accounting block size, reported by statfs (default 4096)")
     p.add_argument("--inodes", type=_count, default=None,
                    help="inode limit: create/mkdir/... fail with ENOSPC past N inodes")
@@ -76,6 +76,10 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="keep the last PERCENT of the limit (5%%, as mkfs.ext4 does) or SIZE "
                         "for root, as ext4's reserved blocks: other users get ENOSPC and df "
                         "Avail there (default 0: every user gets the whole limit)")
+    p.add_argument("--like-ext4", metavar="SIZE", type=_size, default=None,
+                   help="the limit, reserve, block size and inodes of a default mkfs.ext4 "
+                        "of a SIZE image, measured (--limit/--reserve/--inodes override "
+                        "them; see docs/semantics.md)")
     sigbus = p.add_mutually_exclusive_group()
     sigbus.add_argument("--mmap-sigbus", dest="mmap_sigbus", action="store_true",
                         help="ext4-faithful mmap: SIGBUS at the faulting write past the "
@@ -113,19 +117,18 @@ def fault_settings(rules_file: str | None, seed: int | None) -> tuple[int, list[
 
 
 def _config(args: argparse.Namespace, mountpoint: str) -> MountConfig:
-    from quotafs.reserve import resolve_reserve
+    from quotafs.reserve import resolve_room
 
-    reserve = resolve_reserve(args.reserve, args.limit,
-                              args.block_size if args.accounting == "blocks" else 1)
+    room = resolve_room({name: getattr(args, name) for name in (
+        "like_ext4", "limit", "reserve", "inodes", "block_size", "accounting")})
     seed, rules = fault_settings(args.rules, args.seed)
     mounting.check_fuse()
     backing, private = mounting.prepare_backing(args.backing)
     return MountConfig(seed=seed, rules=rules,
-        mountpoint=mountpoint, backing=backing, limit=args.limit, private_backing=private,
-        keep_backing=args.keep_backing, inodes=args.inodes, accounting=args.accounting,
-        block_size=args.block_size, allow_other=args.allow_other, debug=args.debug,
+        mountpoint=mountpoint, backing=backing, private_backing=private,
+        keep_backing=args.keep_backing, allow_other=args.allow_other, debug=args.debug,
         fsname=args.fsname, mmap_sigbus=args.mmap_sigbus, no_cache=args.no_cache,
-        reserve=reserve,
+        **room,
     )
 
 
@@ -191,7 +194,9 @@ def _status_lines(status: dict[str, Any]) -> list[str]:
         + (f"  (for root; others: {size(status['available'])})"
            if status.get("root_reserve") else ""),
         f"reserve:      {size(status.get('root_reserve', 0))}  (for root only; as ext4's "
-        "reserved blocks)",
+        "reserved blocks)"
+        + (f"; kept back from everyone {size(status['kept_back'])}"
+           if status.get("kept_back") else ""),
         f"inodes:       {status['inodes_used']} used"
         + ("" if inode_limit is None else f" of {inode_limit}"),
         f"accounting:   {status['accounting']}, block size {status['block_size']}",

@@ -63,7 +63,7 @@ def _mount_options(config: MountConfig) -> set[str]:
 
 def build_filesystem(config: MountConfig) -> QuotaFS:
     costs = Costs(Mode(config.accounting), config.block_size)
-    ledger = Ledger(config.limit, config.inodes, config.reserve)
+    ledger = Ledger(config.limit, config.inodes, config.reserve, config.kept_back)
     existing_bytes, existing_inodes = scan_backing(config.backing, costs)
     ledger.force_charge(existing_bytes)
     ledger.force_add_inodes(existing_inodes)

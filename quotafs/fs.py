@@ -1025,9 +1025,9 @@ class QuotaFS(pyfuse3.Operations):
             free = min(backing.f_bavail * backing.f_frsize, stats.free) // block
         else:
             data.f_blocks = stats.limit // block
-            free = stats.free // block
+            free = stats.unallocated // block
         data.f_bfree = free
-        # As ext4 answers every caller: f_bavail leaves out root's reserve.
+        # As ext4 answers every caller: f_bavail leaves out root's reserve (and kept back).
         data.f_bavail = stats.available // block if stats.limit is not None else free
         if stats.inode_limit is None:
             data.f_files = stats.inodes_used + backing.f_ffree

@@ -9,6 +9,9 @@ The root reserve (ext4's reserved blocks, `--reserve`): the last `root_reserve` 
 the limit are for privileged callers only. `privileged` says whether the request being
 served is one (the daemon sets it before each request's synchronous body); every
 allocating method decides for that caller, and `free_for()` answers for either.
+
+Kept back (`--like-ext4` only): the last `kept_back` bytes are nobody's, root's neither,
+though statfs counts them free, as ext4 keeps clusters back for delayed allocation.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ class LedgerStats:
     limit: int | None
     used: int
     reserved: int
-    free: int  # for root (statfs f_bfree)
+    free: int  # what root may still allocate
     root_reserve: int
-    available: int  # for everyone else (statfs f_bavail)
+    available: int  # what everyone else may (statfs f_bavail)
+    kept_back: int
+    unallocated: int  # limit - used - reserved, kept back included (statfs f_bfree)
     inode_limit: int | None
     inodes_used: int
     enospc_count: int
@@ -40,10 +45,12 @@ class Ledger:
     """
 
     def __init__(self, limit: int | None = None, inode_limit: int | None = None,
-                 root_reserve: int = 0) -> None:
+                 root_reserve: int = 0, kept_back: int = 0) -> None:
         self._check_limit(limit, "limit")
         self._check_limit(inode_limit, "inode limit")
         self._check_reserve(root_reserve, limit)
+        self._check_reserve(kept_back, limit)
+        self.kept_back = kept_back
         self.limit = limit
         self.inode_limit = inode_limit
         self.root_reserve = root_reserve
@@ -69,7 +76,7 @@ class Ledger:
 
     def free_for(self, privileged: bool) -> int:
         """Bytes that a new allocation by such a caller may still take (never negative)."""
-        limit = UNLIMITED if self.limit is None else self.limit
+        limit = UNLIMITED if self.limit is None else self.limit - self.kept_back
         if not privileged:
             limit -= self.root_reserve
         return max(0, limit - self.used - self.reserved)
@@ -152,6 +159,7 @@ class Ledger:
         reserve = self.root_reserve if root_reserve is None else root_reserve
         self._check_limit(limit, "limit")
         self._check_reserve(reserve, limit)
+        self._check_reserve(self.kept_back, limit)
         self.limit, self.root_reserve = limit, reserve
 
     def set_inode_limit(self, inode_limit: int | None) -> None:
@@ -166,6 +174,9 @@ class Ledger:
             free=self.free_for(True),
             root_reserve=self.root_reserve,
             available=self.free_for(False),
+            kept_back=self.kept_back,
+            unallocated=self.free_for(True) if self.limit is None else max(
+                0, self.limit - self.used - self.reserved),
             inode_limit=self.inode_limit,
             inodes_used=self.inodes_used,
             enospc_count=self.enospc_count,

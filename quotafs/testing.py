@@ -61,12 +61,12 @@ FORCE_NO_LOOP_ENV = "QUOTAFS_TESTING_FORCE_NO_LOOP"
 REPORT_EVENTS = 20  # newest events shown in a failure report
 _BUSY_TRIES = 5  # polite unmounts at teardown (busy right after a child exits), ~1 s in all
 
-_SIZES = ("limit", "block_size")
+_SIZES = ("limit", "block_size", "like_ext4")
 _BOOLS = ("mmap_sigbus", "allow_other", "no_cache", "keep_backing", "debug")
 _PATHS = ("backing", "rules_file")
 OPTION_NAMES = ("limit", "inodes", "accounting", "block_size", "mmap_sigbus", "seed", "rules",
                 "rules_file", "backing", "keep_backing", "allow_other", "no_cache", "fsname",
-                "debug", "reserve")
+                "debug", "reserve", "like_ext4")
 
 
 class QuotafsLeakWarning(UserWarning):
@@ -117,7 +117,7 @@ def _check_reserve(value: Any) -> Any:
 
 def _check(name: str, value: Any) -> Any:
     if name in _SIZES:
-        size = _size(name, value, allow_none=name == "limit")
+        size = _size(name, value, allow_none=name != "block_size")
         if name == "block_size" and (size is None or size < 512 or size & (size - 1)):
             raise OptionError(f"block_size must be a power of two >= 512, got {value!r}")
         return size
