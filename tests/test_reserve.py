@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -188,3 +189,55 @@ def test_percent_counts_whole_blocks_as_mke2fs() -> None:
     assert resolve_reserve("0.5 %", 1000, 1) == 5
     assert resolve_reserve("6M", 8 * MiB, 4096) == 6 * MiB
     assert resolve_reserve(None, None, 4096) == resolve_reserve("0%", 1, 1) == 0
+
+
+# -- --like-ext4 against the recipe's ext4 (truncate -s 128M; mkfs.ext4; mount) ----------
+
+def _ext4_recipe(size: int) -> Any:
+    if os.geteuid() != 0:
+        pytest.skip("a loop ext4 needs root")
+    from quotafs.loopext4 import MIN_FREE, open_ext4_loop
+
+    return open_ext4_loop(MIN_FREE, image_size=size)
+
+
+def _df_h(path: str) -> list[str]:
+    out = subprocess.run(["df", "-h", "--output=size,avail", path], capture_output=True,
+                         text=True, check=True, timeout=30).stdout
+    return out.splitlines()[1].split()
+
+
+@needs_root
+def test_like_ext4_statfs_is_the_recipes_ext4(mount_factory: MountFactory) -> None:
+    m = mount_factory(like_ext4="128M")
+    mine = os.statvfs(m.path)
+    with _ext4_recipe(128 * MiB) as ext4:
+        ref = os.statvfs(ext4.mountpoint)
+        assert _df_h(m.path) == _df_h(ext4.mountpoint) == ["115M", "106M"]
+    same = ("f_bsize", "f_frsize", "f_bfree", "f_bavail", "f_ffree", "f_favail", "f_namemax")
+    assert {f: getattr(mine, f) for f in same} == {f: getattr(ref, f) for f in same}
+    assert (ref.f_bsize, ref.f_bfree, ref.f_bavail) == (1024, 117189, 108015)  # fact 9
+    # What mkfs used itself (root directory, lost+found, reserved inodes) is no part of
+    # the limit: quotafs's size and inode count are ext4's free blocks and inodes.
+    assert (mine.f_blocks, mine.f_files) == (ref.f_bfree, ref.f_ffree)
+    usage = m.usage()
+    assert usage["root_reserve"] == 6553 * KiB and usage["free"] == (117189 - 2621) * KiB
+
+
+@needs_root
+def test_like_ext4_writers_stop_where_the_recipes_ext4_stops(
+        mount_factory: MountFactory) -> None:
+    """4 KiB writes, as another user and then as root, on both: within a few blocks
+    (measured: 2 KiB and 1 KiB apart; ext4 spends a block or two on metadata)."""
+    m = mount_factory(like_ext4="128M", allow_other=True)
+    mine = {uid: _fill(uid, os.path.join(_shared(m), f"{uid}.dat")) for uid in (NOBODY,)}
+    with _ext4_recipe(128 * MiB) as ext4:
+        d = os.path.join(ext4.mountpoint, "shared")
+        os.mkdir(d)
+        os.chmod(d, 0o1777)
+        ref = {NOBODY: _fill(NOBODY, os.path.join(d, "n.dat"))}
+        ref[0] = _fill(0, os.path.join(d, "r.dat"))
+    mine[0] = _fill(0, os.path.join(m.path, "shared", "r.dat"))
+    for uid in (NOBODY, 0):
+        assert ref[uid]["errno"] == mine[uid]["errno"] == "ENOSPC"
+        assert abs(int(mine[uid]["written"]) - int(ref[uid]["written"])) <= 8 * KiB, uid
