@@ -327,18 +327,31 @@ class Ext4Mount:
 
     @property
     def write_capacity_hint(self) -> int:
-        """About what write(2) can store: free space minus ext4's reserved clusters."""
+        """About what write(2) can store as root: free space minus ext4's reserved
+        clusters. Other users get root_reserve_bytes less."""
         return self.loop.write_capacity_hint
+
+    @property
+    def root_reserve_bytes(self) -> int:
+        """ext4's reserved blocks, which only root may use (5% of a default mkfs)."""
+        return self.loop.root_reserve_bytes
+
+    def quotafs_options(self) -> dict[str, int]:
+        """limit and reserve for quotafs.mounted(**...): the same room as this ext4 for
+        root and for every other user."""
+        return self.loop.quotafs_options()
 
     def usage(self) -> dict[str, Any]:
         """The keys of QuotaMount.usage(), from statvfs: limit is the free space at mkfs,
-        used what has gone since, free what is left for root (f_bfree); inode_limit and
-        inodes_used likewise. ext4 neither counts its ENOSPCs nor reserves pages for mmap:
-        enospc_count and reserved are None."""
+        used what has gone since, free what is left for root (f_bfree), available what is
+        left for everyone else (f_bavail); inode_limit and inodes_used likewise. ext4
+        neither counts its ENOSPCs nor reserves pages for mmap: enospc_count and reserved
+        are None."""
         st = os.statvfs(self.path)
         free = st.f_bfree * st.f_frsize
         return {"limit": self._free_at_start, "used": self._free_at_start - free,
-                "reserved": None, "free": free, "inode_limit": self._ffree_at_start,
+                "reserved": None, "free": free, "root_reserve": self.loop.root_reserve_bytes,
+                "available": st.f_bavail * st.f_frsize, "inode_limit": self._ffree_at_start,
                 "inodes_used": self._ffree_at_start - st.f_ffree, "enospc_count": None}
 
     def status(self) -> dict[str, Any]:
@@ -381,8 +394,8 @@ def ext4_loop(free: int | str, workdir: str | None = None,
     and notes the commands that remove it). Root only; builds in /var/tmp unless `workdir`.
 
         with quotafs.ext4_loop(free="16M") as ref, quotafs.mounted(
-                limit=ref.write_capacity_hint) as q:
-            ...  # the same program on both
+                **ref.quotafs_options()) as q:
+            ...  # the same program on both, as root or as any other user
     """
     size = _bytes(free)
     if size is None:

@@ -56,8 +56,15 @@ class Ext4Loop:
     # allocation; no one's data gets them, root included, so write(2) stops about this
     # much short of free_bytes (minus a little more for extent tree blocks).
     reserved_clusters_bytes: int
-    write_capacity_hint: int  # free_bytes - reserved_clusters_bytes
+    write_capacity_hint: int  # free_bytes - reserved_clusters_bytes: root's room
     rounds: int  # mkfs rounds it took to hit the requested free space
+    # Root's reserved blocks (5% by default): users other than root stop this much short
+    # of write_capacity_hint, and df's Avail leaves them out (free - avail - clusters).
+    root_reserve_bytes: int = 0
+
+    def quotafs_options(self) -> dict[str, int]:
+        """limit and reserve of a quotafs with this ext4's room for root and for others."""
+        return {"limit": self.write_capacity_hint, "reserve": self.root_reserve_bytes}
 
     def cleanup_commands(self) -> list[str]:
         """Shell commands that remove what keep=True left behind."""
@@ -217,7 +224,8 @@ def _build(tools: _Tools, image: str, mnt: str, want: int, tmp: str,
     return Ext4Loop(
         image=image, device=dev, mountpoint=mnt, workdir=tmp, image_size=size,
         block_size=st.f_bsize, free_bytes=free, avail_bytes=st.f_bavail * st.f_frsize,
-        reserved_clusters_bytes=resv, write_capacity_hint=free - resv, rounds=rounds)
+        reserved_clusters_bytes=resv, write_capacity_hint=free - resv, rounds=rounds,
+        root_reserve_bytes=max(0, free - st.f_bavail * st.f_frsize - resv))
 
 
 def _search(measure: Callable[[int], int], want: int) -> tuple[int, int, int]:
