@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -374,12 +375,33 @@ def run_compare(plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
     }
 
 
+def _check_reachable(user: str, workdir: str) -> None:
+    """The writers' user must be able to walk down to the mount points in `workdir`."""
+    entry = passwd_entry(user)
+    groups = {entry.pw_gid, *os.getgrouplist(entry.pw_name, entry.pw_gid)}
+    path = os.path.realpath(workdir)
+    while True:
+        try:
+            mode = os.stat(path)
+        except OSError:
+            return  # a missing workdir is reported where it is used
+        bit = (stat.S_IXUSR if mode.st_uid == entry.pw_uid else
+               stat.S_IXGRP if mode.st_gid in groups else stat.S_IXOTH)
+        if entry.pw_uid != 0 and not mode.st_mode & bit:
+            raise QuotafsError(f"--as-user {user}: {user} cannot enter {path}, so it could "
+                               "not reach the mounts: choose another --workdir",
+                               ExitCode.USAGE)
+        if path == "/":
+            return
+        path = os.path.dirname(path)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     plan = Plan(limit=parse_size(args.limit), writers=_parse_writers(args.writers),
                 file_size=parse_size(args.file_size), chunk=parse_size(args.chunk),
                 keep=args.keep, workdir=args.workdir, as_user=args.as_user)
-    if plan.as_user is not None:
-        passwd_entry(plan.as_user)  # an unknown user: one line, before anything is built
+    if plan.as_user is not None:  # an unknown or locked-out user: before anything is built
+        _check_reachable(plan.as_user, plan.workdir or "/var/tmp")
     if plan.chunk <= 0 or plan.file_size <= 0 or plan.chunk > plan.file_size:
         raise QuotafsError("--chunk and --file-size must be positive, chunk <= file size",
                            ExitCode.USAGE)

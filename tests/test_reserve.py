@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -241,3 +242,76 @@ def test_like_ext4_writers_stop_where_the_recipes_ext4_stops(
     for uid in (NOBODY, 0):
         assert ref[uid]["errno"] == mine[uid]["errno"] == "ENOSPC"
         assert abs(int(mine[uid]["written"]) - int(ref[uid]["written"])) <= 8 * KiB, uid
+
+
+# -- compare and ext4_loop: both views, quotafs sized for the writers' user --------------
+
+@pytest.fixture
+def reachable_tmp() -> Any:
+    """A work directory that uid 65534 can enter (pytest's tmp_path is below a 0700 dir)."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="quotafs-reserve-", dir="/var/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@needs_root
+def test_ext4_loop_reports_both_views_and_sizes_quotafs_for_other_users(
+        reachable_tmp: str, mount_factory: MountFactory) -> None:
+    from quotafs.api import ext4_loop
+
+    with ext4_loop(free="8M", workdir=reachable_tmp) as ref:
+        u = ref.usage()
+        kept = ref.loop.reserved_clusters_bytes
+        assert ref.root_reserve_bytes > 0  # a default mkfs.ext4 reserves 5%
+        assert u["free"] - u["available"] == ref.root_reserve_bytes + kept
+        options = ref.quotafs_options()
+        assert options == {"limit": ref.write_capacity_hint,
+                           "reserve": ref.root_reserve_bytes}
+        d = os.path.join(ref.path, "shared")
+        os.mkdir(d)
+        os.chmod(d, 0o1777)
+        on_ext4 = _fill(NOBODY, os.path.join(d, "n.dat"))
+    m = mount_factory(**options, allow_other=True)
+    on_quotafs = _fill(NOBODY, os.path.join(_shared(m), "n.dat"))
+    assert on_ext4["errno"] == on_quotafs["errno"] == "ENOSPC"
+    assert abs(int(on_quotafs["written"]) - int(on_ext4["written"])) <= 8 * KiB
+    assert m.usage()["available"] == 0 < m.usage()["free"]
+
+
+@needs_root
+def test_compare_as_user_runs_the_writers_as_that_user(reachable_tmp: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "quotafs", "compare", "--limit", "8M", "--writers", "write",
+         "--file-size", "16M", "--chunk", "4K", "--as-user", "nobody", "--json", "--check",
+         "--workdir", reachable_tmp], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    ext4 = report["ext4"]
+    assert report["writers_user"] == "nobody"
+    assert report["quotafs_reserve"] == ext4["root_reserve_bytes"] > 0
+    assert ext4["avail_bytes"] == ext4["free_bytes"] - ext4["root_reserve_bytes"] \
+        - ext4["reserved_clusters_bytes"]
+    acked = {r["target"]: r["bytes_acknowledged"] for r in report["records"]}
+    # nobody stops short of root's room on both: at others' room (df Avail)
+    assert acked["ext4"] <= ext4["avail_bytes"] < report["quotafs_limit"]
+    assert 0 <= acked["quotafs"] - acked["ext4"] <= 4 * KiB
+    assert report["matched"]
+    assert os.listdir(reachable_tmp) == []
+
+
+@needs_root
+def test_compare_as_user_refuses_what_that_user_cannot_reach(tmp_path: Any) -> None:
+    os.chmod(tmp_path, 0o700)
+    proc = subprocess.run(
+        [sys.executable, "-m", "quotafs", "compare", "--limit", "8M", "--as-user", "nobody",
+         "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "cannot enter" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "quotafs", "compare", "--as-user", "no-such-user-x"],
+        capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (2, "quotafs: no such user 'no-such-user-x'\n")
