@@ -501,8 +501,8 @@ def _describe_quotafs(mount: QuotaMount) -> str:
 def _describe_ext4(handle: Ext4Mount) -> str:
     u = handle.usage()
     return (f"used {format_size(u['used'])} of {format_size(u['limit'])} free at mkfs "
-            f"({format_size(u['free'])} free now for root, {format_size(u['available'])} "
-            f"for others), inodes used {u['inodes_used']}; "
+            f"({format_size(u['available'])} for users but root, "
+            f"{format_size(u['free'])} free now), inodes used {u['inodes_used']}; "
             f"write capacity hint {format_size(handle.write_capacity_hint)}; "
             f"device {handle.loop.device}")
 
