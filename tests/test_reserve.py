@@ -315,3 +315,11 @@ def test_compare_as_user_refuses_what_that_user_cannot_reach(tmp_path: Any) -> N
         [sys.executable, "-m", "quotafs", "compare", "--as-user", "no-such-user-x"],
         capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stderr) == (2, "quotafs: no such user 'no-such-user-x'\n")
+
+
+@pytest.mark.parametrize("bad", [False, 0.5, [], "-1", -1, "٥%", "5 percent", "x%",
+                                 "100.5%"])
+def test_bad_reserves_are_one_line(bad: Any) -> None:
+    with pytest.raises(QuotafsError) as info:
+        resolve_reserve(bad, 1000, 1)
+    assert info.value.code == 2 and "\n" not in str(info.value)
