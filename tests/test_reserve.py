@@ -317,7 +317,7 @@ def test_compare_as_user_refuses_what_that_user_cannot_reach(tmp_path: Any) -> N
     assert (proc.returncode, proc.stderr) == (2, "quotafs: no such user 'no-such-user-x'\n")
 
 
-@pytest.mark.parametrize("bad", [False, 0.5, [], "-1", -1, "٥%", "5 percent", "x%",
+@pytest.mark.parametrize("bad", [False, 0.5, [], "-1", -1, "\u0665%", "5 percent", "x%",
                                  "100.5%"])
 def test_bad_reserves_are_one_line(bad: Any) -> None:
     with pytest.raises(QuotafsError) as info:
