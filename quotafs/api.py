@@ -387,8 +387,8 @@ class Ext4Mount:
 
 
 @contextlib.contextmanager
-def ext4_loop(free: int | str, workdir: str | None = None,
-              keep: bool = False) -> Iterator[Ext4Mount]:
+def ext4_loop(free: int | str | None, workdir: str | None = None,
+              keep: bool = False, image_size: SizeLike = None) -> Iterator[Ext4Mount]:
     """The real thing, for comparison: a loop-mounted ext4 with `free` bytes free (for root;
     "120M" and the like work too), torn down on exit whatever happens (keep=True leaves it
     and notes the commands that remove it). Root only; builds in /var/tmp unless `workdir`.
@@ -396,8 +396,12 @@ def ext4_loop(free: int | str, workdir: str | None = None,
         with quotafs.ext4_loop(free="16M") as ref, quotafs.mounted(
                 **ref.quotafs_options()) as q:
             ...  # the same program on both, as root or as any other user
+
+    With `image_size` (and free=None) the image is that size, as `truncate -s SIZE;
+    mkfs.ext4` makes it: the reference of `quotafs.mounted(like_ext4=SIZE)`.
     """
-    size = _bytes(free)
+    image = _bytes(image_size)
+    size = _bytes(free) if image is None else image
     if size is None:
         raise QuotafsError("ext4_loop needs a size: free='16M', for example", ExitCode.USAGE)
     if os.geteuid() != 0:
@@ -405,9 +409,10 @@ def ext4_loop(free: int | str, workdir: str | None = None,
             f"ext4_loop needs root: it attaches a loop device and mounts ext4 "
             f"({format_size(size)} requested); quotafs.mounted() needs no root",
             ExitCode.PERMISSION)
-    from quotafs.loopext4 import open_ext4_loop
+    from quotafs.loopext4 import MIN_FREE, open_ext4_loop
 
-    with open_ext4_loop(size, workdir=workdir, keep=keep) as loop:
+    with open_ext4_loop(MIN_FREE if image else size, workdir=workdir, keep=keep,
+                        image_size=image) as loop:
         st = os.statvfs(loop.mountpoint)
         yield Ext4Mount(loop.mountpoint, loop, _free_at_start=st.f_bfree * st.f_frsize,
                         _ffree_at_start=st.f_ffree)

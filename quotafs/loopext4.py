@@ -99,7 +99,7 @@ def open_ext4_loop(free_bytes: int, workdir: str | None = None,
                            ExitCode.PERMISSION)
     tools = _find_tools()
     base = workdir if workdir is not None else _default_base()
-    _check_room(base, free_bytes)
+    _check_room(base, image_size or free_bytes)
     tmp: str | None = None
     built = False
     try:

@@ -366,12 +366,20 @@ def _reap(entry: _Entry) -> None:
 
 # -- fixtures -----------------------------------------------------------------------------
 
+def _default_limit(options: dict[str, Any]) -> int | None:
+    """100M, unless like_ext4 gives the limit."""
+    return None if options.get("like_ext4") is not None else parse_size(DEFAULT_LIMIT)
+
+
+_UNSET: Any = object()  # quotafs_factory's limit when not given
+
+
 @pytest.fixture
 def quota_mount(request: pytest.FixtureRequest) -> Iterator[QuotaMount]:
     """A fresh quotafs mount for this test (limit 100M unless @pytest.mark.quotafs says
     otherwise), unmounted after it. Skipped where FUSE cannot be used."""
     options = dict(_marker_options(request.node))
-    limit = options.pop("limit") if "limit" in options else parse_size(DEFAULT_LIMIT)
+    limit = options.pop("limit") if "limit" in options else _default_limit(options)
     _skip_without_fuse()
     entry = _mount(request, "quota_mount", limit, options)
     yield entry.mount
@@ -387,7 +395,9 @@ class QuotafsFactory:
         self._request = request
         self._entries: list[_Entry] = []
 
-    def __call__(self, limit: int | str | None = DEFAULT_LIMIT, **options: Any) -> QuotaMount:
+    def __call__(self, limit: int | str | None = _UNSET, **options: Any) -> QuotaMount:
+        if limit is _UNSET:  # 100M, unless like_ext4 gives the limit
+            limit = DEFAULT_LIMIT if options.get("like_ext4") is None else None
         try:
             checked = mount_options({"limit": limit, **options})
         except OptionError as exc:
@@ -434,16 +444,17 @@ def ext4_loop(request: pytest.FixtureRequest) -> Iterator[Ext4Mount]:
     if reason is not None:
         pytest.skip(f"quotafs: no ext4 reference here: {reason}")
     free = options.get("limit")
-    free = parse_size(DEFAULT_LIMIT) if free is None else free
+    free = _default_limit(options) if free is None else free
+    image = options.get("like_ext4")  # the recipe's image of that size, as --like-ext4 has
     from quotafs import api
     from quotafs.loopext4 import MIN_FREE
 
-    if free < MIN_FREE:
+    if image is None and free is not None and free < MIN_FREE:
         pytest.fail(f"ext4_loop: the ext4 reference needs at least {format_size(MIN_FREE)} "
                     f"free; the quotafs marker asks for {format_size(free)}", pytrace=False)
     with contextlib.ExitStack() as stack:
         try:
-            handle = stack.enter_context(api.ext4_loop(free))
+            handle = stack.enter_context(api.ext4_loop(free, image_size=image))
         except QuotafsError as exc:
             if "no free loop device" in str(exc):
                 raise pytest.skip.Exception(f"quotafs: no ext4 reference here: {exc}") from None

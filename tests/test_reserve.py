@@ -323,3 +323,31 @@ def test_bad_reserves_are_one_line(bad: Any) -> None:
     with pytest.raises(QuotafsError) as info:
         resolve_reserve(bad, 1000, 1)
     assert info.value.code == 2 and "\n" not in str(info.value)
+
+
+@pytest.mark.quotafs(like_ext4="16M")
+def test_plugin_marker_takes_like_ext4(quota_mount: QuotaMount) -> None:
+    # mkfs.ext4 of 16M: 14,059 free 1 KiB blocks, 819 reserved, 327 kept back; 4,085 inodes
+    st = os.statvfs(quota_mount.path)
+    assert (st.f_bsize, st.f_blocks, st.f_bfree, st.f_bavail, st.f_files) == \
+        (1024, 14059, 14059, 14059 - 819 - 327, 4085)
+
+
+async def test_open_quota_mount_takes_and_sets_a_reserve() -> None:
+    from quotafs.api import open_quota_mount
+
+    async with open_quota_mount(limit="1M", reserve="25%") as m:
+        assert (await m.trio.usage())["root_reserve"] == 256 * KiB
+        await m.trio.set_reserve("6K")
+        assert (await m.trio.usage())["available"] == MiB - 6 * KiB
+
+
+@needs_root
+@pytest.mark.quotafs(like_ext4="16M")
+def test_plugin_like_ext4_and_its_ext4_reference(ext4_loop: Any,
+                                                 quota_mount: QuotaMount) -> None:
+    """The marker's like_ext4 makes ext4_loop the recipe's image of that size."""
+    assert ext4_loop.loop.image_size == 16 * MiB
+    mine, ref = os.statvfs(quota_mount.path), os.statvfs(ext4_loop.path)
+    assert (mine.f_bfree, mine.f_bavail, mine.f_ffree) == (ref.f_bfree, ref.f_bavail,
+                                                           ref.f_ffree)

@@ -97,7 +97,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.ledger = Ledger(limit=1000, inode_limit=5)
+        self.ledger = Ledger(limit=1000, inode_limit=5, kept_back=40)
         self.charged = 0
         self.reserved = 0
         self.inodes = 0
@@ -105,9 +105,10 @@ class LedgerMachine(RuleBasedStateMachine):
     def _ceiling(self) -> int | None:
         """Where the current caller's grants must stop."""
         limit = self.ledger.limit
-        if limit is None or self.ledger.privileged:
-            return limit
-        return limit - self.ledger.root_reserve
+        if limit is None:
+            return None
+        limit -= self.ledger.kept_back  # nobody's, root's neither
+        return limit if self.ledger.privileged else limit - self.ledger.root_reserve
 
     @rule(n=st.integers(0, 400))
     def charge(self, n: int) -> None:
@@ -173,12 +174,15 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.ledger.reserved == self.reserved >= 0
         assert self.ledger.inodes_used == self.inodes
         limit = self.ledger.limit if self.ledger.limit is not None else 2**63
-        for_root = max(0, limit - self.charged - self.reserved)
-        for_others = max(0, limit - self.ledger.root_reserve - self.charged - self.reserved)
+        unallocated = max(0, limit - self.charged - self.reserved)  # df's f_bfree
+        for_root = max(0, limit - 40 - self.charged - self.reserved)
+        for_others = max(0, limit - 40 - self.ledger.root_reserve - self.charged
+                         - self.reserved)
         stats = self.ledger.stats()
         assert (stats.free, stats.available) == (for_root, for_others)
+        assert stats.unallocated == unallocated
         assert self.ledger.free() == (for_root if self.ledger.privileged else for_others)
-        assert stats.available == max(0, stats.free - stats.root_reserve)  # df's bavail
+        assert stats.available == max(0, stats.free - stats.root_reserve)  # df's f_bavail
 
 
 TestLedgerMachine = LedgerMachine.TestCase
