@@ -126,7 +126,7 @@ class Handle:
     writable: bool
     entries: list[bytes] | None = None  # directory handles: the listing snapshot
     # The opener's uid: write() and read() get no RequestContext, so the root reserve is
-    # granted by who opened the handle (mmap writeback uses a handle the kernel picks).
+    # granted by who opened the handle (mmap writeback: the newest mapping's handle).
     uid: int = 0
 
 

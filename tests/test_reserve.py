@@ -351,3 +351,49 @@ def test_plugin_like_ext4_and_its_ext4_reference(ext4_loop: Any,
     mine, ref = os.statvfs(quota_mount.path), os.statvfs(ext4_loop.path)
     assert (mine.f_bfree, mine.f_bavail, mine.f_ffree) == (ref.f_bfree, ref.f_bavail,
                                                            ref.f_ffree)
+
+
+@needs_root
+@pytest.mark.parametrize("root_maps_too", [False, True])
+def test_mmap_writeback_is_judged_by_the_newest_mapping(mount_factory: MountFactory,
+                                                        root_maps_too: bool) -> None:
+    """Pages nobody stores through its shared mapping, with only the reserve left: its
+    msync fails with ENOSPC, unless root mapped the file after it (the kernel then
+    writes back through root's handle). Documented in docs/accounting.md."""
+    import mmap
+
+    m = mount_factory("1M", reserve="512K", allow_other=True)
+    d = _shared(m)
+    _fill(NOBODY, os.path.join(d, "ballast"))
+    path = os.path.join(d, "mapped")
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o666))
+    os.chown(path, NOBODY, NOBODY)
+    mapped_r, mapped_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: nobody maps, dirties, waits, syncs
+        code = 3
+        try:
+            os.setgroups([])
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            fd = os.open(path, os.O_RDWR)
+            os.ftruncate(fd, 64 * KiB)
+            mapping = mmap.mmap(fd, 64 * KiB)
+            mapping[:] = b"A" * (64 * KiB)
+            os.write(mapped_w, b"1")
+            os.read(go_r, 1)
+            code = 0 if _errno_of(lambda: (mapping.flush(), os.fsync(fd))) is None else 1
+        finally:
+            os._exit(code)
+    os.read(mapped_r, 1)
+    fd = os.open(path, os.O_RDWR)
+    mapping = mmap.mmap(fd, 64 * KiB) if root_maps_too else None
+    os.write(go_w, b"1")
+    _, status = os.waitpid(pid, 0)
+    if mapping is not None:
+        mapping.close()
+    os.close(fd)
+    for end in (mapped_r, mapped_w, go_r, go_w):
+        os.close(end)
+    assert os.waitstatus_to_exitcode(status) == (0 if root_maps_too else 1)
