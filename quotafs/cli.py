@@ -45,6 +45,17 @@ def _block_size(text: str) -> int:
     return value
 
 
+def _reserve(text: str) -> str:
+    """Syntax only; "5%" is resolved against the limit in _config."""
+    from quotafs.reserve import resolve_reserve
+
+    try:
+        resolve_reserve(text, 2**62, 1)
+    except QuotafsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def add_mount_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `mount` and `run`."""
     p.add_argument("--limit", type=_size, default=None,
@@ -56,10 +67,18 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="do not remove the private backing directory at unmount")
     p.add_argument("--accounting", choices=["blocks", "apparent"], default="blocks",
                    help="charge allocated blocks like ext4 (default) or apparent sizes")
-    p.add_argument("--block-size", type=_block_size, default=4096,
+    p.add_argument("--block-size", type=_block_size, default=None,
                    help="accounting block size, reported by statfs (default 4096)")
     p.add_argument("--inodes", type=_count, default=None,
                    help="inode limit: create/mkdir/... fail with ENOSPC past N inodes")
+    p.add_argument("--reserve", metavar="PERCENT|SIZE", type=_reserve, default=None,
+                   help="keep the last PERCENT of the limit (5%%, as mkfs.ext4 does) or SIZE "
+                        "for root, as ext4's reserved blocks: other users get ENOSPC and df "
+                        "Avail there (default 0: every user gets the whole limit)")
+    p.add_argument("--like-ext4", metavar="SIZE", type=_size, default=None,
+                   help="the limit, reserve, block size and inodes of a default mkfs.ext4 "
+                        "of a SIZE image, measured (--limit/--reserve/--inodes override "
+                        "them; see docs/semantics.md)")
     sigbus = p.add_mutually_exclusive_group()
     sigbus.add_argument("--mmap-sigbus", dest="mmap_sigbus", action="store_true",
                         help="ext4-faithful mmap: SIGBUS at the faulting write past the "
@@ -97,14 +116,18 @@ def fault_settings(rules_file: str | None, seed: int | None) -> tuple[int, list[
 
 
 def _config(args: argparse.Namespace, mountpoint: str) -> MountConfig:
+    from quotafs.reserve import resolve_room
+
+    room = resolve_room({name: getattr(args, name) for name in (
+        "like_ext4", "limit", "reserve", "inodes", "block_size", "accounting")})
     seed, rules = fault_settings(args.rules, args.seed)
     mounting.check_fuse()
     backing, private = mounting.prepare_backing(args.backing)
     return MountConfig(seed=seed, rules=rules,
-        mountpoint=mountpoint, backing=backing, limit=args.limit, private_backing=private,
-        keep_backing=args.keep_backing, inodes=args.inodes, accounting=args.accounting,
-        block_size=args.block_size, allow_other=args.allow_other, debug=args.debug,
+        mountpoint=mountpoint, backing=backing, private_backing=private,
+        keep_backing=args.keep_backing, allow_other=args.allow_other, debug=args.debug,
         fsname=args.fsname, mmap_sigbus=args.mmap_sigbus, no_cache=args.no_cache,
+        **room,
     )
 
 
@@ -172,7 +195,13 @@ def _status_lines(status: dict[str, Any]) -> list[str]:
         f"limit:        {size(status['limit'])}",
         f"used:         {size(status['used'])}",
         f"reserved:     {size(status['reserved'])}  (ext4-faithful mmap pages)",
-        f"free:         {size(status['free'])}",
+        f"free:         {size(status['free'])}"
+        + (f"  (for root; others: {size(status['available'])})"
+           if status.get("root_reserve") else ""),
+        f"reserve:      {size(status.get('root_reserve', 0))}  (for root only; as ext4's "
+        "reserved blocks)"
+        + (f"; kept back from everyone {size(status['kept_back'])}"
+           if status.get("kept_back") else ""),
         f"inodes:       {status['inodes_used']} used"
         + ("" if inode_limit is None else f" of {inode_limit}"),
         f"accounting:   {status['accounting']}, block size {status['block_size']}",
@@ -197,21 +226,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    changes: dict[str, int | None] = {}
+    changes: dict[str, int | str | None] = {}
     if args.limit is not None:
         changes["limit"] = None if args.limit == "none" else _size(args.limit)
     if args.inodes is not None:
         changes["inodes"] = None if args.inodes == "none" else _count(args.inodes)
+    if args.reserve is not None:
+        changes["reserve"] = _reserve(args.reserve)  # "5%": of the limit the daemon has
     if not changes:
-        raise QuotafsError("nothing to set: give --limit and/or --inodes", ExitCode.USAGE)
+        raise QuotafsError("nothing to set: give --limit, --inodes and/or --reserve",
+                           ExitCode.USAGE)
     mounting.set_limits(args.mountpoint, **changes)
     status = mounting.read_status(args.mountpoint)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
         limit = "none" if status["limit"] is None else format_size(status["limit"])
+        reserve = status.get("root_reserve", 0)
         print(f"limit {limit}, used {format_size(status['used'])}, "
-              f"free {format_size(status['free'])}")
+              f"free {format_size(status['free'])}"
+              + (f", reserve {format_size(reserve)} (others: "
+                 f"{format_size(status['available'])} free)" if reserve else ""))
     return 0
 
 
@@ -247,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--limit", help="new quota (a size, or 'none')")
     p.add_argument("--inodes", help="new inode limit (a count, or 'none')")
+    p.add_argument("--reserve", metavar="PERCENT|SIZE",
+                   help="new root reserve: 5%% of the limit (after this set) or a size; 0 "
+                        "for none")
     p.add_argument("--json", action="store_true", help="print the new status as JSON")
     p.set_defaults(func=cmd_set)
 

@@ -37,6 +37,7 @@ import pyfuse3
 from quotafs.errors import QuotafsError
 from quotafs.faults import Effect, FaultEngine, RuleSpec
 from quotafs.ledger import Ledger
+from quotafs.reserve import resolve_reserve
 
 PREFIX = b"user.quotafs."
 STATUS = PREFIX + b"status"
@@ -200,15 +201,26 @@ class ControlChannel:
         raise ValueError(f"unknown control request {name.decode(errors='replace')}")
 
     def _set_limits(self, request: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(request) - {"limit", "inodes"}
+        unknown = set(request) - {"limit", "inodes", "reserve"}
         if unknown:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
         for key, value in request.items():
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < 0):
+            if key != "reserve" and value is not None and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{key} must be a non-negative integer or null")
-        if "limit" in request:
-            self.ledger.set_limit(request["limit"])
+        if "limit" in request or "reserve" in request:
+            limit = request.get("limit", self.ledger.limit)
+            self.ledger.set_limit(limit, self._reserve_of(request, limit))
         if "inodes" in request:
             self.ledger.set_inode_limit(request["inodes"])
-        return {"limit": self.ledger.limit, "inodes": self.ledger.inode_limit}
+        return {"limit": self.ledger.limit, "inodes": self.ledger.inode_limit,
+                "reserve": self.ledger.root_reserve}
+
+    def _reserve_of(self, request: dict[str, Any], limit: int | None) -> int | None:
+        """A reserve as --reserve takes it ("5%" of the limit in effect after this request,
+        or a size), resolved as at mount; None: not asked to change."""
+        if "reserve" not in request:
+            return None
+        unit = int(self.info.get("block_size", 1)) if self.info.get(
+            "accounting", "blocks") == "blocks" else 1
+        return resolve_reserve(request["reserve"], limit, unit)

@@ -64,7 +64,7 @@ def _mount_options(config: MountConfig) -> set[str]:
 
 def build_filesystem(config: MountConfig) -> QuotaFS:
     costs = Costs(Mode(config.accounting), config.block_size)
-    ledger = Ledger(config.limit, config.inodes)
+    ledger = Ledger(config.limit, config.inodes, config.reserve, config.kept_back)
     try:
         existing_bytes, existing_inodes = scan_backing(config.backing, costs)
     except OSError as exc:  # e.g. a dead FUSE mount inside it (ENOTCONN), or EACCES

@@ -85,6 +85,8 @@ def handler(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
             faults = getattr(fs, "faults", None)
             if faults is not None and faults.active:
                 await fs._inject(op, args[1:])  # type: ignore[attr-defined]
+            if fs is not None:
+                fs._note_caller(op, args[1:])  # type: ignore[attr-defined]
             if as_caller and isinstance(fs, QuotaFS):
                 identity = fs._identity_of(args[-1])  # type: ignore[arg-type]
                 if identity is not None:
@@ -145,6 +147,9 @@ class Handle:
     fd: int
     writable: bool
     entries: list[bytes] | None = None  # directory handles: the listing snapshot
+    # The opener's uid: write() and read() get no RequestContext, so the root reserve is
+    # granted by who opened the handle (mmap writeback: the newest mapping's handle).
+    uid: int = 0
 
 
 # What a request names, for fault rules: (node, None) for the node itself, (directory
@@ -205,6 +210,7 @@ class QuotaFS(pyfuse3.Operations):
         self._by_key[root.key] = root
         self.root = root
         self._is_root = os.geteuid() == 0
+        self._caller_uid = 0  # of the request being served; see _note_caller
         self._identity = syscalls.Identity()
         self._checking: permissions.Caller | None = None  # non-root daemon, other caller
 
@@ -314,6 +320,17 @@ class QuotaFS(pyfuse3.Operations):
     def _as_daemon(self) -> AbstractContextManager[None]:
         """The daemon's own rights for bookkeeping (measuring, reopening descriptors)."""
         return self._identity.daemon()
+
+    def _note_caller(self, op: str, args: tuple[Any, ...]) -> None:
+        """Before each request's synchronous body: who asks, for new handles and for the
+        ledger's root reserve (only root, uid 0, may use it, as ext4's default resuid)."""
+        ctx = args[-1] if args else None
+        if isinstance(ctx, pyfuse3.RequestContext):
+            self._caller_uid = ctx.uid
+        elif self.ledger.root_reserve and op in ("read", "write"):
+            handle = self._handles.get(args[0])
+            self._caller_uid = handle.uid if handle is not None else -1
+        self.ledger.privileged = self._caller_uid == 0
 
     # -- tables ---------------------------------------------------------------------------
 
@@ -879,7 +896,7 @@ class QuotaFS(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        self._handles[fh] = Handle(node, fd, writable)
+        self._handles[fh] = Handle(node, fd, writable, uid=self._caller_uid)
         node.open_count += 1
         return fh
 
@@ -1146,9 +1163,10 @@ class QuotaFS(pyfuse3.Operations):
             free = min(backing.f_bavail * backing.f_frsize, stats.free) // block
         else:
             data.f_blocks = stats.limit // block
-            free = stats.free // block
+            free = stats.unallocated // block
         data.f_bfree = free
-        data.f_bavail = free
+        # As ext4 answers every caller: f_bavail leaves out root's reserve (and kept back).
+        data.f_bavail = stats.available // block if stats.limit is not None else free
         if stats.inode_limit is None:
             data.f_files = stats.inodes_used + backing.f_ffree
             data.f_ffree = backing.f_ffree

@@ -16,6 +16,8 @@ class MountConfig:
     private_backing: bool = False
     keep_backing: bool = False
     inodes: int | None = None
+    reserve: int = 0  # bytes below the limit for root only (resolved from --reserve)
+    kept_back: int = 0  # bytes below the limit for nobody (--like-ext4: ext4's clusters)
     accounting: str = "blocks"
     block_size: int = 4096
     allow_other: bool = False

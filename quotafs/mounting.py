@@ -479,12 +479,11 @@ def read_status(path: str) -> dict[str, Any]:
     return status
 
 
-def set_limits(path: str, **changes: int | None) -> None:
-    mountpoint = require_quotafs(path)
-    try:
-        probe(mountpoint, [("set", SET, json.dumps(changes).encode())])
-    except OSError as exc:
-        raise control_error(mountpoint, exc) from None
+def set_limits(path: str, **changes: int | str | None) -> None:
+    # The daemon validates ("5%" of its limit); its one-line refusal is read back.
+    from quotafs.faultcmd import _request
+
+    _request(path, SET, changes)
 
 
 def read_record(mountpoint: str) -> dict[str, Any] | None:

@@ -40,7 +40,7 @@ def _mount_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from quotafs.cli import fault_settings
 
     names = ("keep_backing", "inodes", "accounting", "block_size", "mmap_sigbus",
-             "allow_other", "no_cache", "fsname", "debug")
+             "allow_other", "no_cache", "fsname", "debug", "reserve", "like_ext4")
     kwargs = {name: getattr(args, name) for name in names}
     kwargs["seed"], kwargs["rules"] = fault_settings(args.rules, args.seed)
     return kwargs

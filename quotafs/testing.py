@@ -61,12 +61,12 @@ FORCE_NO_LOOP_ENV = "QUOTAFS_TESTING_FORCE_NO_LOOP"
 REPORT_EVENTS = 20  # newest events shown in a failure report
 _BUSY_TRIES = 5  # polite unmounts at teardown (busy right after a child exits), ~1 s in all
 
-_SIZES = ("limit", "block_size")
+_SIZES = ("limit", "block_size", "like_ext4")
 _BOOLS = ("mmap_sigbus", "allow_other", "no_cache", "keep_backing", "debug")
 _PATHS = ("backing", "rules_file")
 OPTION_NAMES = ("limit", "inodes", "accounting", "block_size", "mmap_sigbus", "seed", "rules",
                 "rules_file", "backing", "keep_backing", "allow_other", "no_cache", "fsname",
-                "debug")
+                "debug", "reserve", "like_ext4")
 
 
 class QuotafsLeakWarning(UserWarning):
@@ -104,14 +104,27 @@ def _count(name: str, value: Any) -> int | None:
     raise OptionError(f"{name} must be a whole number >= 0 or None, got {value!r}")
 
 
+def _check_reserve(value: Any) -> Any:
+    """Syntax only: "5%" is resolved against the limit at mount."""
+    from quotafs.reserve import resolve_reserve
+
+    try:
+        resolve_reserve(value, 2**62, 1)
+    except QuotafsError as exc:
+        raise OptionError(f"reserve: {exc}") from None
+    return value
+
+
 def _check(name: str, value: Any) -> Any:
     if name in _SIZES:
-        size = _size(name, value, allow_none=name == "limit")
+        size = _size(name, value, allow_none=name != "block_size")
         if name == "block_size" and (size is None or size < 512 or size & (size - 1)):
             raise OptionError(f"block_size must be a power of two >= 512, got {value!r}")
         return size
     if name in ("inodes", "seed"):
         return _count(name, value)
+    if name == "reserve":
+        return _check_reserve(value)
     if name == "accounting":
         if value not in ("blocks", "apparent"):
             raise OptionError(f"accounting must be 'blocks' or 'apparent', got {value!r}")
@@ -353,12 +366,20 @@ def _reap(entry: _Entry) -> None:
 
 # -- fixtures -----------------------------------------------------------------------------
 
+def _default_limit(options: dict[str, Any]) -> int | None:
+    """100M, unless like_ext4 gives the limit."""
+    return None if options.get("like_ext4") is not None else parse_size(DEFAULT_LIMIT)
+
+
+_UNSET: Any = object()  # quotafs_factory's limit when not given
+
+
 @pytest.fixture
 def quota_mount(request: pytest.FixtureRequest) -> Iterator[QuotaMount]:
     """A fresh quotafs mount for this test (limit 100M unless @pytest.mark.quotafs says
     otherwise), unmounted after it. Skipped where FUSE cannot be used."""
     options = dict(_marker_options(request.node))
-    limit = options.pop("limit") if "limit" in options else parse_size(DEFAULT_LIMIT)
+    limit = options.pop("limit") if "limit" in options else _default_limit(options)
     _skip_without_fuse()
     entry = _mount(request, "quota_mount", limit, options)
     yield entry.mount
@@ -374,7 +395,9 @@ class QuotafsFactory:
         self._request = request
         self._entries: list[_Entry] = []
 
-    def __call__(self, limit: int | str | None = DEFAULT_LIMIT, **options: Any) -> QuotaMount:
+    def __call__(self, limit: int | str | None = _UNSET, **options: Any) -> QuotaMount:
+        if limit is _UNSET:  # 100M, unless like_ext4 gives the limit
+            limit = DEFAULT_LIMIT if options.get("like_ext4") is None else None
         try:
             checked = mount_options({"limit": limit, **options})
         except OptionError as exc:
@@ -421,16 +444,17 @@ def ext4_loop(request: pytest.FixtureRequest) -> Iterator[Ext4Mount]:
     if reason is not None:
         pytest.skip(f"quotafs: no ext4 reference here: {reason}")
     free = options.get("limit")
-    free = parse_size(DEFAULT_LIMIT) if free is None else free
+    free = _default_limit(options) if free is None else free
+    image = options.get("like_ext4")  # the recipe's image of that size, as --like-ext4 has
     from quotafs import api
     from quotafs.loopext4 import MIN_FREE
 
-    if free < MIN_FREE:
+    if image is None and free is not None and free < MIN_FREE:
         pytest.fail(f"ext4_loop: the ext4 reference needs at least {format_size(MIN_FREE)} "
                     f"free; the quotafs marker asks for {format_size(free)}", pytrace=False)
     with contextlib.ExitStack() as stack:
         try:
-            handle = stack.enter_context(api.ext4_loop(free))
+            handle = stack.enter_context(api.ext4_loop(free, image_size=image))
         except QuotafsError as exc:
             if "no free loop device" in str(exc):
                 raise pytest.skip.Exception(f"quotafs: no ext4 reference here: {exc}") from None
@@ -488,7 +512,8 @@ def _describe_quotafs(mount: QuotaMount) -> str:
 def _describe_ext4(handle: Ext4Mount) -> str:
     u = handle.usage()
     return (f"used {format_size(u['used'])} of {format_size(u['limit'])} free at mkfs "
-            f"({format_size(u['free'])} free now), inodes used {u['inodes_used']}; "
+            f"({format_size(u['available'])} for users but root, "
+            f"{format_size(u['free'])} free now), inodes used {u['inodes_used']}; "
             f"write capacity hint {format_size(handle.write_capacity_hint)}; "
             f"device {handle.loop.device}")
 

@@ -117,24 +117,34 @@ def test_ledger_basics() -> None:
 
 class LedgerMachine(RuleBasedStateMachine):
     """Whatever sequence of requests: used + reserved never passes the limit through a
-    grant, credits never go below zero, and the books balance."""
+    grant (nor limit - root reserve for a caller other than root), credits never go below
+    zero, and the books balance."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ledger = Ledger(limit=1000, inode_limit=5)
+        self.ledger = Ledger(limit=1000, inode_limit=5, kept_back=40)
         self.charged = 0
         self.reserved = 0
         self.inodes = 0
 
+    def _ceiling(self) -> int | None:
+        """Where the current caller's grants must stop."""
+        limit = self.ledger.limit
+        if limit is None:
+            return None
+        limit -= self.ledger.kept_back  # nobody's, root's neither
+        return limit if self.ledger.privileged else limit - self.ledger.root_reserve
+
     @rule(n=st.integers(0, 400))
     def charge(self, n: int) -> None:
         before = self.ledger.used + self.ledger.reserved
+        ceiling = self._ceiling()
         if self.ledger.try_charge(n):
             self.charged += n
-            # a grant never takes usage past the limit (a zero charge takes nothing)
-            assert self.ledger.limit is None or n == 0 or before + n <= self.ledger.limit
+            # a grant never takes usage past the ceiling (a zero charge takes nothing)
+            assert ceiling is None or n == 0 or before + n <= ceiling
         else:
-            assert self.ledger.limit is not None and before + n > self.ledger.limit
+            assert ceiling is not None and before + n > ceiling
 
     @rule(n=st.integers(0, 400))
     def credit(self, n: int) -> None:
@@ -144,8 +154,10 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(0, 300))
     def reserve(self, n: int) -> None:
+        before, ceiling = self.ledger.used + self.ledger.reserved, self._ceiling()
         if self.ledger.try_reserve(n):
             self.reserved += n
+            assert ceiling is None or n == 0 or before + n <= ceiling
 
     @rule(n=st.integers(0, 300), convert=st.booleans())
     def settle(self, n: int, convert: bool) -> None:
@@ -160,6 +172,14 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(limit=st.integers(0, 1500))
     def set_limit(self, limit: int) -> None:
         self.ledger.set_limit(limit)  # may drop below usage: nothing is taken away
+
+    @rule(reserve=st.integers(0, 600))
+    def set_root_reserve(self, reserve: int) -> None:
+        self.ledger.set_limit(self.ledger.limit, reserve)  # may exceed the limit too
+
+    @rule(privileged=st.booleans())
+    def next_caller(self, privileged: bool) -> None:
+        self.ledger.privileged = privileged
 
     @rule()
     def add_inode(self) -> None:
@@ -179,7 +199,15 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.ledger.reserved == self.reserved >= 0
         assert self.ledger.inodes_used == self.inodes
         limit = self.ledger.limit if self.ledger.limit is not None else 2**63
-        assert self.ledger.free() == max(0, limit - self.charged - self.reserved)
+        unallocated = max(0, limit - self.charged - self.reserved)  # df's f_bfree
+        for_root = max(0, limit - 40 - self.charged - self.reserved)
+        for_others = max(0, limit - 40 - self.ledger.root_reserve - self.charged
+                         - self.reserved)
+        stats = self.ledger.stats()
+        assert (stats.free, stats.available) == (for_root, for_others)
+        assert stats.unallocated == unallocated
+        assert self.ledger.free() == (for_root if self.ledger.privileged else for_others)
+        assert stats.available == max(0, stats.free - stats.root_reserve)  # df's f_bavail
 
 
 TestLedgerMachine = LedgerMachine.TestCase
