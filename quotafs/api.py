@@ -29,7 +29,9 @@ import trio
 from quotafs import mounting
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.mountconfig import MountConfig
-from quotafs.size import format_size, parse_size
+from quotafs.options import check_count, check_size, config_fields
+from quotafs.options import validate as validate_options
+from quotafs.size import format_size
 
 if TYPE_CHECKING:
     from quotafs.loopext4 import Ext4Loop
@@ -37,10 +39,8 @@ if TYPE_CHECKING:
 SizeLike = int | str | None
 
 
-def _bytes(value: SizeLike) -> int | None:
-    if value is None or isinstance(value, int):
-        return value
-    return parse_size(value)
+def _bytes(value: SizeLike, name: str = "limit") -> int | None:
+    return check_size(name, value, allow_none=True)
 
 
 @dataclass
@@ -66,7 +66,7 @@ class QuotaMount:
         mounting.set_limits(self.path, limit=_bytes(limit))
 
     def set_inode_limit(self, inodes: int | None) -> None:
-        mounting.set_limits(self.path, inodes=inodes)
+        mounting.set_limits(self.path, inodes=check_count("inodes", inodes))
 
     def events(self, after: int = 0) -> list[dict[str, Any]]:
         """Quota ENOSPCs and fired faults (seq > after), oldest first."""
@@ -148,17 +148,6 @@ class TrioControls:
         return result
 
 
-def _fault_settings(options: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
-    """Seed and validated rules from rules=[dict, ...] and/or rules_file=PATH."""
-    from quotafs.cli import fault_settings
-    from quotafs.faults import RuleSpec
-
-    seed, rules = fault_settings(options.pop("rules_file", None), options.get("seed"))
-    for rule in options.get("rules") or []:
-        rules.append(RuleSpec.from_dict(rule).to_dict())
-    return seed, rules
-
-
 # The daemon dies with "its parent" (PR_SET_PDEATHSIG), and for the kernel the parent is
 # the *thread* that started it, not the process. A mount started from a short-lived thread
 # (trio.to_thread's workers retire after 10 s idle) would be unmounted under the caller when
@@ -205,17 +194,16 @@ def _start_daemon(config: MountConfig) -> mounting.Daemon:
 
 def _start(limit: SizeLike, backing: str | None, mountpoint: str | None,
            options: dict[str, Any]) -> tuple[QuotaMount, bool]:
+    # Every option is checked before the first directory is made (quotafs.options).
+    settings = validate_options({**options, "limit": limit, "backing": backing})
     own_mountpoint = mountpoint is None
     path = tempfile.mkdtemp(prefix="quotafs-mnt-") if mountpoint is None else mountpoint
     try:
         path = mounting.check_mountpoint(path)
         mounting.check_fuse()
         backing_dir, private = mounting.prepare_backing(backing)
-        if "block_size" in options:
-            options["block_size"] = _bytes(options["block_size"])
-        options["seed"], options["rules"] = _fault_settings(options)
-        config = MountConfig(mountpoint=path, backing=backing_dir, limit=_bytes(limit),
-                             private_backing=private, die_with_parent=True, **options)
+        config = MountConfig(mountpoint=path, backing=backing_dir, private_backing=private,
+                             die_with_parent=True, **config_fields(settings))
         daemon = _start_daemon(config)
     except BaseException:
         if own_mountpoint:
@@ -365,7 +353,7 @@ def ext4_loop(free: int | str, workdir: str | None = None,
                 limit=ref.write_capacity_hint) as q:
             ...  # the same program on both
     """
-    size = _bytes(free)
+    size = _bytes(free, "free")
     if size is None:
         raise QuotafsError("ext4_loop needs a size: free='16M', for example", ExitCode.USAGE)
     if os.geteuid() != 0:

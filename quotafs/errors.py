@@ -19,6 +19,7 @@ class ExitCode(enum.IntEnum):
     LOOP = 8  # no free loop device, mkfs.ext4 missing, ext4 reference failed
     DAEMON = 9  # the daemon failed to start or died
     INTERRUPTED = 130  # Ctrl-C
+    BROKEN_PIPE = 141  # the output's reader went away (128 + SIGPIPE, as coreutils)
 
 
 class QuotafsError(Exception):

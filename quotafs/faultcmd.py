@@ -56,9 +56,15 @@ def add_rule(mountpoint: str, spec: RuleSpec) -> dict[str, Any]:
 
 
 def list_rules(mountpoint: str) -> dict[str, Any]:
-    """{"seed": int, "rules": [rule dicts with counters]}."""
-    listing: dict[str, Any] = json.loads(_get(mountpoint, FAULTS))
-    return listing
+    """{"seed": int, "rules": [rule dicts with counters]} (all of them, page by page)."""
+    rules: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        page: dict[str, Any] = json.loads(_get(mountpoint, FAULTS + b"." + str(after).encode()))
+        rules += page["rules"]
+        if not page.get("more") or not page["rules"]:
+            return {"seed": page["seed"], "rules": rules}
+        after = int(rules[-1]["id"][1:])
 
 
 def clear_rules(mountpoint: str, rule_id: str | None = None) -> int:
@@ -126,7 +132,29 @@ def event_line(e: Mapping[str, Any]) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(e["time"])) + f".{millis:03d}"
     rule = f" rule {e['rule']}" if e.get("rule") else ""
     who = f" pid {e['pid']}" if e.get("pid") else ""
-    return f"{stamp} #{e['seq']} {e['kind']} {e['op']} {e['path']}: {e['effect']}{rule}{who}"
+    return (f"{stamp} #{e['seq']} {e['kind']} {e['op']} {escape_name(e['path'])}: "
+            f"{e['effect']}{rule}{who}")
+
+
+_C_ESCAPES = {"\\": "\\\\", "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n",
+              "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+
+
+def escape_name(name: str) -> str:
+    """A file name as `ls -b` shows it: C escapes for backslash and control characters,
+    octal for other unprintable bytes (also undecodable ones), so a name can neither break
+    a line nor send escape sequences to the terminal."""
+    out: list[str] = []
+    for ch in name:
+        if ch in _C_ESCAPES:
+            out.append(_C_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            undecoded = "\udc80" <= ch <= "\udcff"  # a byte os.fsdecode could not decode
+            raw = os.fsencode(ch) if undecoded else ch.encode("utf-8", "surrogatepass")
+            out.append("".join(f"\\{byte:03o}" for byte in raw))
+    return "".join(out)
 
 
 def cmd_events(args: argparse.Namespace) -> int:
