@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from quotafs import __version__, mounting, options
-from quotafs.errors import ExitCode, QuotafsError
+from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.mountconfig import MountConfig
 from quotafs.size import format_size
 
@@ -19,7 +19,7 @@ from quotafs.size import format_size
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, no usage dump: the usage is one `--help` away.
-        self.exit(int(ExitCode.USAGE), f"{self.prog}: error: {message}\n")
+        self.exit(int(ExitCode.USAGE), f"{self.prog}: error: {printable(message)}\n")
 
 
 def add_mount_options(p: argparse.ArgumentParser) -> None:
@@ -251,10 +251,11 @@ def _main(argv: Sequence[str] | None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, inside the handler above
         return result
     except QuotafsError as exc:
-        print(f"quotafs: {exc}", file=sys.stderr)
+        # One line, whatever the message quotes (a mount point named "a\nb", say).
+        print(f"quotafs: {printable(str(exc))}", file=sys.stderr)
         return int(exc.code)
     except argparse.ArgumentTypeError as exc:
-        print(f"quotafs: {exc}", file=sys.stderr)
+        print(f"quotafs: {printable(str(exc))}", file=sys.stderr)
         return int(ExitCode.USAGE)
     except KeyboardInterrupt:
         print("quotafs: interrupted", file=sys.stderr)

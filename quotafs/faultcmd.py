@@ -16,7 +16,7 @@ from typing import Any
 
 from quotafs import mounting
 from quotafs.control import EVENTS, FAULT_ADD, FAULT_CLEAR, FAULTS, RESULT
-from quotafs.errors import ExitCode, QuotafsError
+from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.faults import Rule, RuleSpec, spec_from_args
 
 
@@ -136,25 +136,9 @@ def event_line(e: Mapping[str, Any]) -> str:
             f"{e['effect']}{rule}{who}")
 
 
-_C_ESCAPES = {"\\": "\\\\", "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n",
-              "\r": "\\r", "\t": "\\t", "\v": "\\v"}
-
-
 def escape_name(name: str) -> str:
-    """A file name as `ls -b` shows it: C escapes for backslash and control characters,
-    octal for other unprintable bytes (also undecodable ones), so a name can neither break
-    a line nor send escape sequences to the terminal."""
-    out: list[str] = []
-    for ch in name:
-        if ch in _C_ESCAPES:
-            out.append(_C_ESCAPES[ch])
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            undecoded = "\udc80" <= ch <= "\udcff"  # a byte os.fsdecode could not decode
-            raw = os.fsencode(ch) if undecoded else ch.encode("utf-8", "surrogatepass")
-            out.append("".join(f"\\{byte:03o}" for byte in raw))
-    return "".join(out)
+    """A file name as `ls -b` shows it (see quotafs.errors.printable)."""
+    return printable(name)
 
 
 def cmd_events(args: argparse.Namespace) -> int:
