@@ -570,8 +570,10 @@ def _size(values: Mapping[str, Any], key: str, where: _Where) -> int | None:
             raise where.error(key, str(exc)) from None
     if isinstance(value, bool) or not isinstance(value, int):
         raise where.error(key, f'must be a size such as 4096 or "4K", got {_show(value)}')
-    if not 0 <= value <= MAX_COUNT:
-        raise where.error(key, f"must be >= 0 and at most 2^63-1, got {_show(value)}")
+    if value < 0:
+        raise where.error(key, f"must be >= 0, got {_show(value)}")
+    if value > MAX_COUNT:
+        raise where.error(key, f"must be at most 2^63-1, got {_show(value)}")
     return value
 
 
@@ -689,8 +691,8 @@ def _validate(values: Mapping[str, Any], where: _Where, *, text_ok: bool = False
     if probability is not None:
         if text_ok and isinstance(probability, str):
             try:
-                if not re.fullmatch(r"[0-9.eE+-]{1,40}", probability):
-                    raise ValueError(probability)  # ASCII only, as sizes
+                if not probability.isascii():
+                    raise ValueError(probability)  # float() takes other scripts' digits
                 probability = float(probability)
             except ValueError:
                 raise where.error("probability", "must be a number between 0 and 1, got "
