@@ -103,7 +103,8 @@ SPEC_KEYS = ("op", "path", *EFFECT_KEYS, *TRIGGER_KEYS)
 STATUS_KEYS = ("id", "effective_seed", "matched", "fired", "shadowed", "retired", "written",
                "warnings")
 
-MAX_COUNT = 2**63 - 1  # nth, times, seed, sizes: what 64-bit counters hold
+MAX_COUNT = 2**63 - 1  # nth, times, sizes: what 64-bit counters hold
+MAX_SEED = 2**64 - 1  # seeds: any 64 bits
 MAX_DELAY_US = 3600 * 1_000_000  # one hour: longer would only look like a hung mount
 _SEED_BITS = 32
 
@@ -542,7 +543,7 @@ def _show(value: object) -> str:
 
 
 def _int(values: Mapping[str, Any], key: str, where: _Where, text_ok: bool,
-         minimum: int) -> int | None:
+         minimum: int, maximum: int = MAX_COUNT) -> int | None:
     value = values.get(key)
     if value is None:
         return None
@@ -554,8 +555,9 @@ def _int(values: Mapping[str, Any], key: str, where: _Where, text_ok: bool,
         raise where.error(key, f"must be a whole number, got {_show(value)}")
     if value < minimum:
         raise where.error(key, f"must be >= {minimum}, got {_show(value)}")
-    if value > MAX_COUNT:
-        raise where.error(key, f"must be at most 2^63-1, got {_show(value)}")
+    if value > maximum:
+        bound = "2^64-1" if maximum == MAX_SEED else "2^63-1"
+        raise where.error(key, f"must be at most {bound}, got {_show(value)}")
     return value
 
 
@@ -712,7 +714,7 @@ def _validate(values: Mapping[str, Any], where: _Where, *, text_ok: bool = False
         short_write=short_write,
         corrupt_read=corrupt_read,
         probability=probability,
-        seed=_int(values, "seed", where, text_ok, 0),
+        seed=_int(values, "seed", where, text_ok, 0, MAX_SEED),
         after_bytes=_size(values, "after_bytes", where),
         nth=_int(values, "nth", where, text_ok, 1),
         times=_int(values, "times", where, text_ok, 1),
@@ -771,7 +773,7 @@ def load_rules_toml(text: str, *, source: str = "rules file") -> RuleFile:
             hint = ' (each rule is a [[rule]] table)' if key in SPEC_KEYS else ""
             raise top.error(key, f'unknown field; a rules file has "seed" and [[rule]] '
                                  f"tables{hint}")
-    seed = _int(doc, "seed", top, False, 0)
+    seed = _int(doc, "seed", top, False, 0, MAX_SEED)
     tables = doc.get("rule", [])
     if isinstance(tables, dict):
         raise top.error("rule", "write each rule as [[rule]] (an array of tables), "

@@ -65,7 +65,7 @@ def check_size(name: str, value: Any, allow_none: bool = False) -> int | None:
     return int(value)
 
 
-def check_count(name: str, value: Any) -> int | None:
+def check_count(name: str, value: Any, maximum: int = MAX_LIMIT) -> int | None:
     """A whole number >= 0 (an int, or ASCII digits as the CLI gives them); below 2^63."""
     if value is None:
         return None
@@ -73,8 +73,9 @@ def check_count(name: str, value: Any) -> int | None:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _fail(f"{name} must be a whole number >= 0 or None, got {_show(value)}")
-    if value > MAX_LIMIT:
-        raise _fail(f"{name} is too large: at most 2^63-1 ({MAX_LIMIT})")
+    if value > maximum:
+        bound = "2^63-1" if maximum == MAX_LIMIT else "2^64-1"
+        raise _fail(f"{name} is too large: at most {bound} ({maximum})")
     return value
 
 
@@ -142,7 +143,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "accounting": _accounting,
     "block_size": _block_size,
     "mmap_sigbus": _flag("mmap_sigbus"),
-    "seed": lambda value: check_count("seed", value),
+    "seed": lambda value: check_count("seed", value, 2**64 - 1),  # any 64 bits
     "rules": _rules,
     "rules_file": _path("rules_file"),
     "backing": _path("backing"),
