@@ -29,7 +29,9 @@ import trio
 from quotafs import mounting
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.mountconfig import MountConfig
-from quotafs.size import format_size, parse_size
+from quotafs.options import check_count, check_size, config_fields
+from quotafs.options import validate as validate_options
+from quotafs.size import format_size
 
 if TYPE_CHECKING:
     from quotafs.loopext4 import Ext4Loop
@@ -37,10 +39,8 @@ if TYPE_CHECKING:
 SizeLike = int | str | None
 
 
-def _bytes(value: SizeLike) -> int | None:
-    if value is None or isinstance(value, int):
-        return value
-    return parse_size(value)
+def _bytes(value: SizeLike, name: str = "limit") -> int | None:
+    return check_size(name, value, allow_none=True)
 
 
 @dataclass
@@ -66,7 +66,7 @@ class QuotaMount:
         mounting.set_limits(self.path, limit=_bytes(limit))
 
     def set_inode_limit(self, inodes: int | None) -> None:
-        mounting.set_limits(self.path, inodes=inodes)
+        mounting.set_limits(self.path, inodes=check_count("inodes", inodes))
 
     def set_reserve(self, reserve: int | str) -> None:
         """Root's reserve: "5%" of the current limit, a size ("6M", bytes), or 0."""
@@ -155,17 +155,6 @@ class TrioControls:
         return result
 
 
-def _fault_settings(options: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
-    """Seed and validated rules from rules=[dict, ...] and/or rules_file=PATH."""
-    from quotafs.cli import fault_settings
-    from quotafs.faults import RuleSpec
-
-    seed, rules = fault_settings(options.pop("rules_file", None), options.get("seed"))
-    for rule in options.get("rules") or []:
-        rules.append(RuleSpec.from_dict(rule).to_dict())
-    return seed, rules
-
-
 # The daemon dies with "its parent" (PR_SET_PDEATHSIG), and for the kernel the parent is
 # the *thread* that started it, not the process. A mount started from a short-lived thread
 # (trio.to_thread's workers retire after 10 s idle) would be unmounted under the caller when
@@ -210,29 +199,19 @@ def _start_daemon(config: MountConfig) -> mounting.Daemon:
     return _spawner.start(config)
 
 
-def _room(limit: SizeLike, options: dict[str, Any]) -> dict[str, Any]:
-    """like_ext4 and reserve="5%" resolved as `--like-ext4` and `--reserve` are."""
-    from quotafs.reserve import resolve_room
-
-    sized = {"limit": _bytes(limit), **options}
-    for name in ("like_ext4", "block_size"):
-        if name in sized:
-            sized[name] = _bytes(sized[name])
-    return resolve_room(sized)
-
-
 def _start(limit: SizeLike, backing: str | None, mountpoint: str | None,
            options: dict[str, Any]) -> tuple[QuotaMount, bool]:
-    options = _room(limit, options)
+    # Every option is checked before the first directory is made (quotafs.options).
+    settings = validate_options({**options, "limit": limit, "backing": backing})
+    fields = config_fields(settings)
     own_mountpoint = mountpoint is None
     path = tempfile.mkdtemp(prefix="quotafs-mnt-") if mountpoint is None else mountpoint
     try:
         path = mounting.check_mountpoint(path)
         mounting.check_fuse()
         backing_dir, private = mounting.prepare_backing(backing)
-        options["seed"], options["rules"] = _fault_settings(options)
-        config = MountConfig(mountpoint=path, backing=backing_dir,
-                             private_backing=private, die_with_parent=True, **options)
+        config = MountConfig(mountpoint=path, backing=backing_dir, private_backing=private,
+                             die_with_parent=True, **fields)
         daemon = _start_daemon(config)
     except BaseException:
         if own_mountpoint:
@@ -401,8 +380,8 @@ def ext4_loop(free: int | str | None, workdir: str | None = None,
     With `image_size` (and free=None) the image is that size, as `truncate -s SIZE;
     mkfs.ext4` makes it: the reference of `quotafs.mounted(like_ext4=SIZE)`.
     """
-    image = _bytes(image_size)
-    size = _bytes(free) if image is None else image
+    image = _bytes(image_size, "image_size")
+    size = _bytes(free, "free") if image is None else image
     if size is None:
         raise QuotafsError("ext4_loop needs a size: free='16M', for example", ExitCode.USAGE)
     if os.geteuid() != 0:

@@ -405,6 +405,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if plan.chunk <= 0 or plan.file_size <= 0 or plan.chunk > plan.file_size:
         raise QuotafsError("--chunk and --file-size must be positive, chunk <= file size",
                            ExitCode.USAGE)
+    if plan.workdir is not None and not os.path.isdir(plan.workdir):
+        raise QuotafsError(f"--workdir {plan.workdir}: no such directory", ExitCode.USAGE)
     with _sigterm_as_interrupt():
         report = run_compare(plan, _progress_printer(enabled=True))
     if args.json:

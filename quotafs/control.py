@@ -2,7 +2,7 @@
 
     getxattr(MOUNT, "user.quotafs.status")          -> JSON status document
     getxattr(MOUNT, "user.quotafs.events[.SEQ]")    -> events (after SEQ), JSON lines
-    getxattr(MOUNT, "user.quotafs.faults")          -> fault rules and their counters
+    getxattr(MOUNT, "user.quotafs.faults[.N]")      -> fault rules (after rN) and counters
     getxattr(MOUNT, "user.quotafs.result")          -> outcome of this process's last set
     setxattr(MOUNT, "user.quotafs.set", JSON)       -> change the limit / inode limit
     setxattr(MOUNT, "user.quotafs.fault.add", JSON) -> add a fault rule
@@ -28,7 +28,7 @@ import errno
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ import pyfuse3
 from quotafs.errors import QuotafsError
 from quotafs.faults import Effect, FaultEngine, RuleSpec
 from quotafs.ledger import Ledger
+from quotafs.options import MAX_LIMIT
 from quotafs.reserve import resolve_reserve
 
 PREFIX = b"user.quotafs."
@@ -50,6 +51,22 @@ FAULT_CLEAR = PREFIX + b"fault.clear"
 
 EVENT_RING_SIZE = 1000
 XATTR_SIZE_MAX = 65536
+# An event's path is cut here (with a marker): a JSON line of its event, even with every
+# character escaped as \uXXXX, then fits an xattr value (a page of events). PATH_MAX.
+MAX_EVENT_PATH = 4096
+
+
+def _page(lines: Iterable[str], used: int) -> list[str]:
+    """The leading lines that fit one xattr value (each costs its length and a separator;
+    `used` is what the page holds besides). Never returns a line that alone is too long."""
+    out: list[str] = []
+    size = used + 1
+    for line in lines:
+        size += len(line) + 2
+        if size > XATTR_SIZE_MAX:
+            break
+        out.append(line)
+    return out
 
 
 @dataclass
@@ -102,6 +119,8 @@ class ControlChannel:
     def _record(self, kind: str, op: str, path: str, err: int | None, effect: str,
                 rule: str | None, pid: int | None) -> None:
         name = errno.errorcode.get(err, str(err)) if err is not None else None
+        if len(path) > MAX_EVENT_PATH:  # else its JSON line would not fit a page
+            path = f"{path[:MAX_EVENT_PATH]}...[{len(path) - MAX_EVENT_PATH} more]"
         self.events.append(Event(self._next_seq, time.time(), kind, op, path, name, effect,
                                  rule, pid))
         self._next_seq += 1
@@ -124,16 +143,23 @@ class ControlChannel:
                 "faults_fired": faults.fired}
 
     def _events_after(self, seq: int) -> bytes:
-        lines = [json.dumps(asdict(e), sort_keys=True) for e in self.events if e.seq > seq]
+        lines = (json.dumps(asdict(e), sort_keys=True) for e in self.events if e.seq > seq)
         # An xattr value is at most 64 KiB: the oldest that fit; the caller asks again.
-        out: list[str] = []
-        size = 1
-        for line in lines:
-            size += len(line) + 1
-            if size > XATTR_SIZE_MAX:
-                break
-            out.append(line)
-        return "".join(line + "\n" for line in out).encode()
+        return "".join(line + "\n" for line in _page(lines, 0)).encode()
+
+    def _faults_after(self, rule_number: int) -> bytes:
+        """{"seed", "rules": the rules after r<rule_number> that fit in 64 KiB, "more"}: a
+        page of the listing (ids only grow, so a removal between pages skips nothing)."""
+        listing = self.faults.to_dict()
+        rules = [json.dumps(r, sort_keys=True) for r in listing["rules"]
+                 if int(r["id"][1:]) > rule_number]
+
+        def text(page: list[str], more: bool) -> str:
+            return (f'{{"more": {json.dumps(more)}, "seed": {listing["seed"]}, '
+                    f'"rules": [{", ".join(page)}]}}')
+
+        page = _page(rules, len(text([], False)))
+        return text(page, len(page) < len(rules)).encode()
 
     def _require_owner(self, ctx: pyfuse3.RequestContext) -> None:
         if ctx.uid not in (0, self.owner_uid):
@@ -150,8 +176,11 @@ class ControlChannel:
             if after and not after.isdigit():
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
             return self._events_after(int(after) if after else 0)
-        if name == FAULTS:
-            return json.dumps(self.faults.to_dict(), sort_keys=True).encode()
+        if name == FAULTS or name.startswith(FAULTS + b"."):
+            after = name[len(FAULTS) + 1:]
+            if after and not after.isdigit():
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return self._faults_after(int(after) if after else 0)
         if name == RESULT:
             # Not popped: a reader may ask twice (size probe, then the value).
             return json.dumps(self._results.get(ctx.pid, {}), sort_keys=True).encode()
@@ -167,7 +196,7 @@ class ControlChannel:
         self._require_owner(ctx)
         try:
             request = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
             request = None
         if not isinstance(request, dict):
             self._answer(ctx, {"error": "the control value must be a JSON object"})
@@ -206,8 +235,9 @@ class ControlChannel:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
         for key, value in request.items():
             if key != "reserve" and value is not None and (
-                    not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"{key} must be a non-negative integer or null")
+                    not isinstance(value, int) or isinstance(value, bool)
+                    or not 0 <= value <= MAX_LIMIT):
+                raise ValueError(f"{key} must be an integer from 0 to 2^63-1, or null")
         if "limit" in request or "reserve" in request:
             limit = request.get("limit", self.ledger.limit)
             self.ledger.set_limit(limit, self._reserve_of(request, limit))

@@ -21,7 +21,6 @@ and removed (lazily) at the end of the session. Docs: docs/testing.md.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import os
 import shutil
 import subprocess
@@ -34,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.options import OPTION_NAMES as OPTION_NAMES
+from quotafs.options import validate as validate_options
 from quotafs.size import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -61,14 +62,6 @@ FORCE_NO_LOOP_ENV = "QUOTAFS_TESTING_FORCE_NO_LOOP"
 REPORT_EVENTS = 20  # newest events shown in a failure report
 _BUSY_TRIES = 5  # polite unmounts at teardown (busy right after a child exits), ~1 s in all
 
-_SIZES = ("limit", "block_size", "like_ext4")
-_BOOLS = ("mmap_sigbus", "allow_other", "no_cache", "keep_backing", "debug")
-_PATHS = ("backing", "rules_file")
-OPTION_NAMES = ("limit", "inodes", "accounting", "block_size", "mmap_sigbus", "seed", "rules",
-                "rules_file", "backing", "keep_backing", "allow_other", "no_cache", "fsname",
-                "debug", "reserve", "like_ext4")
-
-
 class QuotafsLeakWarning(UserWarning):
     """A mount made by a fixture outlived its test (busy at teardown, or never torn down)."""
 
@@ -79,96 +72,14 @@ class OptionError(ValueError):
 
 # -- options ------------------------------------------------------------------------------
 
-def _size(name: str, value: Any, allow_none: bool) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise OptionError(f"{name} must not be negative, got {value}")
-        return value
-    if isinstance(value, str):
-        try:
-            return parse_size(value)
-        except QuotafsError as exc:
-            raise OptionError(f"{name}: {exc}") from None
-    none = " or None (no limit)" if allow_none else ""
-    raise OptionError(f"{name} must be a size like '10M' or a number of bytes{none}, "
-                      f"got {value!r} ({type(value).__name__})")
-
-
-def _count(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    raise OptionError(f"{name} must be a whole number >= 0 or None, got {value!r}")
-
-
-def _check_reserve(value: Any) -> Any:
-    """Syntax only: "5%" is resolved against the limit at mount."""
-    from quotafs.reserve import resolve_reserve
-
-    try:
-        resolve_reserve(value, 2**62, 1)
-    except QuotafsError as exc:
-        raise OptionError(f"reserve: {exc}") from None
-    return value
-
-
-def _check(name: str, value: Any) -> Any:
-    if name in _SIZES:
-        size = _size(name, value, allow_none=name != "block_size")
-        if name == "block_size" and (size is None or size < 512 or size & (size - 1)):
-            raise OptionError(f"block_size must be a power of two >= 512, got {value!r}")
-        return size
-    if name in ("inodes", "seed"):
-        return _count(name, value)
-    if name == "reserve":
-        return _check_reserve(value)
-    if name == "accounting":
-        if value not in ("blocks", "apparent"):
-            raise OptionError(f"accounting must be 'blocks' or 'apparent', got {value!r}")
-        return value
-    if name in _BOOLS:
-        if not isinstance(value, bool):
-            raise OptionError(f"{name} must be True or False, got {value!r}")
-        return value
-    if name in _PATHS:
-        if value is None:
-            return None
-        if not isinstance(value, str | os.PathLike):
-            raise OptionError(f"{name} must be a path, got {value!r}")
-        return os.fspath(value)
-    if name == "fsname":
-        if not isinstance(value, str) or not value or "," in value:
-            raise OptionError(f"fsname must be a non-empty string without commas, got {value!r}")
-        return value
-    # rules: a list of rule tables, validated as a rules file's [[rule]] tables are.
-    from quotafs.faults import RuleSpec
-
-    if not isinstance(value, list | tuple):
-        raise OptionError(f"rules must be a list of rule dicts, got {value!r}")
-    for i, rule in enumerate(value):
-        try:
-            RuleSpec.from_dict(rule, where=f"rules[{i}]")
-        except QuotafsError as exc:
-            raise OptionError(str(exc)) from None
-    return [dict(rule) for rule in value]
-
-
-def mount_options(options: Mapping[str, Any]) -> dict[str, Any]:
+def mount_options(values: Mapping[str, Any]) -> dict[str, Any]:
     """Validate mount options given as keywords (as quotafs.mounted() takes them) and return
-    them with sizes in bytes; raise OptionError with one clear line."""
-    out: dict[str, Any] = {}
-    for name, value in options.items():
-        if name not in OPTION_NAMES:
-            close = ([o for o in OPTION_NAMES if o.startswith(name)]
-                     or difflib.get_close_matches(name, OPTION_NAMES, n=1))
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise OptionError(f"unknown option {name!r}{hint}; the options are "
-                              + ", ".join(OPTION_NAMES))
-        out[name] = _check(name, value)
-    return out
+    them with sizes in bytes; raise OptionError with one clear line. The check is
+    quotafs.options.validate, the one the CLI and the API use."""
+    try:
+        return validate_options(values)
+    except QuotafsError as exc:
+        raise OptionError(str(exc)) from None
 
 
 _MARKER_OPTIONS = pytest.StashKey[dict[str, Any]]()
