@@ -136,7 +136,11 @@ def check_reserve(value: Any) -> int | str | None:
     where it is applied (config_fields at mount, the daemon for `quotafs set`)."""
     from quotafs.reserve import resolve_reserve
 
-    resolve_reserve(value, MAX_LIMIT, 1)
+    try:
+        resolve_reserve(value, MAX_LIMIT, 1)
+    except QuotafsError as exc:
+        message = str(exc)
+        raise _fail(message if "reserve" in message else f"reserve: {message}") from None
     return value if isinstance(value, str) or value is None else int(value)
 
 
