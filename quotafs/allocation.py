@@ -55,13 +55,3 @@ def hole_blocks(start: int, end: int, extents: Sequence[Extent], block: int) -> 
     holes.extend(range(cursor, stop))
     return holes
 
-
-def fitting_length(offset: int, length: int, new_blocks: Sequence[int], budget_blocks: int,
-                   block: int) -> int:
-    """How much of a write of `length` at `offset` fits when only `budget_blocks` of its
-    `new_blocks` (ascending) can be allocated: everything before the first block that does
-    not fit. ext4 does the same: it writes what fits and returns the short count."""
-    if len(new_blocks) <= budget_blocks:
-        return length
-    first_refused = new_blocks[max(budget_blocks, 0)]
-    return max(0, min(length, first_refused * block - offset))

@@ -29,7 +29,9 @@ import trio
 from quotafs import mounting
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.mountconfig import MountConfig
-from quotafs.size import format_size, parse_size
+from quotafs.options import check_count, check_size, config_fields
+from quotafs.options import validate as validate_options
+from quotafs.size import format_size
 
 if TYPE_CHECKING:
     from quotafs.loopext4 import Ext4Loop
@@ -37,10 +39,8 @@ if TYPE_CHECKING:
 SizeLike = int | str | None
 
 
-def _bytes(value: SizeLike) -> int | None:
-    if value is None or isinstance(value, int):
-        return value
-    return parse_size(value)
+def _bytes(value: SizeLike, name: str = "limit") -> int | None:
+    return check_size(name, value, allow_none=True)
 
 
 @dataclass
@@ -58,15 +58,19 @@ class QuotaMount:
     def usage(self) -> dict[str, Any]:
         """used / reserved / free / limit / inodes, in bytes and counts."""
         s = self.status()
-        keys = ("limit", "used", "reserved", "free", "inode_limit", "inodes_used",
-                "enospc_count")
+        keys = ("limit", "used", "reserved", "free", "root_reserve", "available",
+                "inode_limit", "inodes_used", "enospc_count")
         return {k: s[k] for k in keys}
 
     def set_limit(self, limit: SizeLike) -> None:
         mounting.set_limits(self.path, limit=_bytes(limit))
 
     def set_inode_limit(self, inodes: int | None) -> None:
-        mounting.set_limits(self.path, inodes=inodes)
+        mounting.set_limits(self.path, inodes=check_count("inodes", inodes))
+
+    def set_reserve(self, reserve: int | str) -> None:
+        """Root's reserve: "5%" of the current limit, a size ("6M", bytes), or 0."""
+        mounting.set_limits(self.path, reserve=reserve)
 
     def events(self, after: int = 0) -> list[dict[str, Any]]:
         """Quota ENOSPCs and fired faults (seq > after), oldest first."""
@@ -131,6 +135,9 @@ class TrioControls:
     async def set_inode_limit(self, inodes: int | None) -> None:
         await self._call(self._mount.set_inode_limit, inodes)
 
+    async def set_reserve(self, reserve: int | str) -> None:
+        await self._call(self._mount.set_reserve, reserve)
+
     async def add_fault(self, op: str | list[str], **trigger_and_effect: Any) -> str:
         rule_id: str = await self._call(self._mount.add_fault, op, **trigger_and_effect)
         return rule_id
@@ -146,17 +153,6 @@ class TrioControls:
     async def events(self, after: int = 0) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = await self._call(self._mount.events, after)
         return result
-
-
-def _fault_settings(options: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
-    """Seed and validated rules from rules=[dict, ...] and/or rules_file=PATH."""
-    from quotafs.cli import fault_settings
-    from quotafs.faults import RuleSpec
-
-    seed, rules = fault_settings(options.pop("rules_file", None), options.get("seed"))
-    for rule in options.get("rules") or []:
-        rules.append(RuleSpec.from_dict(rule).to_dict())
-    return seed, rules
 
 
 # The daemon dies with "its parent" (PR_SET_PDEATHSIG), and for the kernel the parent is
@@ -205,17 +201,17 @@ def _start_daemon(config: MountConfig) -> mounting.Daemon:
 
 def _start(limit: SizeLike, backing: str | None, mountpoint: str | None,
            options: dict[str, Any]) -> tuple[QuotaMount, bool]:
+    # Every option is checked before the first directory is made (quotafs.options).
+    settings = validate_options({**options, "limit": limit, "backing": backing})
+    fields = config_fields(settings)
     own_mountpoint = mountpoint is None
     path = tempfile.mkdtemp(prefix="quotafs-mnt-") if mountpoint is None else mountpoint
     try:
         path = mounting.check_mountpoint(path)
         mounting.check_fuse()
         backing_dir, private = mounting.prepare_backing(backing)
-        if "block_size" in options:
-            options["block_size"] = _bytes(options["block_size"])
-        options["seed"], options["rules"] = _fault_settings(options)
-        config = MountConfig(mountpoint=path, backing=backing_dir, limit=_bytes(limit),
-                             private_backing=private, die_with_parent=True, **options)
+        config = MountConfig(mountpoint=path, backing=backing_dir, private_backing=private,
+                             die_with_parent=True, **fields)
         daemon = _start_daemon(config)
     except BaseException:
         if own_mountpoint:
@@ -253,9 +249,12 @@ def mounted(limit: SizeLike = None, backing: str | None = None,
             mountpoint: str | None = None, **options: Any) -> Iterator[QuotaMount]:
     """Mount quotafs (a fresh temp mount point unless given) and unmount on exit.
 
-    Options are those of `quotafs mount`, as keywords: inodes, accounting, block_size,
+    Options are those of `quotafs mount`, as keywords: inodes, reserve ("5%" or a size
+    that only root may use; default 0), like_ext4 (a size: a default mkfs.ext4's room
+    for that image), accounting, block_size,
     mmap_sigbus, allow_other, no_cache, keep_backing, fsname, debug, seed, rules (a list
-    of rule dicts as in a rules file), rules_file.
+    of rule dicts as in a rules file), rules_file; and log_file, a file the daemon appends
+    its log to (warnings and errors; everything with debug) instead of the caller's stderr.
     """
     mount, own = _start(limit, backing, mountpoint, dict(options))
     try:
@@ -308,18 +307,31 @@ class Ext4Mount:
 
     @property
     def write_capacity_hint(self) -> int:
-        """About what write(2) can store: free space minus ext4's reserved clusters."""
+        """About what write(2) can store as root: free space minus ext4's reserved
+        clusters. Other users get root_reserve_bytes less."""
         return self.loop.write_capacity_hint
+
+    @property
+    def root_reserve_bytes(self) -> int:
+        """ext4's reserved blocks, which only root may use (5% of a default mkfs)."""
+        return self.loop.root_reserve_bytes
+
+    def quotafs_options(self) -> dict[str, int]:
+        """limit and reserve for quotafs.mounted(**...): the same room as this ext4 for
+        root and for every other user."""
+        return self.loop.quotafs_options()
 
     def usage(self) -> dict[str, Any]:
         """The keys of QuotaMount.usage(), from statvfs: limit is the free space at mkfs,
-        used what has gone since, free what is left for root (f_bfree); inode_limit and
-        inodes_used likewise. ext4 neither counts its ENOSPCs nor reserves pages for mmap:
-        enospc_count and reserved are None."""
+        used what has gone since, free what is left for root (f_bfree), available what is
+        left for everyone else (f_bavail); inode_limit and inodes_used likewise. ext4
+        neither counts its ENOSPCs nor reserves pages for mmap: enospc_count and reserved
+        are None."""
         st = os.statvfs(self.path)
         free = st.f_bfree * st.f_frsize
         return {"limit": self._free_at_start, "used": self._free_at_start - free,
-                "reserved": None, "free": free, "inode_limit": self._ffree_at_start,
+                "reserved": None, "free": free, "root_reserve": self.loop.root_reserve_bytes,
+                "available": st.f_bavail * st.f_frsize, "inode_limit": self._ffree_at_start,
                 "inodes_used": self._ffree_at_start - st.f_ffree, "enospc_count": None}
 
     def status(self) -> dict[str, Any]:
@@ -355,17 +367,21 @@ class Ext4Mount:
 
 
 @contextlib.contextmanager
-def ext4_loop(free: int | str, workdir: str | None = None,
-              keep: bool = False) -> Iterator[Ext4Mount]:
+def ext4_loop(free: int | str | None, workdir: str | None = None,
+              keep: bool = False, image_size: SizeLike = None) -> Iterator[Ext4Mount]:
     """The real thing, for comparison: a loop-mounted ext4 with `free` bytes free (for root;
     "120M" and the like work too), torn down on exit whatever happens (keep=True leaves it
     and notes the commands that remove it). Root only; builds in /var/tmp unless `workdir`.
 
         with quotafs.ext4_loop(free="16M") as ref, quotafs.mounted(
-                limit=ref.write_capacity_hint) as q:
-            ...  # the same program on both
+                **ref.quotafs_options()) as q:
+            ...  # the same program on both, as root or as any other user
+
+    With `image_size` (and free=None) the image is that size, as `truncate -s SIZE;
+    mkfs.ext4` makes it: the reference of `quotafs.mounted(like_ext4=SIZE)`.
     """
-    size = _bytes(free)
+    image = _bytes(image_size, "image_size")
+    size = _bytes(free, "free") if image is None else image
     if size is None:
         raise QuotafsError("ext4_loop needs a size: free='16M', for example", ExitCode.USAGE)
     if os.geteuid() != 0:
@@ -373,9 +389,10 @@ def ext4_loop(free: int | str, workdir: str | None = None,
             f"ext4_loop needs root: it attaches a loop device and mounts ext4 "
             f"({format_size(size)} requested); quotafs.mounted() needs no root",
             ExitCode.PERMISSION)
-    from quotafs.loopext4 import open_ext4_loop
+    from quotafs.loopext4 import MIN_FREE, open_ext4_loop
 
-    with open_ext4_loop(size, workdir=workdir, keep=keep) as loop:
+    with open_ext4_loop(MIN_FREE if image else size, workdir=workdir, keep=keep,
+                        image_size=image) as loop:
         st = os.statvfs(loop.mountpoint)
         yield Ext4Mount(loop.mountpoint, loop, _free_at_start=st.f_bfree * st.f_frsize,
                         _ffree_at_start=st.f_ffree)

@@ -3,64 +3,49 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import random
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from quotafs import __version__, mounting
-from quotafs.errors import ExitCode, QuotafsError
+from quotafs import __version__, mounting, options
+from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.mountconfig import MountConfig
-from quotafs.size import format_size, parse_size
+from quotafs.size import format_size
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, no usage dump: the usage is one `--help` away.
-        self.exit(int(ExitCode.USAGE), f"{self.prog}: error: {message}\n")
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except QuotafsError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: must be >= 0")
-    return value
-
-
-def _block_size(text: str) -> int:
-    value = _size(text)
-    if value < 512 or value & (value - 1):
-        raise argparse.ArgumentTypeError(f"invalid block size {text!r}: a power of two >= 512")
-    return value
+        self.exit(int(ExitCode.USAGE), f"{self.prog}: error: {printable(message)}\n")
 
 
 def add_mount_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by `mount` and `run`."""
-    p.add_argument("--limit", type=_size, default=None,
+    """Options shared by `mount` and `run`; their values are checked by quotafs.options
+    (mount_settings), as the API's and the plugin's are."""
+    p.add_argument("--limit", default=None,
                    help="quota in bytes: 120M, 1.5G, 10MB, 4096 (default: no limit)")
     p.add_argument("--backing", metavar="DIR",
                    help="existing directory to pass through; its content counts against the "
                         "limit (default: a private temporary directory)")
     p.add_argument("--keep-backing", action="store_true",
                    help="do not remove the private backing directory at unmount")
-    p.add_argument("--accounting", choices=["blocks", "apparent"], default="blocks",
+    p.add_argument("--accounting", default="blocks", metavar="{blocks,apparent}",
                    help="charge allocated blocks like ext4 (default) or apparent sizes")
-    p.add_argument("--block-size", type=_block_size, default=4096,
+    p.add_argument("--block-size", default=None,
                    help="accounting block size, reported by statfs (default 4096)")
-    p.add_argument("--inodes", type=_count, default=None,
+    p.add_argument("--inodes", default=None,
                    help="inode limit: create/mkdir/... fail with ENOSPC past N inodes")
+    p.add_argument("--reserve", metavar="PERCENT|SIZE", default=None,
+                   help="keep the last PERCENT of the limit (5%%, as mkfs.ext4 does) or SIZE "
+                        "for root, as ext4's reserved blocks: other users get ENOSPC and df "
+                        "Avail there (default 0: every user gets the whole limit)")
+    p.add_argument("--like-ext4", metavar="SIZE", default=None,
+                   help="the limit, reserve, block size and inodes of a default mkfs.ext4 "
+                        "of a SIZE image, measured (--limit/--reserve/--inodes override "
+                        "them; see docs/semantics.md)")
     sigbus = p.add_mutually_exclusive_group()
     sigbus.add_argument("--mmap-sigbus", dest="mmap_sigbus", action="store_true",
                         help="ext4-faithful mmap: SIGBUS at the faulting write past the "
@@ -78,45 +63,37 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsname", default="quotafs", help="source name shown by mount and df")
     p.add_argument("--rules", metavar="FILE", help="load fault rules from a TOML file "
                                                   "(see docs/faults.md)")
-    p.add_argument("--seed", type=_count, default=None,
+    p.add_argument("--seed", default=None,
                    help="seed of the fault rules' random choices (default: random, printed)")
     p.add_argument("--debug", action="store_true", help="log every FUSE request")
 
 
-def fault_settings(rules_file: str | None, seed: int | None) -> tuple[int, list[dict[str, Any]]]:
-    """(seed, validated rule dicts) for a mount; warnings go to stderr."""
-    rules: list[dict[str, Any]] = []
-    if rules_file is not None:
-        from quotafs.faults import load_rules_file
-
-        loaded = load_rules_file(rules_file)
-        for warning in loaded.warnings:
-            print(f"quotafs: warning: {rules_file}: {warning}", file=sys.stderr)
-        rules = [spec.to_dict() for spec in loaded.rules]
-        seed = loaded.seed if seed is None else seed
-    return (random.getrandbits(32) if seed is None else seed), rules
+def mount_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The mount options of `mount`/`run`, validated (quotafs.options): no side effect."""
+    names = [name for name in options.OPTION_NAMES if name not in ("rules", "rules_file")]
+    raw = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    raw["rules_file"] = args.rules
+    return options.validate(raw)
 
 
-def _config(args: argparse.Namespace, mountpoint: str) -> MountConfig:
-    seed, rules = fault_settings(args.rules, args.seed)
+def _config(settings: dict[str, Any], mountpoint: str) -> MountConfig:
+    fields = options.config_fields(settings)  # --like-ext4 measured, --reserve resolved
     mounting.check_fuse()
-    backing, private = mounting.prepare_backing(args.backing)
-    return MountConfig(seed=seed, rules=rules,
-        mountpoint=mountpoint, backing=backing, limit=args.limit, private_backing=private,
-        keep_backing=args.keep_backing, inodes=args.inodes, accounting=args.accounting,
-        block_size=args.block_size, allow_other=args.allow_other, debug=args.debug,
-        fsname=args.fsname, mmap_sigbus=args.mmap_sigbus, no_cache=args.no_cache,
-    )
+    backing, private = mounting.prepare_backing(settings["backing"])
+    return MountConfig(mountpoint=mountpoint, backing=backing, private_backing=private,
+                       **fields)
 
 
 # -- subcommands --------------------------------------------------------------------------
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    settings = mount_settings(args)  # every option checked before anything is touched
     mountpoint = mounting.check_mountpoint(args.mountpoint)
-    config = _config(args, mountpoint)
+    config = _config(settings, mountpoint)
     if args.fg:
         from quotafs import daemon
 
+        mounting.check_overlap(config.mountpoint, config.backing)
         return daemon.run(config)
     started = mounting.start_daemon(config, detach=True)
     if not args.quiet:
@@ -127,18 +104,23 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    mountpoint = os.path.abspath(args.mountpoint)
+    mountpoint = mounting.resolve(args.mountpoint)
     info = mounting.find_mount(mountpoint)
     if info is None:
         raise QuotafsError(f"{args.mountpoint} is not mounted", ExitCode.NOT_QUOTAFS)
     if not info.is_quotafs:
         raise QuotafsError(f"{args.mountpoint} is not a quotafs mount ({info.fstype})",
                            ExitCode.NOT_QUOTAFS)
+    mounting.check_may_unmount(info)
     record = mounting.read_record(mountpoint)
     pid: int | None = None
     try:
         pid = int(mounting.read_status(mountpoint)["pid"])
         alive = True
+    except mounting.NoAnswer:
+        if not args.lazy:
+            raise
+        alive = True  # stopped or stuck: detach it; it may still have users
     except QuotafsError:
         alive = False  # "Transport endpoint is not connected": the daemon died
     if pid is None and record is not None:
@@ -162,12 +144,20 @@ def _status_lines(status: dict[str, Any]) -> list[str]:
         return "none" if value is None else f"{format_size(value)} ({value} bytes)"
 
     inode_limit = status["inode_limit"]
+    reserved = ([f"reserved:     {size(status['reserved'])}  (ext4-faithful mmap pages)"]
+                if status["mmap_sigbus"] else [])  # nothing is ever reserved without it
     return [
         f"mount point:  {status['mountpoint']}",
         f"limit:        {size(status['limit'])}",
         f"used:         {size(status['used'])}",
-        f"reserved:     {size(status['reserved'])}  (ext4-faithful mmap pages)",
-        f"free:         {size(status['free'])}",
+        *reserved,
+        f"free:         {_free(status, size)}"
+        + (f"  (for root; others: {size(status['available'])})"
+           if status.get("root_reserve") else ""),
+        f"reserve:      {size(status.get('root_reserve', 0))}  (for root only; as ext4's "
+        "reserved blocks)"
+        + (f"; kept back from everyone {size(status['kept_back'])}"
+           if status.get("kept_back") else ""),
         f"inodes:       {status['inodes_used']} used"
         + ("" if inode_limit is None else f" of {inode_limit}"),
         f"accounting:   {status['accounting']}, block size {status['block_size']}",
@@ -182,6 +172,11 @@ def _status_lines(status: dict[str, Any]) -> list[str]:
     ]
 
 
+def _free(status: dict[str, Any], size: Callable[[int], str] = format_size) -> str:
+    # Without a limit the ledger's "free" is its 2^63-1 sentinel minus used, not a fact.
+    return "unlimited" if status["limit"] is None else size(status["free"])
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = mounting.read_status(args.mountpoint)
     if args.json:
@@ -192,21 +187,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    changes: dict[str, int | None] = {}
+    changes: dict[str, int | str | None] = {}
     if args.limit is not None:
-        changes["limit"] = None if args.limit == "none" else _size(args.limit)
+        changes["limit"] = None if args.limit == "none" else options.check_size("limit",
+                                                                                args.limit)
     if args.inodes is not None:
-        changes["inodes"] = None if args.inodes == "none" else _count(args.inodes)
+        changes["inodes"] = None if args.inodes == "none" else options.check_count(
+            "inodes", args.inodes)
+    if args.reserve is not None:
+        changes["reserve"] = options.check_reserve(args.reserve)  # "5%": of the daemon's limit
     if not changes:
-        raise QuotafsError("nothing to set: give --limit and/or --inodes", ExitCode.USAGE)
+        raise QuotafsError("nothing to set: give --limit, --inodes and/or --reserve",
+                           ExitCode.USAGE)
     mounting.set_limits(args.mountpoint, **changes)
     status = mounting.read_status(args.mountpoint)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
         limit = "none" if status["limit"] is None else format_size(status["limit"])
-        print(f"limit {limit}, used {format_size(status['used'])}, "
-              f"free {format_size(status['free'])}")
+        reserve = status.get("root_reserve", 0)
+        print(f"limit {limit}, used {format_size(status['used'])}, free {_free(status)}"
+              + (f", reserve {format_size(reserve)} (others: "
+                 f"{format_size(status['available'])} free)" if reserve else ""))
     return 0
 
 
@@ -242,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--limit", help="new quota (a size, or 'none')")
     p.add_argument("--inodes", help="new inode limit (a count, or 'none')")
+    p.add_argument("--reserve", metavar="PERCENT|SIZE",
+                   help="new root reserve: 5%% of the limit (after this set) or a size; 0 "
+                        "for none")
     p.add_argument("--json", action="store_true", help="print the new status as JSON")
     p.set_defaults(func=cmd_set)
 
@@ -258,16 +263,30 @@ def _extra_commands() -> list[Callable[[Any], None]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    mounting.ISOLATE_PROBES = True  # a command never hangs on a sick mount
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`quotafs status M | head -3`): stop quietly, as coreutils
+        # do when SIGPIPE kills them, and keep Python from failing again on its final flush.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return int(ExitCode.BROKEN_PIPE)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         result: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler above
         return result
     except QuotafsError as exc:
-        print(f"quotafs: {exc}", file=sys.stderr)
+        # One line, whatever the message quotes (a mount point named "a\nb", say).
+        print(f"quotafs: {printable(str(exc))}", file=sys.stderr)
         return int(exc.code)
     except argparse.ArgumentTypeError as exc:
-        print(f"quotafs: {exc}", file=sys.stderr)
+        print(f"quotafs: {printable(str(exc))}", file=sys.stderr)
         return int(ExitCode.USAGE)
     except KeyboardInterrupt:
         print("quotafs: interrupted", file=sys.stderr)

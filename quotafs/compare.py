@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ from typing import Any
 
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.size import format_size, parse_size
-from quotafs.writers import KINDS, WriterResult, bytes_on_disk, run_writer
+from quotafs.writers import KINDS, WriterResult, bytes_on_disk, passwd_entry, run_writer
 
 TARGETS = ("ext4", "quotafs", "quotafs-sigbus")
 MMAP_TOLERANCE = 0.01  # the ext4-faithful SIGBUS must land within 1% of ext4's
@@ -94,6 +95,7 @@ class Plan:
     chunk: int
     keep: bool
     workdir: str | None = None
+    as_user: str | None = None  # the writers run as this user (None: as root)
 
 
 class Runner:
@@ -112,7 +114,8 @@ class Runner:
             self.progress(f"{target:<15} {writer:<9} {format_size(acked):>10}")
 
         self.progress(f"{target:<15} {writer:<9} starting")
-        result = run_writer(writer, path, self.plan.file_size, self.plan.chunk, progress=tick)
+        result = run_writer(writer, path, self.plan.file_size, self.plan.chunk, progress=tick,
+                            user=self.plan.as_user)
         readable = settle()
         on_disk = bytes_on_disk(readable, self.plan.chunk, result.bytes_acknowledged) \
             if os.path.exists(readable) else 0
@@ -129,7 +132,15 @@ class Runner:
         self.records.append(record)
         return record
 
+    def _give_to_writer(self, path: str) -> None:
+        """The writers' directory belongs to the user who runs them (chown persists on
+        ext4 across the remounts, and in quotafs's backing directory)."""
+        if self.plan.as_user is not None:
+            entry = passwd_entry(self.plan.as_user)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
     def run_ext4(self, device: str, mountpoint: str) -> None:
+        self._give_to_writer(mountpoint)
         for writer in self.plan.writers:
             path = os.path.join(mountpoint, f"{writer}.dat")
 
@@ -139,16 +150,18 @@ class Runner:
 
             self._run("ext4", writer, path, settle)
 
-    def run_quotafs(self, target: str, limit: int, backing: str) -> None:
+    def run_quotafs(self, target: str, limit: int, backing: str, reserve: int = 0) -> None:
         from quotafs.api import mounted
 
         mountpoint = backing + "-mnt"
         os.makedirs(backing, exist_ok=True)
         os.makedirs(mountpoint, exist_ok=True)
+        self._give_to_writer(backing)
         for writer in self.plan.writers:
             with contextlib.ExitStack() as stack:
                 m = stack.enter_context(mounted(limit=limit, backing=backing,
-                                                mountpoint=mountpoint,
+                                                mountpoint=mountpoint, reserve=reserve,
+                                                allow_other=self.plan.as_user is not None,
                                                 mmap_sigbus=target == "quotafs-sigbus"))
                 path = os.path.join(m.path, f"{writer}.dat")
 
@@ -273,6 +286,9 @@ def register(sub: Any) -> None:
     p.add_argument("--keep", action="store_true",
                    help="leave the image, loop device, mount and files for inspection")
     p.add_argument("--workdir", help="where the image and backing dirs go (default /var/tmp)")
+    p.add_argument("--as-user", metavar="USER",
+                   help="run the writers as USER (name or uid; default root): they then stop "
+                        "where ext4 stops for users other than root, short of its reserve")
     p.set_defaults(func=cmd_compare)
 
 
@@ -318,16 +334,21 @@ def run_compare(plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
     check_fuse()
     runner = Runner(plan, progress)
     scratch = tempfile.mkdtemp(prefix="quotafs-compare-", dir=plan.workdir or "/var/tmp")
+    if plan.as_user is not None:
+        os.chmod(scratch, 0o755)  # the writers' user must reach the mount points below it
     try:
         with open_ext4_loop(plan.limit, workdir=plan.workdir, keep=plan.keep) as ext4:
             # ext4 keeps back min(2% of blocks, 4096 clusters) from every writer: the room a
-            # writer really has is the free space minus that, and that is quotafs's limit.
-            quota = ext4.write_capacity_hint
+            # writer really has is the free space minus that, and that is quotafs's limit;
+            # its reserved blocks are root's, and are quotafs's reserve, so that writers of
+            # any user have the room they have on ext4.
+            quota, reserve = ext4.write_capacity_hint, ext4.root_reserve_bytes
             progress(f"ext4 on {ext4.device}: {format_size(ext4.free_bytes)} free, "
-                     f"{format_size(quota)} writable; quotafs limit {quota:,} bytes")
+                     f"{format_size(quota)} writable by root, {format_size(quota - reserve)} "
+                     f"by others; quotafs limit {quota:,} bytes, reserve {reserve:,}")
             runner.run_ext4(ext4.device, ext4.mountpoint)
             for target in TARGETS[1:]:
-                runner.run_quotafs(target, quota, os.path.join(scratch, target))
+                runner.run_quotafs(target, quota, os.path.join(scratch, target), reserve)
             ext4_info = {k: v for k, v in asdict(ext4).items() if k != "rounds"}
             kept = ext4.cleanup_commands() if plan.keep else []
     finally:
@@ -341,6 +362,8 @@ def run_compare(plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
     return {
         "limit_requested": plan.limit,
         "quotafs_limit": quota,
+        "quotafs_reserve": reserve,
+        "writers_user": plan.as_user or "root",
         "ext4": ext4_info,
         "file_size": plan.file_size,
         "chunk": plan.chunk,
@@ -352,13 +375,38 @@ def run_compare(plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
     }
 
 
+def _check_reachable(user: str, workdir: str) -> None:
+    """The writers' user must be able to walk down to the mount points in `workdir`."""
+    entry = passwd_entry(user)
+    groups = {entry.pw_gid, *os.getgrouplist(entry.pw_name, entry.pw_gid)}
+    path = os.path.realpath(workdir)
+    while True:
+        try:
+            mode = os.stat(path)
+        except OSError:
+            return  # a missing workdir is reported where it is used
+        bit = (stat.S_IXUSR if mode.st_uid == entry.pw_uid else
+               stat.S_IXGRP if mode.st_gid in groups else stat.S_IXOTH)
+        if entry.pw_uid != 0 and not mode.st_mode & bit:
+            raise QuotafsError(f"--as-user {user}: {user} cannot enter {path}, so it could "
+                               "not reach the mounts: choose another --workdir",
+                               ExitCode.USAGE)
+        if path == "/":
+            return
+        path = os.path.dirname(path)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     plan = Plan(limit=parse_size(args.limit), writers=_parse_writers(args.writers),
                 file_size=parse_size(args.file_size), chunk=parse_size(args.chunk),
-                keep=args.keep, workdir=args.workdir)
+                keep=args.keep, workdir=args.workdir, as_user=args.as_user)
+    if plan.as_user is not None:  # an unknown or locked-out user: before anything is built
+        _check_reachable(plan.as_user, plan.workdir or "/var/tmp")
     if plan.chunk <= 0 or plan.file_size <= 0 or plan.chunk > plan.file_size:
         raise QuotafsError("--chunk and --file-size must be positive, chunk <= file size",
                            ExitCode.USAGE)
+    if plan.workdir is not None and not os.path.isdir(plan.workdir):
+        raise QuotafsError(f"--workdir {plan.workdir}: no such directory", ExitCode.USAGE)
     with _sigterm_as_interrupt():
         report = run_compare(plan, _progress_printer(enabled=True))
     if args.json:
@@ -369,8 +417,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
               f"{format_size(plan.file_size)}, chunk {format_size(plan.chunk)}, "
               f"Linux {report['kernel']}")
         print(f"ext4: image {ext4['image_size']:,} B, block {ext4['block_size']}, free "
-              f"{ext4['free_bytes']:,} B, kept back by ext4 {ext4['reserved_clusters_bytes']:,}"
-              f" B; quotafs limit {report['quotafs_limit']:,} B\n")
+              f"{ext4['free_bytes']:,} B (root; others {ext4['avail_bytes']:,} B), kept back "
+              f"by ext4 {ext4['reserved_clusters_bytes']:,} B, reserved for root "
+              f"{ext4['root_reserve_bytes']:,} B; quotafs limit {report['quotafs_limit']:,} B,"
+              f" reserve {report['quotafs_reserve']:,} B; writers run as "
+              f"{report['writers_user']}\n")
         print(table([Record(**r) for r in report["records"]]))
         print()
         print("\n".join(verdict_lines([Verdict(**v) for v in report["verdicts"]])))

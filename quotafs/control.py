@@ -2,7 +2,7 @@
 
     getxattr(MOUNT, "user.quotafs.status")          -> JSON status document
     getxattr(MOUNT, "user.quotafs.events[.SEQ]")    -> events (after SEQ), JSON lines
-    getxattr(MOUNT, "user.quotafs.faults")          -> fault rules and their counters
+    getxattr(MOUNT, "user.quotafs.faults[.N]")      -> fault rules (after rN) and counters
     getxattr(MOUNT, "user.quotafs.result")          -> outcome of this process's last set
     setxattr(MOUNT, "user.quotafs.set", JSON)       -> change the limit / inode limit
     setxattr(MOUNT, "user.quotafs.fault.add", JSON) -> add a fault rule
@@ -16,9 +16,10 @@ the validation message) is kept for the calling process and read back with
 
 An xattr round trip is a FUSE request answered by the daemon itself, so a command returns
 only once the daemon has applied it, needs no socket file, and finds the daemon through
-the mount. Changing settings is allowed to root and to the user who mounted; the caller's
-uid comes from the kernel with the request, so other users let in by --allow-other get
-EPERM. These names are never listed by listxattr, so copying the root's xattrs does not
+the mount. Changing settings, and reading events and fault rules (paths and pids), is
+allowed to root and to the user who mounted; the caller's uid comes from the kernel with
+the request, so other users let in by --allow-other get EPERM. The status is public, as
+df is. These names are never listed by listxattr, so copying the root's xattrs does not
 copy them.
 """
 
@@ -29,7 +30,7 @@ import errno
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ import pyfuse3
 from quotafs.errors import QuotafsError
 from quotafs.faults import Effect, FaultEngine, RuleSpec
 from quotafs.ledger import Ledger
+from quotafs.options import MAX_LIMIT
+from quotafs.reserve import resolve_reserve
 
 PREFIX = b"user.quotafs."
 STATUS = PREFIX + b"status"
@@ -51,6 +54,22 @@ FORGET = PREFIX + b"forget"
 
 EVENT_RING_SIZE = 1000
 XATTR_SIZE_MAX = 65536
+# An event's path is cut here (with a marker): a JSON line of its event, even with every
+# character escaped as \uXXXX, then fits an xattr value (a page of events). PATH_MAX.
+MAX_EVENT_PATH = 4096
+
+
+def _page(lines: Iterable[str], used: int) -> list[str]:
+    """The leading lines that fit one xattr value (each costs its length and a separator;
+    `used` is what the page holds besides). Never returns a line that alone is too long."""
+    out: list[str] = []
+    size = used + 1
+    for line in lines:
+        size += len(line) + 2
+        if size > XATTR_SIZE_MAX:
+            break
+        out.append(line)
+    return out
 
 
 @dataclass
@@ -104,6 +123,8 @@ class ControlChannel:
     def _record(self, kind: str, op: str, path: str, err: int | None, effect: str,
                 rule: str | None, pid: int | None) -> None:
         name = errno.errorcode.get(err, str(err)) if err is not None else None
+        if len(path) > MAX_EVENT_PATH:  # else its JSON line would not fit a page
+            path = f"{path[:MAX_EVENT_PATH]}...[{len(path) - MAX_EVENT_PATH} more]"
         self.events.append(Event(self._next_seq, time.time(), kind, op, path, name, effect,
                                  rule, pid))
         self._next_seq += 1
@@ -126,27 +147,44 @@ class ControlChannel:
                 "faults_fired": faults.fired}
 
     def _events_after(self, seq: int) -> bytes:
-        lines = [json.dumps(asdict(e), sort_keys=True) for e in self.events if e.seq > seq]
+        lines = (json.dumps(asdict(e), sort_keys=True) for e in self.events if e.seq > seq)
         # An xattr value is at most 64 KiB: the oldest that fit; the caller asks again.
-        out: list[str] = []
-        size = 1
-        for line in lines:
-            size += len(line) + 1
-            if size > XATTR_SIZE_MAX:
-                break
-            out.append(line)
-        return "".join(line + "\n" for line in out).encode()
+        return "".join(line + "\n" for line in _page(lines, 0)).encode()
+
+    def _faults_after(self, rule_number: int) -> bytes:
+        """{"seed", "rules": the rules after r<rule_number> that fit in 64 KiB, "more"}: a
+        page of the listing (ids only grow, so a removal between pages skips nothing)."""
+        listing = self.faults.to_dict()
+        rules = [json.dumps(r, sort_keys=True) for r in listing["rules"]
+                 if int(r["id"][1:]) > rule_number]
+
+        def text(page: list[str], more: bool) -> str:
+            return (f'{{"more": {json.dumps(more)}, "seed": {listing["seed"]}, '
+                    f'"rules": [{", ".join(page)}]}}')
+
+        page = _page(rules, len(text([], False)))
+        return text(page, len(page) < len(rules)).encode()
+
+    def _require_owner(self, ctx: pyfuse3.RequestContext) -> None:
+        if ctx.uid not in (0, self.owner_uid):
+            raise pyfuse3.FUSEError(errno.EPERM)
 
     def get(self, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == STATUS:
             return json.dumps(self.status(), sort_keys=True).encode()
+        if name in (EVENTS, FAULTS) or name.startswith(EVENTS + b"."):
+            # Paths (of directories the caller may not list) and pids: the owner's and root's.
+            self._require_owner(ctx)
         if name == EVENTS or name.startswith(EVENTS + b"."):
             after = name[len(EVENTS) + 1:]
             if after and not after.isdigit():
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
             return self._events_after(int(after) if after else 0)
-        if name == FAULTS:
-            return json.dumps(self.faults.to_dict(), sort_keys=True).encode()
+        if name == FAULTS or name.startswith(FAULTS + b"."):
+            after = name[len(FAULTS) + 1:]
+            if after and not after.isdigit():
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return self._faults_after(int(after) if after else 0)
         if name == RESULT:
             # Not popped: a reader may ask twice (size probe, then the value).
             return json.dumps(self._results.get(ctx.pid, {}), sort_keys=True).encode()
@@ -159,11 +197,10 @@ class ControlChannel:
 
     def set(self, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._results.pop(ctx.pid, None)  # never answer with an older request's outcome
-        if ctx.uid not in (0, self.owner_uid):
-            raise pyfuse3.FUSEError(errno.EPERM)
+        self._require_owner(ctx)
         try:
             request = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
             request = None
         if not isinstance(request, dict):
             self._answer(ctx, {"error": "the control value must be a JSON object"})
@@ -199,15 +236,27 @@ class ControlChannel:
         raise ValueError(f"unknown control request {name.decode(errors='replace')}")
 
     def _set_limits(self, request: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(request) - {"limit", "inodes"}
+        unknown = set(request) - {"limit", "inodes", "reserve"}
         if unknown:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
         for key, value in request.items():
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < 0):
-                raise ValueError(f"{key} must be a non-negative integer or null")
-        if "limit" in request:
-            self.ledger.set_limit(request["limit"])
+            if key != "reserve" and value is not None and (
+                    not isinstance(value, int) or isinstance(value, bool)
+                    or not 0 <= value <= MAX_LIMIT):
+                raise ValueError(f"{key} must be an integer from 0 to 2^63-1, or null")
+        if "limit" in request or "reserve" in request:
+            limit = request.get("limit", self.ledger.limit)
+            self.ledger.set_limit(limit, self._reserve_of(request, limit))
         if "inodes" in request:
             self.ledger.set_inode_limit(request["inodes"])
-        return {"limit": self.ledger.limit, "inodes": self.ledger.inode_limit}
+        return {"limit": self.ledger.limit, "inodes": self.ledger.inode_limit,
+                "reserve": self.ledger.root_reserve}
+
+    def _reserve_of(self, request: dict[str, Any], limit: int | None) -> int | None:
+        """A reserve as --reserve takes it ("5%" of the limit in effect after this request,
+        or a size), resolved as at mount; None: not asked to change."""
+        if "reserve" not in request:
+            return None
+        unit = int(self.info.get("block_size", 1)) if self.info.get(
+            "accounting", "blocks") == "blocks" else 1
+        return resolve_reserve(request["reserve"], limit, unit)

@@ -1,9 +1,9 @@
 """The daemon: scan the backing directory, mount, serve until unmounted or signalled.
 
 Run in the foreground by `quotafs mount --fg`, and as a child process for everything else
-(`python -m quotafs.daemon CONFIG_JSON`), reporting readiness through an inherited pipe so
-that the parent returns only once the mount answers — or prints the daemon's one-line
-error and its exit code.
+(`python -m quotafs.daemon CONFIG_FD READY_FD`, the configuration read from an inherited
+descriptor), reporting readiness through an inherited pipe so that the parent returns only
+once the mount answers — or prints the daemon's one-line error and its exit code.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from quotafs.fs import CACHE_TIMEOUT, Options, QuotaFS
 from quotafs.ledger import Ledger
 from quotafs.mountconfig import MountConfig
 from quotafs.mountinfo import find_mount
+from quotafs.mounting import forget_record
 
 log = logging.getLogger("quotafs")
 
@@ -63,8 +64,12 @@ def _mount_options(config: MountConfig) -> set[str]:
 
 def build_filesystem(config: MountConfig) -> QuotaFS:
     costs = Costs(Mode(config.accounting), config.block_size)
-    ledger = Ledger(config.limit, config.inodes)
-    existing_bytes, existing_inodes = scan_backing(config.backing, costs)
+    ledger = Ledger(config.limit, config.inodes, config.reserve, config.kept_back)
+    try:
+        existing_bytes, existing_inodes = scan_backing(config.backing, costs)
+    except OSError as exc:  # e.g. a dead FUSE mount inside it (ENOTCONN), or EACCES
+        raise QuotafsError(f"cannot read the backing directory {config.backing}: "
+                           f"{exc.filename or '?'}: {exc.strerror}", ExitCode.BACKING) from None
     ledger.force_charge(existing_bytes)
     ledger.force_add_inodes(existing_inodes)
     owner = os.geteuid()  # with root, the only uid allowed to change settings
@@ -156,6 +161,8 @@ def run(config: MountConfig, ready_fd: int | None = None) -> int:
                                ExitCode.NO_FUSE) from exc
     except QuotafsError as exc:
         _tell(ready_fd, f"error {int(exc.code)} {exc}")
+        if ready_fd is None:  # mount --fg: nobody else will say it
+            print(f"quotafs: {exc}", file=sys.stderr)
         return int(exc.code)
     clean = False
     try:
@@ -166,18 +173,31 @@ def run(config: MountConfig, ready_fd: int | None = None) -> int:
         clean = True
     finally:
         pyfuse3.close(unmount=True)
+        if clean:  # a detached mount's record, written by the command that started us
+            forget_record(config.mountpoint, pid=os.getpid())
         if clean and config.private_backing and not config.keep_backing:
             shutil.rmtree(config.backing, ignore_errors=True)
     return 0
 
 
+def read_config(source: str) -> MountConfig:
+    """The configuration the starter left in an inherited descriptor ("-": stdin)."""
+    if source == "-":
+        return MountConfig.from_json(sys.stdin.buffer.read().decode())
+    with os.fdopen(int(source), "rb") as f:
+        return MountConfig.from_json(f.read().decode())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`python -m quotafs.daemon CONFIG_FD [READY_FD]`: CONFIG_FD holds the MountConfig JSON
+    ("-": stdin), never argv, which any user may read and ARG_MAX bounds."""
     args = sys.argv[1:] if argv is None else argv
-    config = MountConfig.from_json(args[0])
+    config = read_config(args[0])
     ready_fd = int(args[1]) if len(args) > 1 else None
     logging.basicConfig(
         level=logging.DEBUG if config.debug else logging.WARNING,
         format="%(asctime)s quotafs[%(process)d] %(levelname)s %(message)s",
+        filename=config.log_file,  # None: stderr
     )
     return run(config, ready_fd)
 

@@ -24,14 +24,15 @@ What is compared, after every operation:
 
 Where the two may legitimately differ — and only there — a difference is *explained*, not
 reported (and listed in `explained`): an ENOSPC (short write, SIGBUS) on one side only
-when both ended within their window of full (ext4: the folio it refuses whole; both: the
-drift that block granularity and ext4's metadata explain, plus one block) and what each
-acknowledged differs by no more; free space within that drift; usage off only by blocks
-of zeros one side keeps (ext4 after a refused folio, the candidate after a truncate into
-one of its larger blocks). The window and the reasons are in docs/semantics.md
-("Differences found by the differential tests"). A divergence at the limit is repaired at
-once (the longer file is cut back to where the shorter write stopped, on both sides; an
-extra directory is removed) so the two stay comparable.
+when both ended within their window of full (ext4: the folio it refuses whole; quotafs:
+the write request it refuses whole; both: the drift that block granularity and ext4's
+metadata explain, plus one block) and what each acknowledged differs by no more; free
+space within that drift; usage off only by blocks of zeros one side keeps (ext4 after a
+refused folio, the candidate after a truncate into one of its larger blocks). The window
+and the reasons are in docs/semantics.md ("Differences found by the differential
+tests"). A divergence at the limit is repaired at once (the longer file is cut back to
+where the shorter write stopped, on both sides; an extra directory is removed) so the
+two stay comparable.
 
 Operations run in the calling process, except mmap stores, which run in a child process:
 a store past the limit may be killed by SIGBUS, and that must not kill the caller.
@@ -697,6 +698,9 @@ class Tolerance:
     # stop up to a folio (a power of two no larger than the write, at most PMD size) short
     # of full.
     write_folio: int = 2 * 1024 * 1024
+    # quotafs refuses a write request that does not fit whole; the kernel sends a write(2)
+    # in requests of at most max_write (1 MiB), so it may stop up to one short of full.
+    write_request: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -936,16 +940,16 @@ class Differential:
         """How close to full (reference, candidate) must have ended for an ENOSPC on one
         side only to be accepted. ext4 reserves per page-cache folio and refuses a folio
         whole: in write_begin (a folio of at most the write's length, a power of two) or in
-        page_mkwrite (the folio readahead made); the candidate allocates block by block,
-        so it must end within the drift of full — unless ext4 failed a whole mmap folio
-        early, which leaves the candidate up to that folio of room."""
+        page_mkwrite (the folio readahead made); the candidate refuses a write request
+        whole, so it must end within a request (at most the write) of full — unless ext4
+        failed a whole mmap folio early, which leaves the candidate up to that folio."""
         tol = self.tolerance
         near = drift + tol.slack
         if isinstance(op, MmapWrite):
             return tol.mmap_folio + near, tol.mmap_folio + near
         length = _allocation(op, self.candidate.block_size)
         folio = min(1 << (length.bit_length() - 1), tol.write_folio) if length else 0
-        return folio + near, near
+        return folio + near, min(length, tol.write_request) + near
 
     def _judge_space(self, step: Step, drift: int) -> None:
         """ENOSPC (or a short write, or SIGBUS) on one side only, or at different points:

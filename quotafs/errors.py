@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 
 
 class ExitCode(enum.IntEnum):
@@ -19,6 +20,7 @@ class ExitCode(enum.IntEnum):
     LOOP = 8  # no free loop device, mkfs.ext4 missing, ext4 reference failed
     DAEMON = 9  # the daemon failed to start or died
     INTERRUPTED = 130  # Ctrl-C
+    BROKEN_PIPE = 141  # the output's reader went away (128 + SIGPIPE, as coreutils)
 
 
 class QuotafsError(Exception):
@@ -27,3 +29,24 @@ class QuotafsError(Exception):
     def __init__(self, message: str, code: ExitCode = ExitCode.FAILURE) -> None:
         super().__init__(message)
         self.code = code
+
+
+_C_ESCAPES = {"\\": "\\\\", "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n",
+              "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+
+
+def printable(name: str) -> str:
+    """Text as `ls -b` shows a file name: C escapes for backslash and control characters,
+    octal for other unprintable bytes (also undecodable ones), so a name can neither break
+    a line nor send escape sequences to the terminal (event lines, error messages)."""
+    out: list[str] = []
+    for ch in name:
+        if ch in _C_ESCAPES:
+            out.append(_C_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            undecoded = "\udc80" <= ch <= "\udcff"  # a byte os.fsdecode could not decode
+            raw = os.fsencode(ch) if undecoded else ch.encode("utf-8", "surrogatepass")
+            out.append("".join(f"\\{byte:03o}" for byte in raw))
+    return "".join(out)

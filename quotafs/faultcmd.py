@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -16,22 +15,18 @@ from typing import Any
 
 from quotafs import mounting
 from quotafs.control import EVENTS, FAULT_ADD, FAULT_CLEAR, FAULTS, RESULT
-from quotafs.errors import ExitCode, QuotafsError
+from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.faults import Rule, RuleSpec, spec_from_args
 
 
 def _request(mountpoint: str, name: bytes, payload: dict[str, Any]) -> dict[str, Any]:
     """setxattr a control request, then read this process's result (id or error)."""
     path = mounting.require_quotafs(mountpoint)
-    try:
-        os.setxattr(path, name, json.dumps(payload).encode())
-        failed: OSError | None = None
-    except OSError as exc:
-        failed = exc
-    try:
-        result: dict[str, Any] = json.loads(os.getxattr(path, RESULT) or b"{}")
-    except OSError:
-        result = {}
+    # One probe process for both: the daemon keeps the result for the caller's pid.
+    done, answer = mounting.probe(path, [("set", name, json.dumps(payload).encode()),
+                                         ("get", RESULT)])
+    failed = done if isinstance(done, OSError) else None
+    result: dict[str, Any] = {} if isinstance(answer, OSError) else json.loads(answer or b"{}")
     if failed is not None:
         if result.get("error"):
             code = ExitCode.USAGE
@@ -41,11 +36,7 @@ def _request(mountpoint: str, name: bytes, payload: dict[str, Any]) -> dict[str,
 
 
 def _get(mountpoint: str, name: bytes) -> bytes:
-    path = mounting.require_quotafs(mountpoint)
-    try:
-        return os.getxattr(path, name)
-    except OSError as exc:
-        raise mounting.control_error(path, exc) from None
+    return mounting.get_control(mounting.require_quotafs(mountpoint), name)
 
 
 # -- Python-level API (used by quotafs.api too) -------------------------------------------
@@ -56,9 +47,15 @@ def add_rule(mountpoint: str, spec: RuleSpec) -> dict[str, Any]:
 
 
 def list_rules(mountpoint: str) -> dict[str, Any]:
-    """{"seed": int, "rules": [rule dicts with counters]}."""
-    listing: dict[str, Any] = json.loads(_get(mountpoint, FAULTS))
-    return listing
+    """{"seed": int, "rules": [rule dicts with counters]} (all of them, page by page)."""
+    rules: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        page: dict[str, Any] = json.loads(_get(mountpoint, FAULTS + b"." + str(after).encode()))
+        rules += page["rules"]
+        if not page.get("more") or not page["rules"]:
+            return {"seed": page["seed"], "rules": rules}
+        after = int(rules[-1]["id"][1:])
 
 
 def clear_rules(mountpoint: str, rule_id: str | None = None) -> int:
@@ -126,7 +123,13 @@ def event_line(e: Mapping[str, Any]) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(e["time"])) + f".{millis:03d}"
     rule = f" rule {e['rule']}" if e.get("rule") else ""
     who = f" pid {e['pid']}" if e.get("pid") else ""
-    return f"{stamp} #{e['seq']} {e['kind']} {e['op']} {e['path']}: {e['effect']}{rule}{who}"
+    return (f"{stamp} #{e['seq']} {e['kind']} {e['op']} {escape_name(e['path'])}: "
+            f"{e['effect']}{rule}{who}")
+
+
+def escape_name(name: str) -> str:
+    """A file name as `ls -b` shows it (see quotafs.errors.printable)."""
+    return printable(name)
 
 
 def cmd_events(args: argparse.Namespace) -> int:

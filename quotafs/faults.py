@@ -54,6 +54,7 @@ import os
 import random
 import re
 import shlex
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -102,6 +103,8 @@ SPEC_KEYS = ("op", "path", *EFFECT_KEYS, *TRIGGER_KEYS)
 STATUS_KEYS = ("id", "effective_seed", "matched", "fired", "shadowed", "retired", "written",
                "warnings")
 
+MAX_COUNT = 2**63 - 1  # nth, times, sizes: what 64-bit counters hold
+MAX_SEED = 2**64 - 1  # seeds: any 64 bits
 MAX_DELAY_US = 3600 * 1_000_000  # one hour: longer would only look like a hung mount
 _SEED_BITS = 32
 
@@ -161,7 +164,7 @@ def flip_one_bit(data: bytes, rng: random.Random) -> bytes:
 
 # -- durations ----------------------------------------------------------------------------
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(us|µs|ms|s)")
+_DURATION_RE = re.compile(r"([0-9]{1,30}(?:\.[0-9]{1,30})?)(us|µs|ms|s)")
 _DURATION_UNITS = {"us": 1, "µs": 1, "ms": 1000, "s": 1_000_000}
 
 
@@ -204,7 +207,7 @@ def _segment_regex(segment: str) -> str:
         if ch == "*":
             if segment.startswith("**", i):
                 raise ValueError('"**" must be a whole path segment, as in "/a/**/b" or "/**"')
-            out.append("[^/]*")
+            out.append(_ANY_CHARS)
         elif ch == "?":
             out.append("[^/]")
         elif ch == "[":
@@ -229,7 +232,7 @@ def _segment_regex(segment: str) -> str:
         else:
             out.append(re.escape(ch))
         i += 1
-    return "".join(out)
+    return _chunks_regex(out, _ANY_CHARS, "")
 
 
 def compile_glob(pattern: str) -> re.Pattern[str]:
@@ -237,16 +240,26 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
 
     Match paths as the engine does: "/"-prefixed, no trailing "/", and the root itself
     as "" (FaultEngine.check does that conversion). ValueError explains a bad pattern.
+
+    The regex never backtracks across a wildcard it has passed, so a match costs time
+    linear in the path's length times the pattern's (a naive translation of "/**/**/x" or
+    "*a*a*a*b" is exponential: one stat took 21.8 s). Both levels are the classic
+    wildcard problem: `*` over characters, `**` over whole segments, between chunks that
+    consume a fixed number of characters (segments); placing each middle chunk at its
+    leftmost fit is always right, so it is searched lazily inside an atomic group.
     """
     if not pattern:
         raise ValueError("empty pattern")
     if "\0" in pattern:
         raise ValueError("NUL byte in pattern")
+    if len(pattern) > MAX_PATTERN:
+        raise ValueError(f"longer than {MAX_PATTERN} characters")
     if pattern == "**":
         pattern = "/**"
     if "/" not in pattern:
         # A basename pattern: the last segment of a path at any depth (never the root).
-        return _compile("(?:/[^/]+)*/" + _segment_regex(pattern))
+        return _compile(_chunks_regex([_ANY_SEGMENTS, "/" + _segment_regex(pattern)],
+                                      _ANY_SEGMENTS, _SEGMENT_END))
     if not pattern.startswith("/"):
         raise ValueError(f"a pattern with a / must start with /, e.g. /{pattern} "
                          f"or /**/{pattern}")
@@ -259,8 +272,35 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
     for segment in pattern[1:].split("/"):
         if segment in ("", ".", ".."):
             raise ValueError("empty, . or .. path segment (write paths as /dir/name)")
-        parts.append("(?:/[^/]+)*" if segment == "**" else "/" + _segment_regex(segment))
-    return _compile("".join(parts))
+        parts.append(_ANY_SEGMENTS if segment == "**" else "/" + _segment_regex(segment))
+    return _compile(_chunks_regex(parts, _ANY_SEGMENTS, _SEGMENT_END))
+
+
+MAX_PATTERN = 4096  # PATH_MAX: a longer glob matches no path a request can name
+_ANY_SEGMENTS = "(?:/[^/]++)*"  # a "**" segment; possessive: a segment is never split
+_ANY_CHARS = "[^/]*"  # a "*" within a segment
+_SEGMENT_END = "(?=/|\\Z)"  # a segment's pattern ends where the path's segment does
+
+
+def _chunks_regex(items: list[str], star: str, end: str) -> str:
+    """Join fixed-width items and `star` wildcards into a regex without catastrophic
+    backtracking: the items between two stars are found at their leftmost fit and
+    committed ((?>...)); the last run is anchored at the end by plain backtracking over
+    the last star alone. `end` follows every item (the chunk must end on a boundary)."""
+    runs: list[list[str]] = [[]]  # items between stars; runs[0] before the first star
+    for item in items:
+        if item == star:
+            runs.append([])
+        else:
+            runs[-1].append(item + end)
+    out = "".join(runs[0])
+    if len(runs) == 1:
+        return out
+    lazy = star[:-1] + "*?" if star.endswith("*") else star
+    for run in runs[1:-1]:
+        if run:  # consecutive stars are one star
+            out += f"(?>{lazy}{''.join(run)})"
+    return out + star + "".join(runs[-1])
 
 
 _GLOB_CHARS = frozenset("*?[]!^\\{}")
@@ -494,25 +534,30 @@ def _show(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return f'"{value}"'
+        return f'"{value}"' if len(value) <= 100 else f'"{value[:100]}..."'
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"a {value.bit_length()}-bit number"
     if isinstance(value, int | float):
         return repr(value)
     return f"a {type(value).__name__}"
 
 
 def _int(values: Mapping[str, Any], key: str, where: _Where, text_ok: bool,
-         minimum: int) -> int | None:
+         minimum: int, maximum: int = MAX_COUNT) -> int | None:
     value = values.get(key)
     if value is None:
         return None
     if text_ok and isinstance(value, str):
-        if not re.fullmatch(r"-?\d+", value):
+        if not re.fullmatch(r"-?[0-9]{1,30}", value):  # ASCII digits only, as sizes
             raise where.error(key, f"must be a whole number, got {_show(value)}")
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise where.error(key, f"must be a whole number, got {_show(value)}")
     if value < minimum:
-        raise where.error(key, f"must be >= {minimum}, got {value}")
+        raise where.error(key, f"must be >= {minimum}, got {_show(value)}")
+    if value > maximum:
+        bound = "2^64-1" if maximum == MAX_SEED else "2^63-1"
+        raise where.error(key, f"must be at most {bound}, got {_show(value)}")
     return value
 
 
@@ -528,7 +573,9 @@ def _size(values: Mapping[str, Any], key: str, where: _Where) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise where.error(key, f'must be a size such as 4096 or "4K", got {_show(value)}')
     if value < 0:
-        raise where.error(key, f"must be >= 0, got {value}")
+        raise where.error(key, f"must be >= 0, got {_show(value)}")
+    if value > MAX_COUNT:
+        raise where.error(key, f"must be at most 2^63-1, got {_show(value)}")
     return value
 
 
@@ -626,6 +673,10 @@ def _validate(values: Mapping[str, Any], where: _Where, *, text_ok: bool = False
             raise where.error("delay", str(exc)) from None
     elif effect == "short_write":
         short_write = _size(values, "short_write", where)
+        if short_write == 0:
+            # 0 bytes stored of a write is no short write: the kernel would take it as
+            # "no space" (ENOSPC, counted as a quota hit that never was).
+            raise where.error("short_write", "must be at least 1 byte, got 0")
         if ops != ("write",):
             raise where.error("short_write", 'only valid with op "write" alone, got op '
                                              f'"{",".join(ops)}"')
@@ -642,6 +693,8 @@ def _validate(values: Mapping[str, Any], where: _Where, *, text_ok: bool = False
     if probability is not None:
         if text_ok and isinstance(probability, str):
             try:
+                if not probability.isascii():
+                    raise ValueError(probability)  # float() takes other scripts' digits
                 probability = float(probability)
             except ValueError:
                 raise where.error("probability", "must be a number between 0 and 1, got "
@@ -661,7 +714,7 @@ def _validate(values: Mapping[str, Any], where: _Where, *, text_ok: bool = False
         short_write=short_write,
         corrupt_read=corrupt_read,
         probability=probability,
-        seed=_int(values, "seed", where, text_ok, 0),
+        seed=_int(values, "seed", where, text_ok, 0, MAX_SEED),
         after_bytes=_size(values, "after_bytes", where),
         nth=_int(values, "nth", where, text_ok, 1),
         times=_int(values, "times", where, text_ok, 1),
@@ -712,13 +765,15 @@ def load_rules_toml(text: str, *, source: str = "rules file") -> RuleFile:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise QuotafsError(f"{source}: invalid TOML: {exc}", ExitCode.USAGE) from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise QuotafsError(f"{source}: invalid TOML: nested too deeply", ExitCode.USAGE) from None
     top = _Where(source)
     for key in doc:
         if key not in ("seed", "rule"):
             hint = ' (each rule is a [[rule]] table)' if key in SPEC_KEYS else ""
             raise top.error(key, f'unknown field; a rules file has "seed" and [[rule]] '
                                  f"tables{hint}")
-    seed = _int(doc, "seed", top, False, 0)
+    seed = _int(doc, "seed", top, False, 0, MAX_SEED)
     tables = doc.get("rule", [])
     if isinstance(tables, dict):
         raise top.error("rule", "write each rule as [[rule]] (an array of tables), "
@@ -741,12 +796,27 @@ def load_rules_file(path: str | os.PathLike[str]) -> RuleFile:
     """Read and validate a --rules FILE; errors start with the file name."""
     name = os.fspath(path)
     try:
-        with open(name, encoding="utf-8") as f:
-            text = f.read()
+        text = _read_small_file(name, MAX_RULES_FILE)
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise QuotafsError(f"cannot read rules file {name}: {reason}", ExitCode.USAGE) from None
     return load_rules_toml(text, source=name)
+
+
+MAX_RULES_FILE = 1 << 20  # 1 MiB: some ten thousand rules; /dev/zero is not a rules file
+
+
+def _read_small_file(name: str, limit: int) -> str:
+    """A regular file's text, at most `limit` bytes. O_NONBLOCK: opening a FIFO must not
+    wait for a writer; a device, FIFO or directory is refused before any read."""
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno_mod.EINVAL, "not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno_mod.EFBIG, f"larger than {limit // 1024} KiB")
+    return data.decode("utf-8")
 
 
 # -- the engine ---------------------------------------------------------------------------
@@ -854,17 +924,24 @@ class FaultEngine:
 
     def add(self, spec: RuleSpec) -> Rule:
         """Append a rule (validated again, so a hand-built RuleSpec cannot slip through)."""
+        rule = self._append(spec)
+        self._refresh()
+        return rule
+
+    def _append(self, spec: RuleSpec) -> Rule:
         spec = RuleSpec.from_dict(spec.to_dict())
         rule_id = f"r{self._next_id}"
         self._next_id += 1
         seed = spec.seed if spec.seed is not None else _derive_seed(self.seed, rule_id)
         rule = Rule(rule_id, spec, seed)
         self._rules.append(rule)
-        self._refresh()
         return rule
 
     def add_all(self, specs: Iterable[RuleSpec]) -> list[Rule]:
-        return [self.add(spec) for spec in specs]
+        # One refresh for all: refreshing per rule made a mount with n rules cost n^2.
+        rules = [self._append(spec) for spec in specs]
+        self._refresh()
+        return rules
 
     def get(self, rule_id: str) -> Rule:
         for rule in self._rules:

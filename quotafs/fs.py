@@ -3,30 +3,33 @@
 Every known inode holds an O_PATH descriptor of its backing inode, so every operation is
 an *at() call relative to a descriptor: no path is ever built, whatever the depth below
 the mount or the length of the backing directory's own path. Handlers are plain
-functions wrapped by `handler`, the error boundary: OSError becomes the same errno, an
-unexpected exception is logged and answered with EIO, so the daemon never dies of one.
+functions wrapped by `handler`, the error boundary: OSError becomes the same errno (an EIO
+from the backing is logged as a warning), an unexpected exception is logged and answered
+with EIO, so the daemon never dies of one.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import logging
 import os
 import resource
 import stat
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
-from quotafs import syscalls
+from quotafs import permissions, syscalls
 from quotafs.accounting import Costs, data_extents, open_entry
-from quotafs.allocation import ceil_div, fitting_length, hole_blocks
+from quotafs.allocation import ceil_div, hole_blocks
 from quotafs.control import PREFIX as CONTROL_PREFIX
 from quotafs.control import ControlChannel
 from quotafs.faults import Effect, FaultEngine
@@ -56,6 +59,15 @@ _RENAME_WHITEOUT = 4  # linux/fs.h; pyfuse3 names only RENAME_EXCHANGE and RENAM
 _SPARE_INODES_START = 1 << 62
 
 
+# Requests that look up, open, create, change or remove backing inodes: their syscalls run
+# with the caller's filesystem uid, gid and groups (when those are not the daemon's own),
+# so that the backing filesystem applies the caller's rights to fresh attributes, never
+# root's. Not getattr, readlink, statfs: an O_PATH descriptor's fstat/readlink needs none.
+_AS_CALLER = frozenset({"lookup", "setattr", "mknod", "mkdir", "symlink", "link", "unlink",
+                        "rmdir", "rename", "open", "create", "opendir", "getxattr",
+                        "setxattr", "listxattr", "removexattr"})
+
+
 def handler(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Wrap a synchronous handler body as the async pyfuse3 handler with the error boundary.
 
@@ -64,6 +76,7 @@ def handler(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
     """
 
     op = fn.__name__
+    as_caller = op in _AS_CALLER
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -72,10 +85,21 @@ def handler(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
             faults = getattr(fs, "faults", None)
             if faults is not None and faults.active:
                 await fs._inject(op, args[1:])  # type: ignore[attr-defined]
+            if fs is not None:
+                fs._note_caller(op, args[1:])  # type: ignore[attr-defined]
+            if as_caller and isinstance(fs, QuotaFS):
+                identity = fs._identity_of(args[-1])  # type: ignore[arg-type]
+                if identity is not None:
+                    with identity:
+                        if fs._checking is not None:
+                            fs._check_request(op, args[1:])
+                        return fn(*args, **kwargs)
             return fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as exc:
+            if exc.errno in (None, 0, errno.EIO):  # a sick backing, never the caller's fault
+                log.warning("%s: %s; answering EIO", op, exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s; answering EIO", fn.__name__)
@@ -123,6 +147,9 @@ class Handle:
     fd: int
     writable: bool
     entries: list[bytes] | None = None  # directory handles: the listing snapshot
+    # The opener's uid: write() and read() get no RequestContext, so the root reserve is
+    # granted by who opened the handle (mmap writeback: the newest mapping's handle).
+    uid: int = 0
 
 
 # What a request names, for fault rules: (node, None) for the node itself, (directory
@@ -187,6 +214,127 @@ class QuotaFS(pyfuse3.Operations):
         self._by_key[root.key] = root
         self.root = root
         self._is_root = os.geteuid() == 0
+        self._caller_uid = 0  # of the request being served; see _note_caller
+        self._identity = syscalls.Identity()
+        self._checking: permissions.Caller | None = None  # non-root daemon, other caller
+
+    # -- whose rights a request's syscalls use --------------------------------------------
+
+    def _identity_of(self, ctx: pyfuse3.RequestContext) -> AbstractContextManager[None] | None:
+        """A context that runs the body with the caller's identity; None for the daemon's."""
+        identity = self._identity
+        if ctx.uid == identity.uid and ctx.gid == identity.gid:
+            return None  # the common case (every request on a mount without allow_other)
+        try:
+            groups = pyfuse3.get_sup_groups(ctx.pid)
+        except (OSError, RuntimeError, ValueError):
+            groups = set()  # the caller is gone or out of sight: no groups, fewer rights
+        if not self._is_root:  # cannot switch: check the caller's rights instead
+            return self._checking_as(permissions.Caller(ctx.uid, ctx.gid, frozenset(groups)))
+        return identity.caller(ctx.uid, ctx.gid, sorted(groups))
+
+    @contextlib.contextmanager
+    def _checking_as(self, caller: permissions.Caller) -> Iterator[None]:
+        self._checking = caller
+        try:
+            yield
+        finally:
+            self._checking = None
+
+    def _may(self, node: Node, mask: int) -> bool:
+        caller = self._checking
+        assert caller is not None
+        st = self._stat(node)
+        return permissions.allowed(st, caller, mask, self._has_acl(node, st, caller))
+
+    def _has_acl(self, node: Node, st: os.stat_result, caller: permissions.Caller) -> bool:
+        if st.st_uid == caller.uid or stat.S_ISLNK(st.st_mode):
+            return False  # the owner's bits decide, ACL or not
+        try:
+            os.getxattr(self._proc(node), permissions.ACL_XATTR)
+        except OSError:
+            return False
+        return True
+
+    def _check_request(self, op: str, args: tuple[Any, ...]) -> None:
+        """A non-root daemon's check of another user's request against fresh attributes
+        (the open itself is checked in _open_node, which the create race reaches too)."""
+        caller = self._checking
+        assert caller is not None
+        require, W, X = permissions.require, permissions.W, permissions.X
+        if op in ("lookup", "mknod", "mkdir", "symlink", "create"):
+            require(self._may(self._node(args[0]), X if op == "lookup" else W | X))
+        elif op == "opendir":
+            require(self._may(self._node(args[0]), permissions.R))
+        elif op == "setattr":
+            self._check_setattr(caller, self._node(args[0]), args[1], args[2], args[3])
+        elif op == "link":
+            node, st = self._node(args[0]), self._stat(self._node(args[0]))
+            require(self._may(self._node(args[1]), W | X))
+            require(permissions.owns(st, caller)
+                    or self._may(node, permissions.R | W), errno.EPERM)
+        elif op in ("unlink", "rmdir"):
+            self._check_delete(caller, self._node(args[0]), args[1], required=True)
+        elif op == "rename":
+            self._check_delete(caller, self._node(args[0]), args[1], required=True)
+            if not self._check_delete(caller, self._node(args[2]), args[3], required=False):
+                require(self._may(self._node(args[2]), W | X))
+        elif op in ("getxattr", "setxattr", "removexattr"):
+            node, name = self._node(args[0]), bytes(args[1])
+            if node is self.root and name.startswith(CONTROL_PREFIX):
+                return
+            if name.startswith(b"user."):
+                require(self._may(node, permissions.R if op == "getxattr" else W))
+            elif op != "getxattr" and name.startswith(b"system.posix_acl"):
+                require(permissions.owns(self._stat(node), caller), errno.EPERM)
+
+    def _check_setattr(self, caller: permissions.Caller, node: Node,
+                       attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                       fh: int | None) -> None:
+        require, st = permissions.require, self._stat(node)
+        handle = self._handles.get(fh) if fh else None
+        if fields.update_size and not (handle is not None and handle.writable):
+            require(self._may(node, permissions.W))
+        if fields.update_mode or fields.update_uid:
+            require(permissions.owns(st, caller)
+                    and (not fields.update_uid or attr.st_uid == st.st_uid), errno.EPERM)
+        if fields.update_gid:
+            require(permissions.owns(st, caller) and (
+                attr.st_gid in (st.st_gid, caller.gid) or attr.st_gid in caller.groups),
+                errno.EPERM)
+        if fields.update_atime or fields.update_mtime:
+            # Explicit times are the owner's; "now" (which pyfuse3 makes explicit) also
+            # whoever may write: the latter is as much as can be told apart here.
+            require(permissions.owns(st, caller) or self._may(node, permissions.W))
+
+    def _check_delete(self, caller: permissions.Caller, parent: Node, name: bytes,
+                      required: bool) -> bool:
+        """Check removing/replacing parent/name; False if there is no such entry."""
+        try:
+            victim = os.stat(name, dir_fd=self._fd(parent), follow_symlinks=False)
+        except FileNotFoundError:
+            if required:
+                raise
+            return False
+        parent_st = self._stat(parent)
+        permissions.require(self._may(parent, permissions.W | permissions.X))
+        permissions.require(permissions.may_delete(parent_st, victim, caller), errno.EPERM)
+        return True
+
+    def _as_daemon(self) -> AbstractContextManager[None]:
+        """The daemon's own rights for bookkeeping (measuring, reopening descriptors)."""
+        return self._identity.daemon()
+
+    def _note_caller(self, op: str, args: tuple[Any, ...]) -> None:
+        """Before each request's synchronous body: who asks, for new handles and for the
+        ledger's root reserve (only root, uid 0, may use it, as ext4's default resuid)."""
+        ctx = args[-1] if args else None
+        if isinstance(ctx, pyfuse3.RequestContext):
+            self._caller_uid = ctx.uid
+        elif self.ledger.root_reserve and op in ("read", "write"):
+            handle = self._handles.get(args[0])
+            self._caller_uid = handle.uid if handle is not None else -1
+        self.ledger.privileged = self._caller_uid == 0
 
     # -- tables ---------------------------------------------------------------------------
 
@@ -234,8 +382,11 @@ class QuotaFS(pyfuse3.Operations):
             return fd
         if node.parent is None:
             raise pyfuse3.FUSEError(errno.ESTALE)
+        parent_fd = self._fd(node.parent)
         try:
-            fd = os.open(node.name, os.O_PATH | os.O_NOFOLLOW, dir_fd=self._fd(node.parent))
+            # Bookkeeping, not the caller's path walk: the caller reached this node already.
+            with self._as_daemon():
+                fd = os.open(node.name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent_fd)
         except FileNotFoundError:
             raise pyfuse3.FUSEError(errno.ESTALE) from None
         st = os.fstat(fd)
@@ -352,8 +503,14 @@ class QuotaFS(pyfuse3.Operations):
         if handle is not None:
             fd = handle.fd
             return self.costs.measure(st, lambda: os.dup(fd))
-        return self.costs.measure(
-            st, lambda: os.open(self._proc(node), os.O_RDONLY | os.O_NONBLOCK))
+        return self.costs.measure(st, lambda: self._open_to_measure(
+            lambda: os.open(self._proc(node), os.O_RDONLY | os.O_NONBLOCK)))
+
+    def _open_to_measure(self, opener: Callable[[], int]) -> int:
+        # Measuring is the daemon's business, not the caller's: a caller who may unlink or
+        # truncate a file may still be refused a read of it.
+        with self._as_daemon():
+            return opener()
 
     def _losing_name(self, parent: Node, name: bytes,
                      st: os.stat_result) -> tuple[Node | None, int]:
@@ -373,7 +530,8 @@ class QuotaFS(pyfuse3.Operations):
         kept = self._forgotten.get((st.st_dev, st.st_ino))
         if kept is not None:
             return None, kept
-        return None, self.costs.measure(st, lambda: open_entry(self._fd(parent), name))
+        return None, self.costs.measure(st, lambda: self._open_to_measure(
+            lambda: open_entry(self._fd(parent), name)))
 
     def _forget_charge(self, node: Node | None, st: os.stat_result, charge: int) -> None:
         """The inode behind `st` lost its last name: give its space and inode back.
@@ -425,29 +583,6 @@ class QuotaFS(pyfuse3.Operations):
     def _new_inode_or_enospc(self, op: str, parent: Node) -> None:
         if not self.ledger.try_add_inode():
             raise self._enospc(op, parent)
-
-    def _set_owner(self, fd_or_name: int | bytes, parent: Node,
-                   ctx: pyfuse3.RequestContext) -> None:
-        """Give a new inode to the caller, as the kernel would have for a local create."""
-        if not self._is_root:
-            return
-        parent_st = self._stat(parent)
-        gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else ctx.gid
-        if ctx.uid == 0 and (parent_st.st_mode & stat.S_ISGID or ctx.gid == os.getegid()):
-            return  # the daemon (root) made it with the owner and group the caller gets
-        if isinstance(fd_or_name, int):
-            mode = os.fstat(fd_or_name).st_mode
-            os.fchown(fd_or_name, ctx.uid, gid)
-        else:
-            mode = os.stat(fd_or_name, dir_fd=self._fd(parent), follow_symlinks=False).st_mode
-            os.chown(fd_or_name, ctx.uid, gid, dir_fd=self._fd(parent), follow_symlinks=False)
-        if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(mode):
-            # chown cleared them: give back the mode the create made (its umask and default
-            # ACL applied), not the one asked for.
-            if isinstance(fd_or_name, int):
-                os.fchmod(fd_or_name, stat.S_IMODE(mode))
-            else:
-                os.chmod(fd_or_name, stat.S_IMODE(mode), dir_fd=self._fd(parent))
 
     # -- fault injection ------------------------------------------------------------------
 
@@ -594,20 +729,44 @@ class QuotaFS(pyfuse3.Operations):
         if fields.update_size:
             self._truncate(node, attr.st_size, self._handles.get(fh) if fh else None)
         if fields.update_mode and not is_link:
-            os.chmod(self._proc(node), stat.S_IMODE(attr.st_mode))
+            self._chmod(node, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
             syscalls.fchown_path_fd(self._fd(node), attr.st_uid if fields.update_uid else -1,
                                     attr.st_gid if fields.update_gid else -1)
         if fields.update_atime or fields.update_mtime:
             atime = attr.st_atime_ns if fields.update_atime else None
             mtime = attr.st_mtime_ns if fields.update_mtime else None
-            syscalls.utimens_path_fd(self._fd(node), atime, mtime)  # symlinks too (lutimes)
+            self._set_times(node, atime, mtime)
         if not (fields.update_size or fields.update_mode or fields.update_uid
                 or fields.update_gid or fields.update_atime or fields.update_mtime):
             # chown(f, -1, -1): the kernel sends a setattr that changes nothing, where the
             # backing filesystem would still have updated ctime. Do the same chown there.
             syscalls.fchown_path_fd(self._fd(node), -1, -1)
         return self._attrs(node, self._stat(node))
+
+    def _chmod(self, node: Node, mode: int) -> None:
+        path = self._proc(node)
+        if self._identity.acting is not None:
+            old = stat.S_IMODE(self._stat(node).st_mode)
+            if mode == old & ~(stat.S_ISUID | stat.S_ISGID):
+                # Only set-id bits cleared: the kernel's kill-priv after another user's write
+                # or truncate, which it does with its own rights. It never grants access.
+                with self._as_daemon():
+                    os.chmod(path, mode)
+                return
+        os.chmod(path, mode)
+
+    def _set_times(self, node: Node, atime: int | None, mtime: int | None) -> None:
+        try:
+            syscalls.utimens_path_fd(self._fd(node), atime, mtime)  # symlinks too (lutimes)
+        except PermissionError:
+            # pyfuse3 turns "set to now" into explicit times, which only the owner may set;
+            # the kernel let a non-owner's request through, so it was "now", which needs
+            # write permission: let the backing filesystem check that.
+            if self._identity.acting is None:
+                raise
+            syscalls.utimens_path_fd(self._fd(node), None if atime is None else syscalls.NOW,
+                                     None if mtime is None else syscalls.NOW)
 
     def _truncate(self, node: Node, size: int, handle: Handle | None) -> None:
         if node.kind != stat.S_IFREG:
@@ -655,7 +814,6 @@ class QuotaFS(pyfuse3.Operations):
         except BaseException:
             self.ledger.remove_inode()
             raise
-        self._set_owner(name, parent, ctx)
         return self._lookup_entry(parent, name)[1]
 
     @handler
@@ -673,7 +831,6 @@ class QuotaFS(pyfuse3.Operations):
             self.ledger.remove_inode()
             self.ledger.credit(cost)
             raise
-        self._set_owner(name, parent, ctx)
         node, entry = self._lookup_entry(parent, name)
         node.charged = cost
         return entry
@@ -693,7 +850,6 @@ class QuotaFS(pyfuse3.Operations):
             self.ledger.remove_inode()
             self.ledger.credit(cost)
             raise
-        self._set_owner(name, parent, ctx)
         node, entry = self._lookup_entry(parent, name)
         node.charged = cost
         return entry
@@ -780,7 +936,7 @@ class QuotaFS(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        self._handles[fh] = Handle(node, fd, writable)
+        self._handles[fh] = Handle(node, fd, writable, uid=self._caller_uid)
         node.open_count += 1
         return fh
 
@@ -802,6 +958,8 @@ class QuotaFS(pyfuse3.Operations):
         return self._open_node(self._node(inode), flags)
 
     def _open_node(self, node: Node, flags: int) -> pyfuse3.FileInfo:
+        if self._checking is not None:
+            permissions.require(self._may(node, permissions.open_mask(flags)))
         fd = os.open(self._proc(node), flags & ~_STRIP_OPEN_FLAGS)
         fh = self._new_handle(node, fd, flags)
         try:
@@ -826,17 +984,21 @@ class QuotaFS(pyfuse3.Operations):
             self.ledger.remove_inode()
             if flags & os.O_EXCL:
                 raise
-            # Lost a race with another creator: open what is there, as O_CREAT would.
+            # Lost a race with another creator: open what is there, as O_CREAT would, with
+            # the caller's rights (the kernel checked only the directory's).
             st = os.stat(name, dir_fd=self._fd(parent), follow_symlinks=False)
             node = self._remember(parent, name, st)
-            fi = self._open_node(node, flags)
+            try:
+                fi = self._open_node(node, flags)
+            except BaseException:
+                self._drop_if_unused(node)
+                raise
             node.lookups += 1
             return fi, self._attrs(node, self._stat(node))
         except BaseException:
             self.ledger.remove_inode()
             raise
         try:
-            self._set_owner(fd, parent, ctx)
             st = os.fstat(fd)
             node = self._remember(parent, name, st)
         except BaseException:
@@ -906,16 +1068,12 @@ class QuotaFS(pyfuse3.Operations):
         holes = hole_blocks(off, end, extents, block)
         reserved = [b for b in holes if b in node.reserved] if node.reserved else []
         new = [b for b in holes if b not in node.reserved] if reserved else holes
-        length = fitting_length(off, len(buf), new, self.ledger.free() // block, block)
-        if length == 0:
-            self.ledger.note_enospc()
-            raise self._enospc("write", node)
-        written = os.pwrite(handle.fd, buf if length == len(buf) else buf[:length], off)
-        if written < len(buf):
-            self.ledger.note_enospc() if length < len(buf) else None
+        if len(new) > self.ledger.free() // block:
+            self._refuse_write(node)
+        written = os.pwrite(handle.fd, buf, off)
         last = ceil_div(off + written, block)
         taken = sum(1 for b in new if b < last)
-        self.ledger.force_charge(taken * block)  # fits: fitting_length checked the budget
+        self.ledger.force_charge(taken * block)  # fits: checked against free() above
         converted = [b for b in reserved if b < last]
         for b in converted:
             del node.reserved[b]
@@ -924,17 +1082,20 @@ class QuotaFS(pyfuse3.Operations):
         node.charged = charged + (taken + len(converted)) * block
         return written
 
+    def _refuse_write(self, node: Node) -> NoReturn:
+        """A write request that does not fit whole is refused whole: a short count would
+        lose data, because the kernel's writeback of mmap pages marks the pages it was not
+        told about clean (msync/fsync return 0), and O_DIRECT makes it EIO."""
+        self.ledger.note_enospc()
+        raise self._enospc("write", node)
+
     def _write_apparent(self, handle: Handle, off: int, buf: bytes) -> int:
         node = handle.node
         charged = self._charge_of(node)
         growth = max(0, off + len(buf) - max(node.size, charged))
-        length = len(buf)
         if growth > self.ledger.free():
-            length = max(0, len(buf) - (growth - self.ledger.free()))
-            self.ledger.note_enospc()
-            if length == 0:
-                raise self._enospc("write", node)
-        written = os.pwrite(handle.fd, buf if length == len(buf) else buf[:length], off)
+            self._refuse_write(node)
+        written = os.pwrite(handle.fd, buf, off)
         new_size = max(node.size, off + written)
         if new_size > charged:
             self.ledger.force_charge(new_size - charged)
@@ -1043,9 +1204,10 @@ class QuotaFS(pyfuse3.Operations):
             free = min(backing.f_bavail * backing.f_frsize, stats.free) // block
         else:
             data.f_blocks = stats.limit // block
-            free = stats.free // block
+            free = stats.unallocated // block
         data.f_bfree = free
-        data.f_bavail = free
+        # As ext4 answers every caller: f_bavail leaves out root's reserve (and kept back).
+        data.f_bavail = stats.available // block if stats.limit is not None else free
         if stats.inode_limit is None:
             data.f_files = stats.inodes_used + backing.f_ffree
             data.f_ffree = backing.f_ffree
@@ -1093,7 +1255,10 @@ class QuotaFS(pyfuse3.Operations):
     @handler
     def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> Sequence[XAttrNameT]:
         node = self._node(inode)
-        return [XAttrNameT(os.fsencode(n)) for n in os.listxattr(self._xattr_path(node))]
+        names = [XAttrNameT(os.fsencode(n)) for n in os.listxattr(self._xattr_path(node))]
+        if ctx.uid != 0:  # the daemon's CAP_SYS_ADMIN lists trusted.*; the caller's would not
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     @handler
     def removexattr(self, inode: InodeT, name: XAttrNameT,

@@ -4,6 +4,14 @@ All byte counts are in the accounting unit chosen at mount (whole blocks in bloc
 bytes in apparent mode); the ledger does not care which. Every check-and-charge is one
 method call that completes without awaiting, so within the single-threaded trio loop it
 is atomic: racing writers can never push usage past the limit.
+
+The root reserve (ext4's reserved blocks, `--reserve`): the last `root_reserve` bytes below
+the limit are for privileged callers only. `privileged` says whether the request being
+served is one (the daemon sets it before each request's synchronous body); every
+allocating method decides for that caller, and `free_for()` answers for either.
+
+Kept back (`--like-ext4` only): the last `kept_back` bytes are nobody's, root's neither,
+though statfs counts them free, as ext4 keeps clusters back for delayed allocation.
 """
 
 from __future__ import annotations
@@ -18,7 +26,11 @@ class LedgerStats:
     limit: int | None
     used: int
     reserved: int
-    free: int
+    free: int  # what root may still allocate
+    root_reserve: int
+    available: int  # what everyone else may (statfs f_bavail)
+    kept_back: int
+    unallocated: int  # limit - used - reserved, kept back included (statfs f_bfree)
     inode_limit: int | None
     inodes_used: int
     enospc_count: int
@@ -32,11 +44,17 @@ class Ledger:
     allocating request fail.
     """
 
-    def __init__(self, limit: int | None = None, inode_limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, inode_limit: int | None = None,
+                 root_reserve: int = 0, kept_back: int = 0) -> None:
         self._check_limit(limit, "limit")
         self._check_limit(inode_limit, "inode limit")
+        self._check_reserve(root_reserve, limit)
+        self._check_reserve(kept_back, limit)
+        self.kept_back = kept_back
         self.limit = limit
         self.inode_limit = inode_limit
+        self.root_reserve = root_reserve
+        self.privileged = True  # the current caller may use the root reserve
         self.used = 0
         self.reserved = 0
         self.inodes_used = 0
@@ -47,12 +65,25 @@ class Ledger:
         if value is not None and value < 0:
             raise ValueError(f"{what} must be >= 0, got {value}")
 
+    @staticmethod
+    def _check_reserve(reserve: int, limit: int | None) -> None:
+        if reserve < 0:
+            raise ValueError(f"reserve must be >= 0, got {reserve}")
+        if reserve and limit is None:
+            raise ValueError("a reserve needs a limit (set the reserve to 0 first)")
+
     # -- bytes --------------------------------------------------------------------------
 
-    def free(self) -> int:
-        """Bytes that a new allocation may still take (never negative)."""
-        limit = UNLIMITED if self.limit is None else self.limit
+    def free_for(self, privileged: bool) -> int:
+        """Bytes that a new allocation by such a caller may still take (never negative)."""
+        limit = UNLIMITED if self.limit is None else self.limit - self.kept_back
+        if not privileged:
+            limit -= self.root_reserve
         return max(0, limit - self.used - self.reserved)
+
+    def free(self) -> int:
+        """Bytes that a new allocation by the current caller may still take."""
+        return self.free_for(self.privileged)
 
     def try_charge(self, nbytes: int) -> bool:
         """Charge `nbytes` if they fit; otherwise charge nothing and count an ENOSPC."""
@@ -122,9 +153,14 @@ class Ledger:
 
     # -- runtime control ----------------------------------------------------------------
 
-    def set_limit(self, limit: int | None) -> None:
+    def set_limit(self, limit: int | None, root_reserve: int | None = None) -> None:
+        """Change the limit and (unless None) the root reserve together, or neither. The
+        reserve may exceed a lowered limit (as usage may): then only root gets anything."""
+        reserve = self.root_reserve if root_reserve is None else root_reserve
         self._check_limit(limit, "limit")
-        self.limit = limit
+        self._check_reserve(reserve, limit)
+        self._check_reserve(self.kept_back, limit)
+        self.limit, self.root_reserve = limit, reserve
 
     def set_inode_limit(self, inode_limit: int | None) -> None:
         self._check_limit(inode_limit, "inode limit")
@@ -135,7 +171,12 @@ class Ledger:
             limit=self.limit,
             used=self.used,
             reserved=self.reserved,
-            free=self.free(),
+            free=self.free_for(True),
+            root_reserve=self.root_reserve,
+            available=self.free_for(False),
+            kept_back=self.kept_back,
+            unallocated=self.free_for(True) if self.limit is None else max(
+                0, self.limit - self.used - self.reserved),
             inode_limit=self.inode_limit,
             inodes_used=self.inodes_used,
             enospc_count=self.enospc_count,

@@ -56,8 +56,15 @@ class Ext4Loop:
     # allocation; no one's data gets them, root included, so write(2) stops about this
     # much short of free_bytes (minus a little more for extent tree blocks).
     reserved_clusters_bytes: int
-    write_capacity_hint: int  # free_bytes - reserved_clusters_bytes
+    write_capacity_hint: int  # free_bytes - reserved_clusters_bytes: root's room
     rounds: int  # mkfs rounds it took to hit the requested free space
+    # Root's reserved blocks (5% by default): users other than root stop this much short
+    # of write_capacity_hint, and df's Avail leaves them out (free - avail - clusters).
+    root_reserve_bytes: int = 0
+
+    def quotafs_options(self) -> dict[str, int]:
+        """limit and reserve of a quotafs with this ext4's room for root and for others."""
+        return {"limit": self.write_capacity_hint, "reserve": self.root_reserve_bytes}
 
     def cleanup_commands(self) -> list[str]:
         """Shell commands that remove what keep=True left behind."""
@@ -78,9 +85,11 @@ class _Tools:
 
 @contextlib.contextmanager
 def open_ext4_loop(free_bytes: int, workdir: str | None = None,
-                   keep: bool = False) -> Iterator[Ext4Loop]:
+                   keep: bool = False, image_size: int | None = None) -> Iterator[Ext4Loop]:
     """Build a mounted loop-ext4 with at least `free_bytes` free (as root), yield it, and
-    tear it all down afterwards, whatever happens; keep=True leaves it for inspection."""
+    tear it all down afterwards, whatever happens; keep=True leaves it for inspection.
+    With `image_size`, the image is that size instead (the recipe's `truncate -s SIZE`),
+    formatted once, whatever room that gives."""
     if free_bytes < MIN_FREE:
         raise QuotafsError(
             f"the ext4 reference needs at least {format_size(MIN_FREE)} free, "
@@ -90,7 +99,7 @@ def open_ext4_loop(free_bytes: int, workdir: str | None = None,
                            ExitCode.PERMISSION)
     tools = _find_tools()
     base = workdir if workdir is not None else _default_base()
-    _check_room(base, free_bytes)
+    _check_room(base, image_size or free_bytes)
     tmp: str | None = None
     built = False
     try:
@@ -100,7 +109,7 @@ def open_ext4_loop(free_bytes: int, workdir: str | None = None,
             image, mnt = os.path.join(tmp, "ext4.img"), os.path.join(tmp, "mnt")
             os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the mount from non-root tools
             os.mkdir(mnt)
-            loop = _build(tools, image, mnt, free_bytes, tmp)
+            loop = _build(tools, image, mnt, free_bytes, tmp, image_size)
         except OSError as exc:  # the host's own trouble: no room, a read-only workdir...
             where = tmp if tmp is not None else base
             raise QuotafsError(f"building the ext4 reference in {where} failed: {exc}",
@@ -192,10 +201,11 @@ def _last_line(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[-1] if lines else f"exit status {proc.returncode}"
 
 
-def _build(tools: _Tools, image: str, mnt: str, want: int, tmp: str) -> Ext4Loop:
+def _build(tools: _Tools, image: str, mnt: str, want: int, tmp: str,
+           image_size: int | None = None) -> Ext4Loop:
     with open(image, "wb"):
         pass
-    os.truncate(image, _round_up(want, _STEP))
+    os.truncate(image, image_size or _round_up(want, _STEP))
     proc = _run([tools.losetup, "--find", "--show", image])
     if proc.returncode != 0:
         raise QuotafsError(f"no free loop device: losetup --find failed: {_last_line(proc)}",
@@ -205,13 +215,17 @@ def _build(tools: _Tools, image: str, mnt: str, want: int, tmp: str) -> Ext4Loop
     def measure(size: int) -> int:
         return _format_and_measure(tools, dev, image, mnt, size)
 
-    size, free, rounds = _search(measure, want)
+    if image_size is not None:
+        size, free, rounds = image_size, measure(image_size), 1
+    else:
+        size, free, rounds = _search(measure, want)
     st = os.statvfs(mnt)
     resv = _reserved_clusters(dev, size, st.f_bsize) * st.f_bsize
     return Ext4Loop(
         image=image, device=dev, mountpoint=mnt, workdir=tmp, image_size=size,
         block_size=st.f_bsize, free_bytes=free, avail_bytes=st.f_bavail * st.f_frsize,
-        reserved_clusters_bytes=resv, write_capacity_hint=free - resv, rounds=rounds)
+        reserved_clusters_bytes=resv, write_capacity_hint=free - resv, rounds=rounds,
+        root_reserve_bytes=max(0, free - st.f_bavail * st.f_frsize - resv))
 
 
 def _search(measure: Callable[[int], int], want: int) -> tuple[int, int, int]:

@@ -16,10 +16,18 @@ class MountInfo:
     source: str
     options: str
     device: str = ""  # "MAJOR:MINOR", the name of the mount's /sys/class/bdi entry
+    super_options: str = ""  # the filesystem's own: FUSE's user_id=UID names who mounted
 
     @property
     def is_quotafs(self) -> bool:
         return self.fstype == "fuse.quotafs"
+
+    @property
+    def owner_uid(self) -> int | None:
+        for option in self.super_options.split(","):
+            if option.startswith("user_id="):
+                return int(option.removeprefix("user_id="))
+        return None
 
 
 def _unescape(field: str) -> str:
@@ -36,5 +44,6 @@ def find_mount(path: str) -> MountInfo | None:
             left, _, right = line.partition(" - ")
             fields, rest = left.split(), right.split()
             if _unescape(fields[4]) == target:
-                found = MountInfo(target, rest[0], _unescape(rest[1]), fields[5], fields[2])
+                found = MountInfo(target, rest[0], _unescape(rest[1]), fields[5], fields[2],
+                                  rest[2] if len(rest) > 2 else "")
     return found

@@ -36,16 +36,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_run)
 
 
-def _mount_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from quotafs.cli import fault_settings
-
-    names = ("keep_backing", "inodes", "accounting", "block_size", "mmap_sigbus",
-             "allow_other", "no_cache", "fsname", "debug")
-    kwargs = {name: getattr(args, name) for name in names}
-    kwargs["seed"], kwargs["rules"] = fault_settings(args.rules, args.seed)
-    return kwargs
-
-
 def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
@@ -64,13 +54,14 @@ def _summary(status: dict[str, Any], events: list[dict[str, Any]]) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from quotafs.api import mounted
+    from quotafs.cli import mount_settings
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise QuotafsError("run needs a command after --, e.g. quotafs run --limit 10M -- "
                            "./app", ExitCode.USAGE)
-    with mounted(limit=args.limit, backing=args.backing, mountpoint=args.mountpoint,
-                 **_mount_kwargs(args)) as m:
+    settings = mount_settings(args)
+    with mounted(mountpoint=args.mountpoint, **settings) as m:
         env = {**os.environ, "QUOTAFS_MOUNT": m.path}
         # Ctrl-C goes to the whole foreground process group: let it reach CMD, and clean
         # up after CMD has reacted, rather than unmounting under it.

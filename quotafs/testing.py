@@ -21,7 +21,6 @@ and removed (lazily) at the end of the session. Docs: docs/testing.md.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import os
 import shutil
 import subprocess
@@ -34,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.options import OPTION_NAMES as OPTION_NAMES
+from quotafs.options import validate as validate_options
 from quotafs.size import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -61,14 +62,6 @@ FORCE_NO_LOOP_ENV = "QUOTAFS_TESTING_FORCE_NO_LOOP"
 REPORT_EVENTS = 20  # newest events shown in a failure report
 _BUSY_TRIES = 5  # polite unmounts at teardown (busy right after a child exits), ~1 s in all
 
-_SIZES = ("limit", "block_size")
-_BOOLS = ("mmap_sigbus", "allow_other", "no_cache", "keep_backing", "debug")
-_PATHS = ("backing", "rules_file")
-OPTION_NAMES = ("limit", "inodes", "accounting", "block_size", "mmap_sigbus", "seed", "rules",
-                "rules_file", "backing", "keep_backing", "allow_other", "no_cache", "fsname",
-                "debug")
-
-
 class QuotafsLeakWarning(UserWarning):
     """A mount made by a fixture outlived its test (busy at teardown, or never torn down)."""
 
@@ -79,83 +72,14 @@ class OptionError(ValueError):
 
 # -- options ------------------------------------------------------------------------------
 
-def _size(name: str, value: Any, allow_none: bool) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise OptionError(f"{name} must not be negative, got {value}")
-        return value
-    if isinstance(value, str):
-        try:
-            return parse_size(value)
-        except QuotafsError as exc:
-            raise OptionError(f"{name}: {exc}") from None
-    none = " or None (no limit)" if allow_none else ""
-    raise OptionError(f"{name} must be a size like '10M' or a number of bytes{none}, "
-                      f"got {value!r} ({type(value).__name__})")
-
-
-def _count(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    raise OptionError(f"{name} must be a whole number >= 0 or None, got {value!r}")
-
-
-def _check(name: str, value: Any) -> Any:
-    if name in _SIZES:
-        size = _size(name, value, allow_none=name == "limit")
-        if name == "block_size" and (size is None or size < 512 or size & (size - 1)):
-            raise OptionError(f"block_size must be a power of two >= 512, got {value!r}")
-        return size
-    if name in ("inodes", "seed"):
-        return _count(name, value)
-    if name == "accounting":
-        if value not in ("blocks", "apparent"):
-            raise OptionError(f"accounting must be 'blocks' or 'apparent', got {value!r}")
-        return value
-    if name in _BOOLS:
-        if not isinstance(value, bool):
-            raise OptionError(f"{name} must be True or False, got {value!r}")
-        return value
-    if name in _PATHS:
-        if value is None:
-            return None
-        if not isinstance(value, str | os.PathLike):
-            raise OptionError(f"{name} must be a path, got {value!r}")
-        return os.fspath(value)
-    if name == "fsname":
-        if not isinstance(value, str) or not value or "," in value:
-            raise OptionError(f"fsname must be a non-empty string without commas, got {value!r}")
-        return value
-    # rules: a list of rule tables, validated as a rules file's [[rule]] tables are.
-    from quotafs.faults import RuleSpec
-
-    if not isinstance(value, list | tuple):
-        raise OptionError(f"rules must be a list of rule dicts, got {value!r}")
-    for i, rule in enumerate(value):
-        try:
-            RuleSpec.from_dict(rule, where=f"rules[{i}]")
-        except QuotafsError as exc:
-            raise OptionError(str(exc)) from None
-    return [dict(rule) for rule in value]
-
-
-def mount_options(options: Mapping[str, Any]) -> dict[str, Any]:
+def mount_options(values: Mapping[str, Any]) -> dict[str, Any]:
     """Validate mount options given as keywords (as quotafs.mounted() takes them) and return
-    them with sizes in bytes; raise OptionError with one clear line."""
-    out: dict[str, Any] = {}
-    for name, value in options.items():
-        if name not in OPTION_NAMES:
-            close = ([o for o in OPTION_NAMES if o.startswith(name)]
-                     or difflib.get_close_matches(name, OPTION_NAMES, n=1))
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise OptionError(f"unknown option {name!r}{hint}; the options are "
-                              + ", ".join(OPTION_NAMES))
-        out[name] = _check(name, value)
-    return out
+    them with sizes in bytes; raise OptionError with one clear line. The check is
+    quotafs.options.validate, the one the CLI and the API use."""
+    try:
+        return validate_options(values)
+    except QuotafsError as exc:
+        raise OptionError(str(exc)) from None
 
 
 _MARKER_OPTIONS = pytest.StashKey[dict[str, Any]]()
@@ -353,12 +277,20 @@ def _reap(entry: _Entry) -> None:
 
 # -- fixtures -----------------------------------------------------------------------------
 
+def _default_limit(options: dict[str, Any]) -> int | None:
+    """100M, unless like_ext4 gives the limit."""
+    return None if options.get("like_ext4") is not None else parse_size(DEFAULT_LIMIT)
+
+
+_UNSET: Any = object()  # quotafs_factory's limit when not given
+
+
 @pytest.fixture
 def quota_mount(request: pytest.FixtureRequest) -> Iterator[QuotaMount]:
     """A fresh quotafs mount for this test (limit 100M unless @pytest.mark.quotafs says
     otherwise), unmounted after it. Skipped where FUSE cannot be used."""
     options = dict(_marker_options(request.node))
-    limit = options.pop("limit") if "limit" in options else parse_size(DEFAULT_LIMIT)
+    limit = options.pop("limit") if "limit" in options else _default_limit(options)
     _skip_without_fuse()
     entry = _mount(request, "quota_mount", limit, options)
     yield entry.mount
@@ -374,7 +306,9 @@ class QuotafsFactory:
         self._request = request
         self._entries: list[_Entry] = []
 
-    def __call__(self, limit: int | str | None = DEFAULT_LIMIT, **options: Any) -> QuotaMount:
+    def __call__(self, limit: int | str | None = _UNSET, **options: Any) -> QuotaMount:
+        if limit is _UNSET:  # 100M, unless like_ext4 gives the limit
+            limit = DEFAULT_LIMIT if options.get("like_ext4") is None else None
         try:
             checked = mount_options({"limit": limit, **options})
         except OptionError as exc:
@@ -421,16 +355,17 @@ def ext4_loop(request: pytest.FixtureRequest) -> Iterator[Ext4Mount]:
     if reason is not None:
         pytest.skip(f"quotafs: no ext4 reference here: {reason}")
     free = options.get("limit")
-    free = parse_size(DEFAULT_LIMIT) if free is None else free
+    free = _default_limit(options) if free is None else free
+    image = options.get("like_ext4")  # the recipe's image of that size, as --like-ext4 has
     from quotafs import api
     from quotafs.loopext4 import MIN_FREE
 
-    if free < MIN_FREE:
+    if image is None and free is not None and free < MIN_FREE:
         pytest.fail(f"ext4_loop: the ext4 reference needs at least {format_size(MIN_FREE)} "
                     f"free; the quotafs marker asks for {format_size(free)}", pytrace=False)
     with contextlib.ExitStack() as stack:
         try:
-            handle = stack.enter_context(api.ext4_loop(free))
+            handle = stack.enter_context(api.ext4_loop(free, image_size=image))
         except QuotafsError as exc:
             if "no free loop device" in str(exc):
                 raise pytest.skip.Exception(f"quotafs: no ext4 reference here: {exc}") from None
@@ -488,7 +423,8 @@ def _describe_quotafs(mount: QuotaMount) -> str:
 def _describe_ext4(handle: Ext4Mount) -> str:
     u = handle.usage()
     return (f"used {format_size(u['used'])} of {format_size(u['limit'])} free at mkfs "
-            f"({format_size(u['free'])} free now), inodes used {u['inodes_used']}; "
+            f"({format_size(u['available'])} for users but root, "
+            f"{format_size(u['free'])} free now), inodes used {u['inodes_used']}; "
             f"write capacity hint {format_size(handle.write_capacity_hint)}; "
             f"device {handle.loop.device}")
 

@@ -21,6 +21,7 @@ import errno
 import faulthandler
 import mmap
 import os
+import pwd
 import resource
 import select
 import signal
@@ -252,7 +253,30 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", default="1G", help="file size to write (default 1G)")
     parser.add_argument("--chunk", default="1M", help="bytes per chunk (default 1M)")
     parser.add_argument("--report-fd", type=int, default=None, help="protocol lines go here")
+    parser.add_argument("--as-user", metavar="USER", default=None,
+                        help="become USER (its uid, gid and groups) before opening PATH")
     return parser.parse_args(argv)
+
+
+def passwd_entry(user: str) -> pwd.struct_passwd:
+    """A user by name or uid; QuotafsError(USAGE) if there is none."""
+    try:
+        return pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        raise QuotafsError(f"no such user {user!r}", ExitCode.USAGE) from None
+
+
+def become(user: str) -> None:
+    """Drop to `user` for good. Done in the writer itself, after Python started as root:
+    the interpreter may live where that user cannot execute it (e.g. below /root)."""
+    entry = passwd_entry(user)
+    try:
+        os.initgroups(entry.pw_name, entry.pw_gid)
+        os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+        os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+    except OSError as exc:
+        raise QuotafsError(f"cannot become {user}: {exc.strerror}", ExitCode.PERMISSION) \
+            from None
 
 
 def _positive_size(text: str, what: str) -> int:
@@ -278,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_kind(args.kind)
         size = _positive_size(args.size, "--size")
         chunk = _positive_size(args.chunk, "--chunk")
+        if args.as_user is not None:
+            become(args.as_user)
     except QuotafsError as exc:
         print(f"python -m quotafs.writers: error: {exc}", file=sys.stderr)
         return int(exc.code)
@@ -352,14 +378,17 @@ def run_writer(
     chunk: int,
     timeout: float = 600,
     progress: Callable[[int], None] | None = None,
+    user: str | None = None,
 ) -> WriterResult:
-    """Run one writer in a child process and report how far it got and how it ended."""
+    """Run one writer in a child process and report how far it got and how it ended;
+    with `user`, the child writes as that user (root only)."""
     _check_kind(kind)
     if size <= 0 or chunk <= 0:
         raise QuotafsError(f"size and chunk must be positive ({size}, {chunk})", ExitCode.USAGE)
     rfd, wfd = os.pipe()
     cmd = [sys.executable, "-m", "quotafs.writers", kind, path,
-           "--size", str(size), "--chunk", str(chunk), "--report-fd", str(wfd)]
+           "--size", str(size), "--chunk", str(chunk), "--report-fd", str(wfd),
+           *(["--as-user", user] if user is not None else [])]
     state = _Progress()
     note: str | None = None
     # stderr to a file, not a pipe: a chatty child must never block on a pipe we don't read.

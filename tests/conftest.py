@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import os
+import re
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import quotafs
+from quotafs import mounting
 from quotafs.api import QuotaMount, mounted
+from quotafs.mountconfig import MountConfig
 
 
 def fuse_unusable_reason() -> str | None:
@@ -64,3 +76,164 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
         terminalreporter.section("quotafs")
         for line in lines:
             terminalreporter.write_line(line)
+    orphans = config.stash.get(_ORPHAN_RECORDS, [])
+    if orphans:
+        terminalreporter.section("quotafs daemons logged outside any test", red=True)
+        for record in orphans:
+            terminalreporter.write_line(record)
+
+
+# -- the daemons' logs: a test whose daemon logged a warning or an error fails ----------
+#
+# As s3ql's pytest_checklogs: every daemon this process starts (quotafs.mounted, the
+# plugin's fixtures, open_quota_mount) logs to a file of its own, and after each test the
+# records it added are checked. "unexpected error in ...; answering EIO" is one of them.
+# A test that provokes one on purpose says so: expect_daemon_log(r"regex").
+
+# The first line of a record as daemon.main formats it: "DATE TIME quotafs[PID] LEVEL ...".
+_RECORD = re.compile(r"^\S+ \S+ quotafs\[\d+\] (?P<level>[A-Z]+) ")
+_CHECKED_LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL"})
+_ORPHAN_RECORDS = pytest.StashKey[list[str]]()
+_EXPECTED = pytest.StashKey[list[re.Pattern[str]]]()
+_LOGS = pytest.StashKey["DaemonLogs"]()
+
+
+class DaemonLogs:
+    """The log files of the session's daemons and how far each was checked."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._numbers = itertools.count(1)
+        self.checked: dict[Path, int] = {}  # log file -> bytes read so far
+        self.between_tests: list[str] = []  # logged while no test ran (module teardown)
+
+    def assign(self, config: MountConfig) -> MountConfig:
+        if config.log_file is not None:
+            return config  # a test that reads its daemon's log itself
+        path = self.directory / f"daemon-{next(self._numbers)}.log"
+        self.checked[path] = 0
+        return dataclasses.replace(config, log_file=str(path))
+
+    def new_records(self) -> list[str]:
+        """WARNING-and-up records (with their traceback lines) logged since the last call."""
+        records: list[str] = []
+        for path, offset in self.checked.items():
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+            except FileNotFoundError:  # the daemon has not logged anything (yet)
+                continue
+            self.checked[path] = offset + len(data)
+            keep = False
+            for line in data.decode(errors="replace").splitlines():
+                match = _RECORD.match(line)
+                if match is not None:
+                    keep = match["level"] in _CHECKED_LEVELS
+                    if keep:
+                        records.append(f"{path.name}: {line}")
+                elif keep:
+                    records[-1] += "\n" + line
+        return records
+
+
+@pytest.fixture(scope="session", autouse=True)
+def daemon_logs(request: pytest.FixtureRequest,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonLogs]:
+    logs = DaemonLogs(tmp_path_factory.mktemp("daemon-logs"))
+    request.config.stash[_LOGS] = logs
+    start = mounting.start_daemon
+
+    def start_logged(config: MountConfig, *args: Any, **kwargs: Any) -> mounting.Daemon:
+        return start(logs.assign(config), *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mounting, "start_daemon", start_logged)
+        yield logs
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # After the session fixtures' teardown: what module-scoped daemons logged between
+    # tests or at their unmount fails the run too.
+    logs = session.config.stash.get(_LOGS, None)
+    if logs is None:
+        return
+    orphans = logs.between_tests + logs.new_records()
+    session.config.stash[_ORPHAN_RECORDS] = orphans
+    if orphans and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def expect_daemon_log(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """expect(regex): a daemon record matching regex (re.search) is this test's intent."""
+    expected = request.node.stash.setdefault(_EXPECTED, [])
+    return lambda pattern: expected.append(re.compile(pattern))
+
+
+@pytest.fixture(autouse=True)
+def _check_daemon_logs(request: pytest.FixtureRequest,
+                       daemon_logs: DaemonLogs) -> Iterator[None]:
+    daemon_logs.between_tests += daemon_logs.new_records()
+    yield
+    expected = request.node.stash.get(_EXPECTED, [])
+    unexpected = [r for r in daemon_logs.new_records()
+                  if not any(p.search(r) for p in expected)]
+    if unexpected:
+        pytest.fail("the quotafs daemon logged during this test:\n" + "\n".join(unexpected),
+                    pytrace=False)
+
+
+# -- an interpreter that nobody may run (the project's venv may sit below /root) -----------
+
+NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@dataclass
+class NobodyEnv:
+    top: Path  # everything of the test lives here, readable by nobody
+    python: str  # the venv's interpreter, executable by nobody
+    src: Path  # PYTHONPATH: the copy of the package
+
+
+def _nobody_setup_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to make a mount namespace and a device node"
+    for tool in ("unshare", "setpriv", "fusermount3", "mount", "df"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        return f"{SYSTEM_PYTHON} is missing"
+    return None
+
+
+def run_capture(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def nobody_env() -> Iterator[NobodyEnv]:
+    """For tests that run quotafs as nobody: a venv of /usr/bin/python3 with the project's
+    pyfuse3 and trio and a copy of the package, made once per session (a pip install:
+    pyfuse3 may compile against libfuse3-dev)."""
+    reason = _nobody_setup_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    top = Path(tempfile.mkdtemp(prefix="quotafs-nobody-"))
+    try:
+        top.chmod(0o755)
+        venv = top / "venv"
+        made  = run_capture([SYSTEM_PYTHON, "-m", "venv", str(venv)])
+        assert made.returncode == 0, f"{SYSTEM_PYTHON} -m venv failed: {made.stderr}"
+        pins = [f"pyfuse3=={version('pyfuse3')}", f"trio=={version('trio')}"]
+        pip  = run_capture([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input",
+                    "--disable-pip-version-check", "-q", *pins])
+        assert pip.returncode == 0, f"pip install {' '.join(pins)} failed:\n{pip.stderr}"
+        src = top / "src"
+        shutil.copytree(Path(quotafs.__file__).parent, src / "quotafs",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        run_capture(["chmod", "-R", "a+rX", str(top)])
+        yield NobodyEnv(top, str(venv / "bin" / "python"), src)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

@@ -109,7 +109,7 @@ def test_write_agrees_with_ext4(report: dict[str, Any]) -> None:
         mine = record(report, target, "write")
         assert (mine["errno"], mine["failed_call"]) == ("ENOSPC", "write")
         assert mine["bytes_on_disk"] == mine["bytes_acknowledged"]
-        # quotafs writes what fits (short write) where ext4 refused its last 1 MiB call
+        # ext4 refuses its last 1 MiB call whole (folio), quotafs its last request (docs)
         assert 0 <= mine["bytes_acknowledged"] - ext4["bytes_acknowledged"] < MiB + 4096
     verdicts = [v for v in report["verdicts"] if v["writer"] == "write"]
     assert verdicts and all(v["matched"] for v in verdicts)

@@ -414,18 +414,22 @@ def test_difference_limit_rounded_to_blocks(pair: Pair) -> None:
 
 def test_difference_whole_folio_refusal(fresh: Differential) -> None:
     """Near the limit ext4 refuses a write(2) whose page-cache folio does not fit — whole,
-    though part of it would fit — where quotafs writes what fits and returns the short
-    count. Both end at the limit; the harness explains it."""
+    though part of it would fit — and quotafs refuses the write request whole: with the
+    write on a folio boundary both answer ENOSPC and write nothing. Off the boundary ext4
+    serves the write in smaller folios and stores those that fit (a short count), where
+    quotafs still refuses its one request: both end at the limit, the harness explains it."""
     assert fresh.capacity is not None
     room = fresh.capacity[1]
     steps = run(fresh, Create("a"), Write("a", 0, room - 200 * KiB, 1),
-                Write("a", 2 * MiB, 512 * KiB, 2))
-    last = steps[-1]
-    assert (last.reference.error, last.reference.value) == ("ENOSPC", None)
-    assert last.candidate.value is not None
-    assert 190 * KiB < last.candidate.value <= 200 * KiB
+                Write("a", 2 * MiB, 512 * KiB, 2), Write("a", 2 * MiB + 4 * KiB, 512 * KiB, 3))
+    aligned, unaligned = steps[-2], steps[-1]
+    assert aligned.reference == aligned.candidate
+    assert (aligned.candidate.error, aligned.candidate.value) == ("ENOSPC", None)
+    assert (unaligned.candidate.error, unaligned.candidate.value) == ("ENOSPC", None)
+    assert unaligned.reference.value is not None
+    assert 0 < unaligned.reference.value <= 200 * KiB
     assert fresh.differences == [], fresh.report()
-    assert [d.step for d in _explained(fresh, "enospc")] == [3]
+    assert [d.step for d in _explained(fresh, "enospc")] == [4]
 
 
 def test_difference_ext4_keeps_refused_reservations(fresh: Differential) -> None:
@@ -448,11 +452,15 @@ def test_difference_ext4_keeps_refused_reservations(fresh: Differential) -> None
     finally:
         os.close(fd)
     quota_file = os.path.join(fresh.candidate.root, "a")
+    free = fresh.candidate.free()
     fd = os.open(quota_file, os.O_RDWR)
     try:
-        assert 60 * KiB < os.pwrite(fd, b"x" * 256 * KiB, 2 * MiB) <= 64 * KiB
+        with pytest.raises(OSError) as refused:
+            os.pwrite(fd, b"x" * 256 * KiB, 2 * MiB)  # refused whole, nothing kept
+        assert refused.value.errno == errno.ENOSPC
     finally:
         os.close(fd)
+    assert 60 * KiB < fresh.candidate.free() == free
 
 
 def test_difference_mmap_folio_reservation(fresh: Differential) -> None:
@@ -520,7 +528,9 @@ def test_difference_default_mode_mmap_defers_enospc(default_pair: Pair) -> None:
     """In its default mode quotafs never stops an mmap writer: every store succeeds, the
     pages that do not fit are refused at writeback and msync reports ENOSPC (ext4 kills
     the writer by SIGBUS). Documented in "mmap: where ext4 and plain FUSE part ways";
-    the harness reports it as a difference, since acknowledged stores are lost."""
+    the harness reports it as a difference, since acknowledged stores are lost. Writeback
+    sends 1 MiB requests and quotafs refuses the one that does not fit whole, so the
+    stores from 1 MiB on are not on disk, and the room they would have taken stays free."""
     diff = default_pair.diff
     diff.reset()
     try:
@@ -531,6 +541,8 @@ def test_difference_default_mode_mmap_defers_enospc(default_pair: Pair) -> None:
     assert (last.reference.signal, last.reference.error) == ("SIGBUS", None)
     assert (last.candidate.signal, last.candidate.error) == (None, "ENOSPC")
     assert (last.candidate.call, last.candidate.value) == ("msync", 4 * MiB)
-    assert [d.aspect for d in diff.differences] == ["enospc"]
+    aspects = [d.aspect for d in diff.differences]
+    assert aspects == ["enospc", "contents", "accounting", "statvfs free"], diff.report()
     assert "ENOSPC deferred to msync" in diff.differences[0].note
+    assert "first different byte at 1,048,576 " in diff.differences[1].note
     diff.reset()

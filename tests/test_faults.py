@@ -533,7 +533,7 @@ def valid_specs(draw: st.DrawFn) -> RuleSpec:
         {"errno": draw(st.sampled_from(["EIO", "ENOSPC", "EEXIST", "EWOULDBLOCK"]))},
         {"delay": format_duration(draw(st.integers(min_value=0, max_value=3_600_000_000)))}]
     if args["op"] == "write":
-        effects.append({"short_write": draw(st.integers(min_value=0, max_value=2**31))})
+        effects.append({"short_write": draw(st.integers(min_value=1, max_value=2**31))})
     if args["op"] == "read":
         effects.append({"corrupt_read": True})
     return spec_from_args(**args, **draw(st.sampled_from(effects)))

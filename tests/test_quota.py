@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from quotafs.differential import wait_until
 from tests.conftest import MountFactory
 
 MiB = 1024 * 1024
@@ -69,22 +70,28 @@ def test_df_reports_the_quota(mount_factory: MountFactory) -> None:
     assert st.f_bavail == st.f_bfree
 
 
-def test_short_write_at_the_boundary_then_enospc(mount_factory: MountFactory) -> None:
+def test_write_at_the_boundary_stores_whole_requests_then_enospc(
+        mount_factory: MountFactory) -> None:
     m = mount_factory("1M")
     fd = os.open(os.path.join(m.path, "f"), os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         first = MiB - 6000  # 255 blocks, the last one partly filled; one block stays free
         assert os.write(fd, b"a" * first) == first
-        # 8192 more bytes would need two new blocks; one fits: the rest of block 254
-        # (already allocated) and all of block 255 are written, and nothing more.
-        assert os.write(fd, b"b" * 8192) == 6000
+        # The kernel sends the rest of the partly written page 254 as a request of its
+        # own (1904 bytes, no new block), then pages 255-256, which need two new blocks
+        # where one is free: refused whole. write(2) returns what was stored.
+        assert os.write(fd, b"b" * 8192) == 1904
         with pytest.raises(OSError) as exc:
-            os.write(fd, b"c")
+            os.write(fd, b"c" * 8192)
+        assert exc.value.errno == errno.ENOSPC
+        assert os.write(fd, b"d" * BLOCK) == BLOCK
+        with pytest.raises(OSError) as exc:
+            os.write(fd, b"e")
         assert exc.value.errno == errno.ENOSPC
     finally:
         os.close(fd)
     with open(os.path.join(m.backing, "f"), "rb") as f:
-        assert f.read() == b"a" * first + b"b" * 6000
+        assert f.read() == b"a" * first + b"b" * 1904 + b"d" * BLOCK
 
 
 def test_overwrite_in_place_when_full(mount_factory: MountFactory) -> None:
@@ -162,7 +169,8 @@ def test_unlinked_open_file_keeps_its_space_until_last_close(
         assert os.pread(fd, 3, 199_999) == b"qrr"
     finally:
         os.close(fd)
-    assert m.usage()["used"] == 0
+    # RELEASE is asynchronous: close(2) returns before the daemon has seen it.
+    assert wait_until(lambda: m.usage()["used"] == 0, timeout=10), m.usage()
 
 
 def test_truncate_and_unlink_give_space_back_at_once(mount_factory: MountFactory) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from quotafs import mounting
+from quotafs.control import STATUS
 from tests.conftest import fuse_unusable_reason
 
 pytestmark = pytest.mark.skipif(fuse_unusable_reason() is not None,
@@ -29,23 +30,24 @@ def quotafs_mounts() -> list[str]:
 
 
 def test_exit_status_mount_env_and_cleanup(tmp_path: Path) -> None:
-    before = quotafs_mounts()
-    script = ("import os,errno\n"
+    script = ("import os,errno,json\n"
               "m=os.environ['QUOTAFS_MOUNT']\n"
               "assert os.getcwd()==m, (os.getcwd(), m)\n"
+              f"pid=json.loads(os.getxattr(m, {STATUS!r}))['pid']\n"
               "fd=os.open('f', os.O_WRONLY|os.O_CREAT)\n"
               "n=0\n"
               "try:\n"
               "    while True: n+=os.write(fd, b'x'*65536)\n"
-              "except OSError as e: print(m, n, errno.errorcode[e.errno])\n"
+              "except OSError as e: print(m, pid, n, errno.errorcode[e.errno])\n"
               "raise SystemExit(7)\n")
     result = run("--limit", "256K", "--cd", "--", sys.executable, "-c", script)
     assert result.returncode == 7, result.stderr
-    mountpoint, written, err = result.stdout.split()
+    mountpoint, pid, written, err = result.stdout.split()
     assert (written, err) == (str(256 * 1024), "ENOSPC")
     assert "1 ENOSPC from the quota" in result.stderr
     assert not os.path.exists(mountpoint)  # the temporary mount point is gone
-    assert quotafs_mounts() == before
+    assert mounting.find_mount(mountpoint) is None
+    assert mounting.wait_for_exit(int(pid), timeout=10), f"daemon {pid} still runs"
 
 
 def test_command_killed_by_signal_gives_128_plus_n() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import re
+from decimal import Decimal
 
 import pyfuse3
 import pytest
@@ -10,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from quotafs.allocation import count_blocks, fitting_length, hole_blocks
+from quotafs.allocation import count_blocks, hole_blocks
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.fs import handler
 from quotafs.ledger import Ledger
@@ -36,10 +38,36 @@ def test_parse_size_refuses(text: str) -> None:
     assert "\n" not in str(exc.value)
 
 
-@given(st.integers(min_value=0, max_value=2**50))
+_FORMAT_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50}
+
+
+@given(st.integers(min_value=0, max_value=2**60))
 def test_bytes_roundtrip(n: int) -> None:
     assert parse_size(str(n)) == n
-    assert format_size(n)
+    number, unit = format_size(n).split(" ")
+    scale = _FORMAT_UNITS[unit]
+    if unit == "B":
+        assert number == str(n) and n < 1024
+        return
+    # One decimal of the largest unit that keeps the number below 1024 (PiB has no cap).
+    assert re.fullmatch(r"\d+\.\d", number), number
+    assert Decimal(number) >= 1 and (unit == "PiB" or Decimal(number) <= 1024)
+    assert abs(Decimal(number) * scale - n) <= Decimal("0.05") * scale
+    assert n < 1024 * scale or unit == "PiB"
+
+
+@given(st.integers(min_value=0, max_value=1023), st.sampled_from(list(_FORMAT_UNITS.values())))
+def test_whole_units_round_trip_through_parse_size(count: int, scale: int) -> None:
+    assert parse_size(format_size(count * scale)) == count * scale
+
+
+@pytest.mark.parametrize(("n", "text"), [
+    (0, "0 B"), (1, "1 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
+    (2**20 - 1, "1024.0 KiB"), (2**20, "1.0 MiB"), (120 * 2**20, "120.0 MiB"),
+    (3 * 2**29, "1.5 GiB"), (2**40, "1.0 TiB"), (2**50, "1.0 PiB"), (2**60, "1024.0 PiB"),
+])
+def test_format_size_exact(n: int, text: str) -> None:
+    assert format_size(n) == text
 
 
 def test_count_and_hole_blocks() -> None:
@@ -47,9 +75,6 @@ def test_count_and_hole_blocks() -> None:
     assert count_blocks([], 4096) == 0
     assert hole_blocks(0, 5 * 4096, [(4096, 8192), (12288, 12289)], 4096) == [0, 2, 4]
     assert hole_blocks(100, 200, [(0, 4096)], 4096) == []
-    assert fitting_length(0, 8192, [0, 1], 1, 4096) == 4096
-    assert fitting_length(1000, 8192, [1, 2], 1, 4096) == 2 * 4096 - 1000  # up to block 2
-    assert fitting_length(4095, 2, [1], 0, 4096) == 1
 
 
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(1, 30)), max_size=8),
@@ -92,24 +117,34 @@ def test_ledger_basics() -> None:
 
 class LedgerMachine(RuleBasedStateMachine):
     """Whatever sequence of requests: used + reserved never passes the limit through a
-    grant, credits never go below zero, and the books balance."""
+    grant (nor limit - root reserve for a caller other than root), credits never go below
+    zero, and the books balance."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ledger = Ledger(limit=1000, inode_limit=5)
+        self.ledger = Ledger(limit=1000, inode_limit=5, kept_back=40)
         self.charged = 0
         self.reserved = 0
         self.inodes = 0
 
+    def _ceiling(self) -> int | None:
+        """Where the current caller's grants must stop."""
+        limit = self.ledger.limit
+        if limit is None:
+            return None
+        limit -= self.ledger.kept_back  # nobody's, root's neither
+        return limit if self.ledger.privileged else limit - self.ledger.root_reserve
+
     @rule(n=st.integers(0, 400))
     def charge(self, n: int) -> None:
         before = self.ledger.used + self.ledger.reserved
+        ceiling = self._ceiling()
         if self.ledger.try_charge(n):
             self.charged += n
-            # a grant never takes usage past the limit (a zero charge takes nothing)
-            assert self.ledger.limit is None or n == 0 or before + n <= self.ledger.limit
+            # a grant never takes usage past the ceiling (a zero charge takes nothing)
+            assert ceiling is None or n == 0 or before + n <= ceiling
         else:
-            assert self.ledger.limit is not None and before + n > self.ledger.limit
+            assert ceiling is not None and before + n > ceiling
 
     @rule(n=st.integers(0, 400))
     def credit(self, n: int) -> None:
@@ -119,8 +154,10 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(0, 300))
     def reserve(self, n: int) -> None:
+        before, ceiling = self.ledger.used + self.ledger.reserved, self._ceiling()
         if self.ledger.try_reserve(n):
             self.reserved += n
+            assert ceiling is None or n == 0 or before + n <= ceiling
 
     @rule(n=st.integers(0, 300), convert=st.booleans())
     def settle(self, n: int, convert: bool) -> None:
@@ -135,6 +172,14 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(limit=st.integers(0, 1500))
     def set_limit(self, limit: int) -> None:
         self.ledger.set_limit(limit)  # may drop below usage: nothing is taken away
+
+    @rule(reserve=st.integers(0, 600))
+    def set_root_reserve(self, reserve: int) -> None:
+        self.ledger.set_limit(self.ledger.limit, reserve)  # may exceed the limit too
+
+    @rule(privileged=st.booleans())
+    def next_caller(self, privileged: bool) -> None:
+        self.ledger.privileged = privileged
 
     @rule()
     def add_inode(self) -> None:
@@ -154,7 +199,15 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.ledger.reserved == self.reserved >= 0
         assert self.ledger.inodes_used == self.inodes
         limit = self.ledger.limit if self.ledger.limit is not None else 2**63
-        assert self.ledger.free() == max(0, limit - self.charged - self.reserved)
+        unallocated = max(0, limit - self.charged - self.reserved)  # df's f_bfree
+        for_root = max(0, limit - 40 - self.charged - self.reserved)
+        for_others = max(0, limit - 40 - self.ledger.root_reserve - self.charged
+                         - self.reserved)
+        stats = self.ledger.stats()
+        assert (stats.free, stats.available) == (for_root, for_others)
+        assert stats.unallocated == unallocated
+        assert self.ledger.free() == (for_root if self.ledger.privileged else for_others)
+        assert stats.available == max(0, stats.free - stats.root_reserve)  # df's f_bavail
 
 
 TestLedgerMachine = LedgerMachine.TestCase
