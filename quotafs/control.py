@@ -172,7 +172,7 @@ class ControlChannel:
     def get(self, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == STATUS:
             return json.dumps(self.status(), sort_keys=True).encode()
-        if name in (EVENTS, FAULTS) or name.startswith(EVENTS + b"."):
+        if name in (EVENTS, FAULTS) or name.startswith((EVENTS + b".", FAULTS + b".")):
             # Paths (of directories the caller may not list) and pids: the owner's and root's.
             self._require_owner(ctx)
         if name == EVENTS or name.startswith(EVENTS + b"."):
