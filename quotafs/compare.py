@@ -176,9 +176,10 @@ class Runner:
 
 def write_verdict(ext4: Record, mine: Record, chunk: int) -> Verdict:
     """write(2) must hit ENOSPC within one block of ext4. ext4 (Linux 6.x, large folios)
-    reserves space per folio and refuses a whole write(2) call whose folio does not fit,
-    where quotafs writes what fits; when ext4 refused a whole call, the part of it that
-    quotafs wrote is that difference, not a miss, and is allowed on top of the block."""
+    reserves space per folio and refuses a whole write(2) call whose folio does not fit;
+    quotafs refuses whole write requests (of up to 1 MiB), so a larger call may keep the
+    requests that fitted: when ext4 refused a whole call, that part is the difference, not a
+    miss, and is allowed on top of the block."""
     diff = mine.bytes_acknowledged - ext4.bytes_acknowledged
     refused_whole_call = ext4.errno == "ENOSPC" and ext4.bytes_acknowledged % chunk == 0
     tolerance = BLOCK + (chunk if refused_whole_call else 0)
@@ -306,7 +307,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def _progress_printer(enabled: bool) -> Callable[[str], None]:
     tty = sys.stderr.isatty()
-    last = [""]
 
     def show(line: str) -> None:
         if not enabled:
@@ -315,9 +315,8 @@ def _progress_printer(enabled: bool) -> Callable[[str], None]:
             sys.stderr.write("\r\033[K" + line)
             if not line.endswith(("B", "starting")):
                 sys.stderr.write("\n")
-        elif not line.rstrip().endswith(("B", "iB")) or line == last[0]:
+        elif not line.rstrip().endswith(("B", "iB")):  # no byte counters in a log file
             print(line, file=sys.stderr)
-        last[0] = line
         sys.stderr.flush()
 
     return show

@@ -108,7 +108,8 @@ class Ledger:
         self.used -= nbytes
 
     def note_enospc(self) -> None:
-        """Count an ENOSPC that was decided outside try_charge (a short write's refusal)."""
+        """Count an ENOSPC decided outside try_charge (a write request that does not fit
+        whole)."""
         self.enospc_count += 1
 
     # -- reservations (ext4-faithful mmap) ----------------------------------------------
