@@ -103,21 +103,33 @@ def build_filesystem(config: MountConfig) -> QuotaFS:
 READ_AHEAD_KB = 1024  # 1 MiB: the largest READ request FUSE sends (256 pages)
 
 
-def _raise_read_ahead(mountpoint: str) -> None:
-    """Let the kernel read ahead up to 1 MiB on this mount instead of 128 KiB, so that a
-    sequential read costs an eighth of the requests. Only root may write the bdi
-    setting; elsewhere the kernel's default stays, which is only slower."""
+def _read_ahead_kb(config: MountConfig) -> int | None:
+    """The bdi read-ahead this mount wants, None for the kernel's default.
+
+    1 MiB instead of 128 KiB, so that a sequential read costs an eighth of the requests.
+    None with --no-cache. 0 with --mmap-sigbus: its reservations follow the kernel's
+    page-in reads, and ext4 reserves only the pages a program writes (at page_mkwrite);
+    a read-ahead window reserves pages the program may never write, and how far ahead it
+    reaches depends on timing (seen: the same 8M mmap writer killed after 7 or 8 chunks).
+    Without read-ahead each fault reads, and reserves, just its own page."""
+    if config.mmap_sigbus:
+        return 0
+    return None if config.no_cache else READ_AHEAD_KB
+
+
+def _set_read_ahead(mountpoint: str, kb: int) -> None:
+    """Only root may write the bdi setting; elsewhere the kernel's default stays."""
     info = find_mount(mountpoint)
     if info is None or not info.device:
         return
     try:
         with open(f"/sys/class/bdi/{info.device}/read_ahead_kb", "w") as f:
-            f.write(str(READ_AHEAD_KB))
+            f.write(str(kb))
     except OSError as exc:
         log.debug("read_ahead_kb left at the default: %s", exc)
 
 
-async def _tune_after_init(config: MountConfig) -> None:
+async def _tune_after_init(config: MountConfig, kb: int) -> None:
     # The kernel lowers the bdi's read-ahead to what INIT negotiated when it processes
     # the INIT reply, so raise it only once the mount has answered a request (a stat in
     # a thread, served by the loop that runs beside it).
@@ -126,7 +138,7 @@ async def _tune_after_init(config: MountConfig) -> None:
         await trio.to_thread.run_sync(os.stat, config.mountpoint, abandon_on_cancel=True)
     except OSError:
         return
-    _raise_read_ahead(config.mountpoint)
+    _set_read_ahead(config.mountpoint, kb)
 
 
 async def _serve(config: MountConfig) -> None:
@@ -138,9 +150,9 @@ async def _serve(config: MountConfig) -> None:
                     return
 
         nursery.start_soon(on_signals)
-        if os.geteuid() == 0 and not config.mmap_sigbus and not config.no_cache:
-            # Not with --mmap-sigbus: its reservations follow the kernel's page-in reads.
-            nursery.start_soon(_tune_after_init, config)
+        kb = _read_ahead_kb(config)
+        if os.geteuid() == 0 and kb is not None:
+            nursery.start_soon(_tune_after_init, config, kb)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

@@ -15,7 +15,6 @@ Standard library only: the child imports nothing else (`python -I -S`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -60,6 +59,9 @@ def in_thread(path: str, ops: list[Op], timeout: float) -> list[Result] | None:
     return box[0] if done.wait(timeout) else None
 
 
+_ABANDONED: list[subprocess.Popen[bytes]] = []
+
+
 def in_child(path: str, ops: list[Op], timeout: float) -> list[Result] | None:
     """As in_thread, in a child process that is killed when the time is up."""
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,8 +76,15 @@ def in_child(path: str, ops: list[Op], timeout: float) -> list[Result] | None:
         out, _ = proc.communicate(wire.encode(), timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(1)  # else it waits in the kernel for the daemon; init reaps it later
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        try:
+            proc.wait(1)
+        except subprocess.TimeoutExpired:
+            # It waits in the kernel for the daemon; init reaps it once we exit. Kept
+            # referenced, so that no "still running" warning fires when it is collected.
+            _ABANDONED.append(proc)
         return None
     results: list[Result] = []
     for line in out.decode().splitlines():
