@@ -92,7 +92,12 @@ def build_filesystem(config: MountConfig) -> QuotaFS:
     fs = QuotaFS(config.backing, ledger,
                  Options(costs, mmap_sigbus=config.mmap_sigbus,
                          attr_timeout=0.0 if config.no_cache else CACHE_TIMEOUT,
-                         entry_timeout=0.0 if config.no_cache else CACHE_TIMEOUT,
+                         # Other users' path walks must reach the daemon: a name it
+                         # looks up as the caller is checked against the backing's fresh
+                         # search permissions on every directory on the way, which the
+                         # kernel's cached entries would skip (see docs/security.md).
+                         entry_timeout=0.0 if config.no_cache or config.allow_other
+                         else CACHE_TIMEOUT,
                          keep_cache=not (config.no_cache or config.mmap_sigbus)),
                  control, faults)
     control.statistics = fs.statistics
@@ -181,7 +186,11 @@ def run(config: MountConfig, ready_fd: int | None = None) -> int:
         _tell(ready_fd, "ready")
         if ready_fd is not None:
             os.close(ready_fd)
-        trio.run(_serve, config)
+        try:
+            trio.run(_serve, config)
+        except BaseException:  # in the log too, where the test suite's check looks
+            log.critical("the daemon's main loop ended by an exception", exc_info=True)
+            raise
         clean = True
     finally:
         pyfuse3.close(unmount=True)

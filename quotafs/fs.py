@@ -68,6 +68,25 @@ _AS_CALLER = frozenset({"lookup", "setattr", "mknod", "mkdir", "symlink", "link"
                         "setxattr", "listxattr", "removexattr"})
 
 
+def _pwrite_whole(fd: int, buf: bytes, off: int) -> tuple[int, OSError | None]:
+    """Write all of `buf` at `off`: (bytes written, None), or the backing's error once part
+    of it is written. Never a short count: writeback of mmap pages would take one for
+    success and lose the rest, O_DIRECT would make it EIO. An error before any byte is
+    written is raised as it is."""
+    written = os.pwrite(fd, buf, off)
+    view: memoryview | None = None
+    while written < len(buf):
+        view = view if view is not None else memoryview(buf)
+        try:
+            n = os.pwrite(fd, view[written:], off + written)
+        except OSError as exc:
+            return written, exc
+        if n == 0:
+            return written, OSError(errno.EIO, "the backing file took no more bytes")
+        written += n
+    return written, None
+
+
 def handler(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Wrap a synchronous handler body as the async pyfuse3 handler with the error boundary.
 
@@ -748,9 +767,11 @@ class QuotaFS(pyfuse3.Operations):
         path = self._proc(node)
         if self._identity.acting is not None:
             old = stat.S_IMODE(self._stat(node).st_mode)
-            if mode == old & ~(stat.S_ISUID | stat.S_ISGID):
-                # Only set-id bits cleared: the kernel's kill-priv after another user's write
-                # or truncate, which it does with its own rights. It never grants access.
+            if mode == old & ~(stat.S_ISUID | stat.S_ISGID) and os.access(
+                    path, os.W_OK, effective_ids=True):
+                # Only set-id bits cleared, by a caller who may write the file: the kernel's
+                # kill-priv after that caller's write or truncate, which it does with its
+                # own rights. It never grants access.
                 with self._as_daemon():
                     os.chmod(path, mode)
                 return
@@ -1013,7 +1034,8 @@ class QuotaFS(pyfuse3.Operations):
     def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         handle = self._handle(fh)
         corrupt = self._take_pending("corrupt_read") if self._pending else None
-        if self.options.mmap_sigbus and handle.writable:
+        # Apparent sizes charge holes already (up to st_size): nothing to reserve.
+        if self.options.mmap_sigbus and handle.writable and self.costs.blocks:
             self._reserve_for_read(handle, fh, off, size)
         data = os.pread(handle.fd, size, off)
         return corrupt.corrupt(data) if corrupt is not None else data
@@ -1030,7 +1052,11 @@ class QuotaFS(pyfuse3.Operations):
         if end <= off:
             return
         start = off - off % self.block
-        holes = hole_blocks(start, end, data_extents(handle.fd, start, end), self.block)
+        # Extents up to the end of the last block touched, as _write_blocks looks: data
+        # past `end` in an accounting block larger than a page means it is no hole.
+        extent_end = min(ceil_div(end, self.block) * self.block, node.size)
+        holes = hole_blocks(start, end, data_extents(handle.fd, start, extent_end),
+                            self.block)
         wanted = [b for b in holes if b not in node.reserved]
         if not wanted:
             return
@@ -1070,7 +1096,7 @@ class QuotaFS(pyfuse3.Operations):
         new = [b for b in holes if b not in node.reserved] if reserved else holes
         if len(new) > self.ledger.free() // block:
             self._refuse_write(node)
-        written = os.pwrite(handle.fd, buf, off)
+        written, error = _pwrite_whole(handle.fd, buf, off)
         last = ceil_div(off + written, block)
         taken = sum(1 for b in new if b < last)
         self.ledger.force_charge(taken * block)  # fits: checked against free() above
@@ -1080,7 +1106,7 @@ class QuotaFS(pyfuse3.Operations):
         if converted:
             self.ledger.convert(len(converted) * block)
         node.charged = charged + (taken + len(converted)) * block
-        return written
+        return self._stored(node, off, written, error)
 
     def _refuse_write(self, node: Node) -> NoReturn:
         """A write request that does not fit whole is refused whole: a short count would
@@ -1095,11 +1121,20 @@ class QuotaFS(pyfuse3.Operations):
         growth = max(0, off + len(buf) - max(node.size, charged))
         if growth > self.ledger.free():
             self._refuse_write(node)
-        written = os.pwrite(handle.fd, buf, off)
+        written, error = _pwrite_whole(handle.fd, buf, off)
         new_size = max(node.size, off + written)
         if new_size > charged:
             self.ledger.force_charge(new_size - charged)
             node.charged = new_size
+        return self._stored(node, off, written, error)
+
+    @staticmethod
+    def _stored(node: Node, off: int, written: int, error: OSError | None) -> int:
+        """The answer to a write request whose data went to the backing file in part or
+        whole (charged already): the count, or the backing's error if it stopped short."""
+        if error is not None:
+            node.size = max(node.size, off + written)
+            raise error
         return written
 
     @handler
@@ -1119,7 +1154,12 @@ class QuotaFS(pyfuse3.Operations):
         handle = self._handles.pop(fh)
         node = handle.node
         node.open_count -= 1
-        os.close(handle.fd)
+        try:
+            os.close(handle.fd)  # an error here (NFS, a FUSE backing) is the caller's...
+        finally:  # ...but the descriptor is gone all the same: the bookkeeping must follow
+            self._forget_handle(fh, node)
+
+    def _forget_handle(self, fh: int, node: Node) -> None:
         if node.reserved:
             mine = [b for b, owner in node.reserved.items() if owner == fh]
             for b in mine:

@@ -160,8 +160,9 @@ class Ledger:
         reserve = self.root_reserve if root_reserve is None else root_reserve
         self._check_limit(limit, "limit")
         self._check_reserve(reserve, limit)
-        self._check_reserve(self.kept_back, limit)
         self.limit, self.root_reserve = limit, reserve
+        if limit is None:
+            self.kept_back = 0  # part of a limit (--like-ext4's): no limit, nothing kept
 
     def set_inode_limit(self, inode_limit: int | None) -> None:
         self._check_limit(inode_limit, "inode limit")

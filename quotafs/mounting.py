@@ -273,6 +273,17 @@ def start_daemon(config: MountConfig, detach: bool) -> Daemon:
     directory; attached ones (the Python API, `run`, tests) share our stderr and die
     with us (PR_SET_PDEATHSIG).
     """
+    try:
+        return _spawn(config, detach)
+    except BaseException:
+        # Whatever failed (the overlap check, the state directory, the daemon, Ctrl-C),
+        # a private backing directory made for this mount must not stay behind.
+        if config.private_backing and find_mount(config.mountpoint) is None:
+            shutil.rmtree(config.backing, ignore_errors=True)
+        raise
+
+
+def _spawn(config: MountConfig, detach: bool) -> Daemon:
     check_overlap(config.mountpoint, config.backing)
     read_fd, write_fd = os.pipe()
     config_fd = _config_descriptor(config)
@@ -288,8 +299,6 @@ def start_daemon(config: MountConfig, detach: bool) -> Daemon:
         )
     except OSError as exc:
         os.close(read_fd)
-        if config.private_backing:
-            shutil.rmtree(config.backing, ignore_errors=True)
         raise QuotafsError(f"cannot start the daemon ({sys.executable}): {exc.strerror}",
                            ExitCode.DAEMON) from None
     finally:
@@ -303,8 +312,6 @@ def start_daemon(config: MountConfig, detach: bool) -> Daemon:
         os.close(read_fd)
     if line != "ready":
         process.wait()
-        if config.private_backing:
-            shutil.rmtree(config.backing, ignore_errors=True)
         if line.startswith("error "):
             _, code, message = line.split(" ", 2)
             raise QuotafsError(message, ExitCode(int(code)))

@@ -166,6 +166,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "seed": lambda value: check_count("seed", value, 2**64 - 1),  # any 64 bits
     "rules": _rules,
     "rules_file": _path("rules_file"),
+    "log_file": _path("log_file"),
     "backing": _path("backing"),
     "keep_backing": _flag("keep_backing"),
     "allow_other": _flag("allow_other"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from quotafs.api import mounted
 from quotafs.mountconfig import MountConfig
 from tests.conftest import DaemonLogs, MountFactory
 
@@ -61,3 +62,11 @@ def test_an_eio_from_the_backing_is_logged(mount_factory: MountFactory,
     records = daemon_logs.new_records()  # read here: the teardown check sees none of them
     assert any(" WARNING read: " in r and r.endswith("; answering EIO") for r in records), (
         records)
+
+
+def test_mounted_takes_a_log_file(tmp_path: Path) -> None:
+    """`quotafs.mounted(log_file=...)` as documented: the daemon logs there."""
+    log = tmp_path / "daemon.log"
+    with mounted("1M", log_file=str(log)) as m:
+        assert m.is_alive()
+        assert log.exists()

@@ -104,3 +104,18 @@ def test_reading_holes_when_full(mount_factory: MountFactory, sigbus: bool) -> N
             assert os.pread(fd, 8192, 0) == bytes(8192)
     finally:
         os.close(fd)
+
+
+def test_apparent_accounting_reserves_nothing(mount_factory: MountFactory) -> None:
+    """Apparent sizes charge a hole already: --mmap-sigbus has nothing to reserve there, so
+    a read through a writable handle must not take the room a second time."""
+    m = mount_factory("1M", mmap_sigbus=True, accounting="apparent")
+    path = os.path.join(m.path, "f")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, 512 * 1024)
+        os.pread(fd, 512 * 1024, 0)
+        assert (m.usage()["used"], m.usage()["reserved"]) == (512 * 1024, 0)
+        os.pwrite(fd, b"x" * 100 * 1024, 512 * 1024)  # 512 KiB is still free
+    finally:
+        os.close(fd)

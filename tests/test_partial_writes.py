@@ -225,3 +225,32 @@ def test_o_direct_write_that_does_not_fit_is_enospc(full_but_64k: Any) -> None:
         assert quota_refusals(events, "write", "/new") == 1, events
         assert quota_refusals(events, "write", "/old") == 1, events
 
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: a backing filesystem that itself fills up in mid-request."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "quotafs-test", str(where)],
+                   check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_backing_that_fills_mid_request_is_an_error_not_a_short_count(
+        small_tmpfs: Path) -> None:
+    """No limit, but the backing itself has 64 KiB: a 128 KiB O_DIRECT write gets the
+    backing's ENOSPC (the short count that pwrite gave was passed on, and the kernel made it
+    EIO), and the kernel's truncate back to the old size leaves nothing stored or charged."""
+    if (reason := fuse_unusable_reason()) is not None:
+        pytest.skip(reason)
+    with mounted(limit=None, backing=str(small_tmpfs)) as m:
+        path = os.path.join(m.path, "f")
+        assert direct_write(path, 128 * KiB, 0) == errno.ENOSPC
+        assert (small_tmpfs / "f").stat().st_size == 0
+        assert m.usage()["used"] == 0

@@ -467,3 +467,20 @@ def test_a_non_root_daemon_checks_other_users_against_fresh_attributes() -> None
     assert out == {"open_stale": denied, "truncate_stale": denied, "unlink_sticky": refused,
                    "create_race": denied, "create_new": "ok", "read_public": "ok",
                    "secret_kept": "SECRET"}
+
+
+def test_a_directory_closed_behind_the_cache_closes_the_path(setup: Setup) -> None:
+    """The kernel's cached entries must not carry another user past a directory that the
+    backing now closes to them: every directory on the way is checked as the caller."""
+    s = setup
+    os.mkdir(J(s.mnt, "d"), 0o755)
+    make(J(s.mnt, "d", "f"), 0o644)
+
+    @nobody()
+    def read_f(mnt: str) -> Any:
+        with open(J(mnt, "d", "f"), "rb") as f:
+            return f.read()
+
+    assert read_f(s.mnt) == b"SECRET"  # and the kernel now holds d and d/f
+    os.chmod(J(s.back, "d"), 0o700)  # behind the kernel's cache
+    assert read_f(s.mnt) == EACCES

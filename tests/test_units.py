@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from quotafs.allocation import count_blocks, hole_blocks
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.fs import handler
-from quotafs.ledger import Ledger
+from quotafs.ledger import UNLIMITED, Ledger
 from quotafs.size import format_size, parse_size
 
 
@@ -229,3 +229,12 @@ async def test_error_boundary_maps_errors() -> None:
     with pytest.raises(pyfuse3.FUSEError) as exc:
         await raises_bug()
     assert exc.value.errno == errno.EIO
+
+
+def test_dropping_the_limit_of_a_like_ext4_ledger() -> None:
+    """`quotafs set --limit none --reserve 0` on a --like-ext4 mount: what ext4 keeps back is
+    a part of the limit, so without a limit nothing is kept back."""
+    ledger = Ledger(100 << 20, None, 0, 4 << 20)
+    assert ledger.free() == 96 << 20
+    ledger.set_limit(None, 0)
+    assert (ledger.limit, ledger.kept_back, ledger.free()) == (None, 0, UNLIMITED)
