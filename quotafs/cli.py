@@ -133,6 +133,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     elif alive and pid is not None and not mounting.wait_for_exit(pid, 30):
         print(f"quotafs: warning: daemon {pid} still running after unmount", file=sys.stderr)
     mounting.forget_record(mountpoint)
+    mounting.drop_log_if_empty(mountpoint)  # a dead daemon could not: kept if it says anything
     if not alive:
         where = f"; its backing directory is kept at {record['backing']}" if record else ""
         print(f"quotafs: cleaned up {mountpoint}: the daemon had died{where}", file=sys.stderr)

@@ -29,7 +29,7 @@ from quotafs.fs import CACHE_TIMEOUT, Options, QuotaFS
 from quotafs.ledger import Ledger
 from quotafs.mountconfig import MountConfig
 from quotafs.mountinfo import find_mount
-from quotafs.mounting import forget_record
+from quotafs.mounting import drop_log_if_empty, forget_record
 
 log = logging.getLogger("quotafs")
 
@@ -196,6 +196,7 @@ def run(config: MountConfig, ready_fd: int | None = None) -> int:
         pyfuse3.close(unmount=True)
         if clean:  # a detached mount's record, written by the command that started us
             forget_record(config.mountpoint, pid=os.getpid())
+            drop_log_if_empty(config.mountpoint, sys.stderr.fileno())
         if clean and config.private_backing and not config.keep_backing:
             shutil.rmtree(config.backing, ignore_errors=True)
     return 0

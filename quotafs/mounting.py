@@ -280,6 +280,8 @@ def start_daemon(config: MountConfig, detach: bool) -> Daemon:
         # a private backing directory made for this mount must not stay behind.
         if config.private_backing and find_mount(config.mountpoint) is None:
             shutil.rmtree(config.backing, ignore_errors=True)
+        if detach:
+            drop_log_if_empty(config.mountpoint)  # the error was told; nothing to keep
         raise
 
 
@@ -505,6 +507,21 @@ def read_record(mountpoint: str) -> dict[str, Any] | None:
             record: dict[str, Any] = json.load(f)
             return record
     return None
+
+
+def drop_log_if_empty(mountpoint: str, fd: int | None = None) -> None:
+    """Remove the mount's log if nothing was logged (a log is kept only when it holds
+    something to read); with `fd`, only if the log is the file `fd` writes to (a daemon's
+    stderr: an attached daemon's is not its log)."""
+    with contextlib.suppress(OSError, QuotafsError):
+        dir_fd = _open_state_dir()
+        try:
+            name = _record_name(mountpoint) + ".log"
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if st.st_size == 0 and (fd is None or os.path.samestat(st, os.fstat(fd))):
+                os.unlink(name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def forget_record(mountpoint: str, pid: int | None = None) -> None:

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -22,6 +23,7 @@ import quotafs
 from quotafs import mounting
 from quotafs.api import QuotaMount, mounted
 from quotafs.mountconfig import MountConfig
+from quotafs.testing import ext4_unusable_reason
 
 
 def fuse_unusable_reason() -> str | None:
@@ -36,6 +38,15 @@ def fuse_unusable_reason() -> str | None:
 needs_fuse = pytest.mark.skipif(fuse_unusable_reason() is not None,
                                 reason=fuse_unusable_reason() or "")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+def loop_ext4_unusable_reason() -> str | None:
+    """Why a test cannot mount quotafs beside a loop-ext4 reference here, or None."""
+    return ext4_unusable_reason() or fuse_unusable_reason()
+
+
+needs_fuse_and_loop_ext4 = pytest.mark.skipif(loop_ext4_unusable_reason() is not None,
+                                              reason=loop_ext4_unusable_reason() or "")
 
 MountFactory = Callable[..., QuotaMount]
 
@@ -171,13 +182,33 @@ def expect_daemon_log(request: pytest.FixtureRequest) -> Callable[[str], None]:
     return lambda pattern: expected.append(re.compile(pattern))
 
 
+def detached_logs(roots: tuple[str, ...]) -> list[str]:
+    """What the detached daemons of the tests' own mount points (below `roots`) left in
+    the state directory's logs (a daemon removes an empty log), read and removed: the
+    daemons `quotafs mount` starts log there, not to a file of the session's."""
+    lines: list[str] = []
+    directory = Path(mounting.state_dir())
+    for log in directory.glob("*.log"):
+        mountpoint = urllib.parse.unquote(log.name[:-len(".log")])
+        if not mountpoint.startswith(roots):
+            continue
+        text = log.read_text(errors="replace")
+        log.unlink()
+        lines += [f"{log.name}: {line}" for line in text.splitlines()
+                  if "Traceback" in line or ((m := _RECORD.match(line)) is not None
+                                             and m["level"] in _CHECKED_LEVELS)]
+    return lines
+
+
 @pytest.fixture(autouse=True)
-def _check_daemon_logs(request: pytest.FixtureRequest,
-                       daemon_logs: DaemonLogs) -> Iterator[None]:
+def _check_daemon_logs(request: pytest.FixtureRequest, daemon_logs: DaemonLogs,
+                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     daemon_logs.between_tests += daemon_logs.new_records()
+    roots = (str(tmp_path_factory.getbasetemp()), os.path.join(tempfile.gettempdir(),
+                                                              "quotafs-"))
     yield
     expected = request.node.stash.get(_EXPECTED, [])
-    unexpected = [r for r in daemon_logs.new_records()
+    unexpected = [r for r in daemon_logs.new_records() + detached_logs(roots)
                   if not any(p.search(r) for p in expected)]
     if unexpected:
         pytest.fail("the quotafs daemon logged during this test:\n" + "\n".join(unexpected),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,20 +13,9 @@ from typing import Any
 import pytest
 
 from quotafs.errors import ExitCode
-from tests.conftest import fuse_unusable_reason
+from tests.conftest import needs_fuse_and_loop_ext4
 
-
-def _reason() -> str | None:
-    if os.geteuid() != 0:
-        return "compare needs root (loop devices, mount)"
-    if fuse_unusable_reason() is not None:
-        return fuse_unusable_reason()
-    if not os.path.exists("/dev/loop-control"):
-        return "no loop device support (/dev/loop-control)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_reason() is not None, reason=_reason() or "")
+pytestmark = needs_fuse_and_loop_ext4
 
 MiB = 1024 * 1024
 

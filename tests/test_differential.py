@@ -59,7 +59,7 @@ from quotafs.differential import (
 )
 from quotafs.errors import QuotafsError
 from quotafs.loopext4 import Ext4Loop, open_ext4_loop
-from tests.conftest import fuse_unusable_reason
+from tests.conftest import needs_fuse_and_loop_ext4
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -75,17 +75,7 @@ NAMES = FILES + DIRS
 SLOTS = (0, 1)
 
 
-def _reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (loop devices, mkfs.ext4, mount)"
-    if (fuse := fuse_unusable_reason()) is not None:
-        return fuse
-    if not os.path.exists("/dev/loop-control"):
-        return "no loop device support (/dev/loop-control)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_reason() is not None, reason=_reason() or "")
+pytestmark = needs_fuse_and_loop_ext4
 
 
 def _workdir() -> str | None:

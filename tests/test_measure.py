@@ -27,7 +27,7 @@ from quotafs.api import QuotaMount, mounted
 from quotafs.differential import wait_until
 from quotafs.errors import QuotafsError
 from quotafs.loopext4 import Ext4Loop, open_ext4_loop
-from tests.conftest import fuse_unusable_reason
+from tests.conftest import needs_fuse_and_loop_ext4
 from tests.test_differential import _workdir
 from tests.test_posix import assert_healthy
 
@@ -41,17 +41,7 @@ J = os.path.join
 EXAMPLES = int(os.environ.get("QUOTAFS_MEASURE_EXAMPLES", "40"))
 
 
-def _reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (loop devices, mkfs.ext4, mount)"
-    if (fuse := fuse_unusable_reason()) is not None:
-        return fuse
-    if not os.path.exists("/dev/loop-control"):
-        return "no loop device support (/dev/loop-control)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_reason() is not None, reason=_reason() or "")
+pytestmark = needs_fuse_and_loop_ext4
 
 
 @contextlib.contextmanager
