@@ -59,6 +59,18 @@ XATTR_SIZE_MAX = 65536
 MAX_EVENT_PATH = 4096
 
 
+def _page_after(name: bytes, listing: bytes) -> int | None:
+    """N of "LISTING.N" (0 for "LISTING"): the page after N; None if `name` is not it."""
+    if name == listing:
+        return 0
+    if not name.startswith(listing + b"."):
+        return None
+    after = name[len(listing) + 1:]
+    if not after.isdigit():
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+    return int(after)
+
+
 def _page(lines: Iterable[str], used: int) -> list[str]:
     """The leading lines that fit one xattr value (each costs its length and a separator;
     `used` is what the page holds besides). Never returns a line that alone is too long."""
@@ -175,16 +187,10 @@ class ControlChannel:
         if name in (EVENTS, FAULTS) or name.startswith((EVENTS + b".", FAULTS + b".")):
             # Paths (of directories the caller may not list) and pids: the owner's and root's.
             self._require_owner(ctx)
-        if name == EVENTS or name.startswith(EVENTS + b"."):
-            after = name[len(EVENTS) + 1:]
-            if after and not after.isdigit():
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-            return self._events_after(int(after) if after else 0)
-        if name == FAULTS or name.startswith(FAULTS + b"."):
-            after = name[len(FAULTS) + 1:]
-            if after and not after.isdigit():
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-            return self._faults_after(int(after) if after else 0)
+        if (after := _page_after(name, EVENTS)) is not None:
+            return self._events_after(after)
+        if (after := _page_after(name, FAULTS)) is not None:
+            return self._faults_after(after)
         if name == RESULT:
             # Not popped: a reader may ask twice (size probe, then the value).
             return json.dumps(self._results.get(ctx.pid, {}), sort_keys=True).encode()

@@ -14,25 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from quotafs import mounting
-from quotafs.control import EVENTS, FAULT_ADD, FAULT_CLEAR, FAULTS, RESULT
-from quotafs.errors import ExitCode, QuotafsError, printable
+from quotafs.control import EVENTS, FAULT_ADD, FAULT_CLEAR, FAULTS
+from quotafs.errors import printable
 from quotafs.faults import Rule, RuleSpec, spec_from_args
-
-
-def _request(mountpoint: str, name: bytes, payload: dict[str, Any]) -> dict[str, Any]:
-    """setxattr a control request, then read this process's result (id or error)."""
-    path = mounting.require_quotafs(mountpoint)
-    # One probe process for both: the daemon keeps the result for the caller's pid.
-    done, answer = mounting.probe(path, [("set", name, json.dumps(payload).encode()),
-                                         ("get", RESULT)])
-    failed = done if isinstance(done, OSError) else None
-    result: dict[str, Any] = {} if isinstance(answer, OSError) else json.loads(answer or b"{}")
-    if failed is not None:
-        if result.get("error"):
-            code = ExitCode.USAGE
-            raise QuotafsError(str(result["error"]), code)
-        raise mounting.control_error(path, failed)
-    return result
 
 
 def _get(mountpoint: str, name: bytes) -> bytes:
@@ -43,7 +27,7 @@ def _get(mountpoint: str, name: bytes) -> bytes:
 
 def add_rule(mountpoint: str, spec: RuleSpec) -> dict[str, Any]:
     """Add a rule; returns {"id", "effective_seed", "warnings"}."""
-    return _request(mountpoint, FAULT_ADD, spec.to_dict())
+    return mounting.request(mountpoint, FAULT_ADD, spec.to_dict())
 
 
 def list_rules(mountpoint: str) -> dict[str, Any]:
@@ -59,7 +43,7 @@ def list_rules(mountpoint: str) -> dict[str, Any]:
 
 
 def clear_rules(mountpoint: str, rule_id: str | None = None) -> int:
-    result = _request(mountpoint, FAULT_CLEAR, {"id": rule_id})
+    result = mounting.request(mountpoint, FAULT_CLEAR, {"id": rule_id})
     return int(result.get("cleared", 0))
 
 

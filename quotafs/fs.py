@@ -518,7 +518,8 @@ class QuotaFS(pyfuse3.Operations):
     def _measure(self, node: Node, st: os.stat_result) -> int:
         """Costs.measure of the node: on a handle's descriptor if one is open, so that a
         file the daemon may no longer open (its mode changed) is measured all the same."""
-        handle = next((h for h in self._handles.values() if h.node is node), None)
+        handle = next((h for h in self._handles.values() if h.node is node),
+                      None) if node.open_count else None
         if handle is not None:
             fd = handle.fd
             return self.costs.measure(st, lambda: os.dup(fd))
@@ -1339,7 +1340,6 @@ class QuotaFS(pyfuse3.Operations):
             pyfuse3.invalidate_entry_async(InodeT(parent_inode), FileNameT(name),
                                            ignore_enoent=True)
         return len(entries)
-
 
     def statistics(self) -> dict[str, Any]:
         return {

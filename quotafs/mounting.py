@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from quotafs import probe as _probe
-from quotafs.control import SET, STATUS
+from quotafs.control import RESULT, SET, STATUS
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.mountconfig import MountConfig
 from quotafs.mountinfo import MountInfo
@@ -488,11 +488,22 @@ def read_status(path: str) -> dict[str, Any]:
     return status
 
 
-def set_limits(path: str, **changes: int | str | None) -> None:
-    # The daemon validates ("5%" of its limit); its one-line refusal is read back.
-    from quotafs.faultcmd import _request
+def request(mountpoint: str, name: bytes, payload: dict[str, Any]) -> dict[str, Any]:
+    """setxattr a control request, then read this process's result (id or error): the
+    daemon validates, and its one-line refusal is raised as a usage error."""
+    path = require_quotafs(mountpoint)
+    # One probe for both: the daemon keeps the result for the caller's pid.
+    done, answer = probe(path, [("set", name, json.dumps(payload).encode()), ("get", RESULT)])
+    result: dict[str, Any] = {} if isinstance(answer, OSError) else json.loads(answer or b"{}")
+    if isinstance(done, OSError):
+        if result.get("error"):
+            raise QuotafsError(str(result["error"]), ExitCode.USAGE)
+        raise control_error(path, done)
+    return result
 
-    _request(path, SET, changes)
+
+def set_limits(path: str, **changes: int | str | None) -> None:
+    request(path, SET, changes)  # "5%" is of the daemon's limit: it resolves it
 
 
 def read_record(mountpoint: str) -> dict[str, Any] | None:
