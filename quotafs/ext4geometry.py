@@ -25,7 +25,6 @@ from typing import Any
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.size import format_size
 
-_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 MIN_SIZE = 2 * 1024 * 1024  # mkfs.ext4 refuses smaller images for lack of a journal
 # The --like-ext4 values an explicit option may replace (as mkfs.ext4 -m / -N would).
 OVERRIDABLE = ("limit", "reserve", "inodes")
@@ -61,9 +60,10 @@ def measure(size: int) -> Ext4Geometry:
     if size < MIN_SIZE:
         raise QuotafsError(f"--like-ext4 needs an image of at least {format_size(MIN_SIZE)}, "
                            f"got {size:,} bytes", ExitCode.USAGE)
-    from quotafs.loopext4 import _last_line, _run
+    from quotafs.loopext4 import _last_line, _run, find_tool
 
-    mkfs, dumpe2fs = _tool("mkfs.ext4"), _tool("dumpe2fs")
+    mkfs, dumpe2fs = (find_tool(tool, "--like-ext4: ", ExitCode.FAILURE)
+                      for tool in ("mkfs.ext4", "dumpe2fs"))
     tmp = tempfile.mkdtemp(prefix="quotafs-geometry-")
     try:
         image = os.path.join(tmp, "ext4.img")
@@ -117,11 +117,3 @@ def like_ext4_settings(size: int, given: dict[str, Any]) -> dict[str, Any]:
         if given.get(name) is not None:
             settings[name] = given[name]
     return settings
-
-
-def _tool(name: str) -> str:
-    path = os.pathsep.join([os.environ.get("PATH", ""), *_SBIN])
-    where = shutil.which(name, path=path)
-    if where is None:
-        raise QuotafsError(f"--like-ext4 needs {name}: install e2fsprogs", ExitCode.FAILURE)
-    return where

@@ -35,8 +35,9 @@ _MAX_ROUNDS = 12
 _STEP = 4096  # image sizes in whole pages (and whole ext4 blocks, 1 KiB or 4 KiB)
 _TOLERANCE = 16 * 1024  # accept free space up to this much above the request
 _TOOL_TIMEOUT = 60.0  # seconds for one losetup / mkfs / mount / umount
-_TOOLS = {"losetup": "util-linux", "mkfs.ext4": "e2fsprogs", "mount": "mount",
-          "umount": "mount"}
+_TOOLS = ("losetup", "mkfs.ext4", "mount", "umount")  # what the reference needs
+_PACKAGES = {"losetup": "util-linux", "mkfs.ext4": "e2fsprogs", "dumpe2fs": "e2fsprogs",
+             "mount": "mount", "umount": "mount"}
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # not in every PATH, even for root
 
 
@@ -157,14 +158,18 @@ def _check_room(base: str, free_bytes: int) -> None:
             "choose another work directory", ExitCode.LOOP)
 
 
+def find_tool(tool: str, needed_for: str = "", code: ExitCode = ExitCode.LOOP) -> str:
+    """The path of an admin tool, also where PATH lacks the sbin directories; QuotafsError
+    naming its package otherwise."""
+    where = shutil.which(tool, path=os.pathsep.join([os.environ.get("PATH", ""), *_SBIN]))
+    if where is None:
+        raise QuotafsError(f"{needed_for}{tool} not found: install {_PACKAGES[tool]}",
+                           code)
+    return where
+
+
 def _find_tools() -> _Tools:
-    path = os.pathsep.join([os.environ.get("PATH", ""), *_SBIN])
-    found: dict[str, str] = {}
-    for tool, package in _TOOLS.items():
-        where = shutil.which(tool, path=path)
-        if where is None:
-            raise QuotafsError(f"{tool} not found: install {package}", ExitCode.LOOP)
-        found[tool] = where
+    found = {tool: find_tool(tool) for tool in _TOOLS}
     return _Tools(found["losetup"], found["mkfs.ext4"], found["mount"], found["umount"])
 
 
