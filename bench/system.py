@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from quotafs.mountinfo import find_mount
+from quotafs.client.mountinfo import find_mount
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")

@@ -2,15 +2,19 @@
 
 __version__ = "0.1.0"
 
+import os
 from typing import Any
+
+# Where this package is imported from: child processes (writers, probes) get it on their path,
+# so that they run this very copy even when the parent found it through sys.path tweaks.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 __all__ = ["Ext4Mount", "QuotaMount", "ext4_loop", "mounted", "open_quota_mount"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `python -m quotafs.writers` and the size parser should not pay for pyfuse3.
+    # Lazy: `python -m quotafs.compare.writers` and the size parser should not pay for pyfuse3.
     if name in __all__:
-        from quotafs import api
-
+        from quotafs.client import api
         return getattr(api, name)
     raise AttributeError(f"module 'quotafs' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from quotafs.cli import main
+from quotafs.cli.main import main
 
 raise SystemExit(main())

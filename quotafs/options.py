@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from quotafs.errors import ExitCode, QuotafsError
-from quotafs.size import MAX_SIZE, parse_size
+from quotafs.units import MAX_SIZE, parse_size
 
 # The ledger counts in signed 64-bit (its UNLIMITED is 2^63-1) and statfs answers in u64
 # blocks: a limit or inode count at or above 2^63 could not be reported (df got EIO).
@@ -134,7 +134,7 @@ def check_fsname(value: Any) -> str:
 def check_reserve(value: Any) -> int | str | None:
     """Root's reserve, syntax only ("5%" or a size): the percentage is of the limit in force
     where it is applied (config_fields at mount, the daemon for `quotafs set`)."""
-    from quotafs.reserve import resolve_reserve
+    from quotafs.model.reserve import resolve_reserve
 
     try:
         resolve_reserve(value, MAX_LIMIT, 1)
@@ -145,7 +145,7 @@ def check_reserve(value: Any) -> int | str | None:
 
 
 def _rules(value: Any) -> list[dict[str, Any]]:
-    from quotafs.faults import RuleSpec
+    from quotafs.model.faults import RuleSpec
 
     if not isinstance(value, list | tuple):
         raise _fail(f"rules must be a list of rule dicts, got {_show(value)}")
@@ -195,7 +195,7 @@ def validate(values: Mapping[str, Any]) -> dict[str, Any]:
         out[name] = CHECKS[name](value)
     rules_file = out.pop("rules_file", None)
     if rules_file is not None:
-        from quotafs.faults import load_rules_file
+        from quotafs.model.faults import load_rules_file
 
         loaded = load_rules_file(rules_file)
         out["rules"] = [spec.to_dict() for spec in loaded.rules] + out.get("rules", [])
@@ -212,7 +212,7 @@ def config_fields(options: Mapping[str, Any]) -> dict[str, Any]:
     bytes of the final limit, and a random seed if none was given. Raises QuotafsError
     (USAGE) for combinations (a reserve above the limit); no side effect but running
     mkfs.ext4 on a temporary file for like_ext4, so callers run it before theirs."""
-    from quotafs.reserve import resolve_room
+    from quotafs.model.reserve import resolve_room
 
     fields = resolve_room({k: v for k, v in options.items() if k != "backing"})
     fields["rules"] = list(fields.get("rules") or [])

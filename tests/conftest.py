@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 import quotafs
-from quotafs import mounting
-from quotafs.api import QuotaMount, mounted
+from quotafs.client import lifecycle
+from quotafs.client.api import QuotaMount, mounted
 from quotafs.mountconfig import MountConfig
-from quotafs.testing import ext4_unusable_reason
+from quotafs.testing.plugin import ext4_unusable_reason
 
 
 def fuse_unusable_reason() -> str | None:
@@ -153,13 +153,13 @@ def daemon_logs(request: pytest.FixtureRequest,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonLogs]:
     logs = DaemonLogs(tmp_path_factory.mktemp("daemon-logs"))
     request.config.stash[_LOGS] = logs
-    start = mounting.start_daemon
+    start = lifecycle.start_daemon
 
-    def start_logged(config: MountConfig, *args: Any, **kwargs: Any) -> mounting.Daemon:
+    def start_logged(config: MountConfig, *args: Any, **kwargs: Any) -> lifecycle.Daemon:
         return start(logs.assign(config), *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mounting, "start_daemon", start_logged)
+        patch.setattr(lifecycle, "start_daemon", start_logged)
         yield logs
 
 
@@ -187,7 +187,7 @@ def detached_logs(roots: tuple[str, ...]) -> list[str]:
     the state directory's logs (a daemon removes an empty log), read and removed: the
     daemons `quotafs mount` starts log there, not to a file of the session's."""
     lines: list[str] = []
-    directory = Path(mounting.state_dir())
+    directory = Path(lifecycle.state_dir())
     for log in directory.glob("*.log"):
         mountpoint = urllib.parse.unquote(log.name[:-len(".log")])
         if not mountpoint.startswith(roots):

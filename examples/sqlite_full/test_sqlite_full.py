@@ -18,7 +18,7 @@ import pytest
 from eventlog import EventLog
 
 from quotafs import Ext4Mount, QuotaMount
-from quotafs.testing import QuotafsFactory
+from quotafs.testing.plugin import QuotafsFactory
 
 PAYLOAD = os.urandom(3000)  # incompressible: each event takes most of a 4 KiB page
 

@@ -1,0 +1,1 @@
+"""The `quotafs` command: one module per command."""

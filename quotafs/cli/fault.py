@@ -1,0 +1,172 @@
+"""`quotafs fault add|list|clear` and `quotafs events`: fault rules on a live mount.
+
+Rules are validated here first (one clear line for a mistake), then sent over the
+control channel; the daemon validates again and answers with the rule id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from quotafs.client import lifecycle
+from quotafs.daemon.control import EVENTS, FAULT_ADD, FAULT_CLEAR, FAULTS
+from quotafs.errors import printable
+from quotafs.model.faults import Rule, RuleSpec, spec_from_args
+
+
+def _get(mountpoint: str, name: bytes) -> bytes:
+    return lifecycle.get_control(lifecycle.require_quotafs(mountpoint), name)
+
+
+# -- Python-level API (used by quotafs.client.api too) -------------------------------------------
+
+def add_rule(mountpoint: str, spec: RuleSpec) -> dict[str, Any]:
+    """Add a rule; returns {"id", "effective_seed", "warnings"}."""
+    return lifecycle.request(mountpoint, FAULT_ADD, spec.to_dict())
+
+
+def list_rules(mountpoint: str) -> dict[str, Any]:
+    """{"seed": int, "rules": [rule dicts with counters]} (all of them, page by page)."""
+    rules: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        page: dict[str, Any] = json.loads(_get(mountpoint, FAULTS + b"." + str(after).encode()))
+        rules += page["rules"]
+        if not page.get("more") or not page["rules"]:
+            return {"seed": page["seed"], "rules": rules}
+        after = int(rules[-1]["id"][1:])
+
+
+def clear_rules(mountpoint: str, rule_id: str | None = None) -> int:
+    result = lifecycle.request(mountpoint, FAULT_CLEAR, {"id": rule_id})
+    return int(result.get("cleared", 0))
+
+
+def read_events(mountpoint: str, after: int = 0) -> list[dict[str, Any]]:
+    """Recorded events with seq > after, oldest first (all of them, page by page)."""
+    events: list[dict[str, Any]] = []
+    while True:
+        raw = _get(mountpoint, EVENTS + b"." + str(after).encode()).decode()
+        page = [json.loads(line) for line in raw.splitlines() if line]
+        if not page:
+            return events
+        events += page
+        after = page[-1]["seq"]
+
+
+# -- commands -----------------------------------------------------------------------------
+
+def cmd_fault_add(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args.op, path=args.path, errno=args.errno, delay=args.delay,
+                          short_write=args.short_write, corrupt_read=args.corrupt_read,
+                          probability=args.probability, seed=args.seed,
+                          after_bytes=args.after_bytes, nth=args.nth, times=args.times)
+    for warning in spec.warnings():
+        print(f"quotafs: warning: {warning}", file=sys.stderr)
+    result = add_rule(args.mountpoint, spec)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(result["id"])
+    return 0
+
+
+def cmd_fault_list(args: argparse.Namespace) -> int:
+    listing = list_rules(args.mountpoint)
+    if args.json:
+        print(json.dumps(listing, indent=2, sort_keys=True))
+        return 0
+    print(f"seed {listing['seed']}")
+    for data in listing["rules"]:
+        status = {k: data[k] for k in ("matched", "fired", "shadowed", "retired")}
+        rule = Rule(data["id"], RuleSpec.from_dict(data, allow_status=True),
+                    data["effective_seed"])
+        for key, value in status.items():
+            setattr(rule, key, value)
+        rule.written = data.get("written", 0)
+        print(rule.describe())
+    if not listing["rules"]:
+        print("no fault rules")
+    return 0
+
+
+def cmd_fault_clear(args: argparse.Namespace) -> int:
+    count = clear_rules(args.mountpoint, args.rule_id)
+    print(f"removed {count} rule{'s' if count != 1 else ''}", file=sys.stderr)
+    return 0
+
+
+def event_line(e: Mapping[str, Any]) -> str:
+    """One recorded event as a line a person reads (the CLI and the pytest report)."""
+    millis = int(e["time"] % 1 * 1000)
+    stamp = time.strftime("%H:%M:%S", time.localtime(e["time"])) + f".{millis:03d}"
+    rule = f" rule {e['rule']}" if e.get("rule") else ""
+    who = f" pid {e['pid']}" if e.get("pid") else ""
+    return (f"{stamp} #{e['seq']} {e['kind']} {e['op']} {escape_name(e['path'])}: "
+            f"{e['effect']}{rule}{who}")
+
+
+def escape_name(name: str) -> str:
+    """A file name as `ls -b` shows it (see quotafs.errors.printable)."""
+    return printable(name)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    after = 0
+    while True:
+        for event in read_events(args.mountpoint, after):
+            print(json.dumps(event, sort_keys=True) if args.json else event_line(event),
+                  flush=True)
+            after = event["seq"]
+        if not args.follow:
+            return 0
+        time.sleep(0.2)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("fault", help="add, list and clear fault rules on a live mount")
+    fault = p.add_subparsers(dest="fault_command", required=True, parser_class=type(p))
+
+    a = fault.add_parser("add", help="add a rule; prints its id",
+                         description="Add a fault rule; it applies from the next request. "
+                                     "See docs/faults.md.")
+    a.add_argument("mountpoint")
+    a.add_argument("--op", required=True,
+                   help="operations, comma-separated (open, read, write, fsync, ...) or all")
+    a.add_argument("--path", help="glob relative to the mount root, e.g. '/logs/*.log', "
+                                  "'*.wal', '/db/**'")
+    effect = a.add_mutually_exclusive_group(required=True)
+    effect.add_argument("--errno", help="answer this errno, e.g. EIO, ENOSPC, EDQUOT")
+    effect.add_argument("--delay", help="make the request wait, e.g. 200ms, 2s")
+    effect.add_argument("--short-write", help="write at most this many bytes (op write)")
+    effect.add_argument("--corrupt-read", action="store_true",
+                        help="flip one bit in the data returned (op read)")
+    a.add_argument("--probability", help="fire with probability P in [0, 1]")
+    a.add_argument("--seed", help="this rule's random seed (default: from the mount seed)")
+    a.add_argument("--after-bytes", help="fire only once this much was written (to the "
+                                         "matching files, with --path)")
+    a.add_argument("--nth", help="fire on the Nth matching request only")
+    a.add_argument("--times", help="fire at most N times, then retire")
+    a.add_argument("--json", action="store_true", help="print id, seed and warnings as JSON")
+    a.set_defaults(func=cmd_fault_add)
+
+    ls = fault.add_parser("list", help="rules with their counters")
+    ls.add_argument("mountpoint")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_fault_list)
+
+    c = fault.add_parser("clear", help="remove one rule, or all")
+    c.add_argument("mountpoint")
+    c.add_argument("rule_id", nargs="?")
+    c.set_defaults(func=cmd_fault_clear)
+
+    e = sub.add_parser("events", help="quota ENOSPCs and fired faults, as they happened")
+    e.add_argument("mountpoint")
+    e.add_argument("--json", action="store_true", help="JSON lines")
+    e.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    e.set_defaults(func=cmd_events)

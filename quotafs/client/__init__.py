@@ -1,0 +1,1 @@
+"""Everything that talks to a mount from outside: its lifecycle, its control channel, the API."""

@@ -1,0 +1,398 @@
+"""Python API: mount a quotafs for the duration of a `with` block.
+
+    with quotafs.mounted(limit="10M") as m:
+        run_my_program(m.path)
+        assert m.usage()["used"] <= 10 * 2**20
+
+The daemon runs in a child process (never in the caller's process: blocking syscalls on
+the mount would wait on the loop that must answer them) and dies with the caller, even
+if the caller is killed, so a crashed test run leaves no mount behind.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import os
+import queue
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from quotafs.client import lifecycle
+from quotafs.errors import ExitCode, QuotafsError
+from quotafs.mountconfig import MountConfig
+from quotafs.options import check_count, check_size, config_fields
+from quotafs.options import validate as validate_options
+from quotafs.units import format_size
+
+if TYPE_CHECKING:
+    from quotafs.reference.loopext4 import Ext4Loop
+
+SizeLike = int | str | None
+
+
+def _bytes(value: SizeLike, name: str = "limit") -> int | None:
+    return check_size(name, value, allow_none=True)
+
+
+@dataclass
+class QuotaMount:
+    """A live mount: its path and the controls of its daemon."""
+
+    path: str
+    backing: str
+    pid: int
+    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def status(self) -> dict[str, Any]:
+        return lifecycle.read_status(self.path)
+
+    def usage(self) -> dict[str, Any]:
+        """used / reserved / free / limit / inodes, in bytes and counts."""
+        s = self.status()
+        keys = ("limit", "used", "reserved", "free", "root_reserve", "available",
+                "inode_limit", "inodes_used", "enospc_count")
+        return {k: s[k] for k in keys}
+
+    def set_limit(self, limit: SizeLike) -> None:
+        lifecycle.set_limits(self.path, limit=_bytes(limit))
+
+    def set_inode_limit(self, inodes: int | None) -> None:
+        lifecycle.set_limits(self.path, inodes=check_count("inodes", inodes))
+
+    def set_reserve(self, reserve: int | str) -> None:
+        """Root's reserve: "5%" of the current limit, a size ("6M", bytes), or 0."""
+        lifecycle.set_limits(self.path, reserve=reserve)
+
+    def events(self, after: int = 0) -> list[dict[str, Any]]:
+        """Quota ENOSPCs and fired faults (seq > after), oldest first."""
+        from quotafs.cli.fault import read_events
+
+        return read_events(self.path, after)
+
+    def add_fault(self, op: str | list[str], **trigger_and_effect: Any) -> str:
+        """Add a fault rule, e.g. add_fault("fsync", errno="EIO", times=1); returns its id.
+
+        Keywords as `quotafs fault add`: path, errno, delay, short_write, corrupt_read,
+        probability, seed, after_bytes, nth, times.
+        """
+        from quotafs.cli.fault import add_rule
+        from quotafs.model.faults import spec_from_args
+
+        result = add_rule(self.path, spec_from_args(op, **trigger_and_effect))
+        return str(result["id"])
+
+    def faults(self) -> list[dict[str, Any]]:
+        """The rules with their counters (matched, fired, retired, ...)."""
+        from quotafs.cli.fault import list_rules
+
+        rules: list[dict[str, Any]] = list_rules(self.path)["rules"]
+        return rules
+
+    def clear_faults(self, rule_id: str | None = None) -> int:
+        from quotafs.cli.fault import clear_rules
+
+        return clear_rules(self.path, rule_id)
+
+    def is_alive(self) -> bool:
+        return self._process is None or self._process.poll() is None
+
+    @property
+    def trio(self) -> TrioControls:
+        """The same controls as coroutines, for trio code: `await m.trio.set_limit("5M")`."""
+        return TrioControls(self)
+
+
+class TrioControls:
+    """QuotaMount's controls run in a worker thread, so the trio loop never blocks on the
+    daemon's answer."""
+
+    def __init__(self, mount: QuotaMount) -> None:
+        self._mount = mount
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+    async def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(self._mount.status)
+        return result
+
+    async def usage(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(self._mount.usage)
+        return result
+
+    async def set_limit(self, limit: SizeLike) -> None:
+        await self._call(self._mount.set_limit, limit)
+
+    async def set_inode_limit(self, inodes: int | None) -> None:
+        await self._call(self._mount.set_inode_limit, inodes)
+
+    async def set_reserve(self, reserve: int | str) -> None:
+        await self._call(self._mount.set_reserve, reserve)
+
+    async def add_fault(self, op: str | list[str], **trigger_and_effect: Any) -> str:
+        rule_id: str = await self._call(self._mount.add_fault, op, **trigger_and_effect)
+        return rule_id
+
+    async def faults(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._call(self._mount.faults)
+        return result
+
+    async def clear_faults(self, rule_id: str | None = None) -> int:
+        count: int = await self._call(self._mount.clear_faults, rule_id)
+        return count
+
+    async def events(self, after: int = 0) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._call(self._mount.events, after)
+        return result
+
+
+# The daemon dies with "its parent" (PR_SET_PDEATHSIG), and for the kernel the parent is
+# the *thread* that started it, not the process. A mount started from a short-lived thread
+# (trio.to_thread's workers retire after 10 s idle) would be unmounted under the caller when
+# that thread ends. So daemons wanted off the main thread are started from daemon threads
+# that never end (not even at interpreter shutdown, as a ThreadPoolExecutor's do), as many
+# as there are concurrent starts.
+class _Spawner:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[lifecycle.Daemon],
+                                            MountConfig]] = queue.SimpleQueue()
+
+    def start(self, config: MountConfig) -> lifecycle.Daemon:
+        future: concurrent.futures.Future[lifecycle.Daemon] = concurrent.futures.Future()
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                threading.Thread(target=self._serve, name="quotafs-spawner",
+                                 daemon=True).start()
+        self._jobs.put((future, config))
+        return future.result()
+
+    def _serve(self) -> None:
+        while True:
+            future, config = self._jobs.get()
+            try:
+                future.set_result(lifecycle.start_daemon(config, detach=False))
+            except BaseException as exc:
+                future.set_exception(exc)
+            with self._lock:
+                self._idle += 1
+
+
+_spawner = _Spawner()
+
+
+def _start_daemon(config: MountConfig) -> lifecycle.Daemon:
+    if threading.current_thread() is threading.main_thread():
+        return lifecycle.start_daemon(config, detach=False)
+    return _spawner.start(config)
+
+
+def _start(limit: SizeLike, backing: str | None, mountpoint: str | None,
+           options: dict[str, Any]) -> tuple[QuotaMount, bool]:
+    # Every option is checked before the first directory is made (quotafs.options).
+    settings = validate_options({**options, "limit": limit, "backing": backing})
+    fields = config_fields(settings)
+    own_mountpoint = mountpoint is None
+    path = tempfile.mkdtemp(prefix="quotafs-mnt-") if mountpoint is None else mountpoint
+    try:
+        path = lifecycle.check_mountpoint(path)
+        lifecycle.check_fuse()
+        backing_dir, private = lifecycle.prepare_backing(backing)
+        config = MountConfig(mountpoint=path, backing=backing_dir, private_backing=private,
+                             die_with_parent=True, **fields)
+        daemon = _start_daemon(config)
+    except BaseException:
+        if own_mountpoint:
+            os.rmdir(path)
+        raise
+    return QuotaMount(path, backing_dir, daemon.pid, daemon.process), own_mountpoint
+
+
+def _stop(mount: QuotaMount, own_mountpoint: bool) -> None:
+    """Unmount and reap the daemon; escalate to a lazy unmount and SIGKILL if needed."""
+    process = mount._process
+    try:
+        if lifecycle.find_mount(mount.path) is not None:
+            try:
+                lifecycle.unmount(mount.path)
+            except Exception:
+                lifecycle.unmount(mount.path, lazy=True)
+        if process is not None:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    finally:
+        if lifecycle.find_mount(mount.path) is not None:
+            with contextlib.suppress(Exception):
+                lifecycle.unmount(mount.path, lazy=True)
+        if own_mountpoint:
+            with contextlib.suppress(OSError):
+                os.rmdir(mount.path)
+
+
+@contextlib.contextmanager
+def mounted(limit: SizeLike = None, backing: str | None = None,
+            mountpoint: str | None = None, **options: Any) -> Iterator[QuotaMount]:
+    """Mount quotafs (a fresh temp mount point unless given) and unmount on exit.
+
+    Options are those of `quotafs mount`, as keywords: inodes, reserve ("5%" or a size
+    that only root may use; default 0), like_ext4 (a size: a default mkfs.ext4's room
+    for that image), accounting, block_size,
+    mmap_sigbus, allow_other, no_cache, keep_backing, fsname, debug, seed, rules (a list
+    of rule dicts as in a rules file), rules_file; and log_file, a file the daemon appends
+    its log to (warnings and errors; everything with debug) instead of the caller's stderr.
+    """
+    mount, own = _start(limit, backing, mountpoint, dict(options))
+    try:
+        yield mount
+    finally:
+        _stop(mount, own)
+        if backing is None and not options.get("keep_backing"):
+            shutil.rmtree(mount.backing, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def open_quota_mount(limit: SizeLike = None, backing: str | None = None,
+                           mountpoint: str | None = None,
+                           **options: Any) -> AsyncIterator[QuotaMount]:
+    """Trio flavour of `mounted`: start and stop run in a worker thread."""
+    mount, own = await trio.to_thread.run_sync(
+        lambda: _start(limit, backing, mountpoint, dict(options)))
+    try:
+        yield mount
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(lambda: _stop(mount, own))
+        if backing is None and not options.get("keep_backing"):
+            shutil.rmtree(mount.backing, ignore_errors=True)
+
+
+# -- the loop-ext4 reference, as a handle shaped like QuotaMount ---------------------------
+
+_EXT4_CANNOT = ("{what}: the ext4 reference is a real filesystem of fixed size without fault "
+                "injection; use quotafs.mounted() (or the quota_mount fixture) for that")
+
+
+@dataclass
+class Ext4Mount:
+    """A mounted loop-ext4 (see loopext4.py): `.path` is its mount point, `.usage()` comes
+    from statvfs. It has no daemon (`.pid` is None) and no backing directory (`.backing` is
+    None); what cannot be done to a real ext4 (set_limit, add_fault) raises QuotafsError."""
+
+    path: str
+    loop: Ext4Loop
+    backing: None = None
+    pid: None = None
+    _free_at_start: int = field(default=0, repr=False)
+    _ffree_at_start: int = field(default=0, repr=False)
+
+    @property
+    def free_bytes(self) -> int:
+        """Free space for root when it was built (statvfs f_bfree), about what was asked."""
+        return self.loop.free_bytes
+
+    @property
+    def write_capacity_hint(self) -> int:
+        """About what write(2) can store as root: free space minus ext4's reserved
+        clusters. Other users get root_reserve_bytes less."""
+        return self.loop.write_capacity_hint
+
+    @property
+    def root_reserve_bytes(self) -> int:
+        """ext4's reserved blocks, which only root may use (5% of a default mkfs)."""
+        return self.loop.root_reserve_bytes
+
+    def quotafs_options(self) -> dict[str, int]:
+        """limit and reserve for quotafs.mounted(**...): the same room as this ext4 for
+        root and for every other user."""
+        return self.loop.quotafs_options()
+
+    def usage(self) -> dict[str, Any]:
+        """The keys of QuotaMount.usage(), from statvfs: limit is the free space at mkfs,
+        used what has gone since, free what is left for root (f_bfree), available what is
+        left for everyone else (f_bavail); inode_limit and inodes_used likewise. ext4
+        neither counts its ENOSPCs nor reserves pages for mmap: enospc_count and reserved
+        are None."""
+        st = os.statvfs(self.path)
+        free = st.f_bfree * st.f_frsize
+        return {"limit": self._free_at_start, "used": self._free_at_start - free,
+                "reserved": None, "free": free, "root_reserve": self.loop.root_reserve_bytes,
+                "available": st.f_bavail * st.f_frsize, "inode_limit": self._ffree_at_start,
+                "inodes_used": self._ffree_at_start - st.f_ffree, "enospc_count": None}
+
+    def status(self) -> dict[str, Any]:
+        """usage() plus what the reference is made of (device, image, sizes)."""
+        st = os.statvfs(self.path)
+        loop = self.loop
+        return {**self.usage(), "filesystem": "ext4", "mountpoint": self.path,
+                "device": loop.device, "image": loop.image, "image_size": loop.image_size,
+                "block_size": loop.block_size, "avail": st.f_bavail * st.f_frsize,
+                "reserved_clusters_bytes": loop.reserved_clusters_bytes,
+                "write_capacity_hint": loop.write_capacity_hint, "pid": None, "backing": None}
+
+    def set_limit(self, limit: SizeLike) -> None:
+        raise QuotafsError(_EXT4_CANNOT.format(what="set_limit"), ExitCode.USAGE)
+
+    def set_inode_limit(self, inodes: int | None) -> None:
+        raise QuotafsError(_EXT4_CANNOT.format(what="set_inode_limit"), ExitCode.USAGE)
+
+    def add_fault(self, op: str | list[str], **trigger_and_effect: Any) -> str:
+        raise QuotafsError(_EXT4_CANNOT.format(what="add_fault"), ExitCode.USAGE)
+
+    def faults(self) -> list[dict[str, Any]]:
+        return []  # none can be added
+
+    def clear_faults(self, rule_id: str | None = None) -> int:
+        return 0
+
+    def events(self, after: int = 0) -> list[dict[str, Any]]:
+        return []  # ext4 records nothing; a quotafs mount records its ENOSPCs and faults
+
+    def is_alive(self) -> bool:
+        return os.path.ismount(self.path)
+
+
+@contextlib.contextmanager
+def ext4_loop(free: int | str | None, workdir: str | None = None,
+              keep: bool = False, image_size: SizeLike = None) -> Iterator[Ext4Mount]:
+    """The real thing, for comparison: a loop-mounted ext4 with `free` bytes free (for root;
+    "120M" and the like work too), torn down on exit whatever happens (keep=True leaves it
+    and notes the commands that remove it). Root only; builds in /var/tmp unless `workdir`.
+
+        with quotafs.ext4_loop(free="16M") as ref, quotafs.mounted(
+                **ref.quotafs_options()) as q:
+            ...  # the same program on both, as root or as any other user
+
+    With `image_size` (and free=None) the image is that size, as `truncate -s SIZE;
+    mkfs.ext4` makes it: the reference of `quotafs.mounted(like_ext4=SIZE)`.
+    """
+    image = _bytes(image_size, "image_size")
+    size = _bytes(free, "free") if image is None else image
+    if size is None:
+        raise QuotafsError("ext4_loop needs a size: free='16M', for example", ExitCode.USAGE)
+    if os.geteuid() != 0:
+        raise QuotafsError(
+            f"ext4_loop needs root: it attaches a loop device and mounts ext4 "
+            f"({format_size(size)} requested); quotafs.mounted() needs no root",
+            ExitCode.PERMISSION)
+    from quotafs.reference.loopext4 import MIN_FREE, open_ext4_loop
+
+    with open_ext4_loop(MIN_FREE if image else size, workdir=workdir, keep=keep,
+                        image_size=image) as loop:
+        st = os.statvfs(loop.mountpoint)
+        yield Ext4Mount(loop.mountpoint, loop, _free_at_start=st.f_bfree * st.f_frsize,
+                        _ffree_at_start=st.f_ffree)

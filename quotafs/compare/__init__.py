@@ -1,0 +1,1 @@
+"""The writers and the runner of `quotafs compare`."""

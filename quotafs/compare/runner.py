@@ -1,0 +1,431 @@
+"""`quotafs compare`: the same writers against a real loop-ext4 and against quotafs.
+
+Targets: ext4 (the reference), quotafs (plain FUSE mmap semantics) and quotafs-sigbus
+(--mmap-sigbus, the ext4-faithful mode). Every writer runs as its own child process on a
+fresh file; what reached the disk is read back after an unmount (ext4 is remounted,
+quotafs's backing file is read once its daemon is gone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from quotafs.compare.writers import KINDS, WriterResult, bytes_on_disk, passwd_entry, run_writer
+from quotafs.errors import ExitCode, QuotafsError
+from quotafs.units import format_size, parse_size
+
+TARGETS = ("ext4", "quotafs", "quotafs-sigbus")
+MMAP_TOLERANCE = 0.01  # the ext4-faithful SIGBUS must land within 1% of ext4's
+BLOCK = 4096
+
+
+@dataclass
+class Record:
+    target: str
+    writer: str
+    outcome: str  # "completed" | "errno" | "signal"
+    errno: str | None
+    signal: str | None
+    failed_call: str | None
+    bytes_acknowledged: int
+    bytes_on_disk: int
+    bytes_lost: int  # acknowledged but not on disk after unmount
+    allocated_bytes: int | None
+    wall_time: float
+    exit_status: int
+    summary: str
+
+
+@dataclass
+class Verdict:
+    writer: str
+    target: str
+    matched: bool
+    difference_bytes: int
+    tolerance_bytes: int
+    explanation: str
+
+
+def describe(result: WriterResult, on_disk: int) -> str:
+    """How a writer ended, in one line a person can read."""
+    lost = result.bytes_acknowledged - on_disk
+    if result.outcome == "signal":
+        how = f"killed by {result.signal_name}"
+    elif result.outcome == "errno":
+        how = f"{result.errno_name} at {result.failed_call}"
+    else:
+        how = "completed"
+    extra = f", {format_size(lost)} acknowledged but lost" if lost > 0 else ""
+    if result.allocated_bytes is not None and result.writer == "fallocate":
+        extra += f", {format_size(result.allocated_bytes)} allocated"
+    if result.writer == "mmap" and result.outcome != "signal":
+        extra += ", no signal"
+    return how + extra
+
+
+# -- the targets --------------------------------------------------------------------------
+
+def _remount(device: str, mountpoint: str) -> None:
+    """Unmount and mount again, so that what we read back is what reached the disk."""
+    for cmd in (["umount", mountpoint], ["mount", device, mountpoint]):
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise QuotafsError(f"{' '.join(cmd)} failed: {result.stderr.strip()}",
+                               ExitCode.LOOP)
+
+
+@dataclass
+class Plan:
+    limit: int
+    writers: list[str]
+    file_size: int
+    chunk: int
+    keep: bool
+    workdir: str | None = None
+    as_user: str | None = None  # the writers run as this user (None: as root)
+
+
+class Runner:
+    """Runs every writer on every target and keeps the records."""
+
+    def __init__(self, plan: Plan, progress: Callable[[str], None]) -> None:
+        self.plan = plan
+        self.progress = progress
+        self.records: list[Record] = []
+
+    def _run(self, target: str, writer: str, path: str,
+             settle: Callable[[], str]) -> Record:
+        """Run one writer on `path`; `settle()` unmounts/remounts and returns where the
+        file can be read back."""
+        def tick(acked: int) -> None:
+            self.progress(f"{target:<15} {writer:<9} {format_size(acked):>10}")
+
+        self.progress(f"{target:<15} {writer:<9} starting")
+        result = run_writer(writer, path, self.plan.file_size, self.plan.chunk, progress=tick,
+                            user=self.plan.as_user)
+        readable = settle()
+        on_disk = bytes_on_disk(readable, self.plan.chunk, result.bytes_acknowledged) \
+            if os.path.exists(readable) else 0
+        if not self.plan.keep and os.path.exists(readable):
+            os.unlink(readable)
+        record = Record(
+            target=target, writer=writer, outcome=result.outcome, errno=result.errno_name,
+            signal=result.signal_name, failed_call=result.failed_call,
+            bytes_acknowledged=result.bytes_acknowledged, bytes_on_disk=on_disk,
+            bytes_lost=max(0, result.bytes_acknowledged - on_disk),
+            allocated_bytes=result.allocated_bytes, wall_time=round(result.wall_time, 3),
+            exit_status=result.exit_status, summary=describe(result, on_disk))
+        self.progress(f"{target:<15} {writer:<9} {record.summary}", )
+        self.records.append(record)
+        return record
+
+    def _give_to_writer(self, path: str) -> None:
+        """The writers' directory belongs to the user who runs them (chown persists on
+        ext4 across the remounts, and in quotafs's backing directory)."""
+        if self.plan.as_user is not None:
+            entry = passwd_entry(self.plan.as_user)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def run_ext4(self, device: str, mountpoint: str) -> None:
+        self._give_to_writer(mountpoint)
+        for writer in self.plan.writers:
+            path = os.path.join(mountpoint, f"{writer}.dat")
+
+            def settle(path: str = path) -> str:
+                _remount(device, mountpoint)
+                return path
+
+            self._run("ext4", writer, path, settle)
+
+    def run_quotafs(self, target: str, limit: int, backing: str, reserve: int = 0) -> None:
+        from quotafs.client.api import mounted
+
+        mountpoint = backing + "-mnt"
+        os.makedirs(backing, exist_ok=True)
+        os.makedirs(mountpoint, exist_ok=True)
+        self._give_to_writer(backing)
+        for writer in self.plan.writers:
+            with contextlib.ExitStack() as stack:
+                m = stack.enter_context(mounted(limit=limit, backing=backing,
+                                                mountpoint=mountpoint, reserve=reserve,
+                                                allow_other=self.plan.as_user is not None,
+                                                mmap_sigbus=target == "quotafs-sigbus"))
+                path = os.path.join(m.path, f"{writer}.dat")
+
+                def settle(stack: contextlib.ExitStack = stack, writer: str = writer) -> str:
+                    stack.close()  # unmount: the daemon is gone before we read back
+                    return os.path.join(backing, f"{writer}.dat")
+
+                self._run(target, writer, path, settle)
+
+
+# -- verdicts -----------------------------------------------------------------------------
+
+def write_verdict(ext4: Record, mine: Record, chunk: int) -> Verdict:
+    """write(2) must hit ENOSPC within one block of ext4. ext4 (Linux 6.x, large folios)
+    reserves space per folio and refuses a whole write(2) call whose folio does not fit;
+    quotafs refuses whole write requests (of up to 1 MiB), so a larger call may keep the
+    requests that fitted: when ext4 refused a whole call, that part is the difference, not a
+    miss, and is allowed on top of the block."""
+    diff = mine.bytes_acknowledged - ext4.bytes_acknowledged
+    refused_whole_call = ext4.errno == "ENOSPC" and ext4.bytes_acknowledged % chunk == 0
+    tolerance = BLOCK + (chunk if refused_whole_call else 0)
+    same_end = (mine.errno, mine.failed_call) == (ext4.errno, ext4.failed_call)
+    matched = same_end and -BLOCK <= diff <= tolerance
+    why = "write(2) must hit ENOSPC within one block of ext4"
+    if refused_whole_call and diff > BLOCK:
+        why += (f"; ext4 refused its whole last {format_size(chunk)} write(2) call (per-folio "
+                f"reservation), quotafs wrote the {diff:,} bytes of it that fit "
+                "(docs/semantics.md)")
+    return Verdict("write", mine.target, matched, diff, tolerance, why)
+
+
+def verdicts(records: list[Record], chunk: int) -> list[Verdict]:
+    by = {(r.target, r.writer): r for r in records}
+    out: list[Verdict] = []
+    ext4_mmap, faithful = by.get(("ext4", "mmap")), by.get(("quotafs-sigbus", "mmap"))
+    if ext4_mmap is not None and faithful is not None:
+        diff = faithful.bytes_acknowledged - ext4_mmap.bytes_acknowledged
+        tolerance = int(ext4_mmap.bytes_acknowledged * MMAP_TOLERANCE)
+        both_sigbus = ext4_mmap.signal == faithful.signal == "SIGBUS"
+        out.append(Verdict(
+            "mmap", "quotafs-sigbus", both_sigbus and abs(diff) <= tolerance, diff, tolerance,
+            "ext4-faithful mode must die by SIGBUS within 1% of where ext4 does"
+            + ("" if both_sigbus else f" (ext4: {ext4_mmap.summary}; quotafs-sigbus: "
+               f"{faithful.summary})")))
+    plain = by.get(("quotafs", "mmap"))
+    if ext4_mmap is not None and plain is not None:
+        out.append(Verdict(
+            "mmap", "quotafs", True, plain.bytes_acknowledged - ext4_mmap.bytes_acknowledged,
+            0, "informational: plain FUSE never signals an mmap writer; dirty pages are "
+               f"refused at writeback ({plain.summary})"))
+    ext4_write = by.get(("ext4", "write"))
+    for target in ("quotafs", "quotafs-sigbus"):
+        mine = by.get((target, "write"))
+        if ext4_write is None or mine is None:
+            continue
+        out.append(write_verdict(ext4_write, mine, chunk))
+    ext4_falloc = by.get(("ext4", "fallocate"))
+    for target in ("quotafs", "quotafs-sigbus"):
+        mine = by.get((target, "fallocate"))
+        if ext4_falloc is None or mine is None:
+            continue
+        out.append(Verdict(
+            "fallocate", target, True, mine.bytes_acknowledged - ext4_falloc.bytes_acknowledged,
+            0, "informational: FUSE (pyfuse3) has no fallocate handler, the kernel answers "
+               "EOPNOTSUPP and glibc's posix_fallocate falls back to writing one byte per "
+               f"block through write(2) (ext4: {ext4_falloc.summary}; {target}: "
+               f"{mine.summary})"))
+    return out
+
+
+# -- the report ---------------------------------------------------------------------------
+
+def table(records: list[Record]) -> str:
+    header = ("target", "writer", "acknowledged", "on disk", "lost", "time", "how it ended")
+    rows = [header] + [
+        (r.target, r.writer, f"{r.bytes_acknowledged:,}", f"{r.bytes_on_disk:,}",
+         f"{r.bytes_lost:,}", f"{r.wall_time:.1f}s", r.summary) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [row[i].rjust(widths[i]) for i in range(2, len(header) - 1)]
+        lines.append("  ".join([*cells, row[-1]]))
+        if n == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def verdict_lines(found: list[Verdict]) -> list[str]:
+    lines = []
+    for v in found:
+        mark = "note" if v.tolerance_bytes == 0 else "MATCH" if v.matched else "DIFFERS"
+        lines.append(f"{mark:>7}  {v.writer}/{v.target}: difference {v.difference_bytes:+,} "
+                     f"bytes (tolerance {v.tolerance_bytes:,}) — {v.explanation}")
+    return lines
+
+
+# -- the command --------------------------------------------------------------------------
+
+def _parse_writers(text: str) -> list[str]:
+    writers = [w.strip() for w in text.split(",") if w.strip()]
+    unknown = [w for w in writers if w not in KINDS]
+    if unknown or not writers:
+        raise QuotafsError(f"unknown writer {', '.join(unknown) or text!r}: choose from "
+                           f"{', '.join(KINDS)}", ExitCode.USAGE)
+    return writers
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("compare", help="loop-ext4 vs quotafs: the same writers on both "
+                                       "(root)",
+                       description="Build a real ext4 on a loop device with the given free "
+                                   "space, mount quotafs with the same room, run the same "
+                                   "writers on both and report side by side.")
+    p.add_argument("--limit", default="120M", help="free space of both (default 120M)")
+    p.add_argument("--writers", default=",".join(KINDS),
+                   help=f"comma-separated, from {', '.join(KINDS)} (default: all)")
+    p.add_argument("--file-size", default="1G", help="size of each writer's file (1G)")
+    p.add_argument("--chunk", default="1M", help="bytes per write / per mmap store (1M)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 unless quotafs's ext4-faithful mode matched ext4")
+    p.add_argument("--keep", action="store_true",
+                   help="leave the image, loop device, mount and files for inspection")
+    p.add_argument("--workdir", help="where the image and backing dirs go (default /var/tmp)")
+    p.add_argument("--as-user", metavar="USER",
+                   help="run the writers as USER (name or uid; default root): they then stop "
+                        "where ext4 stops for users other than root, short of its reserve")
+    p.set_defaults(func=cmd_compare)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _progress_printer(enabled: bool) -> Callable[[str], None]:
+    tty = sys.stderr.isatty()
+
+    def show(line: str) -> None:
+        if not enabled:
+            return
+        if tty:
+            sys.stderr.write("\r\033[K" + line)
+            if not line.endswith(("B", "starting")):
+                sys.stderr.write("\n")
+        elif not line.rstrip().endswith(("B", "iB")):  # no byte counters in a log file
+            print(line, file=sys.stderr)
+        sys.stderr.flush()
+
+    return show
+
+
+def run_compare(plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
+    from quotafs.reference.loopext4 import open_ext4_loop
+
+    if os.geteuid() != 0:
+        raise QuotafsError("compare needs root: it attaches a loop device and mounts ext4",
+                           ExitCode.PERMISSION)
+    from quotafs.client.lifecycle import check_fuse
+
+    check_fuse()
+    runner = Runner(plan, progress)
+    scratch = tempfile.mkdtemp(prefix="quotafs-compare-", dir=plan.workdir or "/var/tmp")
+    if plan.as_user is not None:
+        os.chmod(scratch, 0o755)  # the writers' user must reach the mount points below it
+    try:
+        with open_ext4_loop(plan.limit, workdir=plan.workdir, keep=plan.keep) as ext4:
+            # ext4 keeps back min(2% of blocks, 4096 clusters) from every writer: the room a
+            # writer really has is the free space minus that, and that is quotafs's limit;
+            # its reserved blocks are root's, and are quotafs's reserve, so that writers of
+            # any user have the room they have on ext4.
+            quota, reserve = ext4.write_capacity_hint, ext4.root_reserve_bytes
+            progress(f"ext4 on {ext4.device}: {format_size(ext4.free_bytes)} free, "
+                     f"{format_size(quota)} writable by root, {format_size(quota - reserve)} "
+                     f"by others; quotafs limit {quota:,} bytes, reserve {reserve:,}")
+            runner.run_ext4(ext4.device, ext4.mountpoint)
+            for target in TARGETS[1:]:
+                runner.run_quotafs(target, quota, os.path.join(scratch, target), reserve)
+            ext4_info = {k: v for k, v in asdict(ext4).items() if k != "rounds"}
+            kept = ext4.cleanup_commands() if plan.keep else []
+    finally:
+        if plan.keep:
+            kept_scratch = scratch
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+            kept_scratch = ""
+    found = verdicts(runner.records, plan.chunk)
+    checked = [v for v in found if v.tolerance_bytes]
+    return {
+        "limit_requested": plan.limit,
+        "quotafs_limit": quota,
+        "quotafs_reserve": reserve,
+        "writers_user": plan.as_user or "root",
+        "ext4": ext4_info,
+        "file_size": plan.file_size,
+        "chunk": plan.chunk,
+        "kernel": platform.release(),
+        "records": [asdict(r) for r in runner.records],
+        "verdicts": [asdict(v) for v in found],
+        "matched": all(v.matched for v in checked),
+        "kept": kept + ([f"rm -rf {kept_scratch}"] if kept_scratch else []),
+    }
+
+
+def _check_reachable(user: str, workdir: str) -> None:
+    """The writers' user must be able to walk down to the mount points in `workdir`."""
+    entry = passwd_entry(user)
+    groups = {entry.pw_gid, *os.getgrouplist(entry.pw_name, entry.pw_gid)}
+    path = os.path.realpath(workdir)
+    while True:
+        try:
+            mode = os.stat(path)
+        except OSError:
+            return  # a missing workdir is reported where it is used
+        bit = (stat.S_IXUSR if mode.st_uid == entry.pw_uid else
+               stat.S_IXGRP if mode.st_gid in groups else stat.S_IXOTH)
+        if entry.pw_uid != 0 and not mode.st_mode & bit:
+            raise QuotafsError(f"--as-user {user}: {user} cannot enter {path}, so it could "
+                               "not reach the mounts: choose another --workdir",
+                               ExitCode.USAGE)
+        if path == "/":
+            return
+        path = os.path.dirname(path)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    plan = Plan(limit=parse_size(args.limit), writers=_parse_writers(args.writers),
+                file_size=parse_size(args.file_size), chunk=parse_size(args.chunk),
+                keep=args.keep, workdir=args.workdir, as_user=args.as_user)
+    if plan.as_user is not None:  # an unknown or locked-out user: before anything is built
+        _check_reachable(plan.as_user, plan.workdir or "/var/tmp")
+    if plan.chunk <= 0 or plan.file_size <= 0 or plan.chunk > plan.file_size:
+        raise QuotafsError("--chunk and --file-size must be positive, chunk <= file size",
+                           ExitCode.USAGE)
+    if plan.workdir is not None and not os.path.isdir(plan.workdir):
+        raise QuotafsError(f"--workdir {plan.workdir}: no such directory", ExitCode.USAGE)
+    with _sigterm_as_interrupt():
+        report = run_compare(plan, _progress_printer(enabled=True))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        ext4 = report["ext4"]
+        print(f"\nquotafs compare — limit {format_size(plan.limit)}, file "
+              f"{format_size(plan.file_size)}, chunk {format_size(plan.chunk)}, "
+              f"Linux {report['kernel']}")
+        print(f"ext4: image {ext4['image_size']:,} B, block {ext4['block_size']}, free "
+              f"{ext4['free_bytes']:,} B (root; others {ext4['avail_bytes']:,} B), kept back "
+              f"by ext4 {ext4['reserved_clusters_bytes']:,} B, reserved for root "
+              f"{ext4['root_reserve_bytes']:,} B; quotafs limit {report['quotafs_limit']:,} B,"
+              f" reserve {report['quotafs_reserve']:,} B; writers run as "
+              f"{report['writers_user']}\n")
+        print(table([Record(**r) for r in report["records"]]))
+        print()
+        print("\n".join(verdict_lines([Verdict(**v) for v in report["verdicts"]])))
+        if report["kept"]:
+            print("\nkept for inspection; remove with:\n  " + "\n  ".join(report["kept"]))
+    if args.check and not report["matched"]:
+        return int(ExitCode.FAILURE)
+    return 0

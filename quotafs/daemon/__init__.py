@@ -1,0 +1,1 @@
+"""The mount's server: the only package that imports pyfuse3."""

@@ -1,0 +1,1 @@
+"""Real kernel filesystems to compare quotafs with (loop-ext4)."""

@@ -1,0 +1,87 @@
+"""The benchmark runs and reports: `bench/run.py --smoke` on this machine.
+
+A benchmark is a command, not a timed test: this checks that every target x workload
+produced a record with numeric ratios, never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import fuse_unusable_reason
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0,
+                       reason="needs root: the native target is a loop-ext4 on a tmpfs"),
+    pytest.mark.skipif(fuse_unusable_reason() is not None, reason=fuse_unusable_reason() or ""),
+    pytest.mark.skipif(not (shutil.which("losetup") or os.path.exists("/sbin/losetup"))
+                       or not (shutil.which("mkfs.ext4") or os.path.exists("/sbin/mkfs.ext4")),
+                       reason="needs losetup and mkfs.ext4"),
+]
+
+ALWAYS = {"native", "quotafs", "quotafs-nolimit"}  # targets that may never be skipped
+
+
+def test_smoke_run_reports_every_target_and_workload(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    csv_out = tmp_path / "bench.csv"
+    proc = subprocess.run(
+        [sys.executable, "bench/run.py", "--smoke", "--json", str(out), "--csv", str(csv_out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "x native" in proc.stdout  # the table was printed
+
+    data = json.loads(out.read_text())
+    workloads = {w["name"] for w in data["workloads"]}
+    assert workloads == {"seqwrite", "randwrite", "seqread", "seqread-warm", "files", "walk",
+                         "mmap"}
+    targets = {t["name"]: t for t in data["targets"]}
+    assert set(targets) == {"native", "pyfuse3-passthrough", "pyfuse3-null",
+                            "pyfuse3-null-xattr", "quotafs-nolimit", "quotafs", "quotafs-rule",
+                            "quotafs-nocache"}
+    for name, target in targets.items():
+        if target["status"] != "ok":
+            assert name not in ALWAYS, f"{name} skipped: {target['note']}"
+            assert target["note"], f"{name} skipped without saying why"
+
+    records = {(r["target"], r["workload"]): r for r in data["results"]}
+    assert set(records) == {(t, w) for t in targets for w in workloads}
+    for (target, workload), r in records.items():
+        if targets[target]["status"] != "ok":
+            assert r["status"] == "skipped"
+            continue
+        assert r["status"] == "ok", (target, workload, r["note"])
+        for key in ("median", "min", "max", "ratio_to_native"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, \
+                (target, workload, key, r[key])
+        if target == "native":
+            assert r["ratio_to_native"] == 1.0
+        else:
+            assert isinstance(r["daemon_cpu_us_per_op"], float)
+
+    if targets["quotafs-rule"]["status"] == "ok":
+        baselines = {(c["target"], c["workload"]) for c in data["comparisons"]}
+        assert {("quotafs-rule", w) for w in workloads} <= baselines
+    assert {("quotafs", w) for w in workloads} <= {
+        (c["target"], c["workload"]) for c in data["comparisons"]}
+    for c in data["comparisons"]:
+        assert math.isfinite(c["ratio"]) and c["ratio"] > 0
+
+    scale_rows = data["scale"]["rows"]
+    assert {r["files"] for r in scale_rows if r["target"] == "quotafs"} == {200, 2000}
+    for r in scale_rows:
+        assert r["mount_cold_s"] > 0 and r["rss_after_lookups_mib"] > 0
+    assert data["scale"]["checks"]
+    assert csv_out.read_text().startswith("target,workload,")
