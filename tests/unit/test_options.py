@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import quotafs
 from quotafs.cli.main import build_parser
@@ -176,3 +178,32 @@ def test_set_checks_as_mount_does() -> None:
         "limit": 2 << 20, "inodes": None, "reserve": "5%"}
     with pytest.raises(QuotafsError, match="accounting cannot be changed on a live mount"):
         check_settings({"accounting": "apparent"})
+
+
+_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-2, 2**65), st.floats(allow_nan=False),
+    st.text(max_size=8), st.lists(st.dictionaries(st.sampled_from(["op", "errno", "times"]),
+                                                  st.sampled_from(["write", "EIO", 0, 2])),
+                                  max_size=2),
+    st.sampled_from(["10M", "0", "5%", "101%", "4K", "1000", "x,ro", "blocks", "apparent",
+                     "none", str(2**63), "\u0661\u0660M", "/a", "", Path("/p")]))
+
+
+@given(st.dictionaries(st.sampled_from([*OPTION_NAMES, "limt", "mountpoint"]).filter(
+    lambda name: name != "rules_file"), _VALUES, max_size=6))
+@settings(max_examples=500, deadline=None)
+def test_any_values_are_options_or_one_usage_line(values: dict[str, Any]) -> None:
+    try:
+        options = MountOptions.from_values(values)
+    except QuotafsError as exc:
+        assert exc.code == ExitCode.USAGE and "\n" not in str(exc)
+        return
+    assert MountOptions.from_json(options.to_json()) == options
+    assert validate(validate(values)) == validate(values)
+    if options.like_ext4 is None:  # like_ext4 would run mkfs.ext4
+        try:
+            resolved = options.resolve()
+        except QuotafsError as exc:
+            assert exc.code == ExitCode.USAGE and "\n" not in str(exc)
+        else:
+            assert isinstance(resolved.reserve, int) and resolved.resolve() == resolved
