@@ -9,7 +9,8 @@ from typing import Any
 # so that they run this very copy even when the parent found it through sys.path tweaks.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ["Ext4Mount", "QuotaMount", "ext4_loop", "mounted", "open_quota_mount"]
+__all__ = ["Ext4Mount", "MountOptions", "QuotaMount", "ext4_loop", "mounted", "mounted_with",
+           "open_quota_mount"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,28 +1,39 @@
-"""Mount options: one validation for the CLI, the Python API and the pytest plugin.
+"""Mount options: one `MountOptions`, validated once, for the CLI, the API, the plugin and
+the daemon.
 
-`validate(values)` takes the options as given (CLI strings, or Python values as
-`quotafs.mounted()` and the marker take them) and returns them checked and normalised:
-sizes in bytes, counts as ints, the rules of `rules_file` read and merged into `rules`
-(so validating the result again changes nothing; the file's warnings go to stderr). It
-raises QuotafsError(USAGE) with one line naming the option, and has no side effect but
-reading the rules file, so every caller runs it before it makes a directory or starts a
-daemon.
+`MountOptions.from_values(values)` takes the options as given (CLI strings, or Python values
+as `quotafs.mounted()` and the marker take them), reads `rules_file` into `rules` (its
+warnings go to stderr) and builds the object, whose constructor checks and normalises every
+field: sizes in bytes, counts as ints, rules as RuleSpecs. A bad value raises
+QuotafsError(USAGE) with one line naming the option; nothing else happens before, so every
+caller builds its MountOptions before it makes a directory or starts a daemon.
 
-To add an option: one entry in CHECKS (name -> checker), and the MountConfig field.
-Options that depend on each other (like_ext4, reserve "5%" of the limit) are resolved by
-config_fields, after validation and before any side effect.
+`resolve()` then settles what depends on other options (like_ext4 measured into ext4's
+limit, reserve and geometry; a "5%" reserve into bytes of the final limit; a random seed),
+still before any side effect but a mkfs.ext4 on a temporary file. The starter adds where
+the mount goes (mountpoint, the prepared backing directory) with `placed()`, and that
+object, as JSON, is what the daemon reads from its memfd (`to_json`/`from_json`).
+
+To add an option: a field of MountOptions and its entry in CHECKS (name -> checker); the
+CLI flag in quotafs/cli/mountopts.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
 import os
 import random
 import re
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.model.faults import RuleSpec, load_rules_file
+from quotafs.model.reserve import resolve_reserve, resolve_room
 from quotafs.units import MAX_SIZE, parse_size
 
 # The ledger counts in signed 64-bit (its UNLIMITED is 2^63-1) and statfs answers in u64
@@ -133,9 +144,7 @@ def check_fsname(value: Any) -> str:
 
 def check_reserve(value: Any) -> int | str | None:
     """Root's reserve, syntax only ("5%" or a size): the percentage is of the limit in force
-    where it is applied (config_fields at mount, the daemon for `quotafs set`)."""
-    from quotafs.model.reserve import resolve_reserve
-
+    where it is applied (MountOptions.resolve at mount, the daemon for `quotafs set`)."""
     try:
         resolve_reserve(value, MAX_LIMIT, 1)
     except QuotafsError as exc:
@@ -144,16 +153,16 @@ def check_reserve(value: Any) -> int | str | None:
     return value if isinstance(value, str) or value is None else int(value)
 
 
-def _rules(value: Any) -> list[dict[str, Any]]:
-    from quotafs.model.faults import RuleSpec
-
+def _rules(value: Any) -> tuple[RuleSpec, ...]:
     if not isinstance(value, list | tuple):
         raise _fail(f"rules must be a list of rule dicts, got {_show(value)}")
-    return [RuleSpec.from_dict(rule, where=f"rules[{i}]").to_dict()
-            for i, rule in enumerate(value)]
+    return tuple(rule if isinstance(rule, RuleSpec) else
+                 RuleSpec.from_dict(rule, where=f"rules[{i}]") for i, rule in enumerate(value))
 
 
 # name -> checker of its raw value (None is "not given" for every option but the flags).
+# The order is MountOptions' field order, so that the first bad option is reported first
+# whichever way the options came.
 CHECKS: dict[str, Callable[[Any], Any]] = {
     "limit": _limit,
     "inodes": lambda value: check_count("inodes", value),
@@ -174,48 +183,149 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "fsname": check_fsname,
     "debug": _flag("debug"),
 }
-OPTION_NAMES = tuple(CHECKS)
+OPTION_NAMES = tuple(CHECKS)  # what a user may give (rules_file is read into rules)
+SETTABLE = ("limit", "inodes", "reserve")  # what `quotafs set` changes on a live mount
+DEFAULT_BLOCK_SIZE = 4096
 
 
 def unknown_option(name: str) -> QuotafsError:
-    import difflib
-
     close = ([o for o in OPTION_NAMES if o.startswith(name)]
              or difflib.get_close_matches(name, OPTION_NAMES, n=1))
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return _fail(f"unknown option {name!r}{hint}; the options are " + ", ".join(OPTION_NAMES))
 
 
-def validate(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The given options, checked and normalised (see the module docstring)."""
-    out: dict[str, Any] = {}
-    for name, value in values.items():
-        if name not in CHECKS:
-            raise unknown_option(name)
-        out[name] = CHECKS[name](value)
-    rules_file = out.pop("rules_file", None)
-    if rules_file is not None:
-        from quotafs.model.faults import load_rules_file
+@dataclass(frozen=True)
+class MountOptions:
+    """Every mount option, checked: build it with `from_values` (raw values) or directly
+    (the constructor runs the same checks). Sizes are bytes; None is "not given"."""
 
-        loaded = load_rules_file(rules_file)
-        out["rules"] = [spec.to_dict() for spec in loaded.rules] + out.get("rules", [])
+    limit: int | None = None
+    inodes: int | None = None
+    accounting: str = "blocks"  # "blocks" | "apparent"
+    block_size: int | None = None  # None: 4096, or ext4's with like_ext4
+    reserve: int | str | None = None  # root's: "5%" or bytes; bytes once resolved
+    like_ext4: int | None = None  # an image size; None once resolved
+    kept_back: int | None = None  # bytes below the limit for nobody (like_ext4 sets it)
+    mmap_sigbus: bool = False
+    seed: int | None = None  # fault rules' random seed; chosen by resolve() if None
+    rules: tuple[RuleSpec, ...] = ()
+    log_file: str | None = None  # the daemon's log (WARNING and up), else its stderr
+    backing: str | None = None  # None: a private temporary directory
+    keep_backing: bool = False
+    allow_other: bool = False
+    no_cache: bool = False
+    fsname: str = "quotafs"
+    debug: bool = False
+    # Where and how the mount is started: set by the starter with placed(), not options.
+    mountpoint: str = ""
+    private_backing: bool = False  # the backing directory was made for this mount
+    die_with_parent: bool = False  # the API's daemons die with their caller
+
+    def __post_init__(self) -> None:
+        for name, check in CHECKS.items():
+            if name != "rules_file":
+                object.__setattr__(self, name, check(getattr(self, name)))
+        for name in ("private_backing", "die_with_parent"):
+            _flag(name)(getattr(self, name))
+        if not isinstance(self.mountpoint, str):
+            raise _fail(f"mountpoint must be a path, got {_show(self.mountpoint)}")
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> MountOptions:
+        """Options as given (see the module docstring): unknown names and bad values
+        raise QuotafsError(USAGE) with one line; `rules_file` is read into `rules`."""
+        for name in values:
+            if name not in CHECKS:
+                raise unknown_option(name)
+        options = cls(**{name: v for name, v in values.items() if name != "rules_file"})
+        rules_file = CHECKS["rules_file"](values.get("rules_file"))
+        if rules_file is None:
+            return options
+        loaded = load_rules_file(rules_file)  # read last: every other option is fine
         for warning in loaded.warnings:
             print(f"quotafs: warning: {rules_file}: {warning}", file=sys.stderr)
-        if out.get("seed") is None and loaded.seed is not None:
-            out["seed"] = loaded.seed
+        seed = loaded.seed if options.seed is None else options.seed
+        return dataclasses.replace(options, rules=(*loaded.rules, *options.rules), seed=seed)
+
+    def value(self, name: str) -> Any:
+        """One option as a plain value (rules as rule dicts), as `from_values` takes it."""
+        value = getattr(self, name)
+        return [rule.to_dict() for rule in value] if name == "rules" else value
+
+    def resolve(self) -> MountOptions:
+        """like_ext4 measured into ext4's room, the reserve in bytes of the final limit
+        and block size, a random seed if none was given. Raises QuotafsError(USAGE) for
+        combinations (a reserve above the limit, like_ext4 with a block size)."""
+        room = resolve_room({name: getattr(self, name) for name in
+                             ("limit", "inodes", "accounting", "block_size", "reserve",
+                              "like_ext4")})
+        room["like_ext4"] = None
+        room.setdefault("block_size", DEFAULT_BLOCK_SIZE)
+        room.setdefault("kept_back", self.kept_back or 0)
+        room["seed"] = random.getrandbits(32) if self.seed is None else self.seed
+        return dataclasses.replace(self, **room)
+
+    def placed(self, mountpoint: str, backing: str, private_backing: bool,
+               die_with_parent: bool = False) -> MountOptions:
+        """These (resolved) options on a checked mount point and a prepared backing
+        directory: what the daemon is started with."""
+        return dataclasses.replace(self, mountpoint=mountpoint, backing=backing,
+                                   private_backing=private_backing,
+                                   die_with_parent=die_with_parent)
+
+    # -- the daemon's view: plain values of resolved, placed options -------------------
+
+    @property
+    def backing_dir(self) -> str:
+        if self.backing is None:
+            raise ValueError("MountOptions.backing_dir of options not placed()")
+        return self.backing
+
+    @property
+    def block_bytes(self) -> int:
+        return DEFAULT_BLOCK_SIZE if self.block_size is None else self.block_size
+
+    @property
+    def reserve_bytes(self) -> int:
+        if isinstance(self.reserve, str):
+            raise ValueError(f"reserve {self.reserve!r} not resolved (MountOptions.resolve)")
+        return self.reserve or 0
+
+    @property
+    def kept_back_bytes(self) -> int:
+        return self.kept_back or 0
+
+    # -- the daemon's configuration on the wire ----------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps({field.name: self.value(field.name)
+                           for field in dataclasses.fields(self)})
+
+    @classmethod
+    def from_json(cls, text: str) -> MountOptions:
+        return cls(**json.loads(text))
+
+
+def validate(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The given options, checked and normalised, as plain values (the plugin's
+    mount_options): the keys given, `rules_file` read into `rules` (and its seed), so that
+    validating the result again changes nothing."""
+    options = MountOptions.from_values(values)
+    names = [name for name in values if name != "rules_file"]
+    if values.get("rules_file") is not None:
+        names += [name for name in ("rules", "seed")
+                  if name not in names and (name == "rules" or options.seed is not None)]
+    return {name: options.value(name) for name in names}
+
+
+def check_settings(changes: Mapping[str, Any]) -> dict[str, int | str | None]:
+    """New limits of a live mount (`quotafs set`, QuotaMount.set_*), checked as at mount:
+    None lifts a limit; a reserve "5%" is of the limit the daemon then has."""
+    out: dict[str, int | str | None] = {}
+    for name, value in changes.items():
+        if name not in SETTABLE:
+            raise _fail(f"{name} cannot be changed on a live mount; "
+                        f"these can: {', '.join(SETTABLE)}")
+        out[name] = CHECKS[name](value)
     return out
-
-
-def config_fields(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Validated options as MountConfig keywords (all but backing, which the caller
-    prepares): like_ext4 measured into ext4's limit, reserve and geometry, the reserve in
-    bytes of the final limit, and a random seed if none was given. Raises QuotafsError
-    (USAGE) for combinations (a reserve above the limit); no side effect but running
-    mkfs.ext4 on a temporary file for like_ext4, so callers run it before theirs."""
-    from quotafs.model.reserve import resolve_room
-
-    fields = resolve_room({k: v for k, v in options.items() if k != "backing"})
-    fields["rules"] = list(fields.get("rules") or [])
-    if fields.get("seed") is None:
-        fields["seed"] = random.getrandbits(32)
-    return fields

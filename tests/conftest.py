@@ -22,7 +22,7 @@ import pytest
 import quotafs
 from quotafs.client import lifecycle
 from quotafs.client.api import QuotaMount, mounted
-from quotafs.mountconfig import MountConfig
+from quotafs.options import MountOptions
 from quotafs.testing.plugin import ext4_unusable_reason
 
 
@@ -118,7 +118,7 @@ class DaemonLogs:
         self.checked: dict[Path, int] = {}  # log file -> bytes read so far
         self.between_tests: list[str] = []  # logged while no test ran (module teardown)
 
-    def assign(self, config: MountConfig) -> MountConfig:
+    def assign(self, config: MountOptions) -> MountOptions:
         if config.log_file is not None:
             return config  # a test that reads its daemon's log itself
         path = self.directory / f"daemon-{next(self._numbers)}.log"
@@ -155,7 +155,7 @@ def daemon_logs(request: pytest.FixtureRequest,
     request.config.stash[_LOGS] = logs
     start = lifecycle.start_daemon
 
-    def start_logged(config: MountConfig, *args: Any, **kwargs: Any) -> lifecycle.Daemon:
+    def start_logged(config: MountOptions, *args: Any, **kwargs: Any) -> lifecycle.Daemon:
         return start(logs.assign(config), *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:

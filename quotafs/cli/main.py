@@ -1,216 +1,26 @@
-"""The `quotafs` command line: one function per subcommand, errors as one line + exit code."""
+"""The `quotafs` command line: the parser, dispatch to the command modules (mount,
+status, run, fault, compare: one per command, each with its `register`), and errors as one
+line + exit code."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import NoReturn
 
-from quotafs import __version__, options
+from quotafs import __version__
+from quotafs.cli import compare, fault, mount, run, status
 from quotafs.client import lifecycle
 from quotafs.errors import ExitCode, QuotafsError, printable
-from quotafs.mountconfig import MountConfig
-from quotafs.units import format_size
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, no usage dump: the usage is one `--help` away.
         self.exit(int(ExitCode.USAGE), f"{self.prog}: error: {printable(message)}\n")
-
-
-def add_mount_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by `mount` and `run`; their values are checked by quotafs.options
-    (mount_settings), as the API's and the plugin's are."""
-    p.add_argument("--limit", default=None,
-                   help="quota in bytes: 120M, 1.5G, 10MB, 4096 (default: no limit)")
-    p.add_argument("--backing", metavar="DIR",
-                   help="existing directory to pass through; its content counts against the "
-                        "limit (default: a private temporary directory)")
-    p.add_argument("--keep-backing", action="store_true",
-                   help="do not remove the private backing directory at unmount")
-    p.add_argument("--accounting", default="blocks", metavar="{blocks,apparent}",
-                   help="charge allocated blocks like ext4 (default) or apparent sizes")
-    p.add_argument("--block-size", default=None,
-                   help="accounting block size, reported by statfs (default 4096)")
-    p.add_argument("--inodes", default=None,
-                   help="inode limit: create/mkdir/... fail with ENOSPC past N inodes")
-    p.add_argument("--reserve", metavar="PERCENT|SIZE", default=None,
-                   help="keep the last PERCENT of the limit (5%%, as mkfs.ext4 does) or SIZE "
-                        "for root, as ext4's reserved blocks: other users get ENOSPC and df "
-                        "Avail there (default 0: every user gets the whole limit)")
-    p.add_argument("--like-ext4", metavar="SIZE", default=None,
-                   help="the limit, reserve, block size and inodes of a default mkfs.ext4 "
-                        "of a SIZE image, measured (--limit/--reserve/--inodes override "
-                        "them; see docs/semantics.md)")
-    sigbus = p.add_mutually_exclusive_group()
-    sigbus.add_argument("--mmap-sigbus", dest="mmap_sigbus", action="store_true",
-                        help="ext4-faithful mmap: SIGBUS at the faulting write past the "
-                             "quota (reserves quota for hole pages read through writable "
-                             "handles; see docs/semantics.md)")
-    sigbus.add_argument("--no-mmap-sigbus", dest="mmap_sigbus", action="store_false",
-                        help="plain FUSE mmap semantics: ENOSPC at msync/fsync (default)")
-    p.add_argument("--allow-other", action="store_true",
-                   help="let other users access the mount (needs user_allow_other "
-                        "in /etc/fuse.conf when not root)")
-    p.add_argument("--no-cache", action="store_true",
-                   help="no kernel caching (attributes, names, pages across opens, "
-                        "raised read-ahead): use when other programs also write to the "
-                        "backing directory")
-    p.add_argument("--fsname", default="quotafs", help="source name shown by mount and df")
-    p.add_argument("--rules", metavar="FILE", help="load fault rules from a TOML file "
-                                                  "(see docs/faults.md)")
-    p.add_argument("--seed", default=None,
-                   help="seed of the fault rules' random choices (default: random, printed)")
-    p.add_argument("--debug", action="store_true", help="log every FUSE request")
-
-
-def mount_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The mount options of `mount`/`run`, validated (quotafs.options): no side effect."""
-    names = [name for name in options.OPTION_NAMES if name not in ("rules", "rules_file")]
-    raw = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    raw["rules_file"] = args.rules
-    return options.validate(raw)
-
-
-def _config(settings: dict[str, Any], mountpoint: str) -> MountConfig:
-    fields = options.config_fields(settings)  # --like-ext4 measured, --reserve resolved
-    lifecycle.check_fuse()
-    backing, private = lifecycle.prepare_backing(settings["backing"])
-    return MountConfig(mountpoint=mountpoint, backing=backing, private_backing=private,
-                       **fields)
-
-
-# -- subcommands --------------------------------------------------------------------------
-
-def cmd_mount(args: argparse.Namespace) -> int:
-    settings = mount_settings(args)  # every option checked before anything is touched
-    mountpoint = lifecycle.check_mountpoint(args.mountpoint)
-    config = _config(settings, mountpoint)
-    if args.fg:
-        from quotafs.daemon import serve
-        lifecycle.check_overlap(config.mountpoint, config.backing)
-        return serve.run(config)
-    started = lifecycle.start_daemon(config, detach=True)
-    if not args.quiet:
-        limit = "no limit" if config.limit is None else format_size(config.limit)
-        print(f"quotafs mounted on {mountpoint} ({limit}, backing {config.backing}, "
-              f"pid {started.pid}, seed {config.seed})", file=sys.stderr)
-    return 0
-
-
-def cmd_umount(args: argparse.Namespace) -> int:
-    mountpoint = lifecycle.resolve(args.mountpoint)
-    info = lifecycle.find_mount(mountpoint)
-    if info is None:
-        raise QuotafsError(f"{args.mountpoint} is not mounted", ExitCode.NOT_QUOTAFS)
-    if not info.is_quotafs:
-        raise QuotafsError(f"{args.mountpoint} is not a quotafs mount ({info.fstype})",
-                           ExitCode.NOT_QUOTAFS)
-    lifecycle.check_may_unmount(info)
-    record = lifecycle.read_record(mountpoint)
-    pid: int | None = None
-    try:
-        pid = int(lifecycle.read_status(mountpoint)["pid"])
-        alive = True
-    except lifecycle.NoAnswer:
-        if not args.lazy:
-            raise
-        alive = True  # stopped or stuck: detach it; it may still have users
-    except QuotafsError:
-        alive = False  # "Transport endpoint is not connected": the daemon died
-    if pid is None and record is not None:
-        pid = int(record["pid"])
-    lifecycle.unmount(mountpoint, lazy=args.lazy or not alive)
-    if alive and args.lazy:
-        # Detached while busy: the daemon serves the remaining users, then exits.
-        print(f"quotafs: {mountpoint} detached; the daemon exits when its last user leaves",
-              file=sys.stderr)
-    elif alive and pid is not None and not lifecycle.wait_for_exit(pid, 30):
-        print(f"quotafs: warning: daemon {pid} still running after unmount", file=sys.stderr)
-    lifecycle.forget_record(mountpoint)
-    lifecycle.drop_log_if_empty(mountpoint)  # a dead daemon could not: kept if it says anything
-    if not alive:
-        where = f"; its backing directory is kept at {record['backing']}" if record else ""
-        print(f"quotafs: cleaned up {mountpoint}: the daemon had died{where}", file=sys.stderr)
-    return 0
-
-
-def _status_lines(status: dict[str, Any]) -> list[str]:
-    def size(value: int | None) -> str:
-        return "none" if value is None else f"{format_size(value)} ({value} bytes)"
-
-    inode_limit = status["inode_limit"]
-    reserved = ([f"reserved:     {size(status['reserved'])}  (ext4-faithful mmap pages)"]
-                if status["mmap_sigbus"] else [])  # nothing is ever reserved without it
-    return [
-        f"mount point:  {status['mountpoint']}",
-        f"limit:        {size(status['limit'])}",
-        f"used:         {size(status['used'])}",
-        *reserved,
-        f"free:         {_free(status, size)}"
-        + (f"  (for root; others: {size(status['available'])})"
-           if status.get("root_reserve") else ""),
-        f"reserve:      {size(status.get('root_reserve', 0))}  (for root only; as ext4's "
-        "reserved blocks)"
-        + (f"; kept back from everyone {size(status['kept_back'])}"
-           if status.get("kept_back") else ""),
-        f"inodes:       {status['inodes_used']} used"
-        + ("" if inode_limit is None else f" of {inode_limit}"),
-        f"accounting:   {status['accounting']}, block size {status['block_size']}",
-        f"mmap sigbus:  {'on' if status['mmap_sigbus'] else 'off'}",
-        f"ENOSPC:       {status['enospc_count']} answered",
-        f"backing:      {status['backing']}"
-        + (" (private)" if status["private_backing"] else ""),
-        f"daemon pid:   {status['pid']}",
-        f"options:      {','.join(status['mount_options'])}",
-        f"faults:       {status['fault_rules_active']} active of {status['fault_rules']} "
-        f"rules, {status['faults_fired']} fired, seed {status['seed']}",
-    ]
-
-
-def _free(status: dict[str, Any], size: Callable[[int], str] = format_size) -> str:
-    # Without a limit the ledger's "free" is its 2^63-1 sentinel minus used, not a fact.
-    return "unlimited" if status["limit"] is None else size(status["free"])
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    status = lifecycle.read_status(args.mountpoint)
-    if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
-    else:
-        print("\n".join(_status_lines(status)))
-    return 0
-
-
-def cmd_set(args: argparse.Namespace) -> int:
-    changes: dict[str, int | str | None] = {}
-    if args.limit is not None:
-        changes["limit"] = None if args.limit == "none" else options.check_size("limit",
-                                                                                args.limit)
-    if args.inodes is not None:
-        changes["inodes"] = None if args.inodes == "none" else options.check_count(
-            "inodes", args.inodes)
-    if args.reserve is not None:
-        changes["reserve"] = options.check_reserve(args.reserve)  # "5%": of the daemon's limit
-    if not changes:
-        raise QuotafsError("nothing to set: give --limit, --inodes and/or --reserve",
-                           ExitCode.USAGE)
-    lifecycle.set_limits(args.mountpoint, **changes)
-    status = lifecycle.read_status(args.mountpoint)
-    if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
-    else:
-        limit = "none" if status["limit"] is None else format_size(status["limit"])
-        reserve = status.get("root_reserve", 0)
-        print(f"limit {limit}, used {format_size(status['used'])}, free {_free(status)}"
-              + (f", reserve {format_size(reserve)} (others: "
-                 f"{format_size(status['available'])} free)" if reserve else ""))
-    return 0
 
 
 # -- parser -------------------------------------------------------------------------------
@@ -222,45 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"quotafs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("mount", help="mount a quota-enforcing passthrough")
-    p.add_argument("mountpoint")
-    add_mount_options(p)
-    p.add_argument("--fg", action="store_true", help="stay in the foreground")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
-    p.set_defaults(func=cmd_mount)
-
-    p = sub.add_parser("umount", aliases=["unmount"],
-                       help="unmount, also a mount whose daemon died")
-    p.add_argument("mountpoint")
-    p.add_argument("--lazy", action="store_true",
-                   help="detach even if busy (umount -l); the daemon exits when it is free")
-    p.set_defaults(func=cmd_umount)
-
-    p = sub.add_parser("status", help="limit, usage, inodes, options of a mount")
-    p.add_argument("mountpoint")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("set", help="change the limit while mounted")
-    p.add_argument("mountpoint")
-    p.add_argument("--limit", help="new quota (a size, or 'none')")
-    p.add_argument("--inodes", help="new inode limit (a count, or 'none')")
-    p.add_argument("--reserve", metavar="PERCENT|SIZE",
-                   help="new root reserve: 5%% of the limit (after this set) or a size; 0 "
-                        "for none")
-    p.add_argument("--json", action="store_true", help="print the new status as JSON")
-    p.set_defaults(func=cmd_set)
-
-    for register in _extra_commands():
-        register(sub)
+    for command in (mount, status, run, fault, compare):
+        command.register(sub)
     return parser
-
-
-def _extra_commands() -> list[Callable[[Any], None]]:
-    """Subcommands that live in their own modules."""
-    from quotafs.cli import fault, run
-    from quotafs.compare import runner
-    return [run.register, fault.register, runner.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,13 +18,13 @@ import sys
 from collections import Counter
 from typing import Any
 
+from quotafs.cli.mountopts import add_mount_options, mount_options
+from quotafs.client.api import mounted_with
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.units import format_size
 
 
 def register(sub: Any) -> None:
-    from quotafs.cli.main import add_mount_options
-
     p = sub.add_parser("run", help="mount a fresh quotafs around one command",
                        description="Mount a fresh quotafs, run CMD with $QUOTAFS_MOUNT set "
                                    "to the mount point, unmount, exit with CMD's status.")
@@ -53,15 +53,12 @@ def _summary(status: dict[str, Any], events: list[dict[str, Any]]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from quotafs.cli.main import mount_settings
-    from quotafs.client.api import mounted
-
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise QuotafsError("run needs a command after --, e.g. quotafs run --limit 10M -- "
                            "./app", ExitCode.USAGE)
-    settings = mount_settings(args)
-    with mounted(mountpoint=args.mountpoint, **settings) as m:
+    options = mount_options(args)
+    with mounted_with(options, args.mountpoint) as m:
         env = {**os.environ, "QUOTAFS_MOUNT": m.path}
         # Ctrl-C goes to the whole foreground process group: let it reach CMD, and clean
         # up after CMD has reacted, rather than unmounting under it.

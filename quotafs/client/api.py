@@ -28,9 +28,7 @@ import trio
 
 from quotafs.client import lifecycle
 from quotafs.errors import ExitCode, QuotafsError
-from quotafs.mountconfig import MountConfig
-from quotafs.options import check_count, check_size, config_fields
-from quotafs.options import validate as validate_options
+from quotafs.options import MountOptions, check_settings, check_size
 from quotafs.units import format_size
 
 if TYPE_CHECKING:
@@ -63,14 +61,14 @@ class QuotaMount:
         return {k: s[k] for k in keys}
 
     def set_limit(self, limit: SizeLike) -> None:
-        lifecycle.set_limits(self.path, limit=_bytes(limit))
+        lifecycle.set_limits(self.path, **check_settings({"limit": limit}))
 
     def set_inode_limit(self, inodes: int | None) -> None:
-        lifecycle.set_limits(self.path, inodes=check_count("inodes", inodes))
+        lifecycle.set_limits(self.path, **check_settings({"inodes": inodes}))
 
     def set_reserve(self, reserve: int | str) -> None:
         """Root's reserve: "5%" of the current limit, a size ("6M", bytes), or 0."""
-        lifecycle.set_limits(self.path, reserve=reserve)
+        lifecycle.set_limits(self.path, **check_settings({"reserve": reserve}))
 
     def events(self, after: int = 0) -> list[dict[str, Any]]:
         """Quota ENOSPCs and fired faults (seq > after), oldest first."""
@@ -166,9 +164,9 @@ class _Spawner:
         self._lock = threading.Lock()
         self._idle = 0
         self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[lifecycle.Daemon],
-                                            MountConfig]] = queue.SimpleQueue()
+                                            MountOptions]] = queue.SimpleQueue()
 
-    def start(self, config: MountConfig) -> lifecycle.Daemon:
+    def start(self, config: MountOptions) -> lifecycle.Daemon:
         future: concurrent.futures.Future[lifecycle.Daemon] = concurrent.futures.Future()
         with self._lock:
             if self._idle:
@@ -193,26 +191,31 @@ class _Spawner:
 _spawner = _Spawner()
 
 
-def _start_daemon(config: MountConfig) -> lifecycle.Daemon:
+def _start_daemon(config: MountOptions) -> lifecycle.Daemon:
     if threading.current_thread() is threading.main_thread():
         return lifecycle.start_daemon(config, detach=False)
     return _spawner.start(config)
 
 
+def _options(limit: SizeLike, backing: str | None, values: dict[str, Any]) -> MountOptions:
+    return MountOptions.from_values({**values, "limit": limit, "backing": backing})
+
+
 def _start(limit: SizeLike, backing: str | None, mountpoint: str | None,
            options: dict[str, Any]) -> tuple[QuotaMount, bool]:
-    # Every option is checked before the first directory is made (quotafs.options).
-    settings = validate_options({**options, "limit": limit, "backing": backing})
-    fields = config_fields(settings)
+    return _launch(_options(limit, backing, options), mountpoint)
+
+
+def _launch(options: MountOptions, mountpoint: str | None) -> tuple[QuotaMount, bool]:
+    resolved = options.resolve()  # like_ext4 and "5%" settled before anything is made
     own_mountpoint = mountpoint is None
     path = tempfile.mkdtemp(prefix="quotafs-mnt-") if mountpoint is None else mountpoint
     try:
         path = lifecycle.check_mountpoint(path)
         lifecycle.check_fuse()
-        backing_dir, private = lifecycle.prepare_backing(backing)
-        config = MountConfig(mountpoint=path, backing=backing_dir, private_backing=private,
-                             die_with_parent=True, **fields)
-        daemon = _start_daemon(config)
+        backing_dir, private = lifecycle.prepare_backing(options.backing)
+        daemon = _start_daemon(resolved.placed(path, backing_dir, private,
+                                               die_with_parent=True))
     except BaseException:
         if own_mountpoint:
             os.rmdir(path)
@@ -255,14 +258,27 @@ def mounted(limit: SizeLike = None, backing: str | None = None,
     mmap_sigbus, allow_other, no_cache, keep_backing, fsname, debug, seed, rules (a list
     of rule dicts as in a rules file), rules_file; and log_file, a file the daemon appends
     its log to (warnings and errors; everything with debug) instead of the caller's stderr.
+    They are checked (quotafs.options.MountOptions) before anything is made: a bad one
+    raises QuotafsError with the message `quotafs mount` prints.
     """
-    mount, own = _start(limit, backing, mountpoint, dict(options))
+    with mounted_with(_options(limit, backing, options), mountpoint) as mount:
+        yield mount
+
+
+@contextlib.contextmanager
+def mounted_with(options: MountOptions, mountpoint: str | None = None) -> Iterator[QuotaMount]:
+    """`mounted` for options already built (MountOptions.from_values, or the CLI's flags)."""
+    mount, own = _launch(options, mountpoint)
     try:
         yield mount
     finally:
         _stop(mount, own)
-        if backing is None and not options.get("keep_backing"):
-            shutil.rmtree(mount.backing, ignore_errors=True)
+        _drop_private_backing(mount, options)
+
+
+def _drop_private_backing(mount: QuotaMount, options: MountOptions) -> None:
+    if options.backing is None and not options.keep_backing:
+        shutil.rmtree(mount.backing, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager
@@ -270,15 +286,14 @@ async def open_quota_mount(limit: SizeLike = None, backing: str | None = None,
                            mountpoint: str | None = None,
                            **options: Any) -> AsyncIterator[QuotaMount]:
     """Trio flavour of `mounted`: start and stop run in a worker thread."""
-    mount, own = await trio.to_thread.run_sync(
-        lambda: _start(limit, backing, mountpoint, dict(options)))
+    checked = _options(limit, backing, options)
+    mount, own = await trio.to_thread.run_sync(lambda: _launch(checked, mountpoint))
     try:
         yield mount
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lambda: _stop(mount, own))
-        if backing is None and not options.get("keep_backing"):
-            shutil.rmtree(mount.backing, ignore_errors=True)
+        _drop_private_backing(mount, checked)
 
 
 # -- the loop-ext4 reference, as a handle shaped like QuotaMount ---------------------------

@@ -29,7 +29,7 @@ from quotafs.client.mountinfo import find_mount as find_mount  # re-exported for
 from quotafs.client.probe import Op, Result
 from quotafs.daemon.control import RESULT, SET, STATUS
 from quotafs.errors import ExitCode, QuotafsError
-from quotafs.mountconfig import MountConfig
+from quotafs.options import MountOptions
 
 READY_TIMEOUT = 60.0
 # How long a probe of a mount (status, set, fault, events, umount) waits for its daemon,
@@ -262,10 +262,10 @@ def check_overlap(mountpoint: str, backing: str) -> None:
 class Daemon:
     pid: int
     process: subprocess.Popen[bytes] | None  # None once detached from us
-    config: MountConfig
+    config: MountOptions
 
 
-def start_daemon(config: MountConfig, detach: bool) -> Daemon:
+def start_daemon(config: MountOptions, detach: bool) -> Daemon:
     """Start the daemon and return once the mount answers; raise its error otherwise.
 
     Every daemon gets its own session, so a Ctrl-C meant for the program under test
@@ -279,14 +279,14 @@ def start_daemon(config: MountConfig, detach: bool) -> Daemon:
         # Whatever failed (the overlap check, the state directory, the daemon, Ctrl-C),
         # a private backing directory made for this mount must not stay behind.
         if config.private_backing and find_mount(config.mountpoint) is None:
-            shutil.rmtree(config.backing, ignore_errors=True)
+            shutil.rmtree(config.backing_dir, ignore_errors=True)
         if detach:
             drop_log_if_empty(config.mountpoint)  # the error was told; nothing to keep
         raise
 
 
-def _spawn(config: MountConfig, detach: bool) -> Daemon:
-    check_overlap(config.mountpoint, config.backing)
+def _spawn(config: MountOptions, detach: bool) -> Daemon:
+    check_overlap(config.mountpoint, config.backing_dir)
     read_fd, write_fd = os.pipe()
     config_fd = _config_descriptor(config)
     log = open_log(config.mountpoint) if detach else None
@@ -326,7 +326,7 @@ def _spawn(config: MountConfig, detach: bool) -> Daemon:
     return Daemon(process.pid, process, config)
 
 
-def _config_descriptor(config: MountConfig) -> int:
+def _config_descriptor(config: MountOptions) -> int:
     """The configuration in an anonymous memory file for the daemon to inherit: not on its
     argv, which every user may read (ps) and ARG_MAX bounds."""
     fd = os.memfd_create("quotafs-config", os.MFD_CLOEXEC)

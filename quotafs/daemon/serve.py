@@ -28,9 +28,9 @@ from quotafs.daemon.control import ControlChannel
 from quotafs.daemon.operations import CACHE_TIMEOUT, Options, QuotaFS
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.model.costs import Costs, Mode, scan_backing
-from quotafs.model.faults import FaultEngine, RuleSpec
+from quotafs.model.faults import FaultEngine
 from quotafs.model.ledger import Ledger
-from quotafs.mountconfig import MountConfig
+from quotafs.options import MountOptions
 
 log = logging.getLogger("quotafs")
 
@@ -50,7 +50,7 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _mount_options(config: MountConfig) -> set[str]:
+def _mount_options(config: MountOptions) -> set[str]:
     options = {"default_permissions", f"fsname={config.fsname}", "subtype=quotafs"}
     if os.geteuid() == 0:
         # As a local filesystem would be: device nodes open, set-id bits honoured (libfuse
@@ -63,13 +63,14 @@ def _mount_options(config: MountConfig) -> set[str]:
     return options
 
 
-def build_filesystem(config: MountConfig) -> QuotaFS:
-    costs = Costs(Mode(config.accounting), config.block_size)
-    ledger = Ledger(config.limit, config.inodes, config.reserve, config.kept_back)
+def build_filesystem(config: MountOptions) -> QuotaFS:
+    costs = Costs(Mode(config.accounting), config.block_bytes)
+    ledger = Ledger(config.limit, config.inodes, config.reserve_bytes, config.kept_back_bytes)
+    backing = config.backing_dir
     try:
-        existing_bytes, existing_inodes = scan_backing(config.backing, costs)
+        existing_bytes, existing_inodes = scan_backing(backing, costs)
     except OSError as exc:  # e.g. a dead FUSE mount inside it (ENOTCONN), or EACCES
-        raise QuotafsError(f"cannot read the backing directory {config.backing}: "
+        raise QuotafsError(f"cannot read the backing directory {backing}: "
                            f"{exc.filename or '?'}: {exc.strerror}", ExitCode.BACKING) from None
     ledger.force_charge(existing_bytes)
     ledger.force_add_inodes(existing_inodes)
@@ -77,20 +78,20 @@ def build_filesystem(config: MountConfig) -> QuotaFS:
     info: dict[str, Any] = {
         "version": __version__,
         "mountpoint": config.mountpoint,
-        "backing": config.backing,
+        "backing": backing,
         "private_backing": config.private_backing,
         "pid": os.getpid(),
         "accounting": config.accounting,
-        "block_size": config.block_size,
+        "block_size": config.block_bytes,
         "mmap_sigbus": config.mmap_sigbus,
         "mount_options": sorted(_mount_options(config)),
         "owner_uid": owner,
         "existing_bytes_at_mount": existing_bytes,
     }
     faults = FaultEngine(config.seed)
-    faults.add_all(RuleSpec.from_dict(rule) for rule in config.rules)
-    control = ControlChannel(ledger, info, owner, config.backing, faults)
-    fs = QuotaFS(config.backing, ledger,
+    faults.add_all(config.rules)
+    control = ControlChannel(ledger, info, owner, backing, faults)
+    fs = QuotaFS(backing, ledger,
                  Options(costs, mmap_sigbus=config.mmap_sigbus,
                          attr_timeout=0.0 if config.no_cache else CACHE_TIMEOUT,
                          # Other users' path walks must reach the daemon: a name it
@@ -109,7 +110,7 @@ def build_filesystem(config: MountConfig) -> QuotaFS:
 READ_AHEAD_KB = 1024  # 1 MiB: the largest READ request FUSE sends (256 pages)
 
 
-def _read_ahead_kb(config: MountConfig) -> int | None:
+def _read_ahead_kb(config: MountOptions) -> int | None:
     """The bdi read-ahead this mount wants, None for the kernel's default.
 
     1 MiB instead of 128 KiB, so that a sequential read costs an eighth of the requests.
@@ -135,7 +136,7 @@ def _set_read_ahead(mountpoint: str, kb: int) -> None:
         log.debug("read_ahead_kb left at the default: %s", exc)
 
 
-async def _tune_after_init(config: MountConfig, kb: int) -> None:
+async def _tune_after_init(config: MountOptions, kb: int) -> None:
     # The kernel lowers the bdi's read-ahead to what INIT negotiated when it processes
     # the INIT reply, so raise it only once the mount has answered a request (a stat in
     # a thread, served by the loop that runs beside it).
@@ -147,7 +148,7 @@ async def _tune_after_init(config: MountConfig, kb: int) -> None:
     _set_read_ahead(config.mountpoint, kb)
 
 
-async def _serve(config: MountConfig) -> None:
+async def _serve(config: MountOptions) -> None:
     async with trio.open_nursery() as nursery:
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -163,7 +164,7 @@ async def _serve(config: MountConfig) -> None:
         nursery.cancel_scope.cancel()
 
 
-def run(config: MountConfig, ready_fd: int | None = None) -> int:
+def run(config: MountOptions, ready_fd: int | None = None) -> int:
     """Mount, serve, unmount. Returns the exit code; user errors are reported on ready_fd."""
     if config.die_with_parent:
         _die_with_parent()
@@ -199,20 +200,21 @@ def run(config: MountConfig, ready_fd: int | None = None) -> int:
             forget_record(config.mountpoint, pid=os.getpid())
             drop_log_if_empty(config.mountpoint, sys.stderr.fileno())
         if clean and config.private_backing and not config.keep_backing:
-            shutil.rmtree(config.backing, ignore_errors=True)
+            shutil.rmtree(config.backing_dir, ignore_errors=True)
     return 0
 
 
-def read_config(source: str) -> MountConfig:
-    """The configuration the starter left in an inherited descriptor ("-": stdin)."""
+def read_config(source: str) -> MountOptions:
+    """The options the starter left in an inherited descriptor ("-": stdin): resolved and
+    placed (MountOptions.resolve, .placed), checked again as they are read."""
     if source == "-":
-        return MountConfig.from_json(sys.stdin.buffer.read().decode())
+        return MountOptions.from_json(sys.stdin.buffer.read().decode())
     with os.fdopen(int(source), "rb") as f:
-        return MountConfig.from_json(f.read().decode())
+        return MountOptions.from_json(f.read().decode())
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m quotafs.daemon CONFIG_FD [READY_FD]`: CONFIG_FD holds the MountConfig JSON
+    """`python -m quotafs.daemon CONFIG_FD [READY_FD]`: CONFIG_FD holds the MountOptions JSON
     ("-": stdin), never argv, which any user may read and ARG_MAX bounds."""
     args = sys.argv[1:] if argv is None else argv
     config = read_config(args[0])

@@ -75,7 +75,7 @@ class OptionError(ValueError):
 def mount_options(values: Mapping[str, Any]) -> dict[str, Any]:
     """Validate mount options given as keywords (as quotafs.mounted() takes them) and return
     them with sizes in bytes; raise OptionError with one clear line. The check is
-    quotafs.options.validate, the one the CLI and the API use."""
+    quotafs.options.MountOptions's, the one the CLI, the API and the daemon use."""
     try:
         return validate_options(values)
     except QuotafsError as exc:

@@ -27,7 +27,7 @@ from quotafs.client.api import QuotaMount, mounted
 from quotafs.daemon import serve
 from quotafs.daemon.control import FAULT_ADD, FAULT_CLEAR, SET, STATUS
 from quotafs.model.faults import SPEC_KEYS, parse_duration
-from quotafs.mountconfig import MountConfig
+from quotafs.options import MountOptions
 from tests.conftest import needs_fuse
 
 pytestmark = needs_fuse
@@ -137,11 +137,11 @@ class _WouldMount(Exception):
     pass
 
 
-def _no_daemon(config: MountConfig, *_: object, **__: object) -> NoReturn:
+def _no_daemon(config: MountOptions, *_: object, **__: object) -> NoReturn:
     """Stands in for starting a daemon: a fuzzed argv that passes every check must not
     mount anything (a drawn mount point such as "" or "/" would be a real directory)."""
     if config.private_backing:
-        shutil.rmtree(config.backing, ignore_errors=True)
+        shutil.rmtree(config.backing_dir, ignore_errors=True)
     raise _WouldMount(config.mountpoint)
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from quotafs.client.api import mounted
-from quotafs.mountconfig import MountConfig
+from quotafs.options import MountOptions
 from tests.conftest import DaemonLogs, MountFactory
 
 
 def test_records_are_warnings_and_up_with_their_tracebacks(tmp_path: Path) -> None:
     logs = DaemonLogs(tmp_path)
-    config = logs.assign(MountConfig(mountpoint="/m", backing="/b", limit=None))
+    config = logs.assign(MountOptions(mountpoint="/m", backing="/b", limit=None))
     assert config.log_file is not None and Path(config.log_file).parent == tmp_path
     assert logs.new_records() == []  # nothing logged yet: no file
     with open(config.log_file, "w") as f:
@@ -33,7 +33,7 @@ def test_records_are_warnings_and_up_with_their_tracebacks(tmp_path: Path) -> No
 
 
 def test_a_given_log_file_is_left_alone(tmp_path: Path) -> None:
-    config = MountConfig(mountpoint="/m", backing="/b", limit=None, log_file="/x.log")
+    config = MountOptions(mountpoint="/m", backing="/b", limit=None, log_file="/x.log")
     assert DaemonLogs(tmp_path).assign(config) is config
 
 
