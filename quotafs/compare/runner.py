@@ -14,17 +14,17 @@ import json
 import os
 import platform
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from quotafs.compare.writers import KINDS, WriterResult, bytes_on_disk, passwd_entry, run_writer
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.interrupts import sigterm_as_interrupt
 from quotafs.units import format_size, parse_size
 
 TARGETS = ("ext4", "quotafs", "quotafs-sigbus")
@@ -293,18 +293,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_compare)
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _progress_printer(enabled: bool) -> Callable[[str], None]:
     tty = sys.stderr.isatty()
 
@@ -406,7 +394,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                            ExitCode.USAGE)
     if plan.workdir is not None and not os.path.isdir(plan.workdir):
         raise QuotafsError(f"--workdir {plan.workdir}: no such directory", ExitCode.USAGE)
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         report = run_compare(plan, _progress_printer(enabled=True))
     if args.json:
         print(json.dumps(report, indent=2))
