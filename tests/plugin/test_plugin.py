@@ -260,7 +260,7 @@ def test_the_report_survives_a_dead_daemon(pytester: pytest.Pytester) -> None:
 
         def test_daemon_dies(quota_mount):
             os.kill(quota_mount.pid, signal.SIGKILL)
-            quota_mount._process.wait()
+            quota_mount.wait()
             os.listdir(quota_mount.path)
     """)
     result.assert_outcomes(failed=1)
@@ -425,7 +425,7 @@ LEAKY = """
             print(quota_mount.path, file=f)
         fd = os.open(quota_mount.path, os.O_RDONLY)
         os.kill(quota_mount.pid, signal.SIGKILL)
-        quota_mount._process.wait()
+        quota_mount.wait()
 
     def test_later():
         pass
