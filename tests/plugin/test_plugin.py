@@ -301,7 +301,8 @@ def test_a_wide_mount_is_torn_down_after_a_failure_and_shown_in_the_report(
     [shared] = {paths["a1"][0], paths["a2"][0]}
     # Each failing test's report shows the module's mount.
     assert result.stdout.str().count(f"- quotafs {shared} -") == 2
-    result.stdout.fnmatch_lines(["used 4.0 KiB of 1.0 MiB (1020.0 KiB free), 0 ENOSPC from the quota*"])
+    result.stdout.fnmatch_lines(
+        ["used 4.0 KiB of 1.0 MiB (1020.0 KiB free), 0 ENOSPC from the quota*"])
     assert shared not in alive["b1"]
     assert no_mount_left([p for ps in paths.values() for p in ps])
 
