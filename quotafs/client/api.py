@@ -98,11 +98,7 @@ class QuotaMount:
         process = self._process
         if process is not None and process.poll() is None:
             process.terminate()
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            lifecycle.reap(process, timeout)
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the daemon to exit (after an unmount, a kill); its exit status, or None
@@ -125,15 +121,10 @@ class QuotaMount:
         left (still mounted) is retried, nothing else is done twice."""
         if self._closed:
             return
-        process = self._process
         try:
             self.unmount(lazy=True)
-            if process is not None:
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            if self._process is not None:
+                lifecycle.reap(self._process, 30)  # it exits once unmounted
         finally:
             if lifecycle.find_mount(self.path) is not None:
                 with contextlib.suppress(Exception):

@@ -452,6 +452,15 @@ def check_may_unmount(info: MountInfo) -> None:
                            f"mounted it (uid {owner}) and root may", ExitCode.PERMISSION)
 
 
+def reap(process: subprocess.Popen[Any], timeout: float) -> int:
+    """Wait for `process` to exit, SIGKILL it after `timeout` seconds; its exit status."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
 def wait_for_exit(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
