@@ -92,10 +92,9 @@ def test_reap_kills_a_process_that_does_not_exit() -> None:
 
 def test_a_deferred_signal_is_delivered_after_the_block() -> None:
     seen: list[str] = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts.signals_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            seen.append("the block ran to its end")
+    with pytest.raises(KeyboardInterrupt), interrupts.signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        seen.append("the block ran to its end")
     assert seen == ["the block ran to its end"]
 
 
@@ -107,17 +106,15 @@ def test_a_deferred_signal_is_dropped_without_reraise() -> None:
 
 def test_nested_deferrals_deliver_once_at_the_outer_end() -> None:
     steps: list[str] = []
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), interrupts.signals_deferred():
         with interrupts.signals_deferred():
-            with interrupts.signals_deferred():
-                os.kill(os.getpid(), signal.SIGINT)
-            steps.append("inner done")
+            os.kill(os.getpid(), signal.SIGINT)
+        steps.append("inner done")
     assert steps == ["inner done"]
 
 
 def test_sigterm_interrupts_like_ctrl_c_within_the_block() -> None:
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt, match="signal 15"):
-        with interrupts.sigterm_as_interrupt():
-            os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode
+    with pytest.raises(KeyboardInterrupt, match="signal 15"), interrupts.sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode
     assert signal.getsignal(signal.SIGTERM) is before
