@@ -16,9 +16,9 @@ from quotafs.client.mountinfo import find_mount
 from quotafs.errors import QuotafsError
 from quotafs.interrupts import signals_deferred as signals_deferred
 from quotafs.interrupts import sigterm_as_interrupt as sigterm_as_interrupt
+from quotafs.reference.loopext4 import find_tool
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
 class BenchError(Exception):
@@ -30,11 +30,12 @@ def log(message: str) -> None:
 
 
 def tool(name: str) -> str:
-    """The absolute path of a system tool, also from sbin directories not in PATH."""
-    found = shutil.which(name) or shutil.which(name, path=os.pathsep.join(_SBIN))
-    if found is None:
-        raise BenchError(f"{name} not found: install it (util-linux / e2fsprogs / fuse3)")
-    return found
+    """The absolute path of a system tool, also from sbin directories not in PATH (the ext4
+    reference's lookup)."""
+    try:
+        return find_tool(name)
+    except QuotafsError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def run(cmd: Sequence[str], timeout: float = 120.0,

@@ -172,8 +172,8 @@ def find_tool(tool: str, needed_for: str = "", code: ExitCode = ExitCode.LOOP) -
     naming its package otherwise."""
     where = shutil.which(tool, path=os.pathsep.join([os.environ.get("PATH", ""), *_SBIN]))
     if where is None:
-        raise QuotafsError(f"{needed_for}{tool} not found: install {_PACKAGES[tool]}",
-                           code)
+        raise QuotafsError(f"{needed_for}{tool} not found: install "
+                           f"{_PACKAGES.get(tool, 'it')}", code)
     return where
 
 
