@@ -501,8 +501,11 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    sigterm_as_interrupt()
+    with sigterm_as_interrupt():  # `kill` or a timeout's TERM cleans up as Ctrl-C does
+        return _main(parse_args(argv))
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.nice is not None:
         # Inherited by everything we start: fio, `quotafs mount` and so its daemon, the
         # pyfuse3 example. Kernel threads (loop, writeback) keep their own priority.

@@ -5,18 +5,20 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from quotafs.client import lifecycle
 from quotafs.client.mountinfo import find_mount
+from quotafs.errors import QuotafsError
+from quotafs.interrupts import signals_deferred as signals_deferred
+from quotafs.interrupts import sigterm_as_interrupt as sigterm_as_interrupt
+from quotafs.reference.loopext4 import find_tool
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
 class BenchError(Exception):
@@ -28,11 +30,12 @@ def log(message: str) -> None:
 
 
 def tool(name: str) -> str:
-    """The absolute path of a system tool, also from sbin directories not in PATH."""
-    found = shutil.which(name) or shutil.which(name, path=os.pathsep.join(_SBIN))
-    if found is None:
-        raise BenchError(f"{name} not found: install it (util-linux / e2fsprogs / fuse3)")
-    return found
+    """The absolute path of a system tool, also from sbin directories not in PATH (the ext4
+    reference's lookup)."""
+    try:
+        return find_tool(name)
+    except QuotafsError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def run(cmd: Sequence[str], timeout: float = 120.0,
@@ -177,54 +180,14 @@ def is_mounted(path: str) -> bool:
     return find_mount(path) is not None
 
 
-def unmount(path: str, lazy: bool = False) -> None:
-    """umount as root, fusermount3 -u otherwise; raise BenchError if it fails."""
-    if os.geteuid() == 0:
-        run([tool("umount"), *(["-l"] if lazy else []), path], timeout=60)
-    else:
-        run([tool("fusermount3"), "-u", *(["-z"] if lazy else []), path], timeout=60)
-
-
 def unmount_retrying(path: str, attempts: int = 20) -> None:
-    """Unmount, retrying while busy, then lazily: whatever happens, `path` is unmounted."""
-    for _ in range(attempts):
-        if not is_mounted(path):
-            return
-        try:
-            unmount(path)
-            return
-        except BenchError:
-            time.sleep(0.25)
-    if is_mounted(path):
-        unmount(path, lazy=True)
-
-
-@contextmanager
-def signals_deferred(reraise: bool = True) -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back while a step that must not be cut in half runs (starting a
-    mount, cleaning up); with `reraise`, a signal that arrived meanwhile interrupts right
-    after the step, once its undo is registered."""
-    received: list[int] = []
-
-    def remember(signum: int, frame: object) -> None:
-        received.append(signum)
-
-    old_int = signal.signal(signal.SIGINT, remember)
-    old_term = signal.signal(signal.SIGTERM, remember)
+    """Unmount, retrying while busy (about 5 s), then lazily: whatever happens, `path` is
+    unmounted; BenchError if even the lazy unmount fails. (quotafs's own retry loop: the
+    bench unmounts the way quotafs does.)"""
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-    if received and reraise:
-        raise KeyboardInterrupt(f"signal {received[0]}")
-
-
-def sigterm_as_interrupt() -> None:
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
+        lifecycle.unmount_retrying(path, tries=attempts)
+    except QuotafsError as exc:
+        raise BenchError(str(exc)) from None
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """What the workloads run against: a loop-ext4 on tmpfs (native) and FUSE mounts over it.
 
-    tmpfs (ours)  ->  sparse ext4.img  ->  losetup --find --show  ->  mkfs.ext4  ->  mount
+    tmpfs (ours)  ->  quotafs's ext4 reference (quotafs/reference/loopext4.py) of a fixed
+                      image size: sparse ext4.img, losetup, mkfs.ext4, mount
                                                                               |
         native/             the native target: workloads run on ext4 itself   |
         backing-<target>/   backing directories of the FUSE targets, same ext4
@@ -35,6 +36,9 @@ from bench.system import (
     unmount_retrying,
     wait_pid_gone,
 )
+from quotafs.client import lifecycle
+from quotafs.errors import QuotafsError
+from quotafs.reference import loopext4
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -48,7 +52,7 @@ class TargetUnavailable(Exception):
 
 @dataclass
 class Ext4:
-    root: str  # our temp dir: tmpfs/, ext4/, mnt/
+    root: str  # our temp dir: tmpfs/ (holding the reference), mnt/
     image: str
     device: str
     mountpoint: str
@@ -63,25 +67,6 @@ class Ext4:
         path = os.path.join(self.root, "mnt", name)
         os.makedirs(path, exist_ok=True)
         return path
-
-
-def _detach_loops(image: str) -> None:
-    losetup = tool("losetup")
-    out = run([losetup, "-j", image], check=False).stdout
-    for line in out.splitlines():
-        device = line.split(":", 1)[0].strip()
-        if device.startswith("/dev/loop"):
-            run([losetup, "-d", device], check=False)
-
-
-def _umount_plain(path: str) -> None:
-    for _ in range(40):
-        if not is_mounted(path):
-            return
-        if run([tool("umount"), path], check=False).returncode == 0:
-            return
-        time.sleep(0.25)
-    run([tool("umount"), "-l", path], check=False)
 
 
 def _prefault(mountpoint: str) -> None:
@@ -106,35 +91,33 @@ def _prefault(mountpoint: str) -> None:
 
 @contextlib.contextmanager
 def open_ext4(image_size: int, inodes: int, prefault: bool = True) -> Iterator[Ext4]:
-    """A tmpfs we mount, a sparse image on it, a loop device, ext4, mounted; all undone."""
+    """A tmpfs we mount, and on it quotafs's loop-ext4 reference with an image of
+    `image_size` and `inodes` inodes, mounted; all undone."""
     if os.geteuid() != 0:
         raise BenchError("the native target needs root (tmpfs, losetup, mount)")
-    mount, losetup, mkfs = tool("mount"), tool("losetup"), tool("mkfs.ext4")
     with contextlib.ExitStack() as stack:
         root = tempfile.mkdtemp(prefix="quotafs-bench-")
         stack.callback(shutil.rmtree, root, True)
         tmpfs = os.path.join(root, "tmpfs")
-        ext4 = os.path.join(root, "ext4")
         os.makedirs(tmpfs)
-        os.makedirs(ext4)
         os.makedirs(os.path.join(root, "mnt"))
-        stack.callback(_umount_plain, tmpfs)
-        run([mount, "-t", "tmpfs", "-o", f"size={image_size + 64 * MiB},mode=0700",
-             "quotafs-bench", tmpfs])
-        image = os.path.join(tmpfs, "ext4.img")
-        with open(image, "wb") as f:
-            f.truncate(image_size)  # sparse
-        stack.callback(_detach_loops, image)
-        device = run([losetup, "--find", "--show", image]).stdout.strip()
-        # Initialise inode tables and journal now: no ext4lazyinit thread writing in the
+        stack.callback(unmount_retrying, tmpfs)
+        # Only a cap: tmpfs takes pages as they are written. The reference wants room for
+        # the image and its overhead.
+        size = max(image_size + 64 * MiB, loopext4.room_needed(image_size))
+        run([tool("mount"), "-t", "tmpfs", "-o", f"size={size},mode=0700", "quotafs-bench",
+             tmpfs])
+        # Inode tables and journal initialised now: no ext4lazyinit thread writing in the
         # background while we measure.
-        run([mkfs, "-q", "-F", "-N", str(inodes), "-E",
-             "lazy_itable_init=0,lazy_journal_init=0", device], timeout=300)
-        stack.callback(_umount_plain, ext4)
-        run([mount, device, ext4])
+        mkfs = ["-N", str(inodes), "-E", "lazy_itable_init=0,lazy_journal_init=0"]
+        try:
+            loop = stack.enter_context(loopext4.open_ext4_loop(
+                loopext4.MIN_FREE, workdir=tmpfs, image_size=image_size, mkfs_options=mkfs))
+        except QuotafsError as exc:
+            raise BenchError(str(exc)) from None
         if prefault:
-            _prefault(ext4)
-        yield Ext4(root, image, device, ext4, image_size)
+            _prefault(loop.mountpoint)
+        yield Ext4(root, loop.image, loop.device, loop.mountpoint, image_size)
 
 
 # -- targets ----------------------------------------------------------------------------------
@@ -421,11 +404,7 @@ class ChildDaemonTarget(Target):
         if process is not None and process.poll() is None and is_mounted(self.mountpoint):
             unmount_retrying(self.mountpoint)
         if process is not None:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            lifecycle.reap(process, 30)
         if is_mounted(self.mountpoint):
             unmount_retrying(self.mountpoint)
         self._process = None

@@ -3,14 +3,28 @@
 __version__ = "0.1.0"
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them on first use
+    from quotafs.client.api import (
+        Ext4Mount,
+        QuotaMount,
+        check_ext4_loop,
+        check_fuse,
+        ext4_loop,
+        format_event,
+        mounted,
+        mounted_with,
+        open_quota_mount,
+    )
+    from quotafs.options import MountOptions
 
 # Where this package is imported from: child processes (writers, probes) get it on their path,
 # so that they run this very copy even when the parent found it through sys.path tweaks.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ["Ext4Mount", "MountOptions", "QuotaMount", "ext4_loop", "mounted", "mounted_with",
-           "open_quota_mount"]
+__all__ = ["Ext4Mount", "MountOptions", "QuotaMount", "check_ext4_loop", "check_fuse", "ext4_loop",
+           "format_event", "mounted", "mounted_with", "open_quota_mount"]
 
 
 def __getattr__(name: str) -> Any:

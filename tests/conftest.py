@@ -1,8 +1,9 @@
-"""Shared fixtures: real mounts served by a daemon in a child process."""
+"""Shared fixtures: real mounts served by a daemon in a child process, made by the project's
+own pytest plugin (quotafs.testing.plugin: quotafs_factory, quota_mount), as a user's
+suite would make them."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import os
@@ -20,20 +21,13 @@ from typing import Any
 import pytest
 
 import quotafs
+from quotafs import QuotaMount
 from quotafs.client import lifecycle
-from quotafs.client.api import QuotaMount, mounted
 from quotafs.options import MountOptions
-from quotafs.testing.plugin import ext4_unusable_reason
+from quotafs.testing import QuotafsFactory, ext4_unusable_reason, fuse_unusable_reason
 
-
-def fuse_unusable_reason() -> str | None:
-    """Why FUSE cannot be used here, or None if it can (checked by really opening it)."""
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as exc:
-        return f"/dev/fuse cannot be opened: {exc.strerror}"
-    return None
-
+# The plugin comes in through its pytest11 entry point, as in a user's suite (naming it in
+# pytest_plugins as well would register it twice).
 
 needs_fuse = pytest.mark.skipif(fuse_unusable_reason() is not None,
                                 reason=fuse_unusable_reason() or "")
@@ -52,15 +46,13 @@ MountFactory = Callable[..., QuotaMount]
 
 
 @pytest.fixture
-def mount_factory(tmp_path: Any) -> Iterator[MountFactory]:
-    """make(limit=..., **options) -> a live mount, unmounted at the end of the test."""
-    if (reason := fuse_unusable_reason()) is not None:
-        pytest.skip(reason)
-    with contextlib.ExitStack() as stack:
-        def make(limit: int | str | None = None, **options: Any) -> QuotaMount:
-            return stack.enter_context(mounted(limit=limit, **options))
+def mount_factory(quotafs_factory: QuotafsFactory) -> MountFactory:
+    """make(limit=..., **options) -> a live mount, unmounted at the end of the test: the
+    plugin's quotafs_factory, with quotafs.mounted()'s default of no limit."""
+    def make(limit: int | str | None = None, **options: Any) -> QuotaMount:
+        return quotafs_factory(limit, **options)
 
-        yield make
+    return make
 
 
 @pytest.fixture

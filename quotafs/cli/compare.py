@@ -4,18 +4,17 @@ comparison itself is quotafs.compare.runner.run_compare."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from quotafs.compare.runner import Plan, Record, Verdict, run_compare, table, verdict_lines
 from quotafs.compare.writers import KINDS, passwd_entry
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.interrupts import sigterm_as_interrupt
 from quotafs.units import format_size, parse_size
 
 
@@ -49,18 +48,6 @@ def register(sub: Any) -> None:
                    help="run the writers as USER (name or uid; default root): they then stop "
                         "where ext4 stops for users other than root, short of its reserve")
     p.set_defaults(func=cmd_compare)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _progress_printer(enabled: bool) -> Callable[[str], None]:
@@ -112,7 +99,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                            ExitCode.USAGE)
     if plan.workdir is not None and not os.path.isdir(plan.workdir):
         raise QuotafsError(f"--workdir {plan.workdir}: no such directory", ExitCode.USAGE)
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         report = run_compare(plan, _progress_printer(enabled=True))
     if args.json:
         print(json.dumps(report, indent=2))

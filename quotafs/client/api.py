@@ -22,17 +22,16 @@ import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import trio
 
 from quotafs.client import lifecycle
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.options import MountOptions, check_settings, check_size
+from quotafs.reference import loopext4
+from quotafs.reference.loopext4 import Ext4Loop
 from quotafs.units import format_size
-
-if TYPE_CHECKING:
-    from quotafs.reference.loopext4 import Ext4Loop
 
 SizeLike = int | str | None
 
@@ -43,12 +42,103 @@ def _bytes(value: SizeLike, name: str = "limit") -> int | None:
 
 @dataclass
 class QuotaMount:
-    """A live mount: its path and the controls of its daemon."""
+    """A live mount: its path and the controls of its daemon.
+
+    `mounted()` and `open_quota_mount()` make one for a `with` block; `QuotaMount.start()`
+    makes one that lives until its `close()` (what the pytest plugin's fixtures do)."""
 
     path: str
     backing: str
     pid: int
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _own_mountpoint: bool = field(default=False, repr=False)  # made by start(): removed
+    _own_backing: bool = field(default=False, repr=False)
+    _closed: bool = field(default=False, repr=False)
+
+    # -- lifecycle --
+
+    @classmethod
+    def start(cls, limit: SizeLike = None, backing: str | None = None,
+              mountpoint: str | None = None, **options: Any) -> QuotaMount:
+        """Mount quotafs, as `mounted()` does, and return the live mount; `close()` undoes
+        it all. Every option is checked before the first directory is made."""
+        return cls.start_with(_options(limit, backing, options), mountpoint)
+
+    @classmethod
+    def start_with(cls, options: MountOptions, mountpoint: str | None = None) -> QuotaMount:
+        """`start` for options already built (MountOptions.from_values, or the CLI's flags)."""
+        resolved = options.resolve()  # like_ext4 and "5%" settled before anything is made
+        own_mountpoint = mountpoint is None
+        path = tempfile.mkdtemp(prefix="quotafs-mnt-") if mountpoint is None else mountpoint
+        try:
+            path = lifecycle.check_mountpoint(path)
+            lifecycle.check_fuse()
+            backing_dir, private = lifecycle.prepare_backing(options.backing)
+            daemon = _start_daemon(resolved.placed(path, backing_dir, private,
+                                                   die_with_parent=True))
+        except BaseException:
+            if own_mountpoint:
+                os.rmdir(path)
+            raise
+        return cls(path, backing_dir, daemon.pid, daemon.process,
+                   _own_mountpoint=own_mountpoint,
+                   _own_backing=options.backing is None and not options.keep_backing)
+
+    def unmount(self, lazy: bool = True) -> str | None:
+        """Unmount, retrying for about a second while the mount is busy (right after a
+        process in it exited), then, with `lazy`, detach it lazily; a dead daemon's mount
+        is detached lazily at once. Returns None once nothing is mounted here, else why it
+        still is ("target is busy"). The daemon exits once its mount is gone."""
+        alive = self.is_alive()
+        return lifecycle.unmount_retrying(self.path, tries=lifecycle.BUSY_TRIES if alive else 0,
+                                          lazy=lazy or not alive)
+
+    def terminate(self, timeout: float = 10.0) -> None:
+        """Stop the daemon (SIGTERM; SIGKILL after `timeout` seconds): it detaches its
+        mount lazily as it exits, busy or not. Only for a daemon this process started."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            lifecycle.reap(process, timeout)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the daemon to exit (after an unmount, a kill); its exit status, or None
+        for a daemon this process did not start. subprocess.TimeoutExpired after `timeout`."""
+        return None if self._process is None else self._process.wait(timeout)
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() has finished: unmounted, and what start() made removed."""
+        return self._closed
+
+    @property
+    def returncode(self) -> int | None:
+        """The daemon's exit status (negative: killed by that signal); None while it runs."""
+        return None if self._process is None else self._process.poll()
+
+    def close(self) -> None:
+        """Unmount (lazily if busy), reap the daemon (SIGKILL if it lingers), and remove the
+        mount point and backing directory start() made. Safe to call again: what an error
+        left (still mounted) is retried, nothing else is done twice."""
+        if self._closed:
+            return
+        try:
+            self.unmount(lazy=True)
+            if self._process is not None:
+                lifecycle.reap(self._process, 30)  # it exits once unmounted
+        finally:
+            if lifecycle.find_mount(self.path) is not None:
+                with contextlib.suppress(Exception):
+                    lifecycle.unmount(self.path, lazy=True)
+            if lifecycle.find_mount(self.path) is None:  # never remove below a live mount
+                self._closed = True
+                if self._own_mountpoint:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(self.path)
+                if self._own_backing:
+                    shutil.rmtree(self.backing, ignore_errors=True)
+
+    # -- controls --
 
     def status(self) -> dict[str, Any]:
         return lifecycle.read_status(self.path)
@@ -201,50 +291,29 @@ def _options(limit: SizeLike, backing: str | None, values: dict[str, Any]) -> Mo
     return MountOptions.from_values({**values, "limit": limit, "backing": backing})
 
 
-def _start(limit: SizeLike, backing: str | None, mountpoint: str | None,
-           options: dict[str, Any]) -> tuple[QuotaMount, bool]:
-    return _launch(_options(limit, backing, options), mountpoint)
+def check_fuse() -> None:
+    """Raise QuotafsError (ExitCode.NO_FUSE) saying why quotafs cannot mount here: no
+    /dev/fuse, one that does not open, or no fusermount3 for a regular user."""
+    lifecycle.check_fuse()
 
 
-def _launch(options: MountOptions, mountpoint: str | None) -> tuple[QuotaMount, bool]:
-    resolved = options.resolve()  # like_ext4 and "5%" settled before anything is made
-    own_mountpoint = mountpoint is None
-    path = tempfile.mkdtemp(prefix="quotafs-mnt-") if mountpoint is None else mountpoint
-    try:
-        path = lifecycle.check_mountpoint(path)
-        lifecycle.check_fuse()
-        backing_dir, private = lifecycle.prepare_backing(options.backing)
-        daemon = _start_daemon(resolved.placed(path, backing_dir, private,
-                                               die_with_parent=True))
-    except BaseException:
-        if own_mountpoint:
-            os.rmdir(path)
-        raise
-    return QuotaMount(path, backing_dir, daemon.pid, daemon.process), own_mountpoint
+def check_ext4_loop() -> None:
+    """Raise QuotafsError saying why ext4_loop() cannot build its reference here: not root,
+    no loop devices, or a missing tool (naming its package)."""
+    if os.geteuid() != 0:
+        raise QuotafsError("the ext4 reference needs root (it attaches a loop device and "
+                           "mounts ext4)", ExitCode.PERMISSION)
+    if not os.path.exists("/dev/loop-control"):
+        raise QuotafsError("no loop devices here (/dev/loop-control is missing)",
+                           ExitCode.LOOP)
+    loopext4.check_tools()
 
 
-def _stop(mount: QuotaMount, own_mountpoint: bool) -> None:
-    """Unmount and reap the daemon; escalate to a lazy unmount and SIGKILL if needed."""
-    process = mount._process
-    try:
-        if lifecycle.find_mount(mount.path) is not None:
-            try:
-                lifecycle.unmount(mount.path)
-            except Exception:
-                lifecycle.unmount(mount.path, lazy=True)
-        if process is not None:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-    finally:
-        if lifecycle.find_mount(mount.path) is not None:
-            with contextlib.suppress(Exception):
-                lifecycle.unmount(mount.path, lazy=True)
-        if own_mountpoint:
-            with contextlib.suppress(OSError):
-                os.rmdir(mount.path)
+def format_event(event: dict[str, Any]) -> str:
+    """One event of QuotaMount.events() as a line, as `quotafs events` prints it."""
+    from quotafs.cli.fault import event_line  # function-level like the controls': cli imports api
+
+    return event_line(event)
 
 
 @contextlib.contextmanager
@@ -268,17 +337,11 @@ def mounted(limit: SizeLike = None, backing: str | None = None,
 @contextlib.contextmanager
 def mounted_with(options: MountOptions, mountpoint: str | None = None) -> Iterator[QuotaMount]:
     """`mounted` for options already built (MountOptions.from_values, or the CLI's flags)."""
-    mount, own = _launch(options, mountpoint)
+    mount = QuotaMount.start_with(options, mountpoint)
     try:
         yield mount
     finally:
-        _stop(mount, own)
-        _drop_private_backing(mount, options)
-
-
-def _drop_private_backing(mount: QuotaMount, options: MountOptions) -> None:
-    if options.backing is None and not options.keep_backing:
-        shutil.rmtree(mount.backing, ignore_errors=True)
+        mount.close()
 
 
 @contextlib.asynccontextmanager
@@ -287,13 +350,12 @@ async def open_quota_mount(limit: SizeLike = None, backing: str | None = None,
                            **options: Any) -> AsyncIterator[QuotaMount]:
     """Trio flavour of `mounted`: start and stop run in a worker thread."""
     checked = _options(limit, backing, options)
-    mount, own = await trio.to_thread.run_sync(lambda: _launch(checked, mountpoint))
+    mount = await trio.to_thread.run_sync(lambda: QuotaMount.start_with(checked, mountpoint))
     try:
         yield mount
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(lambda: _stop(mount, own))
-        _drop_private_backing(mount, checked)
+            await trio.to_thread.run_sync(mount.close)
 
 
 # -- the loop-ext4 reference, as a handle shaped like QuotaMount ---------------------------
@@ -307,6 +369,8 @@ class Ext4Mount:
     """A mounted loop-ext4 (see loopext4.py): `.path` is its mount point, `.usage()` comes
     from statvfs. It has no daemon (`.pid` is None) and no backing directory (`.backing` is
     None); what cannot be done to a real ext4 (set_limit, add_fault) raises QuotafsError."""
+
+    MIN_FREE: ClassVar[int] = loopext4.MIN_FREE  # the least free space ext4_loop builds
 
     path: str
     loop: Ext4Loop
@@ -404,10 +468,8 @@ def ext4_loop(free: int | str | None, workdir: str | None = None,
             f"ext4_loop needs root: it attaches a loop device and mounts ext4 "
             f"({format_size(size)} requested); quotafs.mounted() needs no root",
             ExitCode.PERMISSION)
-    from quotafs.reference.loopext4 import MIN_FREE, open_ext4_loop
-
-    with open_ext4_loop(MIN_FREE if image else size, workdir=workdir, keep=keep,
-                        image_size=image) as loop:
+    with loopext4.open_ext4_loop(loopext4.MIN_FREE if image else size, workdir=workdir,
+                                 keep=keep, image_size=image) as loop:
         st = os.statvfs(loop.mountpoint)
         yield Ext4Mount(loop.mountpoint, loop, _free_at_start=st.f_bfree * st.f_frsize,
                         _ffree_at_start=st.f_ffree)

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -387,8 +388,14 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
             proc.wait(1)  # else it waits in the kernel; init reaps it later
         raise NoAnswer(mountpoint, timeout) from None
     if proc.returncode != 0:
-        message = (stderr.strip().splitlines() or ["unmount failed"])[-1]
-        raise QuotafsError(f"cannot unmount {mountpoint}: {message}", _unmount_code(message))
+        raise unmount_failure(mountpoint, stderr)
+
+
+def unmount_failure(mountpoint: str, stderr: str) -> QuotafsError:
+    """The error of a failed umount / fusermount3 -u, from its stderr: ExitCode.MOUNTPOINT
+    when the mount is busy (the one failure worth a retry)."""
+    message = (stderr.strip().splitlines() or ["unmount failed"])[-1]
+    return QuotafsError(f"cannot unmount {mountpoint}: {message}", _unmount_code(message))
 
 
 def _unmount_code(message: str) -> ExitCode:
@@ -400,12 +407,58 @@ def _unmount_code(message: str) -> ExitCode:
     return ExitCode.FAILURE
 
 
+BUSY_TRIES = 5  # polite unmounts of a busy mount (busy right after a child exits), ~1 s
+
+
+def unmount_retrying(mountpoint: str, tries: int = BUSY_TRIES, lazy: bool = True,
+                     umount: Callable[[str, bool], None] | None = None) -> str | None:
+    """Unmount `mountpoint` if mounted, retrying while it is busy (0.1 s, 0.2 s, then 0.25 s
+    apart); then, with `lazy`, detach it lazily. Returns None once nothing is mounted there,
+    else why it still is (without `lazy`: "target is busy"). A failure other than busy is
+    not retried: with `lazy` the lazy unmount follows, and its failure is raised; without,
+    it is raised. `umount(path, lazy)` replaces this module's unmount (the ext4 reference
+    runs its own tool); it raises QuotafsError, ExitCode.MOUNTPOINT when busy."""
+    do = umount or unmount
+    error: QuotafsError | None = None
+    for attempt in range(tries):
+        if find_mount(mountpoint) is None:
+            return None
+        try:
+            do(mountpoint, False)
+            return None
+        except QuotafsError as exc:
+            error = exc
+            if find_mount(mountpoint) is None:
+                return None
+            if exc.code != ExitCode.MOUNTPOINT:
+                break
+        if attempt < tries - 1:
+            time.sleep(min(0.1 * (attempt + 1), 0.25))
+    if find_mount(mountpoint) is None:
+        return None
+    if lazy:
+        do(mountpoint, True)
+        return None
+    if error is not None and error.code != ExitCode.MOUNTPOINT:
+        raise error
+    return "still mounted" if error is None else str(error).rsplit(": ", 1)[-1].rstrip(".")
+
+
 def check_may_unmount(info: MountInfo) -> None:
     """Only the user who mounted (the kernel's user_id of the FUSE mount) and root may."""
     owner = info.owner_uid
     if os.geteuid() != 0 and owner is not None and owner != os.geteuid():
         raise QuotafsError(f"not allowed to unmount {info.mountpoint}: only the user who "
                            f"mounted it (uid {owner}) and root may", ExitCode.PERMISSION)
+
+
+def reap(process: subprocess.Popen[Any], timeout: float) -> int:
+    """Wait for `process` to exit, SIGKILL it after `timeout` seconds; its exit status."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:

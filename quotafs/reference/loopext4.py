@@ -15,19 +15,19 @@ bookkeeping: whatever is mounted on our mount point is unmounted, whatever loop 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from quotafs.client.lifecycle import unmount_failure, unmount_retrying
 from quotafs.client.mountinfo import find_mount
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.interrupts import signals_deferred
 from quotafs.units import format_size
 
 MIN_FREE = 1024 * 1024  # below this mkfs.ext4 has no room for its journal; not a useful test
@@ -86,11 +86,13 @@ class _Tools:
 
 @contextlib.contextmanager
 def open_ext4_loop(free_bytes: int, workdir: str | None = None,
-                   keep: bool = False, image_size: int | None = None) -> Iterator[Ext4Loop]:
+                   keep: bool = False, image_size: int | None = None,
+                   mkfs_options: Sequence[str] = ()) -> Iterator[Ext4Loop]:
     """Build a mounted loop-ext4 with at least `free_bytes` free (as root), yield it, and
     tear it all down afterwards, whatever happens; keep=True leaves it for inspection.
     With `image_size`, the image is that size instead (the recipe's `truncate -s SIZE`),
-    formatted once, whatever room that gives."""
+    formatted once, whatever room that gives. `mkfs_options` go to mkfs.ext4 (the bench
+    asks for its inode count and for inode tables initialised at once)."""
     if free_bytes < MIN_FREE:
         raise QuotafsError(
             f"the ext4 reference needs at least {format_size(MIN_FREE)} free, "
@@ -101,16 +103,17 @@ def open_ext4_loop(free_bytes: int, workdir: str | None = None,
     tools = _find_tools()
     base = workdir if workdir is not None else _default_base()
     _check_room(base, image_size or free_bytes)
+    mkfs = (*mkfs_options, "-q", "-F")
     tmp: str | None = None
     built = False
     try:
         try:
-            with _signals_deferred():  # so no interrupt lands between mkdtemp and `tmp =`
+            with signals_deferred():  # so no interrupt lands between mkdtemp and `tmp =`
                 tmp = tempfile.mkdtemp(prefix="quotafs-ext4-", dir=base)
             image, mnt = os.path.join(tmp, "ext4.img"), os.path.join(tmp, "mnt")
             os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the mount from non-root tools
             os.mkdir(mnt)
-            loop = _build(tools, image, mnt, free_bytes, tmp, image_size)
+            loop = _build(tools, mkfs, image, mnt, free_bytes, tmp, image_size)
         except OSError as exc:  # the host's own trouble: no room, a read-only workdir...
             where = tmp if tmp is not None else base
             raise QuotafsError(f"building the ext4 reference in {where} failed: {exc}",
@@ -151,11 +154,17 @@ def _check_room(base: str, free_bytes: int) -> None:
     except OSError as exc:
         raise QuotafsError(f"cannot use {base} for the ext4 image: {exc.strerror}",
                            ExitCode.USAGE) from exc
-    need = free_bytes + free_bytes // 5 + 16 * 1024 * 1024
+    need = room_needed(free_bytes)
     if st.f_bavail * st.f_frsize < need:
         raise QuotafsError(
             f"not enough space in {base} for a {format_size(need)} ext4 image; "
             "choose another work directory", ExitCode.LOOP)
+
+
+def room_needed(size: int) -> int:
+    """The room the work directory must have for an ext4 reference of `size` (free space
+    or image size): the image plus its overhead, which the writers fill for real."""
+    return size + size // 5 + 16 * 1024 * 1024
 
 
 def find_tool(tool: str, needed_for: str = "", code: ExitCode = ExitCode.LOOP) -> str:
@@ -163,8 +172,8 @@ def find_tool(tool: str, needed_for: str = "", code: ExitCode = ExitCode.LOOP) -
     naming its package otherwise."""
     where = shutil.which(tool, path=os.pathsep.join([os.environ.get("PATH", ""), *_SBIN]))
     if where is None:
-        raise QuotafsError(f"{needed_for}{tool} not found: install {_PACKAGES[tool]}",
-                           code)
+        raise QuotafsError(f"{needed_for}{tool} not found: install "
+                           f"{_PACKAGES.get(tool, 'it')}", code)
     return where
 
 
@@ -173,12 +182,17 @@ def _find_tools() -> _Tools:
     return _Tools(found["losetup"], found["mkfs.ext4"], found["mount"], found["umount"])
 
 
+def check_tools() -> None:
+    """Raise QuotafsError naming the package of the first tool the reference lacks."""
+    _find_tools()
+
+
 def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     proc: subprocess.Popen[str] | None = None
     try:
         # Signals held while starting the tool: one landing between fork and the assignment
         # would leave a tool running unseen, finishing its attach or mount after teardown.
-        with _signals_deferred():
+        with signals_deferred():
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
         out, err = proc.communicate(timeout=_TOOL_TIMEOUT)
@@ -187,7 +201,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
             # Cut short (timeout, Ctrl-C, SIGTERM made an exception): it may still be in its
             # syscall. Reap it, so teardown sees whatever it did.
             proc.kill()
-            with _signals_deferred():
+            with signals_deferred():
                 proc.wait()
         if isinstance(exc, subprocess.TimeoutExpired):
             raise QuotafsError(f"{shlex.join(cmd)} hung for {_TOOL_TIMEOUT:g}s",
@@ -206,7 +220,7 @@ def _last_line(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[-1] if lines else f"exit status {proc.returncode}"
 
 
-def _build(tools: _Tools, image: str, mnt: str, want: int, tmp: str,
+def _build(tools: _Tools, mkfs: Sequence[str], image: str, mnt: str, want: int, tmp: str,
            image_size: int | None = None) -> Ext4Loop:
     with open(image, "wb"):
         pass
@@ -218,7 +232,7 @@ def _build(tools: _Tools, image: str, mnt: str, want: int, tmp: str,
     dev = proc.stdout.strip()
 
     def measure(size: int) -> int:
-        return _format_and_measure(tools, dev, image, mnt, size)
+        return _format_and_measure(tools, mkfs, dev, image, mnt, size)
 
     if image_size is not None:
         size, free, rounds = image_size, measure(image_size), 1
@@ -284,7 +298,8 @@ def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
-def _format_and_measure(tools: _Tools, dev: str, image: str, mnt: str, size: int) -> int:
+def _format_and_measure(tools: _Tools, mkfs: Sequence[str], dev: str, image: str, mnt: str,
+                        size: int) -> int:
     """Resize the image, mkfs and mount it; return f_bfree in bytes (left mounted)."""
     if not _umount(tools, mnt):  # the previous round's filesystem
         raise QuotafsError(f"could not unmount {mnt} to reformat it", ExitCode.LOOP)
@@ -293,7 +308,7 @@ def _format_and_measure(tools: _Tools, dev: str, image: str, mnt: str, size: int
     if proc.returncode != 0:
         raise QuotafsError(f"losetup --set-capacity {dev} failed: {_last_line(proc)}",
                            ExitCode.LOOP)
-    proc = _run([tools.mkfs, "-q", "-F", dev])
+    proc = _run([tools.mkfs, *mkfs, dev])
     if proc.returncode != 0:
         raise QuotafsError(
             f"mkfs.ext4 failed on a {format_size(size)} image ({dev}): {_last_line(proc)}",
@@ -317,26 +332,12 @@ def _reserved_clusters(dev: str, size: int, block: int) -> int:
 # --- teardown ------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block ends, so a second Ctrl-C can't cut teardown short
-    (each tool still has a timeout). Python only runs handlers in the main thread, so only
-    there is this needed or possible."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def _teardown(tools: _Tools, tmp: str) -> list[str]:
     """Undo everything that exists; return what could not be undone (empty: all clean)."""
     image, mnt = os.path.join(tmp, "ext4.img"), os.path.join(tmp, "mnt")
     problems: list[str] = []
-    with _signals_deferred():
+    # A second Ctrl-C must not cut teardown short (each tool still has a timeout).
+    with signals_deferred():
         try:
             if not _umount(tools, mnt):
                 problems.append(f"{mnt} is still mounted")
@@ -359,15 +360,15 @@ def _teardown(tools: _Tools, tmp: str) -> list[str]:
 def _umount(tools: _Tools, mnt: str) -> bool:
     """Unmount `mnt` if mounted: a few polite tries (busy right after a writer exits), then
     lazy. True when nothing is mounted there any more."""
-    for attempt in range(5):
-        if not _is_mounted(mnt):
-            return True
-        if _run([tools.umount, mnt]).returncode == 0:
-            return True
-        time.sleep(0.1 * (attempt + 1))
-    if _is_mounted(mnt):
-        _run([tools.umount, "-l", mnt])
+    with contextlib.suppress(QuotafsError):
+        unmount_retrying(os.path.realpath(mnt), umount=functools.partial(_umount_once, tools))
     return not _is_mounted(mnt)
+
+
+def _umount_once(tools: _Tools, mnt: str, lazy: bool) -> None:
+    proc = _run([tools.umount, *(["-l"] if lazy else []), mnt])
+    if proc.returncode != 0:
+        raise unmount_failure(mnt, proc.stderr or proc.stdout)
 
 
 def _devices_of(tools: _Tools, image: str) -> list[str]:

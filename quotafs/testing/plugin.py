@@ -7,24 +7,30 @@ under PYTEST_DISABLE_PLUGIN_AUTOLOAD.
     def test_app_survives_a_full_disk(quota_mount):
         ...  # quota_mount.path is a fresh 1 MiB mount; .usage(), .set_limit(), .add_fault()
 
-Fixtures:
+Fixtures (as pyfakefs's fs, fs_class, fs_module, fs_session: one per scope):
   quota_mount      a fresh mount per test; size and options from @pytest.mark.quotafs(...)
+  quota_mount_class / _module / _session
+                   one mount shared by the tests of a class / module / session; the marker
+                   of that class or module applies (none for the session)
   quotafs_factory  make(limit="100M", **options) -> QuotaMount, as many as wanted
+  quotafs_factory_class / _module / _session
+                   the same, its mounts unmounted when the class / module / session ends
   ext4_loop        the real loop-ext4 reference (root), with the marker's limit as free space
 
 Where FUSE cannot be used the fixtures skip the test, with the reason. When a test fails, its
-report gets a section per mount: usage, ENOSPC count, fault seed and the recorded events.
-A mount still busy at teardown is left mounted, with a QuotafsLeakWarning naming the test,
-and removed (lazily) at the end of the session. Docs: docs/testing.md.
+report gets a section per mount it could see: usage, ENOSPC count, fault seed and the recorded
+events. A mount still busy at teardown is left mounted, with a QuotafsLeakWarning naming the
+test (or the module, class or session), and removed (lazily) at the end of the session.
+
+The plugin stands on the public API only (quotafs.QuotaMount.start/.unmount/.close/
+.terminate, quotafs.check_fuse, ...; tests/unit/test_plugin_public_api.py checks).
+Docs: docs/testing.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import subprocess
-import time
 import warnings
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
@@ -32,13 +38,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+import quotafs
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.options import OPTION_NAMES as OPTION_NAMES
 from quotafs.options import validate as validate_options
 from quotafs.units import format_size, parse_size
 
 if TYPE_CHECKING:
-    from quotafs.client.api import Ext4Mount, QuotaMount
+    from quotafs import Ext4Mount, QuotaMount
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -60,7 +67,6 @@ DEFAULT_LIMIT = "100M"  # quota_mount and quotafs_factory without a limit; ext4_
 FORCE_NO_FUSE_ENV = "QUOTAFS_TESTING_FORCE_NO_FUSE"
 FORCE_NO_LOOP_ENV = "QUOTAFS_TESTING_FORCE_NO_LOOP"
 REPORT_EVENTS = 20  # newest events shown in a failure report
-_BUSY_TRIES = 5  # polite unmounts at teardown (busy right after a child exits), ~1 s in all
 
 class QuotafsLeakWarning(UserWarning):
     """A mount made by a fixture outlived its test (busy at teardown, or never torn down)."""
@@ -85,7 +91,7 @@ def mount_options(values: Mapping[str, Any]) -> dict[str, Any]:
 _MARKER_OPTIONS = pytest.StashKey[dict[str, Any]]()
 
 
-def _marker_options(item: pytest.Item) -> dict[str, Any]:
+def _marker_options(item: pytest.Item | pytest.Collector) -> dict[str, Any]:
     """The item's @pytest.mark.quotafs options, validated; the closest marker wins per key
     (a function's marker over its class's and module's). A bad one fails the test at setup
     with one line, no traceback."""
@@ -121,11 +127,11 @@ def fuse_unusable_reason() -> str | None:
     if _forced(FORCE_NO_FUSE_ENV):
         return f"{FORCE_NO_FUSE_ENV} is set"
     try:
-        from quotafs.client import lifecycle
+        check = quotafs.check_fuse
     except ImportError as exc:  # pyfuse3 missing or broken
         return f"quotafs cannot be imported: {exc}"
     try:
-        lifecycle.check_fuse()
+        check()
     except QuotafsError as exc:
         return str(exc)
     return None
@@ -135,13 +141,8 @@ def ext4_unusable_reason() -> str | None:
     """Why the loop-ext4 reference cannot be built here, or None if it can."""
     if _forced(FORCE_NO_LOOP_ENV):
         return f"{FORCE_NO_LOOP_ENV} is set"
-    if os.geteuid() != 0:
-        return "the ext4 reference needs root (it attaches a loop device and mounts ext4)"
-    if not os.path.exists("/dev/loop-control"):
-        return "no loop devices here (/dev/loop-control is missing)"
-    from quotafs.reference import loopext4
     try:
-        loopext4._find_tools()
+        quotafs.check_ext4_loop()
     except QuotafsError as exc:
         return str(exc)
     return None
@@ -158,116 +159,83 @@ def _skip_without_fuse() -> None:
 @dataclass
 class _Entry:
     mount: QuotaMount
-    own_mountpoint: bool
-    remove_backing: bool
-    nodeid: str
+    nodeid: str  # the test, class, module or session ("") it was made for
     made_by: str
     busy: str | None = None  # why teardown left it mounted
 
 
 _REGISTRY = pytest.StashKey[dict[int, _Entry]]()
 _LEAKS = pytest.StashKey[list[str]]()
-_ITEM_HANDLES = pytest.StashKey[list["QuotaMount | Ext4Mount"]]()
+_NODE_HANDLES = pytest.StashKey[list["QuotaMount | Ext4Mount"]]()
 
 
 def _registry(config: pytest.Config) -> dict[int, _Entry]:
     return config.stash.setdefault(_REGISTRY, {})
 
 
-def _show_to_report(item: pytest.Item, handle: QuotaMount | Ext4Mount) -> None:
-    item.stash.setdefault(_ITEM_HANDLES, []).append(handle)
+def _show_to_report(node: pytest.Item | pytest.Collector,
+                    handle: QuotaMount | Ext4Mount) -> None:
+    """A failing test below `node` (the test itself, or the class, module or session a wider
+    fixture belongs to) reports on `handle`."""
+    node.stash.setdefault(_NODE_HANDLES, []).append(handle)
+
+
+def _owner(request: pytest.FixtureRequest) -> str:
+    return request.node.nodeid or "the session"
 
 
 def _mount(request: pytest.FixtureRequest, made_by: str, limit: int | None,
            options: dict[str, Any]) -> _Entry:
-    from quotafs.client import api
     opts = dict(options)
     backing = opts.pop("backing", None)
     try:
-        mount, own = api._start(limit, backing, None, opts)
+        mount = quotafs.QuotaMount.start(limit, backing, None, **opts)
     except QuotafsError as exc:
         if exc.code == ExitCode.NO_FUSE:
             raise pytest.skip.Exception(f"quotafs: FUSE is not usable here: {exc}") from None
         raise pytest.fail.Exception(f"{made_by}: cannot mount quotafs: {exc}",
                                     pytrace=False) from None
-    entry = _Entry(mount, own, remove_backing=backing is None and not opts.get("keep_backing"),
-                   nodeid=request.node.nodeid, made_by=made_by)
+    entry = _Entry(mount, nodeid=_owner(request), made_by=made_by)
     _registry(request.config)[id(entry)] = entry
     _show_to_report(request.node, mount)
     return entry
 
 
-def _busy_unmount(path: str) -> str | None:
-    """Unmount politely; return why not if the mount stays busy, else None (unmounted, or a
-    failure other than busy, which api._stop handles with a lazy unmount)."""
-    from quotafs.client import lifecycle
-    for attempt in range(_BUSY_TRIES):
-        try:
-            lifecycle.unmount(path)
-            return None
-        except QuotafsError as exc:
-            if lifecycle.find_mount(path) is None:
-                return None
-            if exc.code != ExitCode.MOUNTPOINT:
-                return None
-            if attempt == _BUSY_TRIES - 1:
-                return str(exc).rsplit(": ", 1)[-1].rstrip(".")  # "target is busy"
-            time.sleep(0.1 * (attempt + 1))
-    return None
+def _warn_busy(entry: _Entry, reason: str) -> None:
+    leak = QuotafsLeakWarning(
+        f"quotafs mount {entry.mount.path} made by {entry.made_by} in {entry.nodeid} "
+        f"is still busy at teardown ({reason}); it stays mounted until the end "
+        "of the session")
+    try:
+        warnings.warn(leak, stacklevel=1)
+    except QuotafsLeakWarning:  # the user's filters make it an error: one line
+        raise pytest.fail.Exception(f"QuotafsLeakWarning: {leak}", pytrace=False) from None
 
 
 def _release(config: pytest.Config, entry: _Entry) -> None:
     """Fixture teardown: unmount and reap the daemon. A dead daemon's mount (ENOTCONN) is
     unmounted lazily; a busy mount of a live daemon is left for the end of the session."""
-    from quotafs.client import api, lifecycle
     mount = entry.mount
-    if lifecycle.find_mount(mount.path) is not None:
-        if not mount.is_alive():
-            with contextlib.suppress(QuotafsError):
-                lifecycle.unmount(mount.path, lazy=True)
-        else:
-            reason = _busy_unmount(mount.path)
-            if reason is not None:
-                entry.busy = reason
-                leak = QuotafsLeakWarning(
-                    f"quotafs mount {mount.path} made by {entry.made_by} in {entry.nodeid} "
-                    f"is still busy at teardown ({reason}); it stays mounted until the end "
-                    "of the session")
-                try:
-                    warnings.warn(leak, stacklevel=1)
-                except QuotafsLeakWarning:  # the user's filters make it an error: one line
-                    raise pytest.fail.Exception(f"QuotafsLeakWarning: {leak}",
-                                                pytrace=False) from None
-                return
     try:
-        api._stop(mount, entry.own_mountpoint)
+        reason = mount.unmount(lazy=False)
+    except QuotafsError:
+        reason = None  # not busy but failing: close() tries lazily and raises what stays
+    if reason is not None:
+        entry.busy = reason
+        _warn_busy(entry, reason)
+        return
+    try:
+        mount.close()
     finally:
-        if lifecycle.find_mount(mount.path) is None:  # else the end of the session retries
+        if mount.closed:  # else the end of the session retries
             _registry(config).pop(id(entry), None)
-            if entry.remove_backing:
-                shutil.rmtree(mount.backing, ignore_errors=True)
 
 
 def _reap(entry: _Entry) -> None:
-    """End of session: stop the daemon, unmount lazily, remove what the fixture made."""
-    from quotafs.client import lifecycle
-    mount = entry.mount
-    process = mount._process
-    if process is not None and process.poll() is None:
-        process.terminate()  # the daemon unmounts (lazily, as libfuse does) and exits
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    if lifecycle.find_mount(mount.path) is not None:
-        with contextlib.suppress(QuotafsError):
-            lifecycle.unmount(mount.path, lazy=True)
-    if entry.own_mountpoint:
-        with contextlib.suppress(OSError):
-            os.rmdir(mount.path)
-    if entry.remove_backing:
-        shutil.rmtree(mount.backing, ignore_errors=True)
+    """End of session: stop the daemon (it unmounts lazily, as libfuse does), then remove
+    what the fixture made."""
+    entry.mount.terminate()
+    entry.mount.close()
 
 
 # -- fixtures -----------------------------------------------------------------------------
@@ -280,14 +248,17 @@ def _default_limit(options: dict[str, Any]) -> int | None:
 _UNSET: Any = object()  # quotafs_factory's limit when not given
 
 
-@pytest.fixture
-def quota_mount(request: pytest.FixtureRequest) -> Iterator[QuotaMount]:
-    """A fresh quotafs mount for this test (limit 100M unless @pytest.mark.quotafs says
-    otherwise), unmounted after it. Skipped where FUSE cannot be used."""
+def _scope_suffix(scope: str) -> str:
+    return "" if scope == "function" else f"_{scope}"
+
+
+def _quota_mount(request: pytest.FixtureRequest) -> Iterator[QuotaMount]:
+    """One mount for the fixture's scope: the marker of its node (the test; the class or
+    module of a wider fixture; none for the session) gives size and options."""
     options = dict(_marker_options(request.node))
     limit = options.pop("limit") if "limit" in options else _default_limit(options)
     _skip_without_fuse()
-    entry = _mount(request, "quota_mount", limit, options)
+    entry = _mount(request, "quota_mount" + _scope_suffix(request.scope), limit, options)
     yield entry.mount
     _release(request.config, entry)
 
@@ -295,10 +266,11 @@ def quota_mount(request: pytest.FixtureRequest) -> Iterator[QuotaMount]:
 class QuotafsFactory:
     """quotafs_factory(limit="100M", **options) -> a new live QuotaMount; options as for
     quotafs.mounted() (inodes, accounting, block_size, mmap_sigbus, seed, rules, ...).
-    Every mount it made is unmounted when the test ends."""
+    Every mount it made is unmounted when its scope (the test, by default) ends."""
 
     def __init__(self, request: pytest.FixtureRequest) -> None:
         self._request = request
+        self._made_by = "quotafs_factory" + _scope_suffix(request.scope)
         self._entries: list[_Entry] = []
 
     def __call__(self, limit: int | str | None = _UNSET, **options: Any) -> QuotaMount:
@@ -307,22 +279,24 @@ class QuotafsFactory:
         try:
             checked = mount_options({"limit": limit, **options})
         except OptionError as exc:
-            raise pytest.fail.Exception(f"quotafs_factory: {exc}", pytrace=False) from None
-        entry = _mount(self._request, "quotafs_factory", checked.pop("limit"), checked)
+            raise pytest.fail.Exception(f"{self._made_by}: {exc}", pytrace=False) from None
+        entry = _mount(self._request, self._made_by, checked.pop("limit"), checked)
         self._entries.append(entry)
         return entry.mount
 
     def __repr__(self) -> str:
-        return f"<quotafs_factory: {len(self._entries)} mounts: {self.mounts!r}>"
+        return f"<{self._made_by}: {len(self._entries)} mounts: {self.mounts!r}>"
 
     @property
     def mounts(self) -> list[QuotaMount]:
         """The mounts made so far, oldest first."""
         return [entry.mount for entry in self._entries]
 
-    def _release_all(self) -> None:
+    def close(self) -> None:
+        """Unmount every mount made so far, newest first (the fixture's teardown does)."""
         errors: list[BaseException] = []
-        for entry in reversed(self._entries):
+        entries, self._entries = self._entries, []
+        for entry in reversed(entries):
             try:
                 _release(self._request.config, entry)
             except Exception as exc:
@@ -331,14 +305,64 @@ class QuotafsFactory:
             raise errors[0]
 
 
+def _quotafs_factory(request: pytest.FixtureRequest) -> Iterator[QuotafsFactory]:
+    _skip_without_fuse()
+    factory = QuotafsFactory(request)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture
+def quota_mount(request: pytest.FixtureRequest) -> Iterator[QuotaMount]:
+    """A fresh quotafs mount for this test (limit 100M unless @pytest.mark.quotafs says
+    otherwise), unmounted after it. Skipped where FUSE cannot be used."""
+    yield from _quota_mount(request)
+
+
+@pytest.fixture(scope="class")
+def quota_mount_class(request: pytest.FixtureRequest) -> Iterator[QuotaMount]:
+    """One mount shared by the tests of a class, unmounted after the class; the marker on
+    the class (or its module) gives size and options, a test's own marker does not."""
+    yield from _quota_mount(request)
+
+
+@pytest.fixture(scope="module")
+def quota_mount_module(request: pytest.FixtureRequest) -> Iterator[QuotaMount]:
+    """One mount shared by the tests of a module, unmounted after its last test; the
+    module's marker (pytestmark) gives size and options, a test's own marker does not."""
+    yield from _quota_mount(request)
+
+
+@pytest.fixture(scope="session")
+def quota_mount_session(request: pytest.FixtureRequest) -> Iterator[QuotaMount]:
+    """One mount (100M) shared by every test of the session, unmounted at its end; no
+    marker applies (quotafs_factory_session makes one with options)."""
+    yield from _quota_mount(request)
+
+
 @pytest.fixture
 def quotafs_factory(request: pytest.FixtureRequest) -> Iterator[QuotafsFactory]:
     """make(limit=..., **options) -> QuotaMount, as many as the test wants. Skipped where
     FUSE cannot be used. The marker does not apply: each call says what it wants."""
-    _skip_without_fuse()
-    factory = QuotafsFactory(request)
-    yield factory
-    factory._release_all()
+    yield from _quotafs_factory(request)
+
+
+@pytest.fixture(scope="class")
+def quotafs_factory_class(request: pytest.FixtureRequest) -> Iterator[QuotafsFactory]:
+    """quotafs_factory whose mounts last until the class ends."""
+    yield from _quotafs_factory(request)
+
+
+@pytest.fixture(scope="module")
+def quotafs_factory_module(request: pytest.FixtureRequest) -> Iterator[QuotafsFactory]:
+    """quotafs_factory whose mounts last until the module ends."""
+    yield from _quotafs_factory(request)
+
+
+@pytest.fixture(scope="session")
+def quotafs_factory_session(request: pytest.FixtureRequest) -> Iterator[QuotafsFactory]:
+    """quotafs_factory whose mounts last until the session ends."""
+    yield from _quotafs_factory(request)
 
 
 @pytest.fixture
@@ -352,15 +376,13 @@ def ext4_loop(request: pytest.FixtureRequest) -> Iterator[Ext4Mount]:
     free = options.get("limit")
     free = _default_limit(options) if free is None else free
     image = options.get("like_ext4")  # the recipe's image of that size, as --like-ext4 has
-    from quotafs.client import api
-    from quotafs.reference.loopext4 import MIN_FREE
-
-    if image is None and free is not None and free < MIN_FREE:
-        pytest.fail(f"ext4_loop: the ext4 reference needs at least {format_size(MIN_FREE)} "
+    least = quotafs.Ext4Mount.MIN_FREE
+    if image is None and free is not None and free < least:
+        pytest.fail(f"ext4_loop: the ext4 reference needs at least {format_size(least)} "
                     f"free; the quotafs marker asks for {format_size(free)}", pytrace=False)
     with contextlib.ExitStack() as stack:
         try:
-            handle = stack.enter_context(api.ext4_loop(free, image_size=image))
+            handle = stack.enter_context(quotafs.ext4_loop(free, image_size=image))
         except QuotafsError as exc:
             if "no free loop device" in str(exc):
                 raise pytest.skip.Exception(f"quotafs: no ext4 reference here: {exc}") from None
@@ -388,10 +410,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def _describe_quotafs(mount: QuotaMount) -> str:
     if not mount.is_alive():
-        process = mount._process
-        status = process.returncode if process is not None else "?"
-        return (f"the daemon is gone (exit status {status}): no usage to show; requests on "
-                "the mount fail with ENOTCONN")
+        status = mount.returncode
+        return (f"the daemon is gone (exit status {'?' if status is None else status}): no "
+                "usage to show; requests on the mount fail with ENOTCONN")
     s = mount.status()
     limit = "no limit" if s["limit"] is None else format_size(s["limit"])
     free = "" if s["limit"] is None else f" ({format_size(s['free'])} free)"
@@ -407,9 +428,7 @@ def _describe_quotafs(mount: QuotaMount) -> str:
         shown = events[-REPORT_EVENTS:]
         newest = f", the newest {len(shown)}" if len(shown) < len(events) else ""
         lines.append(f"events ({len(events)}{newest}):")
-        from quotafs.cli.fault import event_line
-
-        lines += ["  " + event_line(e) for e in shown]
+        lines += ["  " + quotafs.format_event(e) for e in shown]
     else:
         lines.append("events: none")
     return "\n".join(lines)
@@ -430,16 +449,19 @@ def pytest_runtest_makereport(item: pytest.Item,
                               ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed and report.when in ("setup", "call"):
-        from quotafs.client.api import QuotaMount
-
-        for handle in item.stash.get(_ITEM_HANDLES, []):
-            kind = "quotafs" if isinstance(handle, QuotaMount) else "ext4"
-            try:
-                text = (_describe_quotafs(handle) if isinstance(handle, QuotaMount)
-                        else _describe_ext4(handle))
-            except Exception as exc:  # never let the report hide the test's own failure
-                text = f"could not read its usage: {exc}"
-            report.sections.append((f"{kind} {handle.path}", text))
+        # The test's own mounts, then those of its class, module and session fixtures.
+        for node in reversed(item.listchain()):
+            for handle in node.stash.get(_NODE_HANDLES, []):
+                is_quotafs = isinstance(handle, quotafs.QuotaMount)
+                if isinstance(handle, quotafs.QuotaMount) and handle.closed:
+                    continue  # a factory's mount closed early
+                try:
+                    text = (_describe_quotafs(handle) if isinstance(handle, quotafs.QuotaMount)
+                            else _describe_ext4(handle))
+                except Exception as exc:  # never let the report hide the test's own failure
+                    text = f"could not read its usage: {exc}"
+                report.sections.append((f"{'quotafs' if is_quotafs else 'ext4'} {handle.path}",
+                                        text))
     return report
 
 

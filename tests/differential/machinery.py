@@ -52,6 +52,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from quotafs.model.allocation import count_blocks
@@ -602,55 +603,8 @@ def _close(fd: int, after: Result | None = None) -> None:
 
 # -- the mmap child -----------------------------------------------------------------------
 
-_MMAP_CHILD = r"""
-import mmap, os, resource, sys
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a SIGBUS must not dump core
-path, off, extend = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "extend"
-data = sys.stdin.buffer.read()
-page = mmap.PAGESIZE
-def say(line):
-    os.write(1, (line + "\n").encode())  # one write per line: a signal loses nothing
-try:
-    fd = os.open(path, os.O_RDWR | (os.O_CREAT if extend else 0), 0o644)
-except OSError as e:
-    say(f"fail open {e.errno}")
-    sys.exit(1)
-if extend and os.fstat(fd).st_size < off + len(data):
-    try:
-        os.ftruncate(fd, off + len(data))
-    except OSError as e:
-        say(f"fail ftruncate {e.errno}")
-        sys.exit(1)
-end = min(off + len(data), os.fstat(fd).st_size)
-if end <= off:
-    say("done")
-    sys.exit(0)
-start = off - off % page
-try:
-    m = mmap.mmap(fd, end - start, offset=start)
-except OSError as e:
-    say(f"fail mmap {e.errno}")
-    sys.exit(1)
-pos = off
-while pos < end:
-    nxt = min(end, pos - pos % page + page)
-    m[pos - start:nxt - start] = data[pos - off:nxt - off]
-    pos = nxt
-    say(f"ack {pos - off}")
-failed = False
-try:
-    m.flush()
-except OSError as e:
-    say(f"fail msync {e.errno}")
-    failed = True
-m.close()
-try:
-    os.close(fd)
-except OSError as e:
-    if not failed:
-        say(f"fail close {e.errno}")
-say("done")
-"""
+# A program of its own (linted and typed like the rest), run isolated: -I -S.
+MMAP_CHILD = str(Path(__file__).with_name("mmap_child.py"))
 
 
 def run_mmap_child(path: str, offset: int, data: bytes, extend: bool = False) -> Result:
@@ -660,7 +614,7 @@ def run_mmap_child(path: str, offset: int, data: bytes, extend: bool = False) ->
     or was killed."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-I", "-S", "-c", _MMAP_CHILD, path, str(offset),
+            [sys.executable, "-I", "-S", MMAP_CHILD, path, str(offset),
              "extend" if extend else "in-place"],
             input=data, capture_output=True, timeout=MMAP_CHILD_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:  # run() has killed and reaped it

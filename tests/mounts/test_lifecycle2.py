@@ -176,7 +176,7 @@ def _as_nobody(tmpdir: str, code: str) -> subprocess.CompletedProcess[str]:
     state directory is tmpdir/quotafs-65534 (tempfile.gettempdir() follows TMPDIR)."""
     env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_RUNTIME_DIR")}
     env["TMPDIR"] = tmpdir
-    script = ("import sys\nfrom quotafs import mounting\nfrom quotafs.errors import "
+    script = ("import sys\nfrom quotafs.client import lifecycle\nfrom quotafs.errors import "
               "QuotafsError\ntry:\n" + "".join(f"    {line}\n" for line in code.splitlines())
               + "except QuotafsError as exc:\n    print(exc, file=sys.stderr)\n"
               "    sys.exit(int(exc.code))\n")

@@ -161,6 +161,152 @@ def test_quotafs_factory_makes_mounts_with_different_limits(pytester: pytest.Pyt
     assert (data / "old").stat().st_size == 8192
 
 
+# -- wider scopes: one mount shared by a class, a module, a session ----------------------
+
+# Each test records "<test> <mount path> <still mounted?>" of every mount it sees, so the
+# outer test can tell which tests shared one and when it went away.
+RECORD = """
+    from quotafs.client.mountinfo import find_mount
+
+    def record(name, *mounts):
+        with open("paths.txt", "a") as f:
+            print(name, *(m.path for m in mounts), file=f)
+        # Which of the mounts recorded so far are mounted now.
+        with open("paths.txt") as f:
+            seen = {path for line in f for path in line.split()[1:]}
+        with open("alive.txt", "a") as f:
+            print(name, *sorted(p for p in seen if find_mount(p) is not None), file=f)
+"""
+
+
+def recorded(pytester: pytest.Pytester, name: str) -> dict[str, list[str]]:
+    lines = (pytester.path / name).read_text().splitlines()
+    return {test: rest for test, *rest in (line.split() for line in lines)}
+
+
+def run_recording(pytester: pytest.Pytester, files: dict[str, str]) -> pytest.RunResult:
+    pytester.makepyfile(record=textwrap.dedent(RECORD),
+                        **{k: textwrap.dedent(v) for k, v in files.items()})
+    pytester.makeini(STRICT_INI)
+    return run(pytester, "-p", "no:cacheprovider", "-rs")
+
+
+@needs_fuse
+def test_a_module_scoped_mount_is_shared_by_its_tests_and_released_after_them(
+        pytester: pytest.Pytester) -> None:
+    result = run_recording(pytester, {"test_a": """
+        import os
+        import pytest
+        from record import record
+
+        pytestmark = pytest.mark.quotafs(limit="3M", inodes=50)
+
+        def test_first(quota_mount_module):
+            record("a1", quota_mount_module)
+            with open(os.path.join(quota_mount_module.path, "kept"), "wb") as f:
+                f.write(b"x" * 4096)
+
+        @pytest.mark.quotafs(limit="1M")  # a test's own marker is not the module's mount's
+        def test_second(quota_mount_module, quota_mount):
+            record("a2", quota_mount_module, quota_mount)
+            assert os.listdir(quota_mount_module.path) == ["kept"]
+            usage = quota_mount_module.usage()
+            assert (usage["limit"], usage["inode_limit"]) == (3 << 20, 50)
+            assert quota_mount.usage()["limit"] == 1 << 20
+        """, "test_b": """
+        from record import record
+
+        def test_after(quota_mount_module):
+            record("b1", quota_mount_module)
+            assert quota_mount_module.usage()["limit"] == 100 << 20
+        """})
+    result.assert_outcomes(passed=3)
+    paths = recorded(pytester, "paths.txt")
+    alive = recorded(pytester, "alive.txt")
+    assert paths["a1"][0] == paths["a2"][0] != paths["b1"][0]  # one mount per module
+    assert paths["a2"][1] != paths["a2"][0]  # the function-scoped one is another mount
+    # test_a's mount was still there for its second test, gone before test_b ran.
+    assert paths["a1"][0] in alive["a2"]
+    assert paths["a1"][0] not in alive["b1"]
+    assert no_mount_left([p for ps in paths.values() for p in ps])
+
+
+@needs_fuse
+def test_a_session_scoped_mount_is_shared_across_modules(pytester: pytest.Pytester) -> None:
+    result = run_recording(pytester, {"test_a": """
+        import os
+        from record import record
+
+        def test_write(quota_mount_session, quotafs_factory_session):
+            extra = quotafs_factory_session("2M", seed=5)
+            record("a1", quota_mount_session, extra)
+            open(os.path.join(quota_mount_session.path, "from_a"), "w").close()
+        """, "test_b": """
+        import os
+        from record import record
+
+        class TestClass:
+            def test_read(self, quota_mount_session, quotafs_factory_session,
+                          quota_mount_class):
+                record("b1", quota_mount_session, *quotafs_factory_session.mounts,
+                       quota_mount_class)
+                assert os.listdir(quota_mount_session.path) == ["from_a"]
+                assert quota_mount_session.usage()["limit"] == 100 << 20
+                [extra] = quotafs_factory_session.mounts
+                assert (extra.usage()["limit"], extra.status()["seed"]) == (2 << 20, 5)
+
+            def test_class_mount_shared(self, quota_mount_class):
+                record("b2", quota_mount_class)
+
+        def test_outside_the_class(quota_mount_class):
+            record("b3", quota_mount_class)
+        """})
+    result.assert_outcomes(passed=4)
+    paths = recorded(pytester, "paths.txt")
+    alive = recorded(pytester, "alive.txt")
+    assert paths["a1"][:2] == paths["b1"][:2]  # the session's mount and the factory's
+    assert paths["b1"][2] == paths["b2"][0] != paths["b3"][0]  # one per class
+    assert set(paths["a1"]) <= set(alive["b3"])  # the session's still live at the end
+    assert no_mount_left([p for ps in paths.values() for p in ps])
+
+
+@needs_fuse
+def test_a_wide_mount_is_torn_down_after_a_failure_and_shown_in_the_report(
+        pytester: pytest.Pytester) -> None:
+    result = run_recording(pytester, {"test_a": """
+        import os
+        import pytest
+        from record import record
+
+        pytestmark = pytest.mark.quotafs(limit="1M")
+
+        def test_fails(quota_mount_module):
+            record("a1", quota_mount_module)
+            os.mkdir(os.path.join(quota_mount_module.path, "dir"))
+            assert False, "boom"
+
+        def test_sees_the_same_mount(quota_mount_module):
+            record("a2", quota_mount_module)
+            assert os.listdir(quota_mount_module.path) == ["dir"]
+            raise RuntimeError("and fails too")
+        """, "test_b": """
+        from record import record
+
+        def test_later(quota_mount):
+            record("b1", quota_mount)
+        """})
+    result.assert_outcomes(passed=1, failed=2)
+    paths = recorded(pytester, "paths.txt")
+    alive = recorded(pytester, "alive.txt")
+    [shared] = {paths["a1"][0], paths["a2"][0]}
+    # Each failing test's report shows the module's mount.
+    assert result.stdout.str().count(f"- quotafs {shared} -") == 2
+    result.stdout.fnmatch_lines(
+        ["used 4.0 KiB of 1.0 MiB (1020.0 KiB free), 0 ENOSPC from the quota*"])
+    assert shared not in alive["b1"]
+    assert no_mount_left([p for ps in paths.values() for p in ps])
+
+
 @needs_fuse
 def test_trio_tests_use_the_fixtures_and_open_quota_mount(pytester: pytest.Pytester) -> None:
     result = run_mounting(pytester, """
@@ -260,7 +406,7 @@ def test_the_report_survives_a_dead_daemon(pytester: pytest.Pytester) -> None:
 
         def test_daemon_dies(quota_mount):
             os.kill(quota_mount.pid, signal.SIGKILL)
-            quota_mount._process.wait()
+            quota_mount.wait()
             os.listdir(quota_mount.path)
     """)
     result.assert_outcomes(failed=1)
@@ -425,7 +571,7 @@ LEAKY = """
             print(quota_mount.path, file=f)
         fd = os.open(quota_mount.path, os.O_RDONLY)
         os.kill(quota_mount.pid, signal.SIGKILL)
-        quota_mount._process.wait()
+        quota_mount.wait()
 
     def test_later():
         pass
