@@ -10,10 +10,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from quotafs import __version__, options
-from quotafs.client import lifecycle
+from quotafs import __version__, options, statedir
+from quotafs.cli import fault, run
+from quotafs.cli.mountargs import add_mount_options, mount_settings
+from quotafs.client import control, lifecycle
+from quotafs.compare import runner
 from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.mountconfig import MountConfig
+from quotafs.protocol import Status
 from quotafs.units import format_size
 
 
@@ -21,60 +25,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, no usage dump: the usage is one `--help` away.
         self.exit(int(ExitCode.USAGE), f"{self.prog}: error: {printable(message)}\n")
-
-
-def add_mount_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by `mount` and `run`; their values are checked by quotafs.options
-    (mount_settings), as the API's and the plugin's are."""
-    p.add_argument("--limit", default=None,
-                   help="quota in bytes: 120M, 1.5G, 10MB, 4096 (default: no limit)")
-    p.add_argument("--backing", metavar="DIR",
-                   help="existing directory to pass through; its content counts against the "
-                        "limit (default: a private temporary directory)")
-    p.add_argument("--keep-backing", action="store_true",
-                   help="do not remove the private backing directory at unmount")
-    p.add_argument("--accounting", default="blocks", metavar="{blocks,apparent}",
-                   help="charge allocated blocks like ext4 (default) or apparent sizes")
-    p.add_argument("--block-size", default=None,
-                   help="accounting block size, reported by statfs (default 4096)")
-    p.add_argument("--inodes", default=None,
-                   help="inode limit: create/mkdir/... fail with ENOSPC past N inodes")
-    p.add_argument("--reserve", metavar="PERCENT|SIZE", default=None,
-                   help="keep the last PERCENT of the limit (5%%, as mkfs.ext4 does) or SIZE "
-                        "for root, as ext4's reserved blocks: other users get ENOSPC and df "
-                        "Avail there (default 0: every user gets the whole limit)")
-    p.add_argument("--like-ext4", metavar="SIZE", default=None,
-                   help="the limit, reserve, block size and inodes of a default mkfs.ext4 "
-                        "of a SIZE image, measured (--limit/--reserve/--inodes override "
-                        "them; see docs/semantics.md)")
-    sigbus = p.add_mutually_exclusive_group()
-    sigbus.add_argument("--mmap-sigbus", dest="mmap_sigbus", action="store_true",
-                        help="ext4-faithful mmap: SIGBUS at the faulting write past the "
-                             "quota (reserves quota for hole pages read through writable "
-                             "handles; see docs/semantics.md)")
-    sigbus.add_argument("--no-mmap-sigbus", dest="mmap_sigbus", action="store_false",
-                        help="plain FUSE mmap semantics: ENOSPC at msync/fsync (default)")
-    p.add_argument("--allow-other", action="store_true",
-                   help="let other users access the mount (needs user_allow_other "
-                        "in /etc/fuse.conf when not root)")
-    p.add_argument("--no-cache", action="store_true",
-                   help="no kernel caching (attributes, names, pages across opens, "
-                        "raised read-ahead): use when other programs also write to the "
-                        "backing directory")
-    p.add_argument("--fsname", default="quotafs", help="source name shown by mount and df")
-    p.add_argument("--rules", metavar="FILE", help="load fault rules from a TOML file "
-                                                  "(see docs/faults.md)")
-    p.add_argument("--seed", default=None,
-                   help="seed of the fault rules' random choices (default: random, printed)")
-    p.add_argument("--debug", action="store_true", help="log every FUSE request")
-
-
-def mount_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The mount options of `mount`/`run`, validated (quotafs.options): no side effect."""
-    names = [name for name in options.OPTION_NAMES if name not in ("rules", "rules_file")]
-    raw = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    raw["rules_file"] = args.rules
-    return options.validate(raw)
 
 
 def _config(settings: dict[str, Any], mountpoint: str) -> MountConfig:
@@ -92,7 +42,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mountpoint = lifecycle.check_mountpoint(args.mountpoint)
     config = _config(settings, mountpoint)
     if args.fg:
-        from quotafs.daemon import serve
+        from quotafs.daemon import serve  # here: pyfuse3 and trio only for --fg
         lifecycle.check_overlap(config.mountpoint, config.backing)
         return serve.run(config)
     started = lifecycle.start_daemon(config, detach=True)
@@ -112,10 +62,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise QuotafsError(f"{args.mountpoint} is not a quotafs mount ({info.fstype})",
                            ExitCode.NOT_QUOTAFS)
     lifecycle.check_may_unmount(info)
-    record = lifecycle.read_record(mountpoint)
+    record = statedir.read_record(mountpoint)
     pid: int | None = None
     try:
-        pid = int(lifecycle.read_status(mountpoint)["pid"])
+        pid = control.read_status(mountpoint).pid
         alive = True
     except lifecycle.NoAnswer:
         if not args.lazy:
@@ -132,15 +82,15 @@ def cmd_umount(args: argparse.Namespace) -> int:
               file=sys.stderr)
     elif alive and pid is not None and not lifecycle.wait_for_exit(pid, 30):
         print(f"quotafs: warning: daemon {pid} still running after unmount", file=sys.stderr)
-    lifecycle.forget_record(mountpoint)
-    lifecycle.drop_log_if_empty(mountpoint)  # a dead daemon could not: kept if it says anything
+    statedir.forget_record(mountpoint)
+    statedir.drop_log_if_empty(mountpoint)  # a dead daemon could not: kept if it says anything
     if not alive:
         where = f"; its backing directory is kept at {record['backing']}" if record else ""
         print(f"quotafs: cleaned up {mountpoint}: the daemon had died{where}", file=sys.stderr)
     return 0
 
 
-def _status_lines(status: dict[str, Any]) -> list[str]:
+def _status_lines(status: Status) -> list[str]:
     def size(value: int | None) -> str:
         return "none" if value is None else f"{format_size(value)} ({value} bytes)"
 
@@ -173,15 +123,15 @@ def _status_lines(status: dict[str, Any]) -> list[str]:
     ]
 
 
-def _free(status: dict[str, Any], size: Callable[[int], str] = format_size) -> str:
+def _free(status: Status, size: Callable[[int], str] = format_size) -> str:
     # Without a limit the ledger's "free" is its 2^63-1 sentinel minus used, not a fact.
     return "unlimited" if status["limit"] is None else size(status["free"])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = lifecycle.read_status(args.mountpoint)
+    status = control.read_status(args.mountpoint)
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        print(json.dumps(status.to_dict(), indent=2, sort_keys=True))
     else:
         print("\n".join(_status_lines(status)))
     return 0
@@ -200,10 +150,10 @@ def cmd_set(args: argparse.Namespace) -> int:
     if not changes:
         raise QuotafsError("nothing to set: give --limit, --inodes and/or --reserve",
                            ExitCode.USAGE)
-    lifecycle.set_limits(args.mountpoint, **changes)
-    status = lifecycle.read_status(args.mountpoint)
+    control.set_limits(args.mountpoint, **changes)
+    status = control.read_status(args.mountpoint)
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        print(json.dumps(status.to_dict(), indent=2, sort_keys=True))
     else:
         limit = "none" if status["limit"] is None else format_size(status["limit"])
         reserve = status.get("root_reserve", 0)
@@ -251,16 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the new status as JSON")
     p.set_defaults(func=cmd_set)
 
-    for register in _extra_commands():
+    for register in (run.register, fault.register, runner.register):  # in their modules
         register(sub)
     return parser
-
-
-def _extra_commands() -> list[Callable[[Any], None]]:
-    """Subcommands that live in their own modules."""
-    from quotafs.cli import fault, run
-    from quotafs.compare import runner
-    return [run.register, fault.register, runner.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,13 +18,14 @@ import sys
 from collections import Counter
 from typing import Any
 
+from quotafs.cli.mountargs import add_mount_options, mount_settings
+from quotafs.client.api import mounted
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.protocol import Event, Status
 from quotafs.units import format_size
 
 
 def register(sub: Any) -> None:
-    from quotafs.cli.main import add_mount_options
-
     p = sub.add_parser("run", help="mount a fresh quotafs around one command",
                        description="Mount a fresh quotafs, run CMD with $QUOTAFS_MOUNT set "
                                    "to the mount point, unmount, exit with CMD's status.")
@@ -40,7 +41,7 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _summary(status: dict[str, Any], events: list[dict[str, Any]]) -> str:
+def _summary(status: Status, events: list[Event]) -> str:
     limit = "no limit" if status["limit"] is None else format_size(status["limit"])
     lines = [f"quotafs: {format_size(status['used'])} used of {limit}; "
              f"{status['enospc_count']} ENOSPC from the quota"]
@@ -53,9 +54,6 @@ def _summary(status: dict[str, Any], events: list[dict[str, Any]]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from quotafs.cli.main import mount_settings
-    from quotafs.client.api import mounted
-
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise QuotafsError("run needs a command after --, e.g. quotafs run --limit 10M -- "

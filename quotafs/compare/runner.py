@@ -23,8 +23,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from quotafs.client.api import mounted
+from quotafs.client.lifecycle import check_fuse
 from quotafs.compare.writers import KINDS, WriterResult, bytes_on_disk, passwd_entry, run_writer
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.reference.loopext4 import open_ext4_loop
 from quotafs.units import format_size, parse_size
 
 TARGETS = ("ext4", "quotafs", "quotafs-sigbus")
@@ -151,8 +154,6 @@ class Runner:
             self._run("ext4", writer, path, settle)
 
     def run_quotafs(self, target: str, limit: int, backing: str, reserve: int = 0) -> None:
-        from quotafs.client.api import mounted
-
         mountpoint = backing + "-mnt"
         os.makedirs(backing, exist_ok=True)
         os.makedirs(mountpoint, exist_ok=True)
@@ -323,13 +324,9 @@ def _progress_printer(enabled: bool) -> Callable[[str], None]:
 
 
 def run_compare(plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
-    from quotafs.reference.loopext4 import open_ext4_loop
-
     if os.geteuid() != 0:
         raise QuotafsError("compare needs root: it attaches a loop device and mounts ext4",
                            ExitCode.PERMISSION)
-    from quotafs.client.lifecycle import check_fuse
-
     check_fuse()
     runner = Runner(plan, progress)
     scratch = tempfile.mkdtemp(prefix="quotafs-compare-", dir=plan.workdir or "/var/tmp")

@@ -18,27 +18,21 @@ import contextlib
 import os
 import shlex
 import shutil
-import signal
-import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from quotafs.client.mountinfo import find_mount
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.reference.tools import find_tool, last_line, run_tool, signals_deferred
 from quotafs.units import format_size
 
 MIN_FREE = 1024 * 1024  # below this mkfs.ext4 has no room for its journal; not a useful test
 _MAX_ROUNDS = 12
 _STEP = 4096  # image sizes in whole pages (and whole ext4 blocks, 1 KiB or 4 KiB)
 _TOLERANCE = 16 * 1024  # accept free space up to this much above the request
-_TOOL_TIMEOUT = 60.0  # seconds for one losetup / mkfs / mount / umount
 _TOOLS = ("losetup", "mkfs.ext4", "mount", "umount")  # what the reference needs
-_PACKAGES = {"losetup": "util-linux", "mkfs.ext4": "e2fsprogs", "dumpe2fs": "e2fsprogs",
-             "mount": "mount", "umount": "mount"}
-_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # not in every PATH, even for root
 
 
 @dataclass(frozen=True)
@@ -105,7 +99,7 @@ def open_ext4_loop(free_bytes: int, workdir: str | None = None,
     built = False
     try:
         try:
-            with _signals_deferred():  # so no interrupt lands between mkdtemp and `tmp =`
+            with signals_deferred():  # so no interrupt lands between mkdtemp and `tmp =`
                 tmp = tempfile.mkdtemp(prefix="quotafs-ext4-", dir=base)
             image, mnt = os.path.join(tmp, "ext4.img"), os.path.join(tmp, "mnt")
             os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the mount from non-root tools
@@ -158,52 +152,9 @@ def _check_room(base: str, free_bytes: int) -> None:
             "choose another work directory", ExitCode.LOOP)
 
 
-def find_tool(tool: str, needed_for: str = "", code: ExitCode = ExitCode.LOOP) -> str:
-    """The path of an admin tool, also where PATH lacks the sbin directories; QuotafsError
-    naming its package otherwise."""
-    where = shutil.which(tool, path=os.pathsep.join([os.environ.get("PATH", ""), *_SBIN]))
-    if where is None:
-        raise QuotafsError(f"{needed_for}{tool} not found: install {_PACKAGES[tool]}",
-                           code)
-    return where
-
-
 def _find_tools() -> _Tools:
     found = {tool: find_tool(tool) for tool in _TOOLS}
     return _Tools(found["losetup"], found["mkfs.ext4"], found["mount"], found["umount"])
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    proc: subprocess.Popen[str] | None = None
-    try:
-        # Signals held while starting the tool: one landing between fork and the assignment
-        # would leave a tool running unseen, finishing its attach or mount after teardown.
-        with _signals_deferred():
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-        out, err = proc.communicate(timeout=_TOOL_TIMEOUT)
-    except BaseException as exc:
-        if proc is not None:
-            # Cut short (timeout, Ctrl-C, SIGTERM made an exception): it may still be in its
-            # syscall. Reap it, so teardown sees whatever it did.
-            proc.kill()
-            with _signals_deferred():
-                proc.wait()
-        if isinstance(exc, subprocess.TimeoutExpired):
-            raise QuotafsError(f"{shlex.join(cmd)} hung for {_TOOL_TIMEOUT:g}s",
-                               ExitCode.LOOP) from exc
-        raise
-    finally:
-        if proc is not None:
-            for pipe in (proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _last_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = (proc.stderr or proc.stdout or "").strip().splitlines()
-    return lines[-1] if lines else f"exit status {proc.returncode}"
 
 
 def _build(tools: _Tools, image: str, mnt: str, want: int, tmp: str,
@@ -211,9 +162,9 @@ def _build(tools: _Tools, image: str, mnt: str, want: int, tmp: str,
     with open(image, "wb"):
         pass
     os.truncate(image, image_size or _round_up(want, _STEP))
-    proc = _run([tools.losetup, "--find", "--show", image])
+    proc = run_tool([tools.losetup, "--find", "--show", image])
     if proc.returncode != 0:
-        raise QuotafsError(f"no free loop device: losetup --find failed: {_last_line(proc)}",
+        raise QuotafsError(f"no free loop device: losetup --find failed: {last_line(proc)}",
                            ExitCode.LOOP)
     dev = proc.stdout.strip()
 
@@ -289,18 +240,18 @@ def _format_and_measure(tools: _Tools, dev: str, image: str, mnt: str, size: int
     if not _umount(tools, mnt):  # the previous round's filesystem
         raise QuotafsError(f"could not unmount {mnt} to reformat it", ExitCode.LOOP)
     os.truncate(image, size)
-    proc = _run([tools.losetup, "--set-capacity", dev])  # let the loop device see the new size
+    proc = run_tool([tools.losetup, "--set-capacity", dev])  # let the loop device see the new size
     if proc.returncode != 0:
-        raise QuotafsError(f"losetup --set-capacity {dev} failed: {_last_line(proc)}",
+        raise QuotafsError(f"losetup --set-capacity {dev} failed: {last_line(proc)}",
                            ExitCode.LOOP)
-    proc = _run([tools.mkfs, "-q", "-F", dev])
+    proc = run_tool([tools.mkfs, "-q", "-F", dev])
     if proc.returncode != 0:
         raise QuotafsError(
-            f"mkfs.ext4 failed on a {format_size(size)} image ({dev}): {_last_line(proc)}",
+            f"mkfs.ext4 failed on a {format_size(size)} image ({dev}): {last_line(proc)}",
             ExitCode.LOOP)
-    proc = _run([tools.mount, dev, mnt])
+    proc = run_tool([tools.mount, dev, mnt])
     if proc.returncode != 0:
-        raise QuotafsError(f"mount {dev} {mnt} failed: {_last_line(proc)}", ExitCode.LOOP)
+        raise QuotafsError(f"mount {dev} {mnt} failed: {last_line(proc)}", ExitCode.LOOP)
     st = os.statvfs(mnt)
     return st.f_bfree * st.f_frsize
 
@@ -317,33 +268,18 @@ def _reserved_clusters(dev: str, size: int, block: int) -> int:
 # --- teardown ------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block ends, so a second Ctrl-C can't cut teardown short
-    (each tool still has a timeout). Python only runs handlers in the main thread, so only
-    there is this needed or possible."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def _teardown(tools: _Tools, tmp: str) -> list[str]:
     """Undo everything that exists; return what could not be undone (empty: all clean)."""
     image, mnt = os.path.join(tmp, "ext4.img"), os.path.join(tmp, "mnt")
     problems: list[str] = []
-    with _signals_deferred():
+    with signals_deferred():
         try:
             if not _umount(tools, mnt):
                 problems.append(f"{mnt} is still mounted")
             for dev in _devices_of(tools, image):
-                proc = _run([tools.losetup, "-d", dev])
+                proc = run_tool([tools.losetup, "-d", dev])
                 if proc.returncode != 0:
-                    problems.append(f"losetup -d {dev}: {_last_line(proc)}")
+                    problems.append(f"losetup -d {dev}: {last_line(proc)}")
             if _is_mounted(mnt):
                 # Never rm -rf through a live mount: that would delete inside it.
                 problems.append(f"left {tmp} in place")
@@ -362,18 +298,18 @@ def _umount(tools: _Tools, mnt: str) -> bool:
     for attempt in range(5):
         if not _is_mounted(mnt):
             return True
-        if _run([tools.umount, mnt]).returncode == 0:
+        if run_tool([tools.umount, mnt]).returncode == 0:
             return True
         time.sleep(0.1 * (attempt + 1))
     if _is_mounted(mnt):
-        _run([tools.umount, "-l", mnt])
+        run_tool([tools.umount, "-l", mnt])
     return not _is_mounted(mnt)
 
 
 def _devices_of(tools: _Tools, image: str) -> list[str]:
     if not os.path.exists(image):
         return []
-    proc = _run([tools.losetup, "-j", image])
+    proc = run_tool([tools.losetup, "-j", image])
     # "/dev/loop3: [2049]:1234 (/var/tmp/quotafs-ext4-x/ext4.img)"
     return [line.split(":", 1)[0] for line in proc.stdout.splitlines() if line.strip()]
 

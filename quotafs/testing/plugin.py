@@ -407,7 +407,7 @@ def _describe_quotafs(mount: QuotaMount) -> str:
         shown = events[-REPORT_EVENTS:]
         newest = f", the newest {len(shown)}" if len(shown) < len(events) else ""
         lines.append(f"events ({len(events)}{newest}):")
-        from quotafs.cli.fault import event_line
+        from quotafs.client.control import event_line
 
         lines += ["  " + event_line(e) for e in shown]
     else:

@@ -1,0 +1,62 @@
+"""The mount options on the command line, shared by `mount` and `run`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from quotafs import options
+
+
+def add_mount_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `mount` and `run`; their values are checked by quotafs.options
+    (mount_settings), as the API's and the plugin's are."""
+    p.add_argument("--limit", default=None,
+                   help="quota in bytes: 120M, 1.5G, 10MB, 4096 (default: no limit)")
+    p.add_argument("--backing", metavar="DIR",
+                   help="existing directory to pass through; its content counts against the "
+                        "limit (default: a private temporary directory)")
+    p.add_argument("--keep-backing", action="store_true",
+                   help="do not remove the private backing directory at unmount")
+    p.add_argument("--accounting", default="blocks", metavar="{blocks,apparent}",
+                   help="charge allocated blocks like ext4 (default) or apparent sizes")
+    p.add_argument("--block-size", default=None,
+                   help="accounting block size, reported by statfs (default 4096)")
+    p.add_argument("--inodes", default=None,
+                   help="inode limit: create/mkdir/... fail with ENOSPC past N inodes")
+    p.add_argument("--reserve", metavar="PERCENT|SIZE", default=None,
+                   help="keep the last PERCENT of the limit (5%%, as mkfs.ext4 does) or SIZE "
+                        "for root, as ext4's reserved blocks: other users get ENOSPC and df "
+                        "Avail there (default 0: every user gets the whole limit)")
+    p.add_argument("--like-ext4", metavar="SIZE", default=None,
+                   help="the limit, reserve, block size and inodes of a default mkfs.ext4 "
+                        "of a SIZE image, measured (--limit/--reserve/--inodes override "
+                        "them; see docs/semantics.md)")
+    sigbus = p.add_mutually_exclusive_group()
+    sigbus.add_argument("--mmap-sigbus", dest="mmap_sigbus", action="store_true",
+                        help="ext4-faithful mmap: SIGBUS at the faulting write past the "
+                             "quota (reserves quota for hole pages read through writable "
+                             "handles; see docs/semantics.md)")
+    sigbus.add_argument("--no-mmap-sigbus", dest="mmap_sigbus", action="store_false",
+                        help="plain FUSE mmap semantics: ENOSPC at msync/fsync (default)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users access the mount (needs user_allow_other "
+                        "in /etc/fuse.conf when not root)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="no kernel caching (attributes, names, pages across opens, "
+                        "raised read-ahead): use when other programs also write to the "
+                        "backing directory")
+    p.add_argument("--fsname", default="quotafs", help="source name shown by mount and df")
+    p.add_argument("--rules", metavar="FILE", help="load fault rules from a TOML file "
+                                                  "(see docs/faults.md)")
+    p.add_argument("--seed", default=None,
+                   help="seed of the fault rules' random choices (default: random, printed)")
+    p.add_argument("--debug", action="store_true", help="log every FUSE request")
+
+
+def mount_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The mount options of `mount`/`run`, validated (quotafs.options): no side effect."""
+    names = [name for name in options.OPTION_NAMES if name not in ("rules", "rules_file")]
+    raw = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    raw["rules_file"] = args.rules
+    return options.validate(raw)
