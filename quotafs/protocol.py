@@ -100,6 +100,16 @@ class Document(Mapping[str, Any]):
         return cls(**{f.name: _frozen(data[f.name]) for f in fields if f.name in data})
 
     @classmethod
+    def exactly(cls, data: Mapping[str, Any]) -> Self:
+        """from_dict for the writer (the daemon): a key without a field is a bug here, not
+        a newer daemon's addition, and would vanish from the document unseen."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field for {', '.join(unknown)}")
+        return cls.from_dict(data)
+
+    @classmethod
     def from_json(cls, text: bytes | str) -> Self:
         try:
             data = json.loads(text)

@@ -131,11 +131,10 @@ class ControlChannel:
     def status(self) -> Status:
         stats = asdict(self.ledger.stats())
         faults = self.faults.statistics()
-        return Status.from_dict({**self.info, **stats, **self.statistics(),
-                                 "events_recorded": self._next_seq - 1, "seed": faults.seed,
-                                 "fault_rules": faults.rules,
-                                 "fault_rules_active": faults.active,
-                                 "faults_fired": faults.fired})
+        return Status.exactly({**self.info, **stats, **self.statistics(),
+                               "events_recorded": self._next_seq - 1, "seed": faults.seed,
+                               "fault_rules": faults.rules, "fault_rules_active": faults.active,
+                               "faults_fired": faults.fired})
 
     def _events_after(self, seq: int) -> bytes:
         lines = (e.to_json() for e in self.events if e.seq > seq)

@@ -83,6 +83,8 @@ def test_missing_keys_are_one_clear_error_and_unknown_keys_are_ignored() -> None
         Limits.from_dict({"limit": 1})
     assert Limits.from_dict({"limit": 1, "inodes": 2, "reserve": 3, "new": 4}).to_dict() == {
         "limit": 1, "inodes": 2, "reserve": 3}
+    with pytest.raises(ValueError, match="Limits has no field for new"):  # the daemon's
+        Limits.exactly({"limit": 1, "inodes": 2, "reserve": 3, "new": 4})
     with pytest.raises(ProtocolError, match="not JSON"):
         Status.from_json(b"{")
     with pytest.raises(ProtocolError, match="no fired"):
