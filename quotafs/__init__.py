@@ -28,7 +28,8 @@ __all__ = ["Ext4Mount", "MountOptions", "QuotaMount", "check_ext4_loop", "check_
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `python -m quotafs.compare.writers` and the size parser should not pay for pyfuse3.
+    # Lazy: `python -m quotafs.compare.writers`, the probes and the daemon need not import
+    # the Python API.
     if name in __all__:
         from quotafs.client import api
         return getattr(api, name)

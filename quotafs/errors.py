@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import errno
 import os
 
 
@@ -50,3 +51,11 @@ def printable(name: str) -> str:
             raw = os.fsencode(ch) if undecoded else ch.encode("utf-8", "surrogatepass")
             out.append("".join(f"\\{byte:03o}" for byte in raw))
     return "".join(out)
+
+
+def errno_name(code: int | None) -> str:
+    """"ENOSPC" for errno.ENOSPC; the number as text for one Python has no name for, and
+    "EUNKNOWN" for None (an OSError raised without an errno)."""
+    if code is None:
+        return "EUNKNOWN"
+    return errno.errorcode.get(code, str(code))

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import quotafs
-from quotafs import QuotaMount
+from quotafs import QuotaMount, statedir
 from quotafs.client import lifecycle
 from quotafs.options import MountOptions
 from quotafs.testing import QuotafsFactory, ext4_unusable_reason, fuse_unusable_reason
@@ -179,7 +179,7 @@ def detached_logs(roots: tuple[str, ...]) -> list[str]:
     the state directory's logs (a daemon removes an empty log), read and removed: the
     daemons `quotafs mount` starts log there, not to a file of the session's."""
     lines: list[str] = []
-    directory = Path(lifecycle.state_dir())
+    directory = Path(statedir.state_dir())
     for log in directory.glob("*.log"):
         mountpoint = urllib.parse.unquote(log.name[:-len(".log")])
         if not mountpoint.startswith(roots):

@@ -46,7 +46,7 @@ def test_a_full_disk_loses_no_committed_event(quota_mount: QuotaMount, log: Even
     stored, error = fill(log)
 
     assert str(error) == "database or disk is full"  # SQLITE_FULL: no corruption, no EIO
-    assert quota_mount.usage()["enospc_count"] > 0  # the quota said no, not something else
+    assert quota_mount.usage().enospc_count > 0  # the quota said no, not something else
     assert log.integrity() == "ok"
     assert log.count() == stored  # every committed event, and not the one that failed
     assert stored > 200  # and most of the megabyte holds events

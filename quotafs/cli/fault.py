@@ -10,54 +10,11 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Mapping
 from typing import Any
 
-from quotafs.client import lifecycle
-from quotafs.daemon.control import EVENTS, FAULT_ADD, FAULT_CLEAR, FAULTS
+from quotafs.client.control import add_rule, clear_rules, event_line, list_rules, read_events
 from quotafs.errors import printable
-from quotafs.model.faults import Rule, RuleSpec, spec_from_args
-
-
-def _get(mountpoint: str, name: bytes) -> bytes:
-    return lifecycle.get_control(lifecycle.require_quotafs(mountpoint), name)
-
-
-# -- Python-level API (used by quotafs.client.api too) -------------------------------------------
-
-def add_rule(mountpoint: str, spec: RuleSpec) -> dict[str, Any]:
-    """Add a rule; returns {"id", "effective_seed", "warnings"}."""
-    return lifecycle.request(mountpoint, FAULT_ADD, spec.to_dict())
-
-
-def list_rules(mountpoint: str) -> dict[str, Any]:
-    """{"seed": int, "rules": [rule dicts with counters]} (all of them, page by page)."""
-    rules: list[dict[str, Any]] = []
-    after = 0
-    while True:
-        page: dict[str, Any] = json.loads(_get(mountpoint, FAULTS + b"." + str(after).encode()))
-        rules += page["rules"]
-        if not page.get("more") or not page["rules"]:
-            return {"seed": page["seed"], "rules": rules}
-        after = int(rules[-1]["id"][1:])
-
-
-def clear_rules(mountpoint: str, rule_id: str | None = None) -> int:
-    result = lifecycle.request(mountpoint, FAULT_CLEAR, {"id": rule_id})
-    return int(result.get("cleared", 0))
-
-
-def read_events(mountpoint: str, after: int = 0) -> list[dict[str, Any]]:
-    """Recorded events with seq > after, oldest first (all of them, page by page)."""
-    events: list[dict[str, Any]] = []
-    while True:
-        raw = _get(mountpoint, EVENTS + b"." + str(after).encode()).decode()
-        page = [json.loads(line) for line in raw.splitlines() if line]
-        if not page:
-            return events
-        events += page
-        after = page[-1]["seq"]
-
+from quotafs.model.faults import Rule, spec_from_args
 
 # -- commands -----------------------------------------------------------------------------
 
@@ -70,27 +27,25 @@ def cmd_fault_add(args: argparse.Namespace) -> int:
         print(f"quotafs: warning: {warning}", file=sys.stderr)
     result = add_rule(args.mountpoint, spec)
     if args.json:
-        print(json.dumps(result, sort_keys=True))
+        print(result.to_json())
     else:
-        print(result["id"])
+        print(result.id)
     return 0
 
 
 def cmd_fault_list(args: argparse.Namespace) -> int:
     listing = list_rules(args.mountpoint)
     if args.json:
-        print(json.dumps(listing, indent=2, sort_keys=True))
+        print(json.dumps(listing.to_dict(), indent=2, sort_keys=True))
         return 0
-    print(f"seed {listing['seed']}")
-    for data in listing["rules"]:
-        status = {k: data[k] for k in ("matched", "fired", "shadowed", "retired")}
-        rule = Rule(data["id"], RuleSpec.from_dict(data, allow_status=True),
-                    data["effective_seed"])
-        for key, value in status.items():
-            setattr(rule, key, value)
-        rule.written = data.get("written", 0)
+    print(f"seed {listing.seed}")
+    for status in listing.rules:
+        rule = Rule(status.id, status.spec, status.effective_seed)
+        rule.matched, rule.fired = status.matched, status.fired
+        rule.shadowed, rule.retired = status.shadowed, status.retired
+        rule.written = status.written or 0
         print(rule.describe())
-    if not listing["rules"]:
+    if not listing.rules:
         print("no fault rules")
     return 0
 
@@ -99,16 +54,6 @@ def cmd_fault_clear(args: argparse.Namespace) -> int:
     count = clear_rules(args.mountpoint, args.rule_id)
     print(f"removed {count} rule{'s' if count != 1 else ''}", file=sys.stderr)
     return 0
-
-
-def event_line(e: Mapping[str, Any]) -> str:
-    """One recorded event as a line a person reads (the CLI and the pytest report)."""
-    millis = int(e["time"] % 1 * 1000)
-    stamp = time.strftime("%H:%M:%S", time.localtime(e["time"])) + f".{millis:03d}"
-    rule = f" rule {e['rule']}" if e.get("rule") else ""
-    who = f" pid {e['pid']}" if e.get("pid") else ""
-    return (f"{stamp} #{e['seq']} {e['kind']} {e['op']} {escape_name(e['path'])}: "
-            f"{e['effect']}{rule}{who}")
 
 
 def escape_name(name: str) -> str:
@@ -120,9 +65,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     after = 0
     while True:
         for event in read_events(args.mountpoint, after):
-            print(json.dumps(event, sort_keys=True) if args.json else event_line(event),
-                  flush=True)
-            after = event["seq"]
+            print(event.to_json() if args.json else event_line(event), flush=True)
+            after = event.seq
         if not args.follow:
             return 0
         time.sleep(0.2)

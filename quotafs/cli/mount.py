@@ -6,8 +6,9 @@ import argparse
 import sys
 from typing import Any
 
+from quotafs import statedir
 from quotafs.cli.mountopts import add_mount_options, mount_options
-from quotafs.client import lifecycle
+from quotafs.client import control, lifecycle
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.units import format_size
 
@@ -58,10 +59,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise QuotafsError(f"{args.mountpoint} is not a quotafs mount ({info.fstype})",
                            ExitCode.NOT_QUOTAFS)
     lifecycle.check_may_unmount(info)
-    record = lifecycle.read_record(mountpoint)
+    record = statedir.read_record(mountpoint)
     pid: int | None = None
     try:
-        pid = int(lifecycle.read_status(mountpoint)["pid"])
+        pid = control.read_status(mountpoint).pid
         alive = True
     except lifecycle.NoAnswer:
         if not args.lazy:
@@ -78,8 +79,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
               file=sys.stderr)
     elif alive and pid is not None and not lifecycle.wait_for_exit(pid, 30):
         print(f"quotafs: warning: daemon {pid} still running after unmount", file=sys.stderr)
-    lifecycle.forget_record(mountpoint)
-    lifecycle.drop_log_if_empty(mountpoint)  # a dead daemon could not: kept if it says anything
+    statedir.forget_record(mountpoint)
+    statedir.drop_log_if_empty(mountpoint)  # a dead daemon could not: kept if it says anything
     if not alive:
         where = f"; its backing directory is kept at {record['backing']}" if record else ""
         print(f"quotafs: cleaned up {mountpoint}: the daemon had died{where}", file=sys.stderr)

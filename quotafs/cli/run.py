@@ -21,6 +21,7 @@ from typing import Any
 from quotafs.cli.mountopts import add_mount_options, mount_options
 from quotafs.client.api import mounted_with
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.protocol import Event, Status
 from quotafs.units import format_size
 
 
@@ -40,7 +41,7 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _summary(status: dict[str, Any], events: list[dict[str, Any]]) -> str:
+def _summary(status: Status, events: list[Event]) -> str:
     limit = "no limit" if status["limit"] is None else format_size(status["limit"])
     lines = [f"quotafs: {format_size(status['used'])} used of {limit}; "
              f"{status['enospc_count']} ENOSPC from the quota"]

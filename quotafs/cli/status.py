@@ -7,9 +7,10 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from quotafs.client import lifecycle
+from quotafs.client import control
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.options import SETTABLE, check_settings
+from quotafs.protocol import Status
 from quotafs.units import format_size
 
 
@@ -30,7 +31,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_set)
 
 
-def _status_lines(status: dict[str, Any]) -> list[str]:
+def _status_lines(status: Status) -> list[str]:
     def size(value: int | None) -> str:
         return "none" if value is None else f"{format_size(value)} ({value} bytes)"
 
@@ -63,15 +64,15 @@ def _status_lines(status: dict[str, Any]) -> list[str]:
     ]
 
 
-def _free(status: dict[str, Any], size: Callable[[int], str] = format_size) -> str:
+def _free(status: Status, size: Callable[[int], str] = format_size) -> str:
     # Without a limit the ledger's "free" is its 2^63-1 sentinel minus used, not a fact.
     return "unlimited" if status["limit"] is None else size(status["free"])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = lifecycle.read_status(args.mountpoint)
+    status = control.read_status(args.mountpoint)
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        print(json.dumps(status.to_dict(), indent=2, sort_keys=True))
     else:
         print("\n".join(_status_lines(status)))
     return 0
@@ -88,10 +89,10 @@ def _changes(args: argparse.Namespace) -> dict[str, int | str | None]:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    lifecycle.set_limits(args.mountpoint, **_changes(args))
-    status = lifecycle.read_status(args.mountpoint)
+    control.set_limits(args.mountpoint, **_changes(args))
+    status = control.read_status(args.mountpoint)
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        print(json.dumps(status.to_dict(), indent=2, sort_keys=True))
     else:
         limit = "none" if status["limit"] is None else format_size(status["limit"])
         reserve = status.get("root_reserve", 0)

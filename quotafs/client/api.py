@@ -2,7 +2,10 @@
 
     with quotafs.mounted(limit="10M") as m:
         run_my_program(m.path)
-        assert m.usage()["used"] <= 10 * 2**20
+        assert m.usage().used <= 10 * 2**20
+
+Results are frozen dataclasses (quotafs.protocol's Status, Usage, Event, RuleStatus, Limits;
+Ext4Status here), also readable as mappings of their JSON keys as 0.1.0's dicts were.
 
 The daemon runs in a child process (never in the caller's process: blocking syscalls on
 the mount would wait on the loop that must answer them) and dies with the caller, even
@@ -20,18 +23,20 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-import trio
-
-from quotafs.client import lifecycle
+from quotafs.client import control, lifecycle
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.model.faults import spec_from_args
 from quotafs.options import MountOptions, check_settings, check_size
+from quotafs.protocol import Event, Limits, RuleStatus, Status, Usage
 from quotafs.reference import loopext4
 from quotafs.reference.loopext4 import Ext4Loop
 from quotafs.units import format_size
+
+T = TypeVar("T")
 
 SizeLike = int | str | None
 
@@ -140,31 +145,27 @@ class QuotaMount:
 
     # -- controls --
 
-    def status(self) -> dict[str, Any]:
-        return lifecycle.read_status(self.path)
+    def status(self) -> Status:
+        return control.read_status(self.path)
 
-    def usage(self) -> dict[str, Any]:
+    def usage(self) -> Usage:
         """used / reserved / free / limit / inodes, in bytes and counts."""
-        s = self.status()
-        keys = ("limit", "used", "reserved", "free", "root_reserve", "available",
-                "inode_limit", "inodes_used", "enospc_count")
-        return {k: s[k] for k in keys}
+        return self.status().usage()
 
-    def set_limit(self, limit: SizeLike) -> None:
-        lifecycle.set_limits(self.path, **check_settings({"limit": limit}))
+    def set_limit(self, limit: SizeLike) -> Limits:
+        """Change the limit; returns the limits in effect after it."""
+        return control.set_limits(self.path, **check_settings({"limit": limit}))
 
-    def set_inode_limit(self, inodes: int | None) -> None:
-        lifecycle.set_limits(self.path, **check_settings({"inodes": inodes}))
+    def set_inode_limit(self, inodes: int | None) -> Limits:
+        return control.set_limits(self.path, **check_settings({"inodes": inodes}))
 
-    def set_reserve(self, reserve: int | str) -> None:
+    def set_reserve(self, reserve: int | str) -> Limits:
         """Root's reserve: "5%" of the current limit, a size ("6M", bytes), or 0."""
-        lifecycle.set_limits(self.path, **check_settings({"reserve": reserve}))
+        return control.set_limits(self.path, **check_settings({"reserve": reserve}))
 
-    def events(self, after: int = 0) -> list[dict[str, Any]]:
+    def events(self, after: int = 0) -> list[Event]:
         """Quota ENOSPCs and fired faults (seq > after), oldest first."""
-        from quotafs.cli.fault import read_events
-
-        return read_events(self.path, after)
+        return control.read_events(self.path, after)
 
     def add_fault(self, op: str | list[str], **trigger_and_effect: Any) -> str:
         """Add a fault rule, e.g. add_fault("fsync", errno="EIO", times=1); returns its id.
@@ -172,23 +173,14 @@ class QuotaMount:
         Keywords as `quotafs fault add`: path, errno, delay, short_write, corrupt_read,
         probability, seed, after_bytes, nth, times.
         """
-        from quotafs.cli.fault import add_rule
-        from quotafs.model.faults import spec_from_args
+        return control.add_rule(self.path, spec_from_args(op, **trigger_and_effect)).id
 
-        result = add_rule(self.path, spec_from_args(op, **trigger_and_effect))
-        return str(result["id"])
-
-    def faults(self) -> list[dict[str, Any]]:
+    def faults(self) -> list[RuleStatus]:
         """The rules with their counters (matched, fired, retired, ...)."""
-        from quotafs.cli.fault import list_rules
-
-        rules: list[dict[str, Any]] = list_rules(self.path)["rules"]
-        return rules
+        return list(control.list_rules(self.path).rules)
 
     def clear_faults(self, rule_id: str | None = None) -> int:
-        from quotafs.cli.fault import clear_rules
-
-        return clear_rules(self.path, rule_id)
+        return control.clear_rules(self.path, rule_id)
 
     def is_alive(self) -> bool:
         return self._process is None or self._process.poll() is None
@@ -206,41 +198,37 @@ class TrioControls:
     def __init__(self, mount: QuotaMount) -> None:
         self._mount = mount
 
-    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        import trio  # here: trio's import costs about 90 ms, which only trio callers pay
+
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
-    async def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(self._mount.status)
-        return result
+    async def status(self) -> Status:
+        return await self._call(self._mount.status)
 
-    async def usage(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(self._mount.usage)
-        return result
+    async def usage(self) -> Usage:
+        return await self._call(self._mount.usage)
 
-    async def set_limit(self, limit: SizeLike) -> None:
-        await self._call(self._mount.set_limit, limit)
+    async def set_limit(self, limit: SizeLike) -> Limits:
+        return await self._call(self._mount.set_limit, limit)
 
-    async def set_inode_limit(self, inodes: int | None) -> None:
-        await self._call(self._mount.set_inode_limit, inodes)
+    async def set_inode_limit(self, inodes: int | None) -> Limits:
+        return await self._call(self._mount.set_inode_limit, inodes)
 
-    async def set_reserve(self, reserve: int | str) -> None:
-        await self._call(self._mount.set_reserve, reserve)
+    async def set_reserve(self, reserve: int | str) -> Limits:
+        return await self._call(self._mount.set_reserve, reserve)
 
     async def add_fault(self, op: str | list[str], **trigger_and_effect: Any) -> str:
-        rule_id: str = await self._call(self._mount.add_fault, op, **trigger_and_effect)
-        return rule_id
+        return await self._call(self._mount.add_fault, op, **trigger_and_effect)
 
-    async def faults(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self._call(self._mount.faults)
-        return result
+    async def faults(self) -> list[RuleStatus]:
+        return await self._call(self._mount.faults)
 
     async def clear_faults(self, rule_id: str | None = None) -> int:
-        count: int = await self._call(self._mount.clear_faults, rule_id)
-        return count
+        return await self._call(self._mount.clear_faults, rule_id)
 
-    async def events(self, after: int = 0) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self._call(self._mount.events, after)
-        return result
+    async def events(self, after: int = 0) -> list[Event]:
+        return await self._call(self._mount.events, after)
 
 
 # The daemon dies with "its parent" (PR_SET_PDEATHSIG), and for the kernel the parent is
@@ -309,11 +297,9 @@ def check_ext4_loop() -> None:
     loopext4.check_tools()
 
 
-def format_event(event: dict[str, Any]) -> str:
+def format_event(event: Event) -> str:
     """One event of QuotaMount.events() as a line, as `quotafs events` prints it."""
-    from quotafs.cli.fault import event_line  # function-level like the controls': cli imports api
-
-    return event_line(event)
+    return control.event_line(event)
 
 
 @contextlib.contextmanager
@@ -349,6 +335,8 @@ async def open_quota_mount(limit: SizeLike = None, backing: str | None = None,
                            mountpoint: str | None = None,
                            **options: Any) -> AsyncIterator[QuotaMount]:
     """Trio flavour of `mounted`: start and stop run in a worker thread."""
+    import trio  # here: trio's import costs about 90 ms, which only trio callers pay
+
     checked = _options(limit, backing, options)
     mount = await trio.to_thread.run_sync(lambda: QuotaMount.start_with(checked, mountpoint))
     try:
@@ -362,6 +350,23 @@ async def open_quota_mount(limit: SizeLike = None, backing: str | None = None,
 
 _EXT4_CANNOT = ("{what}: the ext4 reference is a real filesystem of fixed size without fault "
                 "injection; use quotafs.mounted() (or the quota_mount fixture) for that")
+
+
+@dataclass(frozen=True, eq=False)
+class Ext4Status(Usage):
+    """Ext4Mount.status(): its usage() and what the reference is made of."""
+
+    filesystem: str  # "ext4"
+    mountpoint: str
+    device: str  # the loop device
+    image: str
+    image_size: int
+    block_size: int
+    avail: int  # statvfs f_bavail * f_frsize, as df's Avail
+    reserved_clusters_bytes: int  # held back by ext4 from everyone, root included
+    write_capacity_hint: int  # about what write(2) can store as root
+    pid: None = None  # no daemon
+    backing: None = None  # no backing directory
 
 
 @dataclass
@@ -400,28 +405,28 @@ class Ext4Mount:
         root and for every other user."""
         return self.loop.quotafs_options()
 
-    def usage(self) -> dict[str, Any]:
-        """The keys of QuotaMount.usage(), from statvfs: limit is the free space at mkfs,
+    def usage(self) -> Usage:
+        """The fields of QuotaMount.usage(), from statvfs: limit is the free space at mkfs,
         used what has gone since, free what is left for root (f_bfree), available what is
         left for everyone else (f_bavail); inode_limit and inodes_used likewise. ext4
         neither counts its ENOSPCs nor reserves pages for mmap: enospc_count and reserved
         are None."""
         st = os.statvfs(self.path)
         free = st.f_bfree * st.f_frsize
-        return {"limit": self._free_at_start, "used": self._free_at_start - free,
-                "reserved": None, "free": free, "root_reserve": self.loop.root_reserve_bytes,
-                "available": st.f_bavail * st.f_frsize, "inode_limit": self._ffree_at_start,
-                "inodes_used": self._ffree_at_start - st.f_ffree, "enospc_count": None}
+        return Usage(limit=self._free_at_start, used=self._free_at_start - free,
+                     reserved=None, free=free, root_reserve=self.loop.root_reserve_bytes,
+                     available=st.f_bavail * st.f_frsize, inode_limit=self._ffree_at_start,
+                     inodes_used=self._ffree_at_start - st.f_ffree, enospc_count=None)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Ext4Status:
         """usage() plus what the reference is made of (device, image, sizes)."""
         st = os.statvfs(self.path)
         loop = self.loop
-        return {**self.usage(), "filesystem": "ext4", "mountpoint": self.path,
-                "device": loop.device, "image": loop.image, "image_size": loop.image_size,
-                "block_size": loop.block_size, "avail": st.f_bavail * st.f_frsize,
-                "reserved_clusters_bytes": loop.reserved_clusters_bytes,
-                "write_capacity_hint": loop.write_capacity_hint, "pid": None, "backing": None}
+        return Ext4Status(**vars(self.usage()), filesystem="ext4", mountpoint=self.path,
+                          device=loop.device, image=loop.image, image_size=loop.image_size,
+                          block_size=loop.block_size, avail=st.f_bavail * st.f_frsize,
+                          reserved_clusters_bytes=loop.reserved_clusters_bytes,
+                          write_capacity_hint=loop.write_capacity_hint)
 
     def set_limit(self, limit: SizeLike) -> None:
         raise QuotafsError(_EXT4_CANNOT.format(what="set_limit"), ExitCode.USAGE)
@@ -432,13 +437,13 @@ class Ext4Mount:
     def add_fault(self, op: str | list[str], **trigger_and_effect: Any) -> str:
         raise QuotafsError(_EXT4_CANNOT.format(what="add_fault"), ExitCode.USAGE)
 
-    def faults(self) -> list[dict[str, Any]]:
+    def faults(self) -> list[RuleStatus]:
         return []  # none can be added
 
     def clear_faults(self, rule_id: str | None = None) -> int:
         return 0
 
-    def events(self, after: int = 0) -> list[dict[str, Any]]:
+    def events(self, after: int = 0) -> list[Event]:
         return []  # ext4 records nothing; a quotafs mount records its ENOSPCs and faults
 
     def is_alive(self) -> bool:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Literal, NoReturn
 
 from quotafs import PACKAGE_PARENT
-from quotafs.errors import ExitCode, QuotafsError
+from quotafs.errors import ExitCode, QuotafsError, errno_name
 from quotafs.units import format_size, parse_size
 
 KINDS = ("mmap", "write", "fallocate")
@@ -54,12 +54,6 @@ def chunk_pattern(i: int, chunk: int) -> bytes:
     block = struct.pack(f"<{len(words)}Q", *words)
     reps = -(-chunk // _BLOCK)
     return (block * reps)[:chunk]
-
-
-def _errno_name(exc: OSError) -> str:
-    if exc.errno is None:
-        return "EUNKNOWN"
-    return errno.errorcode.get(exc.errno, str(exc.errno))
 
 
 def _check_kind(kind: str) -> None:
@@ -95,7 +89,7 @@ class _Reporter:
         )
 
     def fail(self, call: str, exc: OSError) -> None:
-        name = _errno_name(exc)
+        name = errno_name(exc.errno)
         self._emit(f"fail {call} {name}", f"{call} failed: {name} ({exc.strerror})")
 
     def done(self) -> None:

@@ -1,14 +1,5 @@
-"""The runtime control channel: extended attributes on the mount root.
-
-    getxattr(MOUNT, "user.quotafs.status")          -> JSON status document
-    getxattr(MOUNT, "user.quotafs.events[.SEQ]")    -> events (after SEQ), JSON lines
-    getxattr(MOUNT, "user.quotafs.faults[.N]")      -> fault rules (after rN) and counters
-    getxattr(MOUNT, "user.quotafs.result")          -> outcome of this process's last set
-    setxattr(MOUNT, "user.quotafs.set", JSON)       -> change the limit / inode limit
-    setxattr(MOUNT, "user.quotafs.fault.add", JSON) -> add a fault rule
-    setxattr(MOUNT, "user.quotafs.fault.clear", JSON) -> remove one rule or all
-    setxattr(MOUNT, "user.quotafs.forget", "{}")    -> make the kernel forget this mount's
-                                                       cached inodes (for tests)
+"""The runtime control channel, served: extended attributes on the mount root (the
+names and documents are quotafs.protocol's).
 
 A setxattr can only answer an errno, so the outcome of every set (the new rule's id, or
 the validation message) is kept for the calling process and read back with
@@ -31,44 +22,44 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import pyfuse3
 
-from quotafs.errors import QuotafsError
+from quotafs.errors import QuotafsError, errno_name
 from quotafs.model.faults import Effect, FaultEngine, RuleSpec
 from quotafs.model.ledger import Ledger
 from quotafs.model.reserve import resolve_reserve
 from quotafs.options import MAX_LIMIT
-
-PREFIX = b"user.quotafs."
-STATUS = PREFIX + b"status"
-EVENTS = PREFIX + b"events"
-FAULTS = PREFIX + b"faults"
-RESULT = PREFIX + b"result"
-SET = PREFIX + b"set"
-FAULT_ADD = PREFIX + b"fault.add"
-FAULT_CLEAR = PREFIX + b"fault.clear"
-FORGET = PREFIX + b"forget"
+from quotafs.protocol import (
+    EVENTS,
+    FAULT_ADD,
+    FAULT_CLEAR,
+    FAULTS,
+    FORGET,
+    MAX_EVENT_PATH,
+    PREFIX,
+    RESULT,
+    SET,
+    STATUS,
+    XATTR_SIZE_MAX,
+    Event,
+    Limits,
+    RuleAdded,
+    Status,
+    page_after,
+)
 
 EVENT_RING_SIZE = 1000
-XATTR_SIZE_MAX = 65536
-# An event's path is cut here (with a marker): a JSON line of its event, even with every
-# character escaped as \uXXXX, then fits an xattr value (a page of events). PATH_MAX.
-MAX_EVENT_PATH = 4096
 
 
 def _page_after(name: bytes, listing: bytes) -> int | None:
-    """N of "LISTING.N" (0 for "LISTING"): the page after N; None if `name` is not it."""
-    if name == listing:
-        return 0
-    if not name.startswith(listing + b"."):
-        return None
-    after = name[len(listing) + 1:]
-    if not after.isdigit():
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-    return int(after)
+    """protocol.page_after, a bad page number answered as no such attribute."""
+    try:
+        return page_after(name, listing)
+    except ValueError:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
 
 
 def _page(lines: Iterable[str], used: int) -> list[str]:
@@ -82,19 +73,6 @@ def _page(lines: Iterable[str], used: int) -> list[str]:
             break
         out.append(line)
     return out
-
-
-@dataclass
-class Event:
-    seq: int
-    time: float
-    kind: str  # "quota" for an ENOSPC from the quota, "fault" for an injected fault
-    op: str
-    path: str
-    errno: str | None  # the errno answered, if any
-    effect: str  # "ENOSPC (quota)", "errno EIO", "delay 200ms", "short-write 4096", ...
-    rule: str | None  # the fault rule that fired
-    pid: int | None  # the caller, where FUSE tells it (not for read/write/flush/fsync)
 
 
 class ControlChannel:
@@ -134,7 +112,7 @@ class ControlChannel:
 
     def _record(self, kind: str, op: str, path: str, err: int | None, effect: str,
                 rule: str | None, pid: int | None) -> None:
-        name = errno.errorcode.get(err, str(err)) if err is not None else None
+        name = errno_name(err) if err is not None else None
         if len(path) > MAX_EVENT_PATH:  # else its JSON line would not fit a page
             path = f"{path[:MAX_EVENT_PATH]}...[{len(path) - MAX_EVENT_PATH} more]"
         self.events.append(Event(self._next_seq, time.time(), kind, op, path, name, effect,
@@ -150,16 +128,16 @@ class ControlChannel:
 
     # -- requests -------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         stats = asdict(self.ledger.stats())
         faults = self.faults.statistics()
-        return {**self.info, **stats, **self.statistics(),
-                "events_recorded": self._next_seq - 1, "seed": faults.seed,
-                "fault_rules": faults.rules, "fault_rules_active": faults.active,
-                "faults_fired": faults.fired}
+        return Status.exactly({**self.info, **stats, **self.statistics(),
+                               "events_recorded": self._next_seq - 1, "seed": faults.seed,
+                               "fault_rules": faults.rules, "fault_rules_active": faults.active,
+                               "faults_fired": faults.fired})
 
     def _events_after(self, seq: int) -> bytes:
-        lines = (json.dumps(asdict(e), sort_keys=True) for e in self.events if e.seq > seq)
+        lines = (e.to_json() for e in self.events if e.seq > seq)
         # An xattr value is at most 64 KiB: the oldest that fit; the caller asks again.
         return "".join(line + "\n" for line in _page(lines, 0)).encode()
 
@@ -183,7 +161,7 @@ class ControlChannel:
 
     def get(self, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == STATUS:
-            return json.dumps(self.status(), sort_keys=True).encode()
+            return self.status().to_json().encode()
         if name in (EVENTS, FAULTS) or name.startswith((EVENTS + b".", FAULTS + b".")):
             # Paths (of directories the caller may not list) and pids: the owner's and root's.
             self._require_owner(ctx)
@@ -226,8 +204,8 @@ class ControlChannel:
             return self._set_limits(request)
         if name == FAULT_ADD:
             rule = self.faults.add(RuleSpec.from_dict(request, where="rule"))
-            return {"id": rule.id, "effective_seed": rule.effective_seed,
-                    "warnings": rule.spec.warnings()}
+            return RuleAdded(rule.id, rule.effective_seed,
+                             tuple(rule.spec.warnings())).to_dict()
         if name == FAULT_CLEAR:
             rule_id = request.get("id")
             if rule_id is None:
@@ -255,8 +233,8 @@ class ControlChannel:
             self.ledger.set_limit(limit, self._reserve_of(request, limit))
         if "inodes" in request:
             self.ledger.set_inode_limit(request["inodes"])
-        return {"limit": self.ledger.limit, "inodes": self.ledger.inode_limit,
-                "reserve": self.ledger.root_reserve}
+        return Limits(self.ledger.limit, self.ledger.inode_limit,
+                      self.ledger.root_reserve).to_dict()
 
     def _reserve_of(self, request: dict[str, Any], limit: int | None) -> int | None:
         """A reserve as --reserve takes it ("5%" of the limit in effect after this request,

@@ -28,12 +28,12 @@ import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
 from quotafs.daemon import permissions, syscalls
-from quotafs.daemon.control import PREFIX as CONTROL_PREFIX
 from quotafs.daemon.control import ControlChannel
 from quotafs.model.allocation import ceil_div, hole_blocks
 from quotafs.model.costs import Costs, data_extents, open_entry
 from quotafs.model.faults import Effect, FaultEngine
 from quotafs.model.ledger import Ledger
+from quotafs.protocol import PREFIX as CONTROL_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ import pyfuse3
 import trio
 
 from quotafs import __version__
-from quotafs.client.lifecycle import drop_log_if_empty, forget_record
 from quotafs.client.mountinfo import find_mount
 from quotafs.daemon import syscalls
 from quotafs.daemon.control import ControlChannel
@@ -31,6 +30,7 @@ from quotafs.model.costs import Costs, Mode, scan_backing
 from quotafs.model.faults import FaultEngine
 from quotafs.model.ledger import Ledger
 from quotafs.options import MountOptions
+from quotafs.statedir import drop_log_if_empty, forget_record
 
 log = logging.getLogger("quotafs")
 

@@ -173,7 +173,3 @@ def raise_nofile_limit() -> int:
         except (ValueError, OSError):
             continue
     return soft
-
-
-def errno_name(code: int) -> str:
-    return errno.errorcode.get(code, str(code))

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, get_args
 
-from quotafs.errors import ExitCode, QuotafsError
+from quotafs.errors import ExitCode, QuotafsError, errno_name
 from quotafs.units import parse_size
 
 __all__ = [
@@ -141,7 +141,7 @@ class Effect:
     def describe(self) -> str:
         """One short human phrase, e.g. "errno EIO", "delay 200ms", "short-write 4096"."""
         if self.kind == "errno":
-            return f"errno {errno_mod.errorcode.get(self.value, str(self.value))}"
+            return f"errno {errno_name(self.value)}"
         if self.kind == "delay":
             return f"delay {format_duration(self.value)}"
         if self.kind == "short_write":

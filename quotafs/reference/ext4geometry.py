@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.reference.tools import find_tool, last_line, run_tool
 from quotafs.units import format_size
 
 MIN_SIZE = 2 * 1024 * 1024  # mkfs.ext4 refuses smaller images for lack of a journal
@@ -60,8 +61,6 @@ def measure(size: int) -> Ext4Geometry:
     if size < MIN_SIZE:
         raise QuotafsError(f"--like-ext4 needs an image of at least {format_size(MIN_SIZE)}, "
                            f"got {size:,} bytes", ExitCode.USAGE)
-    from quotafs.reference.loopext4 import _last_line, _run, find_tool
-
     mkfs, dumpe2fs = (find_tool(tool, "--like-ext4: ", ExitCode.FAILURE)
                       for tool in ("mkfs.ext4", "dumpe2fs"))
     tmp = tempfile.mkdtemp(prefix="quotafs-geometry-")
@@ -69,13 +68,13 @@ def measure(size: int) -> Ext4Geometry:
         image = os.path.join(tmp, "ext4.img")
         with open(image, "wb") as f:
             f.truncate(size)
-        proc = _run([mkfs, "-q", "-F", image])
+        proc = run_tool([mkfs, "-q", "-F", image])
         if proc.returncode != 0:
             raise QuotafsError(f"mkfs.ext4 of a {format_size(size)} image failed: "
-                               f"{_last_line(proc)}", ExitCode.USAGE)
-        proc = _run([dumpe2fs, "-h", image])
+                               f"{last_line(proc)}", ExitCode.USAGE)
+        proc = run_tool([dumpe2fs, "-h", image])
         if proc.returncode != 0:
-            raise QuotafsError(f"dumpe2fs -h failed: {_last_line(proc)}", ExitCode.FAILURE)
+            raise QuotafsError(f"dumpe2fs -h failed: {last_line(proc)}", ExitCode.FAILURE)
         return parse_superblock(proc.stdout, size)
     except OSError as exc:
         raise QuotafsError(f"--like-ext4: cannot make a {format_size(size)} image in "

@@ -19,7 +19,6 @@ import functools
 import os
 import shlex
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,17 +27,14 @@ from quotafs.client.lifecycle import unmount_failure, unmount_retrying
 from quotafs.client.mountinfo import find_mount
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import signals_deferred
+from quotafs.reference.tools import find_tool, last_line, run_tool
 from quotafs.units import format_size
 
 MIN_FREE = 1024 * 1024  # below this mkfs.ext4 has no room for its journal; not a useful test
 _MAX_ROUNDS = 12
 _STEP = 4096  # image sizes in whole pages (and whole ext4 blocks, 1 KiB or 4 KiB)
 _TOLERANCE = 16 * 1024  # accept free space up to this much above the request
-_TOOL_TIMEOUT = 60.0  # seconds for one losetup / mkfs / mount / umount
 _TOOLS = ("losetup", "mkfs.ext4", "mount", "umount")  # what the reference needs
-_PACKAGES = {"losetup": "util-linux", "mkfs.ext4": "e2fsprogs", "dumpe2fs": "e2fsprogs",
-             "mount": "mount", "umount": "mount"}
-_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # not in every PATH, even for root
 
 
 @dataclass(frozen=True)
@@ -167,16 +163,6 @@ def room_needed(size: int) -> int:
     return size + size // 5 + 16 * 1024 * 1024
 
 
-def find_tool(tool: str, needed_for: str = "", code: ExitCode = ExitCode.LOOP) -> str:
-    """The path of an admin tool, also where PATH lacks the sbin directories; QuotafsError
-    naming its package otherwise."""
-    where = shutil.which(tool, path=os.pathsep.join([os.environ.get("PATH", ""), *_SBIN]))
-    if where is None:
-        raise QuotafsError(f"{needed_for}{tool} not found: install "
-                           f"{_PACKAGES.get(tool, 'it')}", code)
-    return where
-
-
 def _find_tools() -> _Tools:
     found = {tool: find_tool(tool) for tool in _TOOLS}
     return _Tools(found["losetup"], found["mkfs.ext4"], found["mount"], found["umount"])
@@ -187,47 +173,14 @@ def check_tools() -> None:
     _find_tools()
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    proc: subprocess.Popen[str] | None = None
-    try:
-        # Signals held while starting the tool: one landing between fork and the assignment
-        # would leave a tool running unseen, finishing its attach or mount after teardown.
-        with signals_deferred():
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-        out, err = proc.communicate(timeout=_TOOL_TIMEOUT)
-    except BaseException as exc:
-        if proc is not None:
-            # Cut short (timeout, Ctrl-C, SIGTERM made an exception): it may still be in its
-            # syscall. Reap it, so teardown sees whatever it did.
-            proc.kill()
-            with signals_deferred():
-                proc.wait()
-        if isinstance(exc, subprocess.TimeoutExpired):
-            raise QuotafsError(f"{shlex.join(cmd)} hung for {_TOOL_TIMEOUT:g}s",
-                               ExitCode.LOOP) from exc
-        raise
-    finally:
-        if proc is not None:
-            for pipe in (proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _last_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = (proc.stderr or proc.stdout or "").strip().splitlines()
-    return lines[-1] if lines else f"exit status {proc.returncode}"
-
-
 def _build(tools: _Tools, mkfs: Sequence[str], image: str, mnt: str, want: int, tmp: str,
            image_size: int | None = None) -> Ext4Loop:
     with open(image, "wb"):
         pass
     os.truncate(image, image_size or _round_up(want, _STEP))
-    proc = _run([tools.losetup, "--find", "--show", image])
+    proc = run_tool([tools.losetup, "--find", "--show", image])
     if proc.returncode != 0:
-        raise QuotafsError(f"no free loop device: losetup --find failed: {_last_line(proc)}",
+        raise QuotafsError(f"no free loop device: losetup --find failed: {last_line(proc)}",
                            ExitCode.LOOP)
     dev = proc.stdout.strip()
 
@@ -304,18 +257,18 @@ def _format_and_measure(tools: _Tools, mkfs: Sequence[str], dev: str, image: str
     if not _umount(tools, mnt):  # the previous round's filesystem
         raise QuotafsError(f"could not unmount {mnt} to reformat it", ExitCode.LOOP)
     os.truncate(image, size)
-    proc = _run([tools.losetup, "--set-capacity", dev])  # let the loop device see the new size
+    proc = run_tool([tools.losetup, "--set-capacity", dev])  # let the loop device see the new size
     if proc.returncode != 0:
-        raise QuotafsError(f"losetup --set-capacity {dev} failed: {_last_line(proc)}",
+        raise QuotafsError(f"losetup --set-capacity {dev} failed: {last_line(proc)}",
                            ExitCode.LOOP)
-    proc = _run([tools.mkfs, *mkfs, dev])
+    proc = run_tool([tools.mkfs, *mkfs, dev])
     if proc.returncode != 0:
         raise QuotafsError(
-            f"mkfs.ext4 failed on a {format_size(size)} image ({dev}): {_last_line(proc)}",
+            f"mkfs.ext4 failed on a {format_size(size)} image ({dev}): {last_line(proc)}",
             ExitCode.LOOP)
-    proc = _run([tools.mount, dev, mnt])
+    proc = run_tool([tools.mount, dev, mnt])
     if proc.returncode != 0:
-        raise QuotafsError(f"mount {dev} {mnt} failed: {_last_line(proc)}", ExitCode.LOOP)
+        raise QuotafsError(f"mount {dev} {mnt} failed: {last_line(proc)}", ExitCode.LOOP)
     st = os.statvfs(mnt)
     return st.f_bfree * st.f_frsize
 
@@ -342,9 +295,9 @@ def _teardown(tools: _Tools, tmp: str) -> list[str]:
             if not _umount(tools, mnt):
                 problems.append(f"{mnt} is still mounted")
             for dev in _devices_of(tools, image):
-                proc = _run([tools.losetup, "-d", dev])
+                proc = run_tool([tools.losetup, "-d", dev])
                 if proc.returncode != 0:
-                    problems.append(f"losetup -d {dev}: {_last_line(proc)}")
+                    problems.append(f"losetup -d {dev}: {last_line(proc)}")
             if _is_mounted(mnt):
                 # Never rm -rf through a live mount: that would delete inside it.
                 problems.append(f"left {tmp} in place")
@@ -366,7 +319,7 @@ def _umount(tools: _Tools, mnt: str) -> bool:
 
 
 def _umount_once(tools: _Tools, mnt: str, lazy: bool) -> None:
-    proc = _run([tools.umount, *(["-l"] if lazy else []), mnt])
+    proc = run_tool([tools.umount, *(["-l"] if lazy else []), mnt])
     if proc.returncode != 0:
         raise unmount_failure(mnt, proc.stderr or proc.stdout)
 
@@ -374,7 +327,7 @@ def _umount_once(tools: _Tools, mnt: str, lazy: bool) -> None:
 def _devices_of(tools: _Tools, image: str) -> list[str]:
     if not os.path.exists(image):
         return []
-    proc = _run([tools.losetup, "-j", image])
+    proc = run_tool([tools.losetup, "-j", image])
     # "/dev/loop3: [2049]:1234 (/var/tmp/quotafs-ext4-x/ext4.img)"
     return [line.split(":", 1)[0] for line in proc.stdout.splitlines() if line.strip()]
 

@@ -22,12 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quotafs.cli import main as cli
-from quotafs.client import lifecycle
+from quotafs.client import control, lifecycle
 from quotafs.client.api import QuotaMount, mounted
 from quotafs.daemon import serve
-from quotafs.daemon.control import FAULT_ADD, FAULT_CLEAR, SET, STATUS
 from quotafs.model.faults import SPEC_KEYS, parse_duration
 from quotafs.options import MountOptions
+from quotafs.protocol import FAULT_ADD, FAULT_CLEAR, SET, STATUS
 from tests.conftest import needs_fuse
 
 pytestmark = needs_fuse
@@ -58,7 +58,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def _reset(m: QuotaMount) -> None:
     m.clear_faults()
-    lifecycle.set_limits(m.path, limit=LIMIT, inodes=None)
+    control.set_limits(m.path, limit=LIMIT, inodes=None)
 
 
 def _assert_serving(m: QuotaMount) -> None:

@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 import quotafs
 from quotafs.cli.fault import escape_name
 from quotafs.client import lifecycle
-from quotafs.daemon.control import SET, XATTR_SIZE_MAX, ControlChannel
+from quotafs.daemon.control import ControlChannel
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.model.faults import FaultEngine, compile_glob, load_rules_toml, spec_from_args
 from quotafs.model.ledger import Ledger
+from quotafs.protocol import SET, XATTR_SIZE_MAX
 from quotafs.testing.plugin import OptionError, mount_options
 from quotafs.units import parse_size
 from tests.cli.test_cli_errors import assert_one_line_error

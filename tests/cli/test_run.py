@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from quotafs.client import lifecycle
-from quotafs.daemon.control import STATUS
+from quotafs.protocol import STATUS
 from tests.conftest import fuse_unusable_reason
 
 pytestmark = pytest.mark.skipif(fuse_unusable_reason() is not None,

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import mmap
 import os
 import signal
@@ -55,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+from quotafs.errors import errno_name
 from quotafs.model.allocation import count_blocks
 from quotafs.model.costs import data_extents
 
@@ -305,10 +305,6 @@ class Result:
         if self.error is not None:
             parts.append(f"{self.error} at {self.call}")
         return ", ".join(parts) or "ok"
-
-
-def _errno_name(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno or 0, f"errno {exc.errno}")
 
 
 def _space_failure(op: Op, r: Result) -> bool:
@@ -575,14 +571,14 @@ def _call(call: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T
     try:
         return fn(*args, **kwargs)
     except OSError as exc:
-        raise _Failed(Result(error=_errno_name(exc), call=call)) from None
+        raise _Failed(Result(error=errno_name(exc.errno), call=call)) from None
 
 
 def _write(fd: int, at: int, data: bytes, append: bool) -> Result:
     try:
         n = os.write(fd, data) if append else os.pwrite(fd, data, at)
     except OSError as exc:
-        return Result(error=_errno_name(exc), call="write", offset=at)
+        return Result(error=errno_name(exc.errno), call="write", offset=at)
     return Result(value=n, offset=at)
 
 
@@ -597,7 +593,7 @@ def _close(fd: int, after: Result | None = None) -> None:
         os.close(fd)
     except OSError as exc:
         before = after or Result()
-        raise _Failed(Result(error=_errno_name(exc), call="close", value=before.value,
+        raise _Failed(Result(error=errno_name(exc.errno), call="close", value=before.value,
                              offset=before.offset)) from None
 
 
@@ -628,7 +624,7 @@ def run_mmap_child(path: str, offset: int, data: bytes, extend: bool = False) ->
         if word == "ack":
             stored = int(rest[0])
         elif word == "fail" and error is None:
-            call, error = rest[0], errno.errorcode.get(int(rest[1]), rest[1])
+            call, error = rest[0], errno_name(int(rest[1]))
     sig: str | None = None
     if proc.returncode < 0:
         sig = signal.Signals(-proc.returncode).name

@@ -18,6 +18,7 @@ import quotafs
 from quotafs.client import api
 from quotafs.client.api import Ext4Mount, QuotaMount, mounted, open_quota_mount
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.protocol import Event, Limits, RuleStatus, Status, Usage
 from tests.conftest import needs_fuse, needs_root
 
 M = 1024 * 1024
@@ -44,6 +45,28 @@ def test_the_package_exports_the_api_lazily() -> None:
     assert quotafs.mounted is api.mounted
     with pytest.raises(AttributeError):
         _ = quotafs.no_such_thing
+
+
+@needs_fuse
+def test_results_are_typed_documents_that_read_as_0_1_0_dicts() -> None:
+    with mounted(limit="1M", inodes=10) as m:
+        limits = m.set_limit("2M")
+        assert isinstance(limits, Limits) and (limits.limit, limits.inodes) == (2 * M, 10)
+        status, usage = m.status(), m.usage()
+        assert isinstance(status, Status) and isinstance(usage, Usage)
+        assert (status.limit, status.pid, status.backing) == (2 * M, m.pid, m.backing)
+        assert usage == status.usage() and usage.limit == usage["limit"] == 2 * M
+        assert set(usage) == {"limit", "used", "reserved", "free", "root_reserve",
+                              "available", "inode_limit", "inodes_used", "enospc_count"}
+        rule_id = m.add_fault("mkdir", errno="EROFS", times=1)
+        with pytest.raises(OSError):
+            os.mkdir(os.path.join(m.path, "d"))
+        [rule] = m.faults()
+        assert isinstance(rule, RuleStatus)
+        assert (rule.id, rule.spec.errno, rule.fired, rule.retired) == (rule_id, "EROFS", 1, True)
+        [event] = m.events()
+        assert isinstance(event, Event) and (event.kind, event.rule) == ("fault", rule_id)
+        assert dict(event) == event.to_dict() and event == event.to_dict()
 
 
 @needs_fuse

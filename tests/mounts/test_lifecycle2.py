@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from quotafs import statedir
 from quotafs.client import lifecycle
 from quotafs.errors import ExitCode, QuotafsError
 from tests.conftest import MountFactory, fuse_unusable_reason
@@ -161,12 +162,12 @@ def test_sigterm_leaves_no_record(tmp_path: Path, cleanup: list[str]) -> None:
     mnt.mkdir()
     cleanup.append(str(mnt))
     assert quotafs("mount", "--limit", "1M", str(mnt)).returncode == 0
-    assert os.path.exists(lifecycle.record_path(str(mnt)))
+    assert os.path.exists(statedir.record_path(str(mnt)))
     pid = _pid(str(mnt))
     os.kill(pid, signal.SIGTERM)
     _wait_gone(pid)
     assert lifecycle.find_mount(str(mnt)) is None
-    assert not os.path.exists(lifecycle.record_path(str(mnt)))
+    assert not os.path.exists(statedir.record_path(str(mnt)))
 
 
 # -- the state directory of a user other than root ------------------------------------------
@@ -176,7 +177,7 @@ def _as_nobody(tmpdir: str, code: str) -> subprocess.CompletedProcess[str]:
     state directory is tmpdir/quotafs-65534 (tempfile.gettempdir() follows TMPDIR)."""
     env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_RUNTIME_DIR")}
     env["TMPDIR"] = tmpdir
-    script = ("import sys\nfrom quotafs.client import lifecycle\nfrom quotafs.errors import "
+    script = ("import sys\nfrom quotafs import statedir\nfrom quotafs.errors import "
               "QuotafsError\ntry:\n" + "".join(f"    {line}\n" for line in code.splitlines())
               + "except QuotafsError as exc:\n    print(exc, file=sys.stderr)\n"
               "    sys.exit(int(exc.code))\n")
@@ -195,9 +196,9 @@ def shared_tmp() -> Iterator[str]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to uid 65534")
 def test_state_dir_of_another_user_is_made_private(shared_tmp: str) -> None:
-    result = _as_nobody(shared_tmp, "print(lifecycle.state_dir())\n"
-                                    "lifecycle.write_record('/m', {'pid': 1})\n"
-                                    "print(lifecycle.read_record('/m'))")
+    result = _as_nobody(shared_tmp, "print(statedir.state_dir())\n"
+                                    "statedir.write_record('/m', {'pid': 1})\n"
+                                    "print(statedir.read_record('/m'))")
     assert result.returncode == 0, result.stderr
     base = os.path.join(shared_tmp, f"quotafs-{NOBODY}")
     assert result.stdout.splitlines() == [base, "{'pid': 1}"]
@@ -223,7 +224,7 @@ def test_state_dir_planted_by_someone_else_is_refused(shared_tmp: str, planted: 
         os.chown(base, NOBODY, NOBODY)
     else:
         Path(base).write_text("")
-    result = _as_nobody(shared_tmp, "lifecycle.state_dir()")
+    result = _as_nobody(shared_tmp, "statedir.state_dir()")
     assert_one_line(result, ExitCode.PERMISSION, "refusing the state directory")
     assert os.listdir(victim) == []
     if planted != "file":
@@ -295,10 +296,10 @@ def test_dead_mount_inside_the_backing_is_one_line(tmp_path: Path, cleanup: list
         assert_one_line(result, ExitCode.BACKING, "dead")
         assert "Transport endpoint is not connected" in result.stderr
         assert lifecycle.find_mount(str(mnt)) is None
-        log = Path(lifecycle.log_path(str(mnt)))
+        log = Path(statedir.log_path(str(mnt)))
         assert not log.exists() or "Traceback" not in log.read_text()
     finally:
-        record = lifecycle.read_record(str(dead))
+        record = statedir.read_record(str(dead))
         assert quotafs("umount", str(dead)).returncode == 0
         if record is not None and record.get("private_backing"):
             # umount keeps a dead daemon's backing directory for its owner: the test's own.

@@ -25,14 +25,14 @@ LIMIT = 64 * 1024
 # Run by nobody: mount, fill past the limit, df, fusermount3 -u. Prints one JSON line.
 SCENARIO = """
 import errno, json, os, subprocess, sys, time
-from quotafs.client import lifecycle
+from quotafs.client import control, lifecycle
 mnt, pidfile, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
 out = {}
 m = subprocess.run([sys.executable, "-m", "quotafs", "mount", "--limit", str(limit), mnt],
                    capture_output=True, text=True, timeout=120)
 out["mount"] = [m.returncode, m.stderr.strip()]
 if m.returncode == 0:
-    pid = lifecycle.read_status(mnt)["pid"]
+    pid = control.read_status(mnt).pid
     with open(pidfile, "w") as f:
         f.write(str(pid))
     out["daemon_uid"] = os.stat(f"/proc/{pid}").st_uid
@@ -57,7 +57,7 @@ if m.returncode == 0:
                            capture_output=True, text=True, timeout=120)
     if again.returncode == 0:
         with open(pidfile, "w") as f:
-            f.write(str(lifecycle.read_status(mnt)["pid"]))
+            f.write(str(control.read_status(mnt).pid))
     u = subprocess.run([sys.executable, "-m", "quotafs", "umount", mnt],
                        capture_output=True, text=True, timeout=120)
     out["quotafs_umount"] = [again.returncode, u.returncode, u.stderr.strip(),
