@@ -238,8 +238,7 @@ class QuotaFS(pyfuse3.Operations):
             # write permission: let the backing filesystem check that.
             if not self.rights.acting:
                 raise
-            syscalls.utimens_path_fd(self.inodes.fd(node),
-                                     None if atime is None else syscalls.NOW,
+            syscalls.utimens_path_fd(fd, None if atime is None else syscalls.NOW,
                                      None if mtime is None else syscalls.NOW)
 
     @boundary
