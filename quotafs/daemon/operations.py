@@ -23,7 +23,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyfuse3
@@ -270,12 +270,8 @@ class QuotaFS(pyfuse3.Operations):
         with self.rights.as_caller(ctx):
             parent = self.inodes.node(parent_inode)
             self.rights.check_add(parent)
-            cost = self.costs.directory()
-            with self.charging.new_inode("mkdir", parent, ctx.uid == 0, cost):
-                os.mkdir(name, mode & ~ctx.umask, dir_fd=self.inodes.fd(parent))
-            node, entry = self._lookup_entry(parent, name)
-            node.charged = cost
-            return entry
+            return self._new_entry("mkdir", parent, name, self.costs.directory(), ctx,
+                                   lambda fd: os.mkdir(name, mode & ~ctx.umask, dir_fd=fd))
 
     @boundary
     async def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
@@ -285,12 +281,19 @@ class QuotaFS(pyfuse3.Operations):
         with self.rights.as_caller(ctx):
             parent = self.inodes.node(parent_inode)
             self.rights.check_add(parent)
-            cost = self.costs.symlink(len(target))
-            with self.charging.new_inode("symlink", parent, ctx.uid == 0, cost):
-                os.symlink(target, name, dir_fd=self.inodes.fd(parent))
-            node, entry = self._lookup_entry(parent, name)
-            node.charged = cost
-            return entry
+            return self._new_entry("symlink", parent, name, self.costs.symlink(len(target)),
+                                   ctx, lambda fd: os.symlink(target, name, dir_fd=fd))
+
+    def _new_entry(self, op: str, parent: Node, name: bytes, cost: int,
+                   ctx: pyfuse3.RequestContext,
+                   make: Callable[[int], None]) -> pyfuse3.EntryAttributes:
+        """Make `name` in `parent` (make(directory's fd)), its inode and cost charged first
+        and given back if that fails."""
+        with self.charging.new_inode(op, parent, ctx.uid == 0, cost):
+            make(self.inodes.fd(parent))
+        node, entry = self._lookup_entry(parent, name)
+        node.charged = cost
+        return entry
 
     @boundary
     async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
@@ -314,11 +317,7 @@ class QuotaFS(pyfuse3.Operations):
         with self.rights.as_caller(ctx):
             parent = self.inodes.node(parent_inode)
             self.rights.check_remove(parent, name)
-            st = os.stat(name, dir_fd=self.inodes.fd(parent), follow_symlinks=False)
-            node, charge = self.charging.losing_name(parent, name, st)
-            os.unlink(name, dir_fd=self.inodes.fd(parent))
-            if st.st_nlink <= 1:
-                self.charging.forget_charge(node, st, charge)
+            self._remove(parent, name, os.unlink)
 
     @boundary
     async def rmdir(self, parent_inode: InodeT, name: FileNameT,
@@ -328,9 +327,14 @@ class QuotaFS(pyfuse3.Operations):
         with self.rights.as_caller(ctx):
             parent = self.inodes.node(parent_inode)
             self.rights.check_remove(parent, name)
-            st = os.stat(name, dir_fd=self.inodes.fd(parent), follow_symlinks=False)
-            node, charge = self.charging.losing_name(parent, name, st)
-            os.rmdir(name, dir_fd=self.inodes.fd(parent))
+            self._remove(parent, name, os.rmdir)
+
+    def _remove(self, parent: Node, name: bytes, remove: Callable[..., None]) -> None:
+        """unlink or rmdir `name`; a last name gives the inode's charge back."""
+        st = os.stat(name, dir_fd=self.inodes.fd(parent), follow_symlinks=False)
+        node, charge = self.charging.losing_name(parent, name, st)
+        remove(name, dir_fd=self.inodes.fd(parent))
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1:  # rmdir only removes directories
             self.charging.forget_charge(node, st, charge)
 
     @boundary
