@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import errno
 import json
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
@@ -27,6 +26,7 @@ from typing import Any
 
 import pyfuse3
 
+from quotafs.daemon.inodes import TableStats
 from quotafs.errors import QuotafsError, errno_name
 from quotafs.model.faults import Effect, FaultEngine, RuleSpec
 from quotafs.model.ledger import Ledger
@@ -76,39 +76,30 @@ def _page(lines: Iterable[str], used: int) -> list[str]:
 
 
 class ControlChannel:
+    """The control requests and the event log of one mount.
+
+    statistics: the inode table's counters, for the status document; forget_cached: asks
+    the kernel to forget this mount's cached entries, answering how many were asked.
+    """
+
     def __init__(self, ledger: Ledger, info: dict[str, Any], owner_uid: int,
-                 backing: str, faults: FaultEngine) -> None:
+                 faults: FaultEngine, statistics: Callable[[], TableStats],
+                 forget_cached: Callable[[], int]) -> None:
         self.ledger = ledger
         self.faults = faults
         self._results: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
         self.info = info  # static facts: backing, pid, options, accounting mode
         self.owner_uid = owner_uid
-        self.backing = backing
-        self._backing_real = os.path.realpath(backing)
-        self._backing_prefix = self._backing_real.rstrip("/") + "/"
         self.events: collections.deque[Event] = collections.deque(maxlen=EVENT_RING_SIZE)
         self._next_seq = 1
-        self.statistics: Callable[[], dict[str, Any]] = dict
-        self.forget_cached: Callable[[], int] = lambda: 0  # QuotaFS.forget_cached
+        self._statistics = statistics
+        self._forget_cached = forget_cached
 
     @staticmethod
     def owns(name: bytes) -> bool:
         return name.startswith(PREFIX)
 
     # -- events ---------------------------------------------------------------------------
-
-    def path_of(self, fd: int) -> str:
-        """The "/"-prefixed path below the mount of an inode's O_PATH descriptor."""
-        try:
-            path = os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")
-        except OSError:
-            return "?"
-        # The kernel gives the canonical path: below the backing root, a plain prefix.
-        if path == self._backing_real:
-            return "/"
-        if path.startswith(self._backing_prefix):
-            return path[len(self._backing_prefix) - 1:]
-        return "?"
 
     def _record(self, kind: str, op: str, path: str, err: int | None, effect: str,
                 rule: str | None, pid: int | None) -> None:
@@ -131,7 +122,7 @@ class ControlChannel:
     def status(self) -> Status:
         stats = asdict(self.ledger.stats())
         faults = self.faults.statistics()
-        return Status.exactly({**self.info, **stats, **self.statistics(),
+        return Status.exactly({**self.info, **stats, **asdict(self._statistics()),
                                "events_recorded": self._next_seq - 1, "seed": faults.seed,
                                "fault_rules": faults.rules, "fault_rules_active": faults.active,
                                "faults_fired": faults.fired})
@@ -216,7 +207,7 @@ class ControlChannel:
                 raise KeyError(str(exc)) from None
             return {"cleared": 1}
         if name == FORGET:
-            return {"entries": self.forget_cached()}
+            return {"entries": self._forget_cached()}
         raise ValueError(f"unknown control request {name.decode(errors='replace')}")
 
     def _set_limits(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,10 @@ from quotafs import __version__
 from quotafs.client.mountinfo import find_mount
 from quotafs.daemon import syscalls
 from quotafs.daemon.control import ControlChannel
+from quotafs.daemon.inodes import InodeTable, default_path_fd_budget
+from quotafs.daemon.kernel import Kernel
 from quotafs.daemon.operations import CACHE_TIMEOUT, Options, QuotaFS
+from quotafs.daemon.paths import Paths
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.model.costs import Costs, Mode, scan_backing
 from quotafs.model.faults import FaultEngine
@@ -63,9 +66,18 @@ def _mount_options(config: MountOptions) -> set[str]:
     return options
 
 
-def build_filesystem(config: MountOptions) -> QuotaFS:
+def _path_fd_budget() -> int:
+    """QUOTAFS_PATH_FD_BUDGET: for tests that exercise closing and reopening descriptors."""
+    budget = os.environ.get("QUOTAFS_PATH_FD_BUDGET")
+    return int(budget) if budget is not None else default_path_fd_budget()
+
+
+def build_filesystem(config: MountOptions, kernel: Kernel | None = None) -> QuotaFS:
+    """The filesystem for `config`, every part built and wired here, once. `kernel`: the
+    FUSE session calls (kernel.py); an in-process test layer passes its own."""
     costs = Costs(Mode(config.accounting), config.block_bytes)
-    ledger = Ledger(config.limit, config.inodes, config.reserve_bytes, config.kept_back_bytes)
+    ledger = Ledger(config.limit, config.inodes, config.reserve_bytes,
+                    config.kept_back_bytes)
     backing = config.backing_dir
     try:
         existing_bytes, existing_inodes = scan_backing(backing, costs)
@@ -90,21 +102,23 @@ def build_filesystem(config: MountOptions) -> QuotaFS:
     }
     faults = FaultEngine(config.seed)
     faults.add_all(config.rules)
-    control = ControlChannel(ledger, info, owner, backing, faults)
-    fs = QuotaFS(backing, ledger,
-                 Options(costs, mmap_sigbus=config.mmap_sigbus,
-                         attr_timeout=0.0 if config.no_cache else CACHE_TIMEOUT,
-                         # Other users' path walks must reach the daemon: a name it
-                         # looks up as the caller is checked against the backing's fresh
-                         # search permissions on every directory on the way, which the
-                         # kernel's cached entries would skip (see docs/security.md).
-                         entry_timeout=0.0 if config.no_cache or config.allow_other
-                         else CACHE_TIMEOUT,
-                         keep_cache=not (config.no_cache or config.mmap_sigbus)),
-                 control, faults)
-    control.statistics = fs.statistics
-    control.forget_cached = fs.forget_cached
-    return fs
+    session = kernel if kernel is not None else Kernel()
+    identity = syscalls.Identity()
+    inodes = InodeTable(backing, _path_fd_budget(), identity.daemon)
+    control = ControlChannel(
+        ledger, info, owner, faults, statistics=inodes.statistics,
+        forget_cached=lambda: session.invalidate_entries(inodes.named_entries()))
+    options = Options(costs, mmap_sigbus=config.mmap_sigbus,
+                      attr_timeout=0.0 if config.no_cache else CACHE_TIMEOUT,
+                      # Other users' path walks must reach the daemon: a name it looks up
+                      # as the caller is checked against the backing's fresh search
+                      # permissions on every directory on the way, which the kernel's
+                      # cached entries would skip (see docs/security.md).
+                      entry_timeout=0.0 if config.no_cache or config.allow_other
+                      else CACHE_TIMEOUT,
+                      keep_cache=not (config.no_cache or config.mmap_sigbus))
+    return QuotaFS(inodes, ledger, options, control, faults, session, identity,
+                   Paths(inodes, backing))
 
 
 READ_AHEAD_KB = 1024  # 1 MiB: the largest READ request FUSE sends (256 pages)

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from quotafs.model.allocation import Extent, count_blocks, round_up
+from quotafs.model.allocation import Extent, ceil_div, count_blocks, hole_blocks, round_up
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,21 @@ class Costs:
         if not self.blocks:
             return size
         return count_blocks(data_extents(fd, 0, size), self.block_size) * self.block_size
+
+    def holes(self, fd: int, off: int, end: int, size: int) -> list[int]:
+        """The blocks that [off, end) touches and that hold no data yet, in the file `fd`
+        of st_size `size` (block mode): what writing there would newly allocate.
+
+        Extents are asked up to the end of the last block touched: on a backing of smaller
+        blocks (1 KiB ext4) data past `end` in it means it is no hole. Blocks past EOF hold
+        no data; only the part inside the file needs SEEK_DATA, so a plain append costs no
+        syscall here.
+        """
+        block = self.block_size
+        start = off - off % block
+        data_end = min(ceil_div(end, block) * block, size)
+        extents = data_extents(fd, start, data_end) if start < data_end else []
+        return hole_blocks(off, end, extents, block)
 
     def measure(self, st: os.stat_result, opener: Callable[[], int]) -> int:
         """What the inode behind `st` costs: the one way every inode is measured, by the

@@ -68,6 +68,7 @@ __all__ = [
     "ALL_OPS",
     "EFFECT_KEYS",
     "OPS",
+    "PLAUSIBLE_ERRNOS",
     "Effect",
     "EffectKind",
     "FaultEngine",
@@ -350,7 +351,8 @@ _OPEN = _CREATE_PATH | _errnos("EAGAIN", "EBUSY", "EFBIG", "EISDIR", "EMFILE", "
                                "EWOULDBLOCK")
 _SYNC = _FD | _errnos("EDQUOT", "EINVAL", "ENOSPC", "EROFS")
 _XATTR = _PATH | _errnos("E2BIG", "ENOTSUP", "EOPNOTSUPP", "ERANGE", "EPERM")
-_PLAUSIBLE: dict[str, frozenset[int]] = {
+# The errnos each op can return per its man pages (a rule giving another gets a warning).
+PLAUSIBLE_ERRNOS: dict[str, frozenset[int]] = {
     "lookup": _PATH | _errnos("EOVERFLOW"),
     "getattr": _PATH | _errnos("EOVERFLOW"),
     "setattr": _PATH | _errnos("EPERM", "EROFS", "EINVAL", "EDQUOT"),
@@ -382,17 +384,17 @@ _PLAUSIBLE: dict[str, frozenset[int]] = {
     "removexattr": _XATTR | _errnos("ENODATA", "EROFS"),
     "access": _PATH | _errnos("EINVAL", "EPERM", "EROFS", "ETXTBSY"),
 }
-assert set(_PLAUSIBLE) == _OP_SET
+assert set(PLAUSIBLE_ERRNOS) == _OP_SET
 
 
 def _errno_warnings(ops: tuple[str, ...], number: int, name: str) -> list[str]:
     warnings: list[str] = []
     if ops == (ALL_OPS,):
-        if not any(number in allowed for allowed in _PLAUSIBLE.values()):
+        if not any(number in allowed for allowed in PLAUSIBLE_ERRNOS.values()):
             warnings.append(f"no filesystem operation returns {name} per the man pages; "
                             "programs may not expect it")
     else:
-        never = [op for op in ops if number not in _PLAUSIBLE[op]]
+        never = [op for op in ops if number not in PLAUSIBLE_ERRNOS[op]]
         if never:
             warnings.append(f"{name} is not an error {', '.join(never)} can return per "
                             "the man pages; programs may not expect it")

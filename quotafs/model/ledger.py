@@ -6,9 +6,9 @@ method call that completes without awaiting, so within the single-threaded trio 
 is atomic: racing writers can never push usage past the limit.
 
 The root reserve (ext4's reserved blocks, `--reserve`): the last `root_reserve` bytes below
-the limit are for privileged callers only. `privileged` says whether the request being
-served is one (the daemon sets it before each request's synchronous body); every
-allocating method decides for that caller, and `free_for()` answers for either.
+the limit are for privileged callers only. Every allocating method takes `privileged`:
+whether the request it serves comes from one (root, for a file handle: its opener), and
+`free_for()` answers for either.
 
 Kept back (`--like-ext4` only): the last `kept_back` bytes are nobody's, root's neither,
 though statfs counts them free, as ext4 keeps clusters back for delayed allocation.
@@ -54,7 +54,6 @@ class Ledger:
         self.limit = limit
         self.inode_limit = inode_limit
         self.root_reserve = root_reserve
-        self.privileged = True  # the current caller may use the root reserve
         self.used = 0
         self.reserved = 0
         self.inodes_used = 0
@@ -81,15 +80,12 @@ class Ledger:
             limit -= self.root_reserve
         return max(0, limit - self.used - self.reserved)
 
-    def free(self) -> int:
-        """Bytes that a new allocation by the current caller may still take."""
-        return self.free_for(self.privileged)
-
-    def try_charge(self, nbytes: int) -> bool:
-        """Charge `nbytes` if they fit; otherwise charge nothing and count an ENOSPC."""
+    def try_charge(self, nbytes: int, *, privileged: bool) -> bool:
+        """Charge `nbytes` if they fit a caller of this kind; otherwise charge nothing and
+        count an ENOSPC."""
         if nbytes < 0:
             raise ValueError("charge must be >= 0")
-        if nbytes > self.free():
+        if nbytes > self.free_for(privileged):
             self.enospc_count += 1
             return False
         self.used += nbytes
@@ -114,11 +110,11 @@ class Ledger:
 
     # -- reservations (ext4-faithful mmap) ----------------------------------------------
 
-    def try_reserve(self, nbytes: int) -> bool:
+    def try_reserve(self, nbytes: int, *, privileged: bool) -> bool:
         """Hold back `nbytes` for pages that will be written through a mapping."""
         if nbytes < 0:
             raise ValueError("reservation must be >= 0")
-        if nbytes > self.free():
+        if nbytes > self.free_for(privileged):
             self.enospc_count += 1
             return False
         self.reserved += nbytes

@@ -23,6 +23,7 @@ import quotafs
 from quotafs.cli.fault import escape_name
 from quotafs.client import lifecycle
 from quotafs.daemon.control import ControlChannel
+from quotafs.daemon.inodes import TableStats
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.model.faults import FaultEngine, compile_glob, load_rules_toml, spec_from_args
 from quotafs.model.ledger import Ledger
@@ -166,7 +167,8 @@ def test_fault_list_pages_past_64k(mount_factory: MountFactory) -> None:
 
 
 def _channel() -> ControlChannel:
-    return ControlChannel(Ledger(None, None), {}, os.geteuid(), "/", FaultEngine(seed=1))
+    return ControlChannel(Ledger(None, None), {}, os.geteuid(), FaultEngine(seed=1),
+                          statistics=lambda: TableStats(0, 0, 0), forget_cached=lambda: 0)
 
 
 def test_an_over_long_event_path_is_cut_and_hides_nothing() -> None:

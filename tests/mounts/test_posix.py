@@ -36,7 +36,7 @@ import pyfuse3
 import pytest
 
 from quotafs.client.api import QuotaMount, mounted
-from quotafs.daemon import operations as quotafs_fs
+from quotafs.daemon.boundary import boundary
 from quotafs.model.costs import Costs, Mode, scan_backing
 from tests.conftest import fuse_unusable_reason
 from tests.differential.machinery import wait_until
@@ -1497,12 +1497,12 @@ def test_statfs_answers(pair: Pair) -> None:
 
 
 def test_unexpected_exception_answers_eio_and_daemon_lives(pair: Pair) -> None:
-    @quotafs_fs.handler
-    def broken() -> None:
+    @boundary
+    async def broken() -> None:
         raise RuntimeError("a bug")
 
-    @quotafs_fs.handler
-    def failing() -> None:
+    @boundary
+    async def failing() -> None:
         raise PermissionError(errno.EACCES, "denied")
 
     import trio

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from quotafs.daemon.operations import handler
+from quotafs.daemon.boundary import boundary
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.model.allocation import count_blocks, hole_blocks
 from quotafs.model.ledger import UNLIMITED, Ledger
@@ -97,22 +97,22 @@ def test_hole_blocks_matches_a_bitmap(raw: list[tuple[int, int]], start: int, le
 
 def test_ledger_basics() -> None:
     ledger = Ledger(limit=10)
-    assert ledger.try_charge(6)
-    assert not ledger.try_charge(5)
+    assert ledger.try_charge(6, privileged=True)
+    assert not ledger.try_charge(5, privileged=True)
     assert ledger.enospc_count == 1
-    assert ledger.try_reserve(4)
-    assert ledger.free() == 0
+    assert ledger.try_reserve(4, privileged=True)
+    assert ledger.free_for(True) == 0
     ledger.convert(2)
     assert (ledger.used, ledger.reserved) == (8, 2)
     ledger.release(2)
     ledger.credit(8)
-    assert ledger.free() == 10
+    assert ledger.free_for(True) == 10
     with pytest.raises(ValueError):
         ledger.credit(1)
     with pytest.raises(ValueError):
         Ledger(limit=-1)
     ledger.set_limit(None)
-    assert ledger.try_charge(2**40)
+    assert ledger.try_charge(2**40, privileged=True)
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -126,6 +126,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.charged = 0
         self.reserved = 0
         self.inodes = 0
+        self.privileged = True  # is the current caller root?
 
     def _ceiling(self) -> int | None:
         """Where the current caller's grants must stop."""
@@ -133,13 +134,13 @@ class LedgerMachine(RuleBasedStateMachine):
         if limit is None:
             return None
         limit -= self.ledger.kept_back  # nobody's, root's neither
-        return limit if self.ledger.privileged else limit - self.ledger.root_reserve
+        return limit if self.privileged else limit - self.ledger.root_reserve
 
     @rule(n=st.integers(0, 400))
     def charge(self, n: int) -> None:
         before = self.ledger.used + self.ledger.reserved
         ceiling = self._ceiling()
-        if self.ledger.try_charge(n):
+        if self.ledger.try_charge(n, privileged=self.privileged):
             self.charged += n
             # a grant never takes usage past the ceiling (a zero charge takes nothing)
             assert ceiling is None or n == 0 or before + n <= ceiling
@@ -155,7 +156,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(n=st.integers(0, 300))
     def reserve(self, n: int) -> None:
         before, ceiling = self.ledger.used + self.ledger.reserved, self._ceiling()
-        if self.ledger.try_reserve(n):
+        if self.ledger.try_reserve(n, privileged=self.privileged):
             self.reserved += n
             assert ceiling is None or n == 0 or before + n <= ceiling
 
@@ -179,7 +180,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(privileged=st.booleans())
     def next_caller(self, privileged: bool) -> None:
-        self.ledger.privileged = privileged
+        self.privileged = privileged
 
     @rule()
     def add_inode(self) -> None:
@@ -206,7 +207,8 @@ class LedgerMachine(RuleBasedStateMachine):
         stats = self.ledger.stats()
         assert (stats.free, stats.available) == (for_root, for_others)
         assert stats.unallocated == unallocated
-        assert self.ledger.free() == (for_root if self.ledger.privileged else for_others)
+        assert self.ledger.free_for(self.privileged) == (for_root if self.privileged
+                                                          else for_others)
         assert stats.available == max(0, stats.free - stats.root_reserve)  # df's f_bavail
 
 
@@ -215,12 +217,12 @@ TestLedgerMachine.settings = settings(max_examples=200, stateful_step_count=40)
 
 
 async def test_error_boundary_maps_errors() -> None:
-    @handler
-    def raises_oserror() -> None:
+    @boundary
+    async def raises_oserror() -> None:
         raise FileNotFoundError(errno.ENOENT, "gone")
 
-    @handler
-    def raises_bug() -> None:
+    @boundary
+    async def raises_bug() -> None:
         raise ZeroDivisionError
 
     with pytest.raises(pyfuse3.FUSEError) as exc:
@@ -235,6 +237,6 @@ def test_dropping_the_limit_of_a_like_ext4_ledger() -> None:
     """`quotafs set --limit none --reserve 0` on a --like-ext4 mount: what ext4 keeps back is
     a part of the limit, so without a limit nothing is kept back."""
     ledger = Ledger(100 << 20, None, 0, 4 << 20)
-    assert ledger.free() == 96 << 20
+    assert ledger.free_for(True) == 96 << 20
     ledger.set_limit(None, 0)
-    assert (ledger.limit, ledger.kept_back, ledger.free()) == (None, 0, UNLIMITED)
+    assert (ledger.limit, ledger.kept_back, ledger.free_for(True)) == (None, 0, UNLIMITED)

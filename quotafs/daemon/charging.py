@@ -1,0 +1,279 @@
+"""What the ledger holds for each inode, and every change of it a request makes.
+
+Charges are exact: each node remembers what the ledger holds for it (`Node.charged`,
+measured the first time it is needed, by model/costs.py's one measure), each request
+charges or credits the difference it makes, and each check-and-charge is refused whole or
+rolled back when the backing syscall fails. A node the kernel forgets keeps its charge
+here when measuring it again would not give it back (`kept`); a freed inode gives its
+space and inode back, at the last release if it is still open (orphaned).
+
+Allocating calls take `privileged` (may the root reserve be used?) from the request:
+its caller's uid, or for read and write the handle's opener.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any, NoReturn
+
+import pyfuse3
+
+from quotafs.daemon.inodes import Handle, InodeTable, Key, Node
+from quotafs.daemon.reservations import Reservations
+from quotafs.model.allocation import ceil_div
+from quotafs.model.costs import Costs, open_entry
+from quotafs.model.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+
+def pwrite_whole(fd: int, buf: bytes, off: int) -> tuple[int, OSError | None]:
+    """Write all of `buf` at `off`: (bytes written, None), or the backing's error once part
+    of it is written. Never a short count: writeback of mmap pages would take one for
+    success and lose the rest, O_DIRECT would make it EIO. An error before any byte is
+    written is raised as it is."""
+    written = os.pwrite(fd, buf, off)
+    view: memoryview | None = None
+    while written < len(buf):
+        view = view if view is not None else memoryview(buf)
+        try:
+            n = os.pwrite(fd, view[written:], off + written)
+        except OSError as exc:
+            return written, exc
+        if n == 0:
+            return written, OSError(errno.EIO, "the backing file took no more bytes")
+        written += n
+    return written, None
+
+
+def _stored(node: Node, off: int, written: int, error: OSError | None) -> int:
+    """The answer to a write request whose data went to the backing file in part or
+    whole (charged already): the count, or the backing's error if it stopped short."""
+    node.size = max(node.size, off + written)
+    if error is not None:
+        raise error
+    return written
+
+
+class Charging:
+    def __init__(self, ledger: Ledger, costs: Costs, inodes: InodeTable,
+                 reservations: Reservations,
+                 refuse: Callable[[str, Node], pyfuse3.FUSEError],
+                 as_daemon: Callable[[], AbstractContextManager[Any]]) -> None:
+        self._ledger = ledger
+        self._costs = costs
+        self._block = costs.block_size
+        self._inodes = inodes
+        self._reservations = reservations
+        self._refuse = refuse  # the quota's ENOSPC for a request on a node (an event)
+        self._as_daemon = as_daemon  # measuring is the daemon's business, not the caller's
+        # What the ledger holds for regular files whose node was dropped (the kernel forgot
+        # them) while a fresh measure would say otherwise; taken back when the inode is
+        # seen again, removed when it is freed. Usually empty: the charges are exact.
+        self._kept: dict[Key, int] = {}
+        # The write path, chosen once: blocks of data, or apparent sizes.
+        self.write: Callable[[Handle, int, bytes], int] = (
+            self._write_blocks if costs.blocks else self._write_apparent)
+
+    # -- measuring ------------------------------------------------------------------------
+
+    def kept(self, key: Key) -> int | None:
+        """For a node new to the table: the charge kept when it was forgotten, if any."""
+        return self._kept.pop(key, None)
+
+    def charge_of(self, node: Node, st: os.stat_result | None = None) -> int:
+        """What the ledger holds for `node`, measuring it the first time it is needed."""
+        if node.charged is None:
+            node.charged = self._measure(node, st or self._inodes.stat(node))
+        return node.charged
+
+    def _measure(self, node: Node, st: os.stat_result) -> int:
+        """Costs.measure of the node: on a handle's descriptor if one is open, so that a
+        file the daemon may no longer open (its mode changed) is measured all the same."""
+        handle = self._inodes.open_handle_of(node)
+        if handle is not None:
+            fd = handle.fd
+            return self._costs.measure(st, lambda: os.dup(fd))
+        return self._costs.measure(st, lambda: self._open_to_measure(
+            lambda: os.open(self._inodes.proc(node), os.O_RDONLY | os.O_NONBLOCK)))
+
+    def _open_to_measure(self, opener: Callable[[], int]) -> int:
+        # A caller who may unlink or truncate a file may still be refused a read of it.
+        with self._as_daemon():
+            return opener()
+
+    def keep_charge(self, node: Node) -> None:
+        """The node is dropped: keep its charge if measuring it again would not give it."""
+        if (node.charged is None or node.kind != stat.S_IFREG
+                or not self._inodes.is_current(node)):  # unmeasured, or freed
+            return
+        try:
+            again: int | None = self._measure(node, self._inodes.stat(node))
+        except (OSError, pyfuse3.FUSEError):
+            again = None
+        if again != node.charged:
+            self._kept[node.key] = node.charged
+
+    # -- new inodes -----------------------------------------------------------------------
+
+    def add_inode(self, op: str, parent: Node) -> None:
+        """Count a new inode, or refuse the request that makes it."""
+        if not self._ledger.try_add_inode():
+            raise self._refuse(op, parent)
+
+    @contextlib.contextmanager
+    def new_inode(self, op: str, parent: Node, privileged: bool,
+                  cost: int = 0) -> Iterator[None]:
+        """Around the syscall that makes a new inode costing `cost`: charge both first (or
+        refuse), give both back if the syscall fails. The caller sets the node's charge."""
+        self.add_inode(op, parent)
+        if cost and not self._ledger.try_charge(cost, privileged=privileged):
+            self._ledger.remove_inode()
+            raise self._refuse(op, parent)
+        try:
+            yield
+        except BaseException:
+            self._ledger.remove_inode()
+            if cost:
+                self._ledger.credit(cost)
+            raise
+
+    def drop_inode(self) -> None:
+        """A counted new inode was not made after all (create lost a race)."""
+        self._ledger.remove_inode()
+
+    # -- freeing --------------------------------------------------------------------------
+
+    def losing_name(self, parent: Node, name: bytes,
+                    st: os.stat_result) -> tuple[Node | None, int]:
+        """Before `name` (the inode behind `st`) goes: its node, pinned if this is its last
+        name, and what the ledger holds for the inode."""
+        node = self._inodes.by_key.get((st.st_dev, st.st_ino))
+        last = stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1
+        if node is not None:
+            charge = self.charge_of(node, st)  # measure before the name (and extents) go
+            if last:
+                self._inodes.pin(node)  # no name will reach it any more
+            return node, charge
+        if not last:
+            return None, 0
+        # No node: kept when the kernel forgot it, or untouched since the mount scan,
+        # which measured it as this does.
+        kept = self._kept.get((st.st_dev, st.st_ino))
+        if kept is not None:
+            return None, kept
+        return None, self._costs.measure(st, lambda: self._open_to_measure(
+            lambda: open_entry(self._inodes.fd(parent), name)))
+
+    def forget_charge(self, node: Node | None, st: os.stat_result, charge: int) -> None:
+        """The inode behind `st` lost its last name: give its space and inode back.
+        `charge` is what losing_name said the ledger holds for it."""
+        if self._ledger.inodes_used > 0:
+            self._ledger.remove_inode()
+        else:
+            log.warning("inode %d freed with no inode counted: accounting drifted", st.st_ino)
+        self._kept.pop((st.st_dev, st.st_ino), None)
+        if node is None:
+            self.credit(charge)
+            return
+        self._inodes.freed(node)
+        if node.open_count > 0 and stat.S_ISREG(st.st_mode):
+            # An unlinked file that is still open keeps its blocks until the last release.
+            node.orphaned = True
+            return
+        self.credit(charge)
+        node.charged = 0
+        self._reservations.release_all(node)
+
+    def handle_closed(self, node: Node, fh: int) -> None:
+        """The handle `fh` of `node` is gone: its reservations go back, and an unlinked
+        file's charge with its last handle."""
+        if node.reserved:
+            self._reservations.release_handle(node, fh)
+        if node.open_count == 0 and node.orphaned:
+            node.orphaned = False
+            self.credit(node.charged or 0)
+            node.charged = 0
+
+    def credit(self, nbytes: int) -> None:
+        """Give space back for a change already made on disk. Bookkeeping never fails such
+        a request: a credit beyond usage (accounting drifted) is logged and clamped."""
+        if nbytes > self._ledger.used:
+            log.warning("credit of %d bytes exceeds usage %d: accounting drifted",
+                        nbytes, self._ledger.used)
+            nbytes = self._ledger.used
+        self._ledger.credit(nbytes)
+
+    # -- writes and truncates -------------------------------------------------------------
+
+    def _write_blocks(self, handle: Handle, off: int, buf: bytes) -> int:
+        node, block, ledger = handle.node, self._block, self._ledger
+        end = off + len(buf)
+        charged = self.charge_of(node)
+        holes = self._costs.holes(handle.fd, off, end, node.size)
+        reserved = [b for b in holes if b in node.reserved] if node.reserved else []
+        new = [b for b in holes if b not in node.reserved] if reserved else holes
+        if len(new) > ledger.free_for(handle.privileged) // block:
+            self._refuse_write(node)
+        written, error = pwrite_whole(handle.fd, buf, off)
+        last = ceil_div(off + written, block)
+        taken = sum(1 for b in new if b < last)
+        ledger.force_charge(taken * block)  # fits: checked against free_for() above
+        converted = self._reservations.convert(node, reserved, last) if reserved else 0
+        node.charged = charged + (taken + converted) * block
+        return _stored(node, off, written, error)
+
+    def _write_apparent(self, handle: Handle, off: int, buf: bytes) -> int:
+        node = handle.node
+        charged = self.charge_of(node)
+        growth = max(0, off + len(buf) - max(node.size, charged))
+        if growth > self._ledger.free_for(handle.privileged):
+            self._refuse_write(node)
+        written, error = pwrite_whole(handle.fd, buf, off)
+        new_size = max(node.size, off + written)
+        if new_size > charged:
+            self._ledger.force_charge(new_size - charged)
+            node.charged = new_size
+        return _stored(node, off, written, error)
+
+    def _refuse_write(self, node: Node) -> NoReturn:
+        """A write request that does not fit whole is refused whole: a short count would
+        lose data, because the kernel's writeback of mmap pages marks the pages it was not
+        told about clean (msync/fsync return 0), and O_DIRECT makes it EIO."""
+        self._ledger.note_enospc()
+        raise self._refuse("write", node)
+
+    def truncate(self, node: Node, size: int, handle: Handle | None, privileged: bool) -> None:
+        if node.kind != stat.S_IFREG:
+            raise pyfuse3.FUSEError(errno.EINVAL if node.kind != stat.S_IFDIR else errno.EISDIR)
+        fd = handle.fd if handle is not None and handle.writable else None
+        own_fd = fd is None
+        if fd is None:
+            fd = os.open(self._inodes.proc(node), os.O_WRONLY)
+        try:
+            old_charge = self.charge_of(node)
+            if not self._costs.blocks and size > old_charge:
+                # Apparent sizes: growing the file takes quota even though it is a hole.
+                if not self._ledger.try_charge(size - old_charge, privileged=privileged):
+                    raise self._refuse("truncate", node)
+                os.ftruncate(fd, size)
+                node.charged = size
+            else:
+                os.ftruncate(fd, size)
+                new_charge = self._costs.open_file(fd, size)
+                if new_charge < old_charge:
+                    self.credit(old_charge - new_charge)
+                else:
+                    self._ledger.force_charge(new_charge - old_charge)
+                node.charged = new_charge
+            node.size = size
+            self._reservations.release_from(node, ceil_div(size, self._block))
+        finally:
+            if own_fd:
+                os.close(fd)
