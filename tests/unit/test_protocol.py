@@ -7,6 +7,7 @@ import json
 import pytest
 
 from quotafs.daemon.control import ControlChannel
+from quotafs.daemon.inodes import TableStats
 from quotafs.errors import errno_name
 from quotafs.model.faults import FaultEngine, spec_from_args
 from quotafs.model.ledger import Ledger
@@ -33,9 +34,10 @@ def _channel() -> ControlChannel:
     engine = FaultEngine(seed=7)
     engine.add(spec_from_args("write", errno="EIO", path="/f*", times=1))
     engine.add(spec_from_args("write", delay="1ms", after_bytes="4K", probability="0.5"))
-    control = ControlChannel(Ledger(1 << 20, 100), dict(INFO), 0, "/", engine)
-    control.statistics = lambda: {"known_inodes": 1, "open_handles": 0, "reserved_blocks": 0}
-    return control
+    return ControlChannel(Ledger(1 << 20, 100), dict(INFO), 0, engine,
+                          statistics=lambda: TableStats(known_inodes=1, open_handles=0,
+                                                        reserved_blocks=0),
+                          forget_cached=lambda: 0)
 
 
 def test_the_status_document_round_trips_byte_for_byte() -> None:
