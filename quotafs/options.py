@@ -33,7 +33,8 @@ from typing import Any
 
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.model.faults import RuleSpec, load_rules_file
-from quotafs.model.reserve import resolve_reserve, resolve_room
+from quotafs.model.reserve import resolve_reserve
+from quotafs.reference.ext4geometry import like_ext4_settings
 from quotafs.units import MAX_SIZE, parse_size
 
 # The ledger counts in signed 64-bit (its UNLIMITED is 2^63-1) and statfs answers in u64
@@ -193,6 +194,22 @@ def unknown_option(name: str) -> QuotafsError:
              or difflib.get_close_matches(name, OPTION_NAMES, n=1))
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return _fail(f"unknown option {name!r}{hint}; the options are " + ", ".join(OPTION_NAMES))
+
+
+def resolve_room(options: dict[str, Any]) -> dict[str, Any]:
+    """The options with `like_ext4` (bytes) turned into ext4's limit, reserve, kept back,
+    block size and inode limit (explicit limit/reserve/inodes win), and `reserve` into
+    bytes of the final limit. Sizes in `options` are bytes already; None: not given."""
+    out = dict(options)
+    like = out.pop("like_ext4", None)
+    if like is not None:
+        out.update(like_ext4_settings(like, out))
+    if out.get("block_size") is None:
+        out.pop("block_size", None)
+    blocks = out.get("accounting") in (None, "blocks")
+    out["reserve"] = resolve_reserve(out.get("reserve"), out.get("limit"),
+                                     int(out.get("block_size", 4096)) if blocks else 1)
+    return out
 
 
 @dataclass(frozen=True)

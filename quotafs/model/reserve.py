@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from typing import Any
 
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.units import parse_size
@@ -40,21 +39,3 @@ def resolve_reserve(value: int | str | None, limit: int | None, unit: int) -> in
         raise QuotafsError(f"reserve {nbytes:,} bytes is larger than the limit "
                            f"({limit:,} bytes)", ExitCode.USAGE)
     return nbytes
-
-
-def resolve_room(options: dict[str, Any]) -> dict[str, Any]:
-    """The options with `like_ext4` (bytes) turned into ext4's limit, reserve, kept back,
-    block size and inode limit (explicit limit/reserve/inodes win), and `reserve` into
-    bytes of the final limit. Sizes in `options` are bytes already; None: not given."""
-    out = dict(options)
-    like = out.pop("like_ext4", None)
-    if like is not None:
-        from quotafs.reference.ext4geometry import like_ext4_settings
-
-        out.update(like_ext4_settings(like, out))
-    if out.get("block_size") is None:
-        out.pop("block_size", None)
-    blocks = out.get("accounting") in (None, "blocks")
-    out["reserve"] = resolve_reserve(out.get("reserve"), out.get("limit"),
-                                     int(out.get("block_size", 4096)) if blocks else 1)
-    return out
