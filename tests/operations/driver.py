@@ -23,7 +23,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from stat import S_IFDIR, S_IFIFO, S_IFREG
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pyfuse3
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
@@ -98,6 +98,11 @@ class SessionStandIns:
     def invalidate_entry_async(self, inode: int, name: bytes, deleted: int = 0,
                                ignore_enoent: bool = False) -> None:
         self.invalidated.append((inode, bytes(name)))
+
+    @staticmethod
+    def no_session(*args: Any, **kwargs: Any) -> NoReturn:
+        """pyfuse3.init and pyfuse3.main: the in-process layer never mounts."""
+        raise AssertionError("an in-process test tried to start a FUSE session")
 
 
 @dataclass(frozen=True)

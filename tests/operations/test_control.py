@@ -9,7 +9,7 @@ import os
 import pytest
 
 from quotafs.daemon import control
-from tests.operations.driver import Ctx, FsFactory, InProcessFS
+from tests.operations.driver import Ctx, FsFactory, InProcessFS, SessionStandIns
 
 
 async def test_status_reports_the_ledger_and_the_mount(make_fs: FsFactory) -> None:
@@ -72,14 +72,13 @@ async def test_other_users_may_read_the_status_but_not_change_anything(
     assert (await fs.status())["fault_rules"] == 0
 
 
-async def test_forget_asks_the_kernel_to_drop_its_entries(fs: InProcessFS,
-                                                          session_stand_ins: object) -> None:
+async def test_forget_asks_the_kernel_to_drop_its_entries(
+        fs: InProcessFS, session_stand_ins: SessionStandIns) -> None:
     await fs.mkdir("/d")
     await fs.write_file("/d/f", b"f")
     answer = await fs.control(control.FORGET, {})
     assert answer["entries"] == 2
-    assert sorted(name for _, name in session_stand_ins.invalidated) == [  # type: ignore[attr-defined]
-        b"d", b"f"]
+    assert sorted(name for _, name in session_stand_ins.invalidated) == [b"d", b"f"]
 
 
 async def test_control_names_are_not_listed_nor_real_xattrs(fs: InProcessFS) -> None:
@@ -87,3 +86,4 @@ async def test_control_names_are_not_listed_nor_real_xattrs(fs: InProcessFS) -> 
         await fs.getxattr("/", b"user.quotafs.nonsense")
     assert exc.value.errno == errno.ENODATA
     assert not any(n.startswith("user.quotafs") for n in os.listxattr(fs.backing))
+
