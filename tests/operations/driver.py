@@ -29,8 +29,10 @@ import pyfuse3
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
 from quotafs.daemon import control
+from quotafs.model.costs import Costs, Mode, scan_backing
 
 T = TypeVar("T")
+Books = tuple[int, int, int]  # used bytes, inodes used, bytes reserved
 
 
 class Ctx(pyfuse3.RequestContext):
@@ -335,6 +337,16 @@ class InProcessFS:
 
     async def add_fault(self, **rule: Any) -> dict[str, Any]:
         return await self.control(control.FAULT_ADD, rule)
+
+    async def books(self, held: int = 0) -> tuple[Books, Books]:
+        """(used, inodes used, reserved) as the ledger holds them, and as a fresh scan of
+        the backing directory says they should be (the scan the mount does); `held`: the
+        bytes of files unlinked while open, which are on no name the scan could find."""
+        status = await self.status()
+        used, inodes = scan_backing(self.backing, Costs(Mode(status["accounting"]),
+                                                        status["block_size"]))
+        return ((status["used"], status["inodes_used"], status["reserved"]),
+                (used + held, inodes, 0))
 
     async def events(self) -> list[dict[str, Any]]:
         text = (await self.getxattr("/", control.EVENTS)).decode()

@@ -9,7 +9,6 @@ import os
 import pyfuse3
 import pytest
 
-from quotafs.model.costs import Costs, Mode, scan_backing
 from tests.operations.driver import FsFactory, InProcessFS
 
 K = 1024
@@ -28,9 +27,9 @@ def on_backing(fs: InProcessFS, path: str) -> int:
     return os.stat(os.path.join(fs.backing, path.lstrip("/"))).st_size
 
 
-async def assert_books_balance(fs: InProcessFS, accounting: str = "blocks") -> None:
-    used, inodes = await usage(fs)
-    assert (used, inodes) == scan_backing(fs.backing, Costs(Mode(accounting), BLOCK))
+async def assert_books_balance(fs: InProcessFS) -> None:
+    ledger, scan = await fs.books()
+    assert ledger == scan, "the ledger does not match a fresh scan of the backing"
 
 
 def refused(exc: pytest.ExceptionInfo[OSError]) -> bool:
@@ -64,7 +63,7 @@ async def test_apparent_enospc_exactly_at_the_limit(make_fs: FsFactory) -> None:
     await fs.release(f)
     assert await usage(fs) == (10_000, 1)
     assert on_backing(fs, "/full") == 10_000
-    await assert_books_balance(fs, "apparent")
+    await assert_books_balance(fs)
 
 
 async def test_a_write_that_does_not_fit_whole_is_refused_whole(fs: InProcessFS) -> None:
@@ -101,7 +100,7 @@ async def test_holes(make_fs: FsFactory, accounting: str, charged: int) -> None:
     fs = make_fs("1M", accounting=accounting)
     await fs.write_file("/sparse", b"x", offset=512 * K)
     assert await usage(fs) == (charged, 1)
-    await assert_books_balance(fs, accounting)
+    await assert_books_balance(fs)
 
 
 async def test_a_lowered_limit_refuses_growth_and_keeps_data(fs: InProcessFS) -> None:
