@@ -193,12 +193,23 @@ class InProcessFS:
             self.ops.mkdir, InodeT(parent), FileNameT(name), ModeT(S_IFDIR | mode),
             self.ctx))
 
-    async def rmdir(self, path: str) -> None:
+    async def _victim(self, path: str, must_exist: bool = True) -> tuple[int, bytes]:
+        """The entry a removal or rename names, its last component looked up too: the
+        kernel's path walk does, so the daemon always knows the inode that goes."""
         parent, name = await self._entry(path)
+        try:
+            await self._lookup(parent, name)
+        except FileNotFoundError:
+            if must_exist:
+                raise
+        return parent, name
+
+    async def rmdir(self, path: str) -> None:
+        parent, name = await self._victim(path)
         await self._call(self.ops.rmdir, InodeT(parent), FileNameT(name), self.ctx)
 
     async def unlink(self, path: str) -> None:
-        parent, name = await self._entry(path)
+        parent, name = await self._victim(path)
         await self._call(self.ops.unlink, InodeT(parent), FileNameT(name), self.ctx)
 
     async def symlink(self, target: str, path: str) -> pyfuse3.EntryAttributes:
@@ -220,8 +231,8 @@ class InProcessFS:
             self.ops.link, InodeT(inode), InodeT(parent), FileNameT(name), self.ctx))
 
     async def rename(self, old: str, new: str, flags: int = 0) -> None:
-        old_parent, old_name = await self._entry(old)
-        new_parent, new_name = await self._entry(new)
+        old_parent, old_name = await self._victim(old)
+        new_parent, new_name = await self._victim(new, must_exist=False)
         await self._call(self.ops.rename, InodeT(old_parent), FileNameT(old_name),
                          InodeT(new_parent), FileNameT(new_name), FlagT(flags), self.ctx)
 
