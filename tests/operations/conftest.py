@@ -3,7 +3,6 @@ driven through its handlers (tests/operations/driver.py), never mounted."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
@@ -31,17 +30,6 @@ def new_filesystem(backing: str, limit: int | str | None = None,
     config = MountConfig(mountpoint=os.path.join(backing, "..", "not-mounted"),
                          backing=backing, limit=limit, **options)
     return InProcessFS(build_filesystem(config), backing)
-
-
-def close_backing_descriptors(backing: str) -> None:
-    """Close what a QuotaFS still holds below `backing` (its root's O_PATH descriptor):
-    a daemon lets go of those by exiting; the tests build many in one process."""
-    real = os.path.realpath(backing)
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/self/fd/{name}").removesuffix(" (deleted)")
-            if target == real or target.startswith(real + "/"):
-                os.close(int(name))
 
 
 @pytest.fixture(autouse=True)
@@ -92,8 +80,8 @@ def make_fs(tmp_path: Path) -> Iterator[FsFactory]:
 
     yield make
     for fs in made:  # a sync fixture's teardown runs outside the test's trio loop
-        trio.run(fs.close)
-        close_backing_descriptors(fs.backing)
+        if not fs.closed:
+            trio.run(fs.close)
 
 
 @pytest.fixture

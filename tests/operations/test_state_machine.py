@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
 
 import pyfuse3
-import trio
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -34,7 +33,7 @@ from hypothesis.stateful import (
 )
 
 from quotafs.model.costs import Costs, Mode
-from tests.operations.driver import FsFactory, InProcessFS, OpenFile
+from tests.operations.driver import FsFactory, InProcessFS, OpenFile, run_now
 
 T = TypeVar("T")
 
@@ -54,7 +53,7 @@ OPEN_FLAGS = st.sampled_from([os.O_RDWR, os.O_RDWR | os.O_TRUNC, os.O_WRONLY | o
 RENAME_FLAGS = st.sampled_from([0, 0, 0, pyfuse3.RENAME_NOREPLACE, pyfuse3.RENAME_EXCHANGE])
 HANDLE = st.integers(0, MAX_OPEN - 1)
 
-SETTINGS = settings(max_examples=60, stateful_step_count=50, deadline=None,
+SETTINGS = settings(max_examples=100, stateful_step_count=50, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 MIN_STEPS = 2000
 
@@ -78,9 +77,7 @@ class OperationsMachine(RuleBasedStateMachine):
 
     # -- running requests ----------------------------------------------------------------------
 
-    @staticmethod
-    def run(request: Callable[..., Awaitable[T]], *args: Any) -> T:
-        return trio.run(request, *args)
+    run = staticmethod(run_now)  # no request here waits: no delay rules
 
     def attempt(self, request: Callable[..., Awaitable[T]], *args: Any) -> T | None:
         """The request's result, or None if it failed as a program's request may."""
