@@ -61,6 +61,21 @@ def qmount(mount_factory: MountFactory) -> QuotaMount:
     return mount_factory("1M")
 
 
+# -- the fast lane: `pytest -m "not mount"` runs the layers that need no /dev/fuse -----------
+
+# Where the tests run without a mount: the pure model, and QuotaFS driven in-process.
+_NO_MOUNT_DIRS = ("unit", "operations")
+_TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test outside tests/unit and tests/operations gets the `mount` marker."""
+    no_mount = [_TESTS / d for d in _NO_MOUNT_DIRS]
+    for item in items:
+        if not any(item.path.is_relative_to(d) for d in no_mount):
+            item.add_marker(pytest.mark.mount)
+
+
 # -- lines for the terminal summary (e.g. how many differential examples ran) -----------
 
 _SUMMARY = pytest.StashKey[list[str]]()

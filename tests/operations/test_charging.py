@@ -1,0 +1,329 @@
+"""What QuotaFS charges and refuses, in-process: errno, the bytes on the backing, the
+ledger as the status document reports it, and statfs."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pyfuse3
+import pytest
+
+from tests.operations.driver import FsFactory, InProcessFS
+
+K = 1024
+M = 1024 * K
+BLOCK = 4096
+
+
+async def usage(fs: InProcessFS) -> tuple[int, int]:
+    """(used bytes, inodes used) as the ledger reports them on the control channel."""
+    status = await fs.status()
+    return status["used"], status["inodes_used"]
+
+
+def on_backing(fs: InProcessFS, path: str) -> int:
+    """The size of the backing file behind `path` (what the daemon really wrote)."""
+    return os.stat(os.path.join(fs.backing, path.lstrip("/"))).st_size
+
+
+async def assert_books_balance(fs: InProcessFS) -> None:
+    ledger, scan = await fs.books()
+    assert ledger == scan, "the ledger does not match a fresh scan of the backing"
+
+
+def refused(exc: pytest.ExceptionInfo[OSError]) -> bool:
+    return exc.value.errno == errno.ENOSPC
+
+
+# -- the byte limit ---------------------------------------------------------------------------
+
+
+async def test_blocks_enospc_exactly_at_the_limit(fs: InProcessFS) -> None:
+    f = await fs.create("/full")
+    assert await fs.write(f, 0, b"a" * (M - 1)) == M - 1  # 256 blocks, the last one partly
+    assert await fs.write(f, M - 1, b"b") == 1  # inside the last block: allocated already
+    with pytest.raises(OSError) as exc:
+        await fs.write(f, M, b"c")  # block 257
+    assert refused(exc)
+    await fs.release(f)
+    assert await usage(fs) == (M, 1)
+    assert on_backing(fs, "/full") == M  # the refused write left nothing behind
+    await assert_books_balance(fs)
+
+
+async def test_apparent_enospc_exactly_at_the_limit(make_fs: FsFactory) -> None:
+    fs = make_fs(10_000, accounting="apparent")
+    f = await fs.create("/full")
+    assert await fs.write(f, 0, b"a" * 9_999) == 9_999
+    assert await fs.write(f, 9_999, b"b") == 1
+    with pytest.raises(OSError) as exc:
+        await fs.write(f, 10_000, b"c")
+    assert refused(exc)
+    await fs.release(f)
+    assert await usage(fs) == (10_000, 1)
+    assert on_backing(fs, "/full") == 10_000
+    await assert_books_balance(fs)
+
+
+async def test_a_write_that_does_not_fit_whole_is_refused_whole(fs: InProcessFS) -> None:
+    await fs.write_file("/first", b"a" * (M - 2 * BLOCK))
+    f = await fs.create("/second")
+    with pytest.raises(OSError) as exc:
+        await fs.write(f, 0, b"b" * (3 * BLOCK))  # two blocks would fit, not three
+    assert refused(exc)
+    assert on_backing(fs, "/second") == 0
+    assert await fs.write(f, 0, b"b" * (2 * BLOCK)) == 2 * BLOCK
+    await fs.release(f)
+    assert await usage(fs) == (M, 2)
+
+
+@pytest.mark.parametrize("accounting", ["blocks", "apparent"])
+async def test_overwriting_allocated_data_needs_no_quota(make_fs: FsFactory,
+                                                         accounting: str) -> None:
+    fs = make_fs("1M", accounting=accounting)
+    await fs.write_file("/full", b"a" * M)
+    f = await fs.open("/full")
+    assert await fs.write(f, 1234, b"b" * (100 * K)) == 100 * K
+    with pytest.raises(OSError) as exc:
+        await fs.write(f, M, b"c")
+    assert refused(exc)
+    await fs.release(f)
+    assert await usage(fs) == (M, 1)
+    assert (await fs.read_file("/full"))[1234:1240] == b"bbbbbb"
+
+
+@pytest.mark.parametrize(("accounting", "charged"),
+                         [("blocks", BLOCK), ("apparent", 512 * K + 1)])
+async def test_holes(make_fs: FsFactory, accounting: str, charged: int) -> None:
+    """Block accounting charges the blocks written, apparent sizes charge the hole too."""
+    fs = make_fs("1M", accounting=accounting)
+    await fs.write_file("/sparse", b"x", offset=512 * K)
+    assert await usage(fs) == (charged, 1)
+    await assert_books_balance(fs)
+
+
+@pytest.mark.parametrize("accounting", ["blocks", "apparent"])
+async def test_a_write_of_nothing_past_the_end_charges_nothing(make_fs: FsFactory,
+                                                               accounting: str) -> None:
+    """pwrite of 0 bytes at an offset past the end leaves the file as it was; the ledger
+    too (the state machine found apparent accounting charging the offset)."""
+    fs = make_fs("1M", accounting=accounting)
+    f = await fs.create("/a")
+    assert await fs.write(f, 4096, b"") == 0
+    await fs.release(f)
+    assert os.stat(os.path.join(fs.backing, "a")).st_size == 0
+    assert (await fs.status())["used"] == 0
+    ledger, scan = await fs.books()
+    assert ledger == scan
+
+
+async def test_a_lowered_limit_refuses_growth_and_keeps_data(fs: InProcessFS) -> None:
+    await fs.write_file("/a", b"a" * (100 * K))
+    assert (await fs.set_limits(limit=64 * K))["limit"] == 64 * K
+    with pytest.raises(OSError) as exc:
+        await fs.write_file("/b", b"b")
+    assert refused(exc)
+    assert on_backing(fs, "/a") == 100 * K
+    await fs.set_limits(limit=None)
+    assert await fs.write_file("/b", b"b") == 1
+
+
+async def test_existing_content_is_charged_at_mount(make_fs: FsFactory,
+                                                    tmp_path: os.PathLike[str]) -> None:
+    backing = os.path.join(tmp_path, "prefilled")
+    os.makedirs(os.path.join(backing, "d"))
+    with open(os.path.join(backing, "d", "f"), "wb") as f:
+        f.write(b"x" * (10 * K))
+    os.link(os.path.join(backing, "d", "f"), os.path.join(backing, "g"))
+    fs = make_fs("1M", backing=backing)
+    assert await usage(fs) == (BLOCK + 3 * BLOCK, 2)  # d, f (linked twice: once)
+    await assert_books_balance(fs)
+
+
+# -- names ------------------------------------------------------------------------------------
+
+
+async def test_hard_links_are_counted_once(fs: InProcessFS) -> None:
+    await fs.write_file("/a", b"a" * (8 * K))
+    await fs.mkdir("/d")
+    await fs.link("/a", "/d/b")
+    assert await usage(fs) == (8 * K + BLOCK, 2)
+    await fs.unlink("/a")
+    assert await usage(fs) == (8 * K + BLOCK, 2)  # d/b still holds the blocks
+    await fs.unlink("/d/b")
+    assert await usage(fs) == (BLOCK, 1)
+    await assert_books_balance(fs)
+
+
+async def test_unlinking_an_open_file_keeps_its_blocks_until_release(fs: InProcessFS) -> None:
+    f = await fs.create("/open")
+    await fs.write(f, 0, b"a" * (100 * K))
+    await fs.unlink("/open")
+    assert not os.path.exists(os.path.join(fs.backing, "open"))
+    used, _ = await usage(fs)
+    assert used == 100 * K
+    assert (await fs.statfs()).f_bfree == (M - 100 * K) // BLOCK
+    assert await fs.write(f, 100 * K, b"b" * BLOCK) == BLOCK  # still charged as it grows
+    assert (await usage(fs))[0] == 100 * K + BLOCK
+    await fs.release(f)
+    assert await usage(fs) == (0, 0)
+    await assert_books_balance(fs)
+
+
+async def test_renaming_over_an_open_file_keeps_its_blocks_until_release(
+        fs: InProcessFS) -> None:
+    await fs.write_file("/new", b"n" * (4 * K))
+    f = await fs.create("/old")
+    await fs.write(f, 0, b"o" * (40 * K))
+    await fs.rename("/new", "/old")
+    assert (await usage(fs))[0] == 44 * K
+    await fs.release(f)
+    assert await usage(fs) == (4 * K, 1)
+    await assert_books_balance(fs)
+
+
+async def test_rename_over_an_existing_file_frees_the_replaced_one(fs: InProcessFS) -> None:
+    await fs.write_file("/a", b"a" * (8 * K))
+    await fs.write_file("/b", b"b" * (20 * K))
+    await fs.rename("/a", "/b")
+    assert await usage(fs) == (8 * K, 1)
+    assert on_backing(fs, "/b") == 8 * K
+    await assert_books_balance(fs)
+
+
+async def test_rename_over_a_hard_link_frees_nothing(fs: InProcessFS) -> None:
+    await fs.write_file("/a", b"a" * (8 * K))
+    await fs.write_file("/b", b"b" * (20 * K))
+    await fs.link("/b", "/c")
+    await fs.rename("/a", "/b")
+    assert await usage(fs) == (28 * K, 2)  # /c keeps b's blocks
+    await assert_books_balance(fs)
+
+
+async def test_rename_exchange_and_noreplace(fs: InProcessFS) -> None:
+    await fs.write_file("/a", b"a" * (8 * K))
+    await fs.mkdir("/d")
+    with pytest.raises(FileExistsError):
+        await fs.rename("/a", "/d", pyfuse3.RENAME_NOREPLACE)
+    await fs.rename("/a", "/d", pyfuse3.RENAME_EXCHANGE)
+    assert sorted(await fs.listdir("/")) == ["a", "d"]
+    assert os.path.isdir(os.path.join(fs.backing, "a"))
+    assert await usage(fs) == (8 * K + BLOCK, 2)
+    await assert_books_balance(fs)
+
+
+@pytest.mark.parametrize("accounting", ["blocks", "apparent"])
+async def test_directories_and_symlinks(make_fs: FsFactory, accounting: str) -> None:
+    fs = make_fs("1M", accounting=accounting)
+    blocks = accounting == "blocks"
+    await fs.mkdir("/d")
+    await fs.symlink("short", "/d/fast")
+    await fs.symlink("t" * 60, "/d/slow")  # ext4 keeps targets under 60 bytes in the inode
+    assert await usage(fs) == ((2 * BLOCK) if blocks else 5 + 60, 3)
+    with pytest.raises(OSError) as exc:
+        await fs.rmdir("/d")
+    assert exc.value.errno == errno.ENOTEMPTY
+    for name in ("fast", "slow"):
+        await fs.unlink(f"/d/{name}")
+    await fs.rmdir("/d")
+    assert await usage(fs) == (0, 0)
+
+
+# -- truncation -------------------------------------------------------------------------------
+
+
+async def test_truncate_gives_space_back(fs: InProcessFS) -> None:
+    await fs.write_file("/t", b"t" * (100 * K))
+    await fs.truncate("/t", 10 * K)
+    assert await usage(fs) == (12 * K, 1)  # 10 KiB is three blocks
+    f = await fs.open("/t")
+    await fs.truncate(f, 0)
+    await fs.release(f)
+    assert await usage(fs) == (0, 1)
+    assert on_backing(fs, "/t") == 0
+
+
+async def test_growing_by_truncate(make_fs: FsFactory) -> None:
+    """A hole is free in block accounting; with apparent sizes it is charged, and refused
+    past the limit."""
+    blocks = make_fs("1M")
+    await blocks.write_file("/t", b"")
+    await blocks.truncate("/t", 10 * M)
+    assert await usage(blocks) == (0, 1)
+    apparent = make_fs("1M", accounting="apparent")
+    await apparent.write_file("/t", b"")
+    await apparent.truncate("/t", M)
+    assert await usage(apparent) == (M, 1)
+    with pytest.raises(OSError) as exc:
+        await apparent.truncate("/t", M + 1)
+    assert refused(exc)
+    assert on_backing(apparent, "/t") == M
+
+
+async def test_open_with_o_trunc_gives_space_back(fs: InProcessFS) -> None:
+    await fs.write_file("/t", b"t" * (100 * K))
+    f = await fs.open("/t", os.O_WRONLY | os.O_TRUNC)
+    await fs.release(f)
+    assert await usage(fs) == (0, 1)
+
+
+# -- inodes -----------------------------------------------------------------------------------
+
+
+async def test_inode_limit(make_fs: FsFactory) -> None:
+    fs = make_fs("1M", inodes=3)
+    await fs.write_file("/a", b"a")
+    await fs.mkdir("/d")
+    await fs.symlink("a", "/s")
+    for make in (fs.create("/b"), fs.mkdir("/e"), fs.symlink("a", "/t"), fs.mknod("/p")):
+        with pytest.raises(OSError) as exc:
+            await make
+        assert refused(exc)
+    await fs.link("/a", "/d/a2")  # a name, not an inode
+    assert (await usage(fs))[1] == 3
+    await fs.unlink("/s")
+    await fs.write_file("/b", b"b")
+    assert (await usage(fs))[1] == 3
+    assert (await fs.statfs()).f_ffree == 0
+    await assert_books_balance(fs)
+
+
+async def test_failed_creations_take_no_inode(fs: InProcessFS) -> None:
+    await fs.write_file("/a", b"a")
+    with pytest.raises(FileExistsError):
+        await fs.create("/a", flags=os.O_RDWR | os.O_EXCL)
+    with pytest.raises(FileExistsError):
+        await fs.mkdir("/a")
+    with pytest.raises(FileNotFoundError):
+        await fs.create("/missing/a")
+    assert await usage(fs) == (BLOCK, 1)
+    await assert_books_balance(fs)
+
+
+# -- statfs -----------------------------------------------------------------------------------
+
+
+async def test_statfs_reports_the_quota(make_fs: FsFactory) -> None:
+    fs = make_fs("1M", inodes=100)
+    await fs.write_file("/a", b"a" * (100 * K))
+    await fs.mkdir("/d")
+    st = await fs.statfs()
+    assert (st.f_bsize, st.f_frsize) == (BLOCK, BLOCK)
+    assert st.f_blocks == M // BLOCK
+    assert st.f_bfree == st.f_bavail == (M - 100 * K - BLOCK) // BLOCK
+    assert (st.f_files, st.f_ffree, st.f_favail) == (100, 98, 98)
+
+
+async def test_statfs_keeps_the_root_reserve_from_others(make_fs: FsFactory) -> None:
+    fs = make_fs("1M", reserve=64 * K)
+    st = await fs.statfs()
+    assert st.f_bfree == M // BLOCK
+    assert st.f_bavail == (M - 64 * K) // BLOCK
+
+
+async def test_statfs_without_a_limit_is_the_backings(make_fs: FsFactory) -> None:
+    fs = make_fs(None)
+    st = await fs.statfs()
+    backing = os.statvfs(fs.backing)
+    assert st.f_blocks == backing.f_blocks * backing.f_frsize // BLOCK
