@@ -16,7 +16,7 @@ from quotafs.client.mountinfo import find_mount
 from quotafs.errors import QuotafsError
 from quotafs.interrupts import signals_deferred as signals_deferred
 from quotafs.interrupts import sigterm_as_interrupt as sigterm_as_interrupt
-from quotafs.reference.loopext4 import find_tool
+from quotafs.reference.tools import find_tool
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

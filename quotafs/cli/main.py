@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    lifecycle.ISOLATE_PROBES = True  # a command never hangs on a sick mount
+    # A command never hangs on a sick mount: its probes run in a child process. Restored
+    # afterwards, so that a caller in the same process (a test) keeps its cheaper probes.
+    isolated, lifecycle.ISOLATE_PROBES = lifecycle.ISOLATE_PROBES, True
     try:
         return _main(argv)
     except BrokenPipeError:
@@ -47,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return int(ExitCode.BROKEN_PIPE)
+    finally:
+        lifecycle.ISOLATE_PROBES = isolated
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -23,7 +23,7 @@ def find_tool(tool: str, needed_for: str = "", code: ExitCode = ExitCode.LOOP) -
     naming its package otherwise."""
     where = shutil.which(tool, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN]))
     if where is None:
-        raise QuotafsError(f"{needed_for}{tool} not found: install {PACKAGES[tool]}",
+        raise QuotafsError(f"{needed_for}{tool} not found: install {PACKAGES.get(tool, 'it')}",
                            code)
     return where
 

@@ -3,6 +3,7 @@ umount and the test process's own signals."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 from quotafs import interrupts
+from quotafs.cli.main import main as cli_main
 from quotafs.client import lifecycle
 from quotafs.errors import ExitCode, QuotafsError
 
@@ -118,3 +120,15 @@ def test_sigterm_interrupts_like_ctrl_c_within_the_block() -> None:
     with pytest.raises(KeyboardInterrupt, match="signal 15"), interrupts.sigterm_as_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("argv", [["status", "--help"], ["status", "/nonexistent/quotafs"]])
+def test_the_command_line_called_in_process_restores_the_probe_mode(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """main() isolates its probes in a child for itself only: a test (or any program) that
+    calls it keeps its in-thread probes, so later status reads stay cheap."""
+    assert lifecycle.ISOLATE_PROBES is False
+    with contextlib.suppress(SystemExit):
+        cli_main(argv)
+    capsys.readouterr()
+    assert lifecycle.ISOLATE_PROBES is False
