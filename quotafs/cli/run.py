@@ -19,7 +19,6 @@ from collections import Counter
 from typing import Any
 
 from quotafs.cli.mountopts import add_mount_options, mount_options
-from quotafs.client.api import mounted_with
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.protocol import Event, Status
 from quotafs.units import format_size
@@ -58,8 +57,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cmd:
         raise QuotafsError("run needs a command after --, e.g. quotafs run --limit 10M -- "
                            "./app", ExitCode.USAGE)
+    # Here, not at the top: the API (with the ext4 reference, concurrent.futures) costs
+    # every other command's start-up ~20 ms.
+    from quotafs.client import api
+
     options = mount_options(args)
-    with mounted_with(options, args.mountpoint) as m:
+    with api.mounted_with(options, args.mountpoint) as m:
         env = {**os.environ, "QUOTAFS_MOUNT": m.path}
         # Ctrl-C goes to the whole foreground process group: let it reach CMD, and clean
         # up after CMD has reacted, rather than unmounting under it.
