@@ -36,7 +36,7 @@ if __package__ in (None, ""):
 from bench.system import BenchError, cpu_seconds, drop_caches, run, tool, unmount_retrying
 from bench.targets import QuotafsTarget
 from bench.workloads import read_all, write_file
-from quotafs.client.mountinfo import find_mount
+from quotafs.mountinfo import find_mount
 
 MiB = 1024 * 1024
 

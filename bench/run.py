@@ -41,8 +41,6 @@ from bench.system import (
     machine_info,
     memory_kib,
     open_fds,
-    signals_deferred,
-    sigterm_as_interrupt,
 )
 from bench.targets import (
     IDLE_RULE,
@@ -68,6 +66,7 @@ from bench.workloads import (
     Sample,
     Sizes,
 )
+from quotafs.interrupts import signals_deferred, sigterm_as_interrupt
 
 HERE = Path(__file__).resolve().parent
 MiB = 1024 * 1024

@@ -3,7 +3,6 @@ of them up, and the cost of one accounted 4 KiB append as the number of files gr
 
 from __future__ import annotations
 
-import errno
 import os
 import statistics
 import time
@@ -18,9 +17,10 @@ from bench.system import (
     log,
     memory_kib,
     open_fds,
-    signals_deferred,
 )
 from bench.targets import Ext4, Target
+from quotafs.errors import errno_name
+from quotafs.interrupts import signals_deferred
 
 FILES_PER_DIR = 1000
 KiB = 1024
@@ -116,7 +116,7 @@ def _append(row: ScaleRow, when: str, directory: str, pid: int, appends: int,
     try:
         return append_cost(directory, pid, appends, batches)
     except OSError as exc:
-        row.notes.append(f"4K appends {when} failed: {errno.errorcode.get(exc.errno or 0)} "
+        row.notes.append(f"4K appends {when} failed: {errno_name(exc.errno)} "
                          f"({exc.strerror})")
         return None, None
 
@@ -167,7 +167,7 @@ def measure(make_target: Callable[[str], Target], top: str, count: int, appends:
             after, error = first_error
             row.notes.append(
                 f"{count - ok:,} of {count:,} lookups failed, the first after {after:,} "
-                f"successful ones: {errno.errorcode.get(error.errno or 0)} ({error.strerror}); "
+                f"successful ones: {errno_name(error.errno)} ({error.strerror}); "
                 f"daemon RLIMIT_NOFILE {row.nofile_limit}")
         mem = memory_kib(pid)
         row.rss_after_lookups_mib = _mib(mem["VmRSS"])

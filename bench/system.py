@@ -11,11 +11,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from quotafs import unmounting
 from quotafs.client import lifecycle
-from quotafs.client.mountinfo import find_mount
 from quotafs.errors import QuotafsError
-from quotafs.interrupts import signals_deferred as signals_deferred
-from quotafs.interrupts import sigterm_as_interrupt as sigterm_as_interrupt
+from quotafs.mountinfo import find_mount
 from quotafs.reference.tools import find_tool
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -185,7 +184,7 @@ def unmount_retrying(path: str, attempts: int = 20) -> None:
     unmounted; BenchError if even the lazy unmount fails. (quotafs's own retry loop: the
     bench unmounts the way quotafs does.)"""
     try:
-        lifecycle.unmount_retrying(path, tries=attempts)
+        unmounting.unmount_retrying(path, lifecycle.unmount, tries=attempts)
     except QuotafsError as exc:
         raise BenchError(str(exc)) from None
 

@@ -207,8 +207,8 @@ def resolve_room(options: dict[str, Any]) -> dict[str, Any]:
     if out.get("block_size") is None:
         out.pop("block_size", None)
     blocks = out.get("accounting") in (None, "blocks")
-    out["reserve"] = resolve_reserve(out.get("reserve"), out.get("limit"),
-                                     int(out.get("block_size", 4096)) if blocks else 1)
+    unit = int(out.get("block_size", DEFAULT_BLOCK_SIZE)) if blocks else 1
+    out["reserve"] = resolve_reserve(out.get("reserve"), out.get("limit"), unit)
     return out
 
 

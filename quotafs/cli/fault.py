@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 from quotafs.client.control import add_rule, clear_rules, event_line, list_rules, read_events
-from quotafs.errors import printable
 from quotafs.model.faults import Rule, spec_from_args
 
 # -- commands -----------------------------------------------------------------------------
@@ -54,11 +53,6 @@ def cmd_fault_clear(args: argparse.Namespace) -> int:
     count = clear_rules(args.mountpoint, args.rule_id)
     print(f"removed {count} rule{'s' if count != 1 else ''}", file=sys.stderr)
     return 0
-
-
-def escape_name(name: str) -> str:
-    """A file name as `ls -b` shows it (see quotafs.errors.printable)."""
-    return printable(name)
 
 
 def cmd_events(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from quotafs import statedir
 from quotafs.cli.mountopts import add_mount_options, mount_options
 from quotafs.client import control, lifecycle
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.mountinfo import find_mount
 from quotafs.units import format_size
 
 
@@ -52,7 +53,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = lifecycle.resolve(args.mountpoint)
-    info = lifecycle.find_mount(mountpoint)
+    info = find_mount(mountpoint)
     if info is None:
         raise QuotafsError(f"{args.mountpoint} is not mounted", ExitCode.NOT_QUOTAFS)
     if not info.is_quotafs:

@@ -30,11 +30,13 @@ from typing import Any, ClassVar, TypeVar
 from quotafs.client import control, lifecycle
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.model.faults import spec_from_args
+from quotafs.mountinfo import find_mount
 from quotafs.options import MountOptions, check_settings, check_size
 from quotafs.protocol import Event, Limits, RuleStatus, Status, Usage
 from quotafs.reference import loopext4
 from quotafs.reference.loopext4 import Ext4Loop
 from quotafs.units import format_size
+from quotafs.unmounting import BUSY_TRIES, unmount_retrying
 
 T = TypeVar("T")
 
@@ -95,7 +97,7 @@ class QuotaMount:
         is detached lazily at once. Returns None once nothing is mounted here, else why it
         still is ("target is busy"). The daemon exits once its mount is gone."""
         alive = self.is_alive()
-        return lifecycle.unmount_retrying(self.path, tries=lifecycle.BUSY_TRIES if alive else 0,
+        return unmount_retrying(self.path, lifecycle.unmount, tries=BUSY_TRIES if alive else 0,
                                           lazy=lazy or not alive)
 
     def terminate(self, timeout: float = 10.0) -> None:
@@ -132,10 +134,10 @@ class QuotaMount:
             if self._process is not None:
                 lifecycle.reap(self._process, 30)  # it exits once unmounted
         finally:
-            if lifecycle.find_mount(self.path) is not None:
+            if find_mount(self.path) is not None:
                 with contextlib.suppress(Exception):
                     lifecycle.unmount(self.path, lazy=True)
-            if lifecycle.find_mount(self.path) is None:  # never remove below a live mount
+            if find_mount(self.path) is None:  # never remove below a live mount
                 self._closed = True
                 if self._own_mountpoint:
                     with contextlib.suppress(OSError):

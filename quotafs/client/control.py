@@ -15,6 +15,7 @@ from typing import Any
 from quotafs.client import lifecycle
 from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.model.faults import RuleSpec
+from quotafs.mountinfo import find_mount
 from quotafs.protocol import (
     EVENTS,
     FAULT_ADD,
@@ -35,7 +36,7 @@ from quotafs.protocol import (
 def require_quotafs(path: str) -> str:
     """The mount point of `path`, if it is a quotafs mount; QuotafsError otherwise."""
     mountpoint = lifecycle.resolve(path)
-    info = lifecycle.find_mount(mountpoint)
+    info = find_mount(mountpoint)
     if info is None or not info.is_quotafs:
         raise QuotafsError(f"{path} is not a quotafs mount", ExitCode.NOT_QUOTAFS)
     return mountpoint

@@ -13,7 +13,6 @@ import contextlib
 import os
 import platform
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from quotafs.compare.writers import WriterResult, bytes_on_disk, passwd_entry, r
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.options import MountOptions
 from quotafs.reference.loopext4 import open_ext4_loop
+from quotafs.reference.tools import find_tool, last_line, run_tool
 from quotafs.units import format_size
 
 TARGETS = ("ext4", "quotafs", "quotafs-sigbus")
@@ -80,11 +80,10 @@ def describe(result: WriterResult, on_disk: int) -> str:
 
 def _remount(device: str, mountpoint: str) -> None:
     """Unmount and mount again, so that what we read back is what reached the disk."""
-    for cmd in (["umount", mountpoint], ["mount", device, mountpoint]):
-        result = subprocess.run(cmd, capture_output=True, text=True)
+    for cmd in ([find_tool("umount"), mountpoint], [find_tool("mount"), device, mountpoint]):
+        result = run_tool(cmd)
         if result.returncode != 0:
-            raise QuotafsError(f"{' '.join(cmd)} failed: {result.stderr.strip()}",
-                               ExitCode.LOOP)
+            raise QuotafsError(f"{' '.join(cmd)} failed: {last_line(result)}", ExitCode.LOOP)
 
 
 @dataclass

@@ -233,7 +233,7 @@ class Charging:
     def _write_apparent(self, handle: Handle, off: int, buf: bytes) -> int:
         node = handle.node
         charged = self.charge_of(node)
-        growth = max(0, off + len(buf) - max(node.size, charged))
+        growth = max(0, off + len(buf) - max(node.size, charged)) if buf else 0
         if growth > self._ledger.free_for(handle.privileged):
             self._refuse_write(node)
         written, error = pwrite_whole(handle.fd, buf, off)

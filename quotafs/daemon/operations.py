@@ -60,7 +60,7 @@ CACHE_TIMEOUT = 60.0  # seconds
 
 
 @dataclass
-class Options:
+class HandlerSettings:
     costs: Costs
     mmap_sigbus: bool = False
     # Kernel cache timeouts. quotafs is the only writer of the backing directory while
@@ -76,7 +76,7 @@ class QuotaFS(pyfuse3.Operations):
     enable_writeback_cache = False  # write(2) itself must return ENOSPC
     enable_acl = True
 
-    def __init__(self, inodes: InodeTable, ledger: Ledger, options: Options,
+    def __init__(self, inodes: InodeTable, ledger: Ledger, options: HandlerSettings,
                  control: ControlChannel, faults: FaultEngine, kernel: Kernel,
                  identity: syscalls.Identity, paths: Paths) -> None:
         """The parts shared with the control channel come in built (serve.build_filesystem);

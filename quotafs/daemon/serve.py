@@ -21,17 +21,17 @@ import pyfuse3
 import trio
 
 from quotafs import __version__
-from quotafs.client.mountinfo import find_mount
 from quotafs.daemon import syscalls
 from quotafs.daemon.control import ControlChannel
 from quotafs.daemon.inodes import InodeTable, default_path_fd_budget
 from quotafs.daemon.kernel import Kernel
-from quotafs.daemon.operations import CACHE_TIMEOUT, Options, QuotaFS
+from quotafs.daemon.operations import CACHE_TIMEOUT, HandlerSettings, QuotaFS
 from quotafs.daemon.paths import Paths
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.model.costs import Costs, Mode, scan_backing
 from quotafs.model.faults import FaultEngine
 from quotafs.model.ledger import Ledger
+from quotafs.mountinfo import find_mount
 from quotafs.options import MountOptions
 from quotafs.statedir import drop_log_if_empty, forget_record
 
@@ -108,7 +108,7 @@ def build_filesystem(config: MountOptions, kernel: Kernel | None = None) -> Quot
     control = ControlChannel(
         ledger, info, owner, faults, statistics=inodes.statistics,
         forget_cached=lambda: session.invalidate_entries(inodes.named_entries()))
-    options = Options(costs, mmap_sigbus=config.mmap_sigbus,
+    options = HandlerSettings(costs, mmap_sigbus=config.mmap_sigbus,
                       attr_timeout=0.0 if config.no_cache else CACHE_TIMEOUT,
                       # Other users' path walks must reach the daemon: a name it looks up
                       # as the caller is checked against the backing's fresh search

@@ -12,6 +12,7 @@ import ctypes.util
 import errno
 import os
 import platform
+import resource
 from collections.abc import Iterable, Iterator
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -156,7 +157,6 @@ class Identity:
 
 def raise_nofile_limit() -> int:
     """Let the daemon hold one O_PATH fd per live inode: raise RLIMIT_NOFILE as far as allowed."""
-    import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard

@@ -23,12 +23,12 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from quotafs.client.lifecycle import unmount_failure, unmount_retrying
-from quotafs.client.mountinfo import find_mount
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import signals_deferred
+from quotafs.mountinfo import find_mount
 from quotafs.reference.tools import find_tool, last_line, run_tool
 from quotafs.units import format_size
+from quotafs.unmounting import unmount_failure, unmount_retrying
 
 MIN_FREE = 1024 * 1024  # below this mkfs.ext4 has no room for its journal; not a useful test
 _MAX_ROUNDS = 12
@@ -314,7 +314,7 @@ def _umount(tools: _Tools, mnt: str) -> bool:
     """Unmount `mnt` if mounted: a few polite tries (busy right after a writer exits), then
     lazy. True when nothing is mounted there any more."""
     with contextlib.suppress(QuotafsError):
-        unmount_retrying(os.path.realpath(mnt), umount=functools.partial(_umount_once, tools))
+        unmount_retrying(os.path.realpath(mnt), functools.partial(_umount_once, tools))
     return not _is_mounted(mnt)
 
 

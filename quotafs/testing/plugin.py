@@ -40,7 +40,6 @@ import pytest
 
 import quotafs
 from quotafs.errors import ExitCode, QuotafsError
-from quotafs.options import OPTION_NAMES as OPTION_NAMES
 from quotafs.options import validate as validate_options
 from quotafs.units import format_size, parse_size
 

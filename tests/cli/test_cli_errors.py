@@ -12,6 +12,7 @@ import pytest
 
 from quotafs.client import lifecycle
 from quotafs.errors import ExitCode
+from quotafs.mountinfo import find_mount
 from tests.conftest import MountFactory, fuse_unusable_reason
 
 
@@ -33,7 +34,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int,
 def test_bad_size(tmp_path: Path, size: str) -> None:
     result = quotafs("mount", f"--limit={size}", str(tmp_path))
     assert_one_line_error(result, ExitCode.USAGE, "invalid size")
-    assert lifecycle.find_mount(str(tmp_path)) is None
+    assert find_mount(str(tmp_path)) is None
 
 
 def test_unknown_option(tmp_path: Path) -> None:
@@ -56,7 +57,7 @@ def test_missing_backing_directory(tmp_path: Path) -> None:
     result = quotafs("mount", "--limit", "1M", "--backing", str(tmp_path / "nope"),
                      str(tmp_path))
     assert_one_line_error(result, ExitCode.BACKING, "backing directory")
-    assert lifecycle.find_mount(str(tmp_path)) is None
+    assert find_mount(str(tmp_path)) is None
 
 
 @pytest.mark.skipif(fuse_unusable_reason() is not None, reason=fuse_unusable_reason() or "")
@@ -109,12 +110,12 @@ def test_busy_mount_point_at_umount(tmp_path: Path) -> None:
     try:
         result = quotafs("umount", str(mnt))
         assert_one_line_error(result, ExitCode.MOUNTPOINT, "busy")
-        assert lifecycle.find_mount(str(mnt)) is not None
+        assert find_mount(str(mnt)) is not None
         lazy = quotafs("umount", "--lazy", str(mnt))
         assert lazy.returncode == 0, lazy.stderr
-        assert lifecycle.find_mount(str(mnt)) is None
+        assert find_mount(str(mnt)) is None
     finally:
         holder.kill()
         holder.wait()
-        if lifecycle.find_mount(str(mnt)) is not None:
+        if find_mount(str(mnt)) is not None:
             lifecycle.unmount(str(mnt), lazy=True)

@@ -26,6 +26,7 @@ from quotafs.client import control, lifecycle
 from quotafs.client.api import QuotaMount, mounted
 from quotafs.daemon import serve
 from quotafs.model.faults import SPEC_KEYS, parse_duration
+from quotafs.mountinfo import find_mount
 from quotafs.options import MountOptions
 from quotafs.protocol import FAULT_ADD, FAULT_CLEAR, SET, STATUS
 from tests.conftest import needs_fuse
@@ -174,7 +175,7 @@ def test_cli_fuzz(live: QuotaMount, files: dict[str, str], data: st.DataObject) 
     assert "Traceback" not in stderr, (argv, stderr)
     if code != 0:  # the error is one line, the last
         assert stderr.splitlines()[-1].startswith("quotafs"), (argv, stderr)
-    assert lifecycle.find_mount(files["missing"]) is None
+    assert find_mount(files["missing"]) is None
     _assert_serving(live)
 
 
@@ -211,6 +212,6 @@ def test_control_channel_fuzz(live: QuotaMount, name: bytes, value: bytes) -> No
 def test_fuzz_left_nothing(live: QuotaMount) -> None:
     """Runs after the fuzzers (file order): the live mount is the same daemon, serving."""
     _assert_serving(live)
-    info = lifecycle.find_mount(live.path)
+    info = find_mount(live.path)
     assert info is not None and info.is_quotafs
     assert live.faults() == []

@@ -20,13 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import quotafs
-from quotafs.cli.fault import escape_name
 from quotafs.client import lifecycle
 from quotafs.daemon.control import ControlChannel
 from quotafs.daemon.inodes import TableStats
-from quotafs.errors import ExitCode, QuotafsError
+from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.model.faults import FaultEngine, compile_glob, load_rules_toml, spec_from_args
 from quotafs.model.ledger import Ledger
+from quotafs.mountinfo import find_mount
 from quotafs.protocol import SET, XATTR_SIZE_MAX
 from quotafs.testing.plugin import OptionError, mount_options
 from quotafs.units import parse_size
@@ -40,7 +40,7 @@ def target(tmp_path: Path) -> Iterator[Path]:
     """A mount point for commands that must refuse to mount; should one mount anyway (the
     code before the fix did), it is unmounted at teardown, not left behind."""
     yield tmp_path
-    if lifecycle.find_mount(str(tmp_path)) is not None:
+    if find_mount(str(tmp_path)) is not None:
         lifecycle.unmount(str(tmp_path), lazy=True)
 
 
@@ -52,7 +52,7 @@ def test_deeply_nested_toml_rules_file_is_one_line(target: Path) -> None:
     rules.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
     result = run_quotafs("mount", "--rules", str(rules), str(target))
     assert_one_line_error(result, ExitCode.USAGE, "nested too deeply")
-    assert lifecycle.find_mount(str(target)) is None
+    assert find_mount(str(target)) is None
 
 
 @pytest.mark.parametrize("special", ["/dev/zero", "fifo", "dir"])
@@ -214,8 +214,8 @@ def test_counts_in_rules_are_ascii(value: str) -> None:
 
 
 def test_escape_name_as_ls_b() -> None:
-    assert escape_name("/a\nb\x1b[31mred\\x\t é") == "/a\\nb\\033[31mred\\\\x\\t é"
-    assert escape_name(os.fsdecode(b"/\xff")) == "/\\377"
+    assert printable("/a\nb\x1b[31mred\\x\t é") == "/a\\nb\\033[31mred\\\\x\\t é"
+    assert printable(os.fsdecode(b"/\xff")) == "/\\377"
 
 
 @needs_fuse
@@ -254,7 +254,7 @@ def test_limits_of_2_63_and_more_are_refused(target: Path, text: str) -> None:
     assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
     result = run_quotafs("mount", "--inodes", text, str(target))
     assert result.returncode == ExitCode.USAGE, result.stderr
-    assert lifecycle.find_mount(str(target)) is None
+    assert find_mount(str(target)) is None
 
 
 @pytest.mark.parametrize("option", ["limit", "inodes"])
@@ -374,7 +374,7 @@ def test_cli_says_what_the_api_says(target: Path, argv: list[str], message: str)
     for command in (["mount", *argv, str(target)], ["run", *argv, "--", "true"]):
         result = run_quotafs(*command)
         assert_one_line_error(result, ExitCode.USAGE, message)
-    assert lifecycle.find_mount(str(target)) is None
+    assert find_mount(str(target)) is None
 
 
 def test_mount_options_round_trip(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from quotafs.client import lifecycle
+from quotafs.mountinfo import find_mount
 from quotafs.protocol import STATUS
 from tests.conftest import fuse_unusable_reason
 
@@ -46,7 +47,7 @@ def test_exit_status_mount_env_and_cleanup(tmp_path: Path) -> None:
     assert (written, err) == (str(256 * 1024), "ENOSPC")
     assert "1 ENOSPC from the quota" in result.stderr
     assert not os.path.exists(mountpoint)  # the temporary mount point is gone
-    assert lifecycle.find_mount(mountpoint) is None
+    assert find_mount(mountpoint) is None
     assert lifecycle.wait_for_exit(int(pid), timeout=10), f"daemon {pid} still runs"
 
 
@@ -89,4 +90,4 @@ def test_ctrl_c_reaches_the_command_first(tmp_path: Path) -> None:
             proc.wait()
     assert (backing / "after-sigint").read_text() == "saved"
     assert all(str(backing) not in line for line in quotafs_mounts())
-    assert lifecycle.find_mount(str(backing)) is None
+    assert find_mount(str(backing)) is None

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from quotafs.client.mountinfo import find_mount
+from quotafs.mountinfo import find_mount
 from tests.conftest import MountFactory, needs_root
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from quotafs.client import lifecycle
+from quotafs.mountinfo import find_mount
 from tests.conftest import fuse_unusable_reason
 
 pytestmark = pytest.mark.skipif(fuse_unusable_reason() is not None,
@@ -31,13 +32,13 @@ def mnt(tmp_path: Path) -> Iterator[str]:
     path = tmp_path / "mnt"
     path.mkdir()
     yield str(path)
-    if lifecycle.find_mount(str(path)) is not None:
+    if find_mount(str(path)) is not None:
         lifecycle.unmount(str(path), lazy=True)
 
 
 def wait_unmounted(path: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
-    while lifecycle.find_mount(path) is not None:
+    while find_mount(path) is not None:
         assert time.monotonic() < deadline, f"{path} still mounted"
         time.sleep(0.05)
 
@@ -57,7 +58,7 @@ def test_mount_status_umount_roundtrip(mnt: str) -> None:
     assert "limit:" in text and "5.0 MiB" in text
     result = quotafs("umount", mnt)
     assert result.returncode == 0, result.stderr
-    assert lifecycle.find_mount(mnt) is None
+    assert find_mount(mnt) is None
     assert not os.path.exists(backing)  # the private backing directory is removed
     assert lifecycle.wait_for_exit(status["pid"], 10)  # umount waited for the daemon
 
@@ -128,7 +129,7 @@ def test_kill_9_then_umount_recovers(mnt: str, tmp_path: Path) -> None:
     result = quotafs("umount", mnt)
     assert result.returncode == 0, result.stderr
     assert "daemon had died" in result.stderr
-    assert lifecycle.find_mount(mnt) is None
+    assert find_mount(mnt) is None
     assert (backing / "precious").read_bytes() == b"k" * 300_000
 
 
@@ -137,14 +138,14 @@ def test_foreground_mount_serves_until_signalled(mnt: str) -> None:
                              "1M", mnt])
     try:
         deadline = time.monotonic() + 30
-        while lifecycle.find_mount(mnt) is None:
+        while find_mount(mnt) is None:
             assert proc.poll() is None
             assert time.monotonic() < deadline
             time.sleep(0.05)
         Path(mnt, "f").write_bytes(b"x")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        assert lifecycle.find_mount(mnt) is None
+        assert find_mount(mnt) is None
     finally:
         if proc.poll() is None:
             proc.kill()

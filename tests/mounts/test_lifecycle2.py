@@ -21,6 +21,7 @@ import pytest
 from quotafs import statedir
 from quotafs.client import lifecycle
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.mountinfo import find_mount
 from tests.conftest import MountFactory, fuse_unusable_reason
 
 pytestmark = pytest.mark.skipif(fuse_unusable_reason() is not None,
@@ -53,7 +54,7 @@ def cleanup() -> Iterator[list[str]]:
     yield paths
     for path in reversed(paths):
         real = os.path.realpath(path)
-        if lifecycle.find_mount(real) is not None:
+        if find_mount(real) is not None:
             subprocess.run(["umount", "-l", real], capture_output=True, timeout=30)
 
 
@@ -78,10 +79,10 @@ def test_mount_point_inside_backing_is_refused(tmp_path: Path, cleanup: list[str
     for mountpoint in (str(inner), str(tmp_path / "link")):
         result = quotafs("mount", "--backing", str(backing), mountpoint)
         assert_one_line(result, ExitCode.MOUNTPOINT, "inside the backing directory")
-        assert lifecycle.find_mount(str(inner)) is None
+        assert find_mount(str(inner)) is None
     fg = quotafs("mount", "--fg", "--backing", str(backing), str(inner))
     assert_one_line(fg, ExitCode.MOUNTPOINT, "inside the backing directory")
-    assert lifecycle.find_mount(str(inner)) is None
+    assert find_mount(str(inner)) is None
 
 
 def test_backing_at_or_below_the_mount_point_still_serves(tmp_path: Path,
@@ -112,7 +113,7 @@ def test_symlink_mount_point_names_its_target_everywhere(tmp_path: Path,
     result = quotafs("mount", "--limit", "1M", str(link), timeout=30)
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 20
-    assert lifecycle.find_mount(str(target)) is not None
+    assert find_mount(str(target)) is not None
     assert json.loads(quotafs("status", "--json", str(link)).stdout)["mountpoint"] == str(target)
     assert quotafs("set", str(link), "--limit", "2M").returncode == 0
     assert quotafs("fault", "add", str(link), "--op", "fsync", "--errno", "EIO").returncode == 0
@@ -120,7 +121,7 @@ def test_symlink_mount_point_names_its_target_everywhere(tmp_path: Path,
     pid = _pid(str(link))
     result = quotafs("umount", str(link))
     assert result.returncode == 0, result.stderr
-    assert lifecycle.find_mount(str(target)) is None
+    assert find_mount(str(target)) is None
     _wait_gone(pid)
 
 
@@ -135,7 +136,7 @@ def test_empty_paths_are_refused(tmp_path: Path, cleanup: list[str]) -> None:
                     ExitCode.USAGE, "empty path")
     for command in ("umount", "status"):
         assert_one_line(quotafs(command, "", cwd=str(cwd)), ExitCode.USAGE, "empty path")
-    assert lifecycle.find_mount(str(cwd)) is None and lifecycle.find_mount(str(mnt)) is None
+    assert find_mount(str(cwd)) is None and find_mount(str(mnt)) is None
 
 
 # -- records --------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def test_sigterm_leaves_no_record(tmp_path: Path, cleanup: list[str]) -> None:
     pid = _pid(str(mnt))
     os.kill(pid, signal.SIGTERM)
     _wait_gone(pid)
-    assert lifecycle.find_mount(str(mnt)) is None
+    assert find_mount(str(mnt)) is None
     assert not os.path.exists(statedir.record_path(str(mnt)))
 
 
@@ -269,7 +270,7 @@ def test_commands_on_a_stopped_daemon_return_with_an_error(tmp_path: Path,
                 pytest.fail(f"quotafs {' '.join(args)} hung on a stopped daemon")
             assert time.monotonic() - started < 10
             assert_one_line(result, ExitCode.DAEMON, "does not answer")
-            assert lifecycle.find_mount(mnt) is not None
+            assert find_mount(mnt) is not None
         assert _d_state_children(os.getpid()) == []
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -295,7 +296,7 @@ def test_dead_mount_inside_the_backing_is_one_line(tmp_path: Path, cleanup: list
         result = quotafs("mount", "--backing", str(backing), str(mnt))
         assert_one_line(result, ExitCode.BACKING, "dead")
         assert "Transport endpoint is not connected" in result.stderr
-        assert lifecycle.find_mount(str(mnt)) is None
+        assert find_mount(str(mnt)) is None
         log = Path(statedir.log_path(str(mnt)))
         assert not log.exists() or "Traceback" not in log.read_text()
     finally:
@@ -318,7 +319,7 @@ def test_non_owner_umount_exits_permission(shared_tmp: str, cleanup: list[str]) 
     env.pop("XDG_RUNTIME_DIR", None)
     result = quotafs("umount", mnt, env=env, nobody=True)
     assert_one_line(result, ExitCode.PERMISSION, "not allowed to unmount")
-    assert lifecycle.find_mount(mnt) is not None
+    assert find_mount(mnt) is not None
     assert quotafs("umount", mnt).returncode == 0
 
 

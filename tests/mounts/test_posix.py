@@ -37,6 +37,7 @@ import pytest
 
 from quotafs.client.api import QuotaMount, mounted
 from quotafs.daemon.boundary import boundary
+from quotafs.errors import errno_name
 from quotafs.model.costs import Costs, Mode, scan_backing
 from tests.conftest import fuse_unusable_reason
 from tests.differential.machinery import wait_until
@@ -83,7 +84,7 @@ def attempt(fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(*args)
     except OSError as exc:
-        return Err(errno.errorcode.get(exc.errno or 0, str(exc.errno)))
+        return Err(errno_name(exc.errno))
 
 
 def as_user(uid: int, gid: int | None = None, groups: Sequence[int] = (),

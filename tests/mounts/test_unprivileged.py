@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from quotafs.client import lifecycle
+from quotafs.mountinfo import find_mount
 from tests.conftest import NOBODY, NobodyEnv, run_capture
 
 LIMIT = 64 * 1024
@@ -26,6 +26,7 @@ LIMIT = 64 * 1024
 SCENARIO = """
 import errno, json, os, subprocess, sys, time
 from quotafs.client import control, lifecycle
+from quotafs.mountinfo import find_mount
 mnt, pidfile, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
 out = {}
 m = subprocess.run([sys.executable, "-m", "quotafs", "mount", "--limit", str(limit), mnt],
@@ -50,7 +51,7 @@ if m.returncode == 0:
     out["df"] = df.stdout.split()[-3:]
     u = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True, timeout=60)
     out["fusermount3"] = [u.returncode, u.stderr.strip()]
-    out["still_mounted"] = lifecycle.find_mount(mnt) is not None
+    out["still_mounted"] = find_mount(mnt) is not None
     out["daemon_exited"] = lifecycle.wait_for_exit(pid, 30)
     # And the same user's `quotafs umount`, which runs fusermount3 -u for it.
     again = subprocess.run([sys.executable, "-m", "quotafs", "mount", "--limit", "1M", mnt],
@@ -61,7 +62,7 @@ if m.returncode == 0:
     u = subprocess.run([sys.executable, "-m", "quotafs", "umount", mnt],
                        capture_output=True, text=True, timeout=120)
     out["quotafs_umount"] = [again.returncode, u.returncode, u.stderr.strip(),
-                             lifecycle.find_mount(mnt) is not None]
+                             find_mount(mnt) is not None]
 print(json.dumps(out))
 """
 
@@ -133,7 +134,7 @@ def test_nobody_mounts_fills_and_unmounts_with_fusermount3(nobody_env: NobodyEnv
         assert got["quotafs_umount"][3] is False
         assert left == {"mounts": []}  # nothing left in the namespace, no daemon to kill
     finally:
-        assert lifecycle.find_mount(str(top / "mnt")) is None  # never on the host
+        assert find_mount(str(top / "mnt")) is None  # never on the host
         now = os.stat("/dev/fuse")
         assert (now.st_ino, now.st_mode) == (host_fuse.st_ino, host_fuse.st_mode)
         shutil.rmtree(top, ignore_errors=True)

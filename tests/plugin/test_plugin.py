@@ -13,6 +13,7 @@ import textwrap
 import pytest
 
 from quotafs.client import lifecycle
+from quotafs.mountinfo import find_mount
 from quotafs.testing.plugin import FORCE_NO_FUSE_ENV, FORCE_NO_LOOP_ENV, OptionError, mount_options
 from tests.conftest import needs_fuse, needs_root
 
@@ -39,7 +40,7 @@ def run_mounting(pytester: pytest.Pytester, source: str, *args: str) -> pytest.R
 
 
 def no_mount_left(paths: list[str]) -> bool:
-    return all(lifecycle.find_mount(p) is None and not os.path.exists(p) for p in paths)
+    return all(find_mount(p) is None and not os.path.exists(p) for p in paths)
 
 
 def recorded_paths(pytester: pytest.Pytester) -> list[str]:
@@ -166,7 +167,7 @@ def test_quotafs_factory_makes_mounts_with_different_limits(pytester: pytest.Pyt
 # Each test records "<test> <mount path> <still mounted?>" of every mount it sees, so the
 # outer test can tell which tests shared one and when it went away.
 RECORD = """
-    from quotafs.client.mountinfo import find_mount
+    from quotafs.mountinfo import find_mount
 
     def record(name, *mounts):
         with open("paths.txt", "a") as f:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from quotafs import interrupts
+from quotafs import interrupts, unmounting
 from quotafs.cli.main import main as cli_main
 from quotafs.client import lifecycle
 from quotafs.errors import ExitCode, QuotafsError
@@ -44,44 +44,44 @@ class FakeMount:
 
 def test_a_mount_busy_for_a_while_is_unmounted_politely(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeMount(monkeypatch, busy_for=3)
-    assert lifecycle.unmount_retrying("/m", umount=fake.umount) is None
+    assert unmounting.unmount_retrying("/m", umount=fake.umount) is None
     assert fake.calls == [False, False, False, False]
 
 
 def test_a_mount_busy_throughout_is_detached_lazily_or_left_with_the_reason(
         monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeMount(monkeypatch, busy_for=99)
-    assert lifecycle.unmount_retrying("/m", tries=5, umount=fake.umount) is None
+    assert unmounting.unmount_retrying("/m", tries=5, umount=fake.umount) is None
     assert fake.calls == [False] * 5 + [True]
     fake = FakeMount(monkeypatch, busy_for=99)
-    assert lifecycle.unmount_retrying("/m", lazy=False, umount=fake.umount) == "target is busy"
-    assert fake.mounted and fake.calls == [False] * lifecycle.BUSY_TRIES
+    assert unmounting.unmount_retrying("/m", lazy=False, umount=fake.umount) == "target is busy"
+    assert fake.mounted and fake.calls == [False] * unmounting.BUSY_TRIES
 
 
 def test_another_failure_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     denied = QuotafsError("cannot unmount /m: not permitted", ExitCode.PERMISSION)
     fake = FakeMount(monkeypatch, other=denied)
     with pytest.raises(QuotafsError) as info:
-        lifecycle.unmount_retrying("/m", lazy=False, umount=fake.umount)
+        unmounting.unmount_retrying("/m", lazy=False, umount=fake.umount)
     assert info.value is denied and fake.calls == [False]
     fake = FakeMount(monkeypatch, other=denied)
-    assert lifecycle.unmount_retrying("/m", umount=fake.umount) is None
+    assert unmounting.unmount_retrying("/m", umount=fake.umount) is None
     assert fake.calls == [False, True]
 
 
 def test_no_tries_is_a_lazy_unmount_and_nothing_mounted_is_nothing_to_do(
         monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeMount(monkeypatch)
-    assert lifecycle.unmount_retrying("/m", tries=0, umount=fake.umount) is None
+    assert unmounting.unmount_retrying("/m", tries=0, umount=fake.umount) is None
     assert fake.calls == [True]
-    assert lifecycle.unmount_retrying("/m", umount=fake.umount) is None
+    assert unmounting.unmount_retrying("/m", umount=fake.umount) is None
     assert fake.calls == [True]
 
 
 def test_unmount_failure_marks_busy_for_a_retry() -> None:
-    assert lifecycle.unmount_failure("/m", "umount: /m: target is busy.\n").code == (
+    assert unmounting.unmount_failure("/m", "umount: /m: target is busy.\n").code == (
         ExitCode.MOUNTPOINT)
-    error = lifecycle.unmount_failure("/m", "")
+    error = unmounting.unmount_failure("/m", "")
     assert (str(error), error.code) == ("cannot unmount /m: unmount failed", ExitCode.FAILURE)
 
 

@@ -19,6 +19,7 @@ import quotafs
 from quotafs.cli.main import build_parser
 from quotafs.client import lifecycle
 from quotafs.errors import ExitCode, QuotafsError, printable
+from quotafs.mountinfo import find_mount
 from quotafs.options import OPTION_NAMES, SETTABLE, MountOptions, check_settings, validate
 from quotafs.testing.plugin import OptionError, mount_options
 
@@ -128,7 +129,7 @@ def test_the_cli_says_it_too(name: str, tmp_path: Path) -> None:
                              str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (
         ExitCode.USAGE, f"quotafs: {printable(str(info.value))}\n")
-    assert lifecycle.find_mount(str(tmp_path)) is None
+    assert find_mount(str(tmp_path)) is None
 
 
 @pytest.mark.parametrize(("values", "words"), [
