@@ -29,9 +29,9 @@ class FakeMount:
         self.calls: list[bool] = []
         self.busy_for = busy_for
         self.other = other
-        monkeypatch.setattr(lifecycle, "find_mount",
+        monkeypatch.setattr(unmounting, "find_mount",
                             lambda path: object() if self.mounted else None)
-        monkeypatch.setattr(lifecycle.time, "sleep", lambda seconds: None)
+        monkeypatch.setattr(unmounting.time, "sleep", lambda seconds: None)
 
     def umount(self, path: str, lazy: bool) -> None:
         self.calls.append(lazy)
