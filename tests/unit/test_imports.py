@@ -148,3 +148,41 @@ def test_the_client_side_starts_without_pyfuse3_or_trio() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=True)
     assert result.stdout.splitlines()[-1:] == [""], result.stdout
+
+
+# The layers of docs/architecture.md, from the bottom up: a module imports from its own
+# part or from a lower layer. Within a layer the parts are independent, except the base
+# helpers (which use each other: no cycle, as test_no_import_cycle checks) and the
+# command line, which drives the comparison.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("quotafs", "quotafs.units", "quotafs.errors", "quotafs.interrupts",
+     "quotafs.mountinfo", "quotafs.unmounting"),
+    ("quotafs.model", "quotafs.reference"),
+    ("quotafs.options", "quotafs.protocol", "quotafs.statedir"),
+    ("quotafs.daemon", "quotafs.client"),
+    ("quotafs.compare", "quotafs.cli", "quotafs.testing"),
+    ("quotafs.__main__",),  # `python -m quotafs`: the command line
+)
+_ALSO_ALLOWED = {("quotafs.cli", "quotafs.compare")}
+
+
+def _part(module: str) -> tuple[int, str]:
+    """(layer, part) of a module: its subpackage, or itself for a top-level module."""
+    for rank, parts in enumerate(LAYERS):
+        for part in parts:
+            if module == part or (part != "quotafs" and module.startswith(part + ".")):
+                return rank, part
+    raise AssertionError(f"{module} is in no layer of docs/architecture.md")
+
+
+def test_imports_go_down_the_layers() -> None:
+    wrong = []
+    for module, targets in _graph().items():
+        rank, part = _part(module)
+        for target in targets:
+            target_rank, target_part = _part(target)
+            if part == target_part or target_rank < rank or rank == target_rank == 0 or (
+                    (part, target_part) in _ALSO_ALLOWED):
+                continue
+            wrong.append(f"{module} -> {target}")
+    assert wrong == []
