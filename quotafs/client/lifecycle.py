@@ -25,7 +25,7 @@ from typing import Any
 
 from quotafs.client import probe as _probe
 from quotafs.client.probe import Op, Result
-from quotafs.errors import ExitCode, QuotafsError
+from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.mountinfo import MountInfo, find_mount
 from quotafs.options import MountOptions
 from quotafs.statedir import drop_log_if_empty, log_path, open_log, write_record
@@ -74,6 +74,8 @@ def resolve(path: str, what: str = "mount point") -> str:
     """
     if not path:
         raise QuotafsError(f"the {what} is an empty path", ExitCode.USAGE)
+    if "\0" in path:  # no path has one; os would raise ValueError, not an OSError
+        raise QuotafsError(f"the {what} {printable(path)} contains a NUL byte", ExitCode.USAGE)
     current = os.path.join(os.getcwd(), path)
     for _ in range(40):  # the kernel's limit of links in one lookup
         parent, name = os.path.split(current.rstrip("/") or "/")

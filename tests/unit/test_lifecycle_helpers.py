@@ -132,3 +132,17 @@ def test_the_command_line_called_in_process_restores_the_probe_mode(
         cli_main(argv)
     capsys.readouterr()
     assert lifecycle.ISOLATE_PROBES is False
+
+
+@pytest.mark.parametrize("argv", [["events", "--json", "\x00"], ["status", "/tmp/a\x00b"],
+                                  ["umount", "\x00"], ["set", "\x00", "--limit", "1M"]])
+def test_a_path_with_a_nul_byte_is_one_usage_line(argv: list[str],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by the CLI fuzzer: os raises ValueError (not OSError) for a NUL in a path,
+    which escaped as a traceback. The API's callers (mounted(mountpoint=...)) meet it too."""
+    assert cli_main(argv) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "contains a NUL byte" in err, err
+    with pytest.raises(QuotafsError) as info:
+        lifecycle.resolve("a\x00")
+    assert info.value.code == ExitCode.USAGE
