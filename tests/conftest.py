@@ -9,6 +9,7 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import urllib.parse
@@ -246,8 +247,25 @@ def _nobody_setup_reason() -> str | None:
     return None
 
 
-def run_capture(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def run_capture(cmd: list[str], timeout: float = 600,
+                cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `cmd` to its end, output captured. If the test run is interrupted meanwhile
+    (Ctrl-C, SIGTERM turned into an exception, a timeout), the child gets SIGINT and a
+    minute to clean up, as it would from a terminal's Ctrl-C: subprocess.run would kill it
+    at once and leave its mounts and daemons behind."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,12 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import fuse_unusable_reason
+from tests.conftest import fuse_unusable_reason, run_capture
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,9 +36,10 @@ ALWAYS = {"native", "quotafs", "quotafs-nolimit"}  # targets that may never be s
 def test_smoke_run_reports_every_target_and_workload(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     csv_out = tmp_path / "bench.csv"
-    proc = subprocess.run(
+    # run_capture: an interrupted test run lets the bench tear its mounts down.
+    proc = run_capture(
         [sys.executable, "bench/run.py", "--smoke", "--json", str(out), "--csv", str(csv_out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+        cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "x native" in proc.stdout  # the table was printed
 
