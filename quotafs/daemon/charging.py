@@ -55,8 +55,7 @@ def pwrite_whole(fd: int, buf: bytes, off: int) -> tuple[int, OSError | None]:
 def _stored(node: Node, off: int, written: int, error: OSError | None) -> int:
     """The answer to a write request whose data went to the backing file in part or
     whole (charged already): the count, or the backing's error if it stopped short."""
-    if written:  # a write of nothing at an offset past the end does not extend the file
-        node.size = max(node.size, off + written)
+    node.size = max(node.size, off + written)
     if error is not None:
         raise error
     return written
@@ -233,11 +232,11 @@ class Charging:
     def _write_apparent(self, handle: Handle, off: int, buf: bytes) -> int:
         node = handle.node
         charged = self.charge_of(node)
-        growth = max(0, off + len(buf) - max(node.size, charged)) if buf else 0
+        growth = max(0, off + len(buf) - max(node.size, charged))
         if growth > self._ledger.free_for(handle.privileged):
             self._refuse_write(node)
         written, error = pwrite_whole(handle.fd, buf, off)
-        new_size = max(node.size, off + written) if written else node.size
+        new_size = max(node.size, off + written)
         if new_size > charged:
             self._ledger.force_charge(new_size - charged)
             node.charged = new_size

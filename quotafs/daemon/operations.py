@@ -488,7 +488,9 @@ class QuotaFS(pyfuse3.Operations):
             if effect is not None:  # a short write: store only the first bytes
                 buf = buf[:effect.value]
         handle = self.inodes.handle(fh)
-        written = self._write(handle, off, buf)
+        # pwrite(2) of nothing changes nothing, so nothing is charged: the kernel never
+        # sends an empty WRITE, but a short-write rule of 0 bytes and in-process callers do.
+        written = self._write(handle, off, buf) if buf else 0
         if self.faults.counting:
             self.gate.note_written(handle.node, written)
         return written

@@ -1,28 +1,4 @@
 """quotafs for pytest: the plugin (`quotafs.testing.plugin`, loaded by its pytest11 entry
-point) and the names a user's suite may import."""
+point) and the names a user's suite may import: the plugin's `__all__`, kept there only."""
 
-from quotafs.testing.plugin import (
-    DEFAULT_LIMIT,
-    FORCE_NO_FUSE_ENV,
-    FORCE_NO_LOOP_ENV,
-    MARKER,
-    OptionError,
-    QuotafsFactory,
-    QuotafsLeakWarning,
-    ext4_unusable_reason,
-    fuse_unusable_reason,
-    mount_options,
-)
-
-__all__ = [
-    "DEFAULT_LIMIT",
-    "FORCE_NO_FUSE_ENV",
-    "FORCE_NO_LOOP_ENV",
-    "MARKER",
-    "OptionError",
-    "QuotafsFactory",
-    "QuotafsLeakWarning",
-    "ext4_unusable_reason",
-    "fuse_unusable_reason",
-    "mount_options",
-]
+from quotafs.testing.plugin import *  # noqa: F403  (re-exports the plugin's __all__)
