@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -92,6 +93,18 @@ def test_reap_kills_a_process_that_does_not_exit() -> None:
 
 # -- signals ------------------------------------------------------------------------------
 
+@pytest.fixture
+def ctrl_c() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt, as in a terminal, even when the suite was started
+    with SIGINT ignored (a background job of a non-interactive shell inherits SIG_IGN)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c")
 def test_a_deferred_signal_is_delivered_after_the_block() -> None:
     seen: list[str] = []
     with pytest.raises(KeyboardInterrupt), interrupts.signals_deferred():
@@ -100,12 +113,14 @@ def test_a_deferred_signal_is_delivered_after_the_block() -> None:
     assert seen == ["the block ran to its end"]
 
 
+@pytest.mark.usefixtures("ctrl_c")
 def test_a_deferred_signal_is_dropped_without_reraise() -> None:
     with interrupts.signals_deferred(reraise=False):
         os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.usefixtures("ctrl_c")
 def test_nested_deferrals_deliver_once_at_the_outer_end() -> None:
     steps: list[str] = []
     with pytest.raises(KeyboardInterrupt), interrupts.signals_deferred():
