@@ -1,0 +1,155 @@
+"""Running a user's program (and its --setup and --check commands) on a target: in a
+directory, with an environment, as a user, under a timeout; and how it ended.
+
+Shared by `quotafs compare -- CMD` and `quotafs sweep`. The program runs in a session of
+its own, so that a timeout, Ctrl-C or SIGTERM of quotafs kills it and everything it
+started (the whole process group) before the target is unmounted under it. Its stdout and
+stderr go to files, never to pipes we might not read; the report keeps their tails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO
+
+from quotafs.compare.writers import passwd_entry
+from quotafs.errors import ExitCode, QuotafsError
+
+TAIL_BYTES = 2048  # of stdout and stderr, kept for the report
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a program is started. `user`: root switches to this user (uid, gid, groups)
+    before exec. `prefix`: argv put in front, e.g. a nested `unshare -U --map-user=UID`
+    that runs the program as a non-root uid inside a user namespace."""
+
+    user: str | None = None
+    prefix: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one program run ended."""
+
+    exit_code: int | None  # None when killed by a signal (or hung)
+    signal: str | None  # e.g. "SIGBUS"; None when it exited (or hung)
+    timed_out: bool  # hung: killed by us after the timeout
+    wall_s: float
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def ended(self) -> str:
+        """One line: "exit 0", "exit 1", "killed by SIGBUS", "hung (killed after 30s)"."""
+        if self.timed_out:
+            return f"hung (killed after {self.wall_s:.0f}s)"
+        if self.signal is not None:
+            return f"killed by {self.signal}"
+        return f"exit {self.exit_code}"
+
+    def key(self) -> tuple[int | None, str | None, bool]:
+        """What two runs must share to have ended the same way."""
+        return (self.exit_code, self.signal, self.timed_out)
+
+
+@dataclass(frozen=True)
+class Program:
+    """A command to run on each target: argv, plus the optional shell commands run before
+    it (setup) and after it (check), in the same directory."""
+
+    argv: tuple[str, ...]
+    setup: str | None = None
+    check: str | None = None
+    timeout: float = 300.0
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _user_env(env: dict[str, str], user: str | None) -> dict[str, str]:
+    if user is None:
+        return env
+    entry = passwd_entry(user)
+    return {**env, "HOME": entry.pw_dir, "USER": entry.pw_name, "LOGNAME": entry.pw_name}
+
+
+def _tail(f: IO[bytes]) -> str:
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(max(0, size - TAIL_BYTES))
+    return f.read().decode(errors="replace").strip()
+
+
+def _start(argv: list[str], cwd: str, env: dict[str, str], out: IO[bytes],
+           err: IO[bytes], user: str | None) -> subprocess.Popen[bytes]:
+    """Start argv in a session of its own; as root with `user`, Popen sets that user's
+    uid, gid and groups in the child before exec."""
+    entry = passwd_entry(user) if user is not None else None
+    return subprocess.Popen(
+        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+        start_new_session=True,
+        user=entry.pw_uid if entry else None, group=entry.pw_gid if entry else None,
+        extra_groups=os.getgrouplist(entry.pw_name, entry.pw_gid) if entry else None)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the program's whole session (it leads its process group), by its pid."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_argv(argv: Sequence[str], cwd: str, env: Mapping[str, str], timeout: float,
+             launch: Launch = Launch()) -> Outcome:
+    """Run argv in `cwd` until it ends or `timeout` seconds pass (then it is killed, with
+    everything in its process group, and reported as hung). Ctrl-C or SIGTERM raised here
+    while it runs kill it the same way before they propagate."""
+    full_env = _user_env(dict(env), launch.user)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.monotonic()
+        try:
+            proc = _start([*launch.prefix, *argv], cwd, full_env, out, err, launch.user)
+        except OSError as exc:
+            raise QuotafsError(f"cannot run {argv[0]}: {exc.strerror}", ExitCode.USAGE) \
+                from None
+        timed_out = False
+        try:
+            try:
+                returncode = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(proc)
+                returncode = proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            proc.wait()
+            raise
+        finally:
+            _kill_group(proc)  # whatever it left running in its group would hold the mount
+        wall = time.monotonic() - start
+        return Outcome(
+            exit_code=None if timed_out or returncode < 0 else returncode,
+            signal=signal_name(-returncode) if returncode < 0 and not timed_out else None,
+            timed_out=timed_out, wall_s=round(wall, 3),
+            stdout_tail=_tail(out), stderr_tail=_tail(err))
+
+
+def run_shell(command: str, cwd: str, env: Mapping[str, str], timeout: float,
+              launch: Launch = Launch()) -> Outcome:
+    """A --setup or --check command: one shell command line (`sh -c`)."""
+    return run_argv(["/bin/sh", "-c", command], cwd, env, timeout, launch)
