@@ -21,18 +21,9 @@ from typing import IO
 
 from quotafs.compare.writers import passwd_entry
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.reference.base import AS_CALLER, Launch
 
 TAIL_BYTES = 2048  # of stdout and stderr, kept for the report
-
-
-@dataclass(frozen=True)
-class Launch:
-    """How a program is started. `user`: root switches to this user (uid, gid, groups)
-    before exec. `prefix`: argv put in front, e.g. a nested `unshare -U --map-user=UID`
-    that runs the program as a non-root uid inside a user namespace."""
-
-    user: str | None = None
-    prefix: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,7 +106,7 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_argv(argv: Sequence[str], cwd: str, env: Mapping[str, str], timeout: float,
-             launch: Launch = Launch()) -> Outcome:
+             launch: Launch = AS_CALLER) -> Outcome:
     """Run argv in `cwd` until it ends or `timeout` seconds pass (then it is killed, with
     everything in its process group, and reported as hung). Ctrl-C or SIGTERM raised here
     while it runs kill it the same way before they propagate."""
@@ -150,6 +141,6 @@ def run_argv(argv: Sequence[str], cwd: str, env: Mapping[str, str], timeout: flo
 
 
 def run_shell(command: str, cwd: str, env: Mapping[str, str], timeout: float,
-              launch: Launch = Launch()) -> Outcome:
+              launch: Launch = AS_CALLER) -> Outcome:
     """A --setup or --check command: one shell command line (`sh -c`)."""
     return run_argv(["/bin/sh", "-c", command], cwd, env, timeout, launch)
