@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +28,14 @@ __all__ = ["Ext4Mount", "MountOptions", "QuotaMount", "check_ext4_loop", "check_
            "format_event", "mounted", "mounted_with", "open_quota_mount"]
 
 
+# The public names that do not come from quotafs.client.api, and their modules.
+_ELSEWHERE: dict[str, str] = {}
+
+
 def __getattr__(name: str) -> Any:
     # Lazy: `python -m quotafs.compare.writers`, the probes and the daemon need not import
     # the Python API.
     if name in __all__:
-        from quotafs.client import api
-        return getattr(api, name)
+        module = importlib.import_module(_ELSEWHERE.get(name, "quotafs.client.api"))
+        return getattr(module, name)
     raise AttributeError(f"module 'quotafs' has no attribute {name!r}")
