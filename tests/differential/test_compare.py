@@ -139,7 +139,10 @@ def test_human_report_and_bad_input(tmp_path: Path) -> None:
 def test_interrupted_compare_leaves_nothing_behind(tmp_path: Path, sig: int) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "quotafs", "compare", "--workdir",
                              str(tmp_path), "--limit", "64M", "--writers", "mmap"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            # A suite started in the background has SIGINT ignored, and the
+                            # child would inherit that: give it Ctrl-C's default back.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr is not None
     try:
         deadline = time.monotonic() + 120
