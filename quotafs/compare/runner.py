@@ -95,6 +95,7 @@ class Plan:
     keep: bool
     workdir: str | None = None
     as_user: str | None = None  # the writers run as this user (None: as root)
+    reference: str = "ext4"  # the kernel filesystem compared with: "ext4" or "tmpfs"
 
 
 class Runner:
