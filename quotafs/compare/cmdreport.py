@@ -14,11 +14,18 @@ EVENT_LINES = 5  # of each quotafs run's events
 def _cells(run: TargetRun) -> list[str]:
     return [run.target, run.ended, run.check_ended or "-", f"{run.wall_s:.2f}s",
             format_size(run.used_bytes), str(run.files), format_size(run.dir_bytes),
-            str(len(run.events))]
+            str(len(run.events)), _last_line(run.stdout_tail)]
+
+
+def _last_line(text: str, width: int = 30) -> str:
+    lines = text.splitlines()
+    last = lines[-1] if lines else "-"
+    return last if len(last) <= width else last[:width - 3] + "..."
 
 
 def table(report: CommandReport) -> str:
-    header = ["target", "CMD", "CHECK", "time", "used", "files", "bytes in dir", "events"]
+    header = ["target", "CMD", "CHECK", "time", "used", "files", "bytes in dir", "events",
+              "stdout (last line)"]
     kind = report.reference["kind"]
     ref = next((r for r in report.runs if r.target == kind), None)
     rows = [header]

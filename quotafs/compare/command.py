@@ -140,8 +140,9 @@ def parse_targets(names: Sequence[str] | str, kind: str) -> list[str]:
     return out
 
 
-def check_program(argv: Sequence[str]) -> None:
-    """CMD must be there and executable, before any reference is built."""
+def check_program(argv: Sequence[str]) -> tuple[str, ...]:
+    """CMD must be there and executable, before any reference is built. Returns argv with
+    a relative program path (./my-program) made absolute: it runs in another directory."""
     if not argv:
         raise QuotafsError("compare --: no command after --", ExitCode.USAGE)
     name = argv[0]
@@ -149,6 +150,7 @@ def check_program(argv: Sequence[str]) -> None:
     if path is None or not os.path.isfile(path) or not os.access(path, os.X_OK):
         why = "not found" if path is None or not os.path.exists(path) else "not executable"
         raise QuotafsError(f"compare --: cannot run {name}: {why}", ExitCode.USAGE)
+    return (os.path.abspath(name) if "/" in name else name, *argv[1:])
 
 
 def target_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -324,8 +326,7 @@ def compare_command(argv: Sequence[str], *, limit: int | str = "120M",
     kind = check_kind(reference if reference is not None else default_reference())
     names = parse_targets(targets, kind)
     room = parse_size(limit) if isinstance(limit, str) else limit
-    req = Request(tuple(argv), setup, check, float(timeout), as_user)
-    check_program(req.argv)
+    req = Request(check_program(argv), setup, check, float(timeout), as_user)
     extra = target_options(options)
     MountOptions.from_values({"limit": room, **extra})  # bad options: before anything is made
     if req.timeout <= 0:
