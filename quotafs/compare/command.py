@@ -31,6 +31,7 @@ from quotafs.compare.program import (
 )
 from quotafs.compare.writers import passwd_entry
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.interrupts import signals_deferred
 from quotafs.options import MountOptions
 from quotafs.protocol import Event
 from quotafs.reference.base import KINDS, Launch, Reference
@@ -292,7 +293,8 @@ def _quotafs_options(name: str, ref: Reference, scratch: str, as_user: str | Non
 
 
 def _scratch(workdir: str | None, as_user: str | None) -> str:
-    scratch = tempfile.mkdtemp(prefix="quotafs-compare-", dir=workdir or "/var/tmp")
+    with signals_deferred():  # so no interrupt lands between mkdtemp and its cleanup
+        scratch = tempfile.mkdtemp(prefix="quotafs-compare-", dir=workdir or "/var/tmp")
     if as_user is not None:
         os.chmod(scratch, 0o755)  # the program's user must reach the mount points below
     return scratch
@@ -341,7 +343,7 @@ def compare_command(argv: Sequence[str], *, limit: int | str = "120M",
     say = progress or (lambda line: None)
     runs: list[TargetRun] = []
     scratch = _scratch(workdir, as_user)
-    try:
+    try:  # from here on every exit removes scratch; the mounts below are gone by then
         with open_reference(kind, room, workdir=workdir) as ref:
             say(f"{kind} reference: {format_size(ref.quotafs_limit)} writable, "
                 f"{format_size(ref.quotafs_reserve)} of it root's; quotafs limit "
