@@ -24,6 +24,7 @@ from quotafs.client.api import QuotaMount, mounted_with
 from quotafs.compare.program import (
     DEFAULT_TARGETS,
     DEFAULT_TIMEOUT,
+    NOT_FOR_TARGETS,
     Outcome,
     check_reachable,
     run_argv,
@@ -41,17 +42,6 @@ from quotafs.units import format_size, parse_size
 QUOTAFS_TARGETS = DEFAULT_TARGETS[1:]
 FAITHFUL = "quotafs-sigbus"  # the ext4-faithful target: --expect-same compares it
 RUN_DIR = "run"  # the fresh directory on each target
-# Mount options a quotafs target may not take: its room is the reference's, its mmap mode
-# is the target's, its backing directory is fresh, allow_other follows --as-user.
-NOT_FOR_TARGETS = {
-    "limit": "the limit of the quotafs targets is the reference's room: use compare's "
-             "--limit (the free space of all targets)",
-    "like_ext4": "the quotafs targets get the reference's room: use --limit",
-    "mmap_sigbus": "the target chooses the mmap mode: --targets quotafs,quotafs-sigbus",
-    "backing": "every target starts from a fresh empty directory: use --setup",
-    "keep_backing": "every target starts from a fresh empty directory",
-    "allow_other": "the quotafs targets allow others exactly when --as-user is given",
-}
 
 
 @dataclass(frozen=True)
