@@ -116,6 +116,11 @@ def _progress_printer(enabled: bool) -> Callable[[str], None]:
     return show
 
 
+def _say(line: str) -> None:
+    """A progress line of compare -- CMD: every one a whole line (no byte counters)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def _given(args: argparse.Namespace, names: dict[str, str]) -> list[str]:
     """The flags among `names` (dest -> flag) given other than at their defaults."""
     return [flag for dest, flag in names.items()
@@ -168,7 +173,7 @@ def cmd_compare_command(args: argparse.Namespace) -> int:
         report = command.compare_command(
             args.cmd[1:], limit=args.limit, reference=kind, targets=args.targets,
             setup=args.setup, check=args.check, timeout=args.timeout, as_user=args.as_user,
-            workdir=args.workdir, progress=_progress_printer(enabled=True),
+            workdir=args.workdir, progress=_say,
             **_target_options(args))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
