@@ -330,6 +330,8 @@ def compare_command(argv: Sequence[str], *, limit: int | str = "120M",
         check_reachable(as_user, workdir or "/var/tmp")
     if workdir is not None and not os.path.isdir(workdir):
         raise QuotafsError(f"--workdir {workdir}: no such directory", ExitCode.USAGE)
+    if workdir is not None:  # $QUOTAFS_MOUNT must name the directory from anywhere
+        workdir = os.path.abspath(workdir)
     say = progress or (lambda line: None)
     runs: list[TargetRun] = []
     scratch = _scratch(workdir, as_user)
