@@ -95,6 +95,7 @@ class Plan:
     keep: bool
     workdir: str | None = None
     as_user: str | None = None  # the writers run as this user (None: as root)
+    reference: str = "ext4"  # the kernel filesystem compared with: "ext4" or "tmpfs"
 
 
 class Runner:
@@ -261,6 +262,9 @@ def run_compare(plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
     if os.geteuid() != 0:
         raise QuotafsError("compare needs root: it attaches a loop device and mounts ext4",
                            ExitCode.PERMISSION)
+    if plan.reference != "ext4":  # rather than an ext4 where the user asked for another
+        raise QuotafsError(f"the built-in writers cannot run on a {plan.reference} "
+                           "reference yet: use --reference ext4", ExitCode.LOOP)
     check_fuse()
     runner = Runner(plan, progress)
     scratch = tempfile.mkdtemp(prefix="quotafs-compare-", dir=plan.workdir or "/var/tmp")
