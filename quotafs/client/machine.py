@@ -16,12 +16,14 @@ import shutil
 import stat
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import IO
 
 from quotafs.client import api, lifecycle
 from quotafs.errors import DOCTOR_HINT, QuotafsError, printable
 from quotafs.mountinfo import find_mount
-from quotafs.reference import tools
+from quotafs.reference import loopext4, tools
 
 TRIAL_TIMEOUT = 15.0  # seconds for one trial command (unshare, python -c)
 CAP_SYS_ADMIN = 21
@@ -242,7 +244,7 @@ def fusermount_dir(libfuse: str | None) -> str:
     """libfuse's FUSERMOUNT_DIR: it runs FUSERMOUNT_DIR/fusermount3 first and only then
     the first fusermount3 on PATH (lib/mount.c, exec_fusermount). The directory is
     compiled in; it is read from the library's own bytes."""
-    path = libfuse or _find_libfuse()
+    path = libfuse or find_libfuse()
     if path is None:
         return DEFAULT_FUSERMOUNT_DIR
     try:
@@ -254,7 +256,7 @@ def fusermount_dir(libfuse: str | None) -> str:
     return os.fsdecode(m[1]) if m is not None else DEFAULT_FUSERMOUNT_DIR
 
 
-def _find_libfuse() -> str | None:
+def find_libfuse() -> str | None:
     name = ctypes.util.find_library("fuse3")  # "libfuse3.so.3"
     if name is None:
         return None
@@ -328,10 +330,9 @@ def tmpfs_namespace(unshare: str, real_root: bool) -> Trial:
 
 def ext4_loop() -> Trial:
     """Build the smallest loop-ext4 reference for real and take it down again."""
-    from quotafs.reference import loopext4  # only when root: it finds the admin tools
-
     try:
-        with loopext4.open_ext4_loop(loopext4.MIN_FREE, image_size=4 * loopext4.MIN_FREE):
+        with loopext4.open_ext4_loop(loopext4.MIN_FREE, workdir=tempfile.gettempdir(),
+                                     image_size=4 * loopext4.MIN_FREE):
             return Trial(True)
     except QuotafsError as exc:
         return Trial(False, str(exc))
@@ -418,10 +419,11 @@ def mount_and_unmount(allow_other: bool) -> tuple[Trial, Trial]:
     """A 1 MiB quotafs on a temp mount point, then the unmount `quotafs umount` does (as a
     regular user: the first fusermount3 on PATH). Whatever fails, the daemon is stopped,
     which detaches its mount, and the mount point and backing directory go."""
-    try:
-        mount = api.QuotaMount.start("1M", allow_other=allow_other)
-    except QuotafsError as exc:
-        return _failed(exc), Trial(False, "not tried: the mount failed")
+    with tempfile.TemporaryFile() as said, _stderr_to(said.fileno()):
+        try:
+            mount = api.QuotaMount.start("1M", allow_other=allow_other)
+        except QuotafsError as exc:
+            return _failed(exc, _fuse_said(said)), Trial(False, "not tried: the mount failed")
     unmounted = Trial(True)
     try:
         try:
@@ -438,5 +440,29 @@ def mount_and_unmount(allow_other: bool) -> tuple[Trial, Trial]:
     return Trial(True), unmounted
 
 
-def _failed(exc: QuotafsError) -> Trial:
-    return Trial(False, printable(str(exc).removesuffix(" " + DOCTOR_HINT)))
+@contextlib.contextmanager
+def _stderr_to(fd: int) -> Iterator[None]:
+    """The daemon, and the fusermount3 libfuse runs, inherit this stderr: what they say
+    goes into the trial's result, not onto the doctor's terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _fuse_said(said: IO[bytes]) -> str | None:
+    """The last line libfuse or fusermount3 wrote ("fusermount3: option allow_other only
+    allowed if ..."), the reason behind the daemon's "fuse_session_mount failed"."""
+    said.seek(0)
+    lines = [line.strip() for line in said.read(1 << 16).decode(errors="replace").splitlines()
+             if line.startswith(("fusermount3:", "fuse:"))]
+    return lines[-1] if lines else None
+
+
+def _failed(exc: QuotafsError, detail: str | None = None) -> Trial:
+    message = str(exc).removesuffix(" " + DOCTOR_HINT)
+    return Trial(False, printable(message if detail is None else f"{message}: {detail}"))
