@@ -199,13 +199,20 @@ def _fallback(f: Facts) -> str:
 # -- the others ---------------------------------------------------------------------------
 
 def _allow_other(f: Facts) -> Verdict:
+    conf = f.fuse_conf
     problem: Problem | None = None
-    if f.uid != 0 and not f.fuse_conf.user_allow_other:
-        why = ("it has no line user_allow_other" if f.fuse_conf.readable
-               else f"it cannot be read ({f.fuse_conf.error})")
-        problem = (f"a regular user may pass allow_other only if {f.fuse_conf.path} allows "
-                   f"it, and {why}",
-                   f"echo user_allow_other | sudo tee -a {f.fuse_conf.path}")
+    if f.uid != 0 and conf.readable and not conf.user_allow_other:
+        problem = (f"a regular user may pass allow_other only if {conf.path} has the line "
+                   "user_allow_other, and it has not",
+                   f"echo user_allow_other | sudo tee -a {conf.path}")
+    elif f.uid != 0 and not conf.readable and os.path.exists(conf.path):
+        # fusermount3 reads it with the caller's rights (measured with fuse3 3.14): a
+        # file only root may read allows nothing.
+        problem = (f"{conf.path} cannot be read ({conf.error}), and fusermount3 reads it "
+                   "as the calling user", f"sudo chmod 0644 {conf.path}")
+    elif f.uid != 0 and not conf.readable:
+        problem = (f"there is no {conf.path} with the line user_allow_other",
+                   f"echo user_allow_other | sudo tee -a {conf.path}")
     return _verdict(problem, f.allow_other, _fallback(f))
 
 
