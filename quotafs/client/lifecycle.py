@@ -218,6 +218,19 @@ def _spawn(config: MountOptions, detach: bool) -> Daemon:
         if log is not None:
             log.close()
     try:
+        return _await_mount(config, process, read_fd, detach)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) or failed while the daemon may have mounted: stop
+        # it, and it detaches its mount as it exits, so no mount outlives the error.
+        if process.poll() is None:
+            process.terminate()
+            reap(process, 10)
+        raise
+
+
+def _await_mount(config: MountOptions, process: subprocess.Popen[bytes], read_fd: int,
+                 detach: bool) -> Daemon:
+    try:
         line = _read_ready_line(read_fd, process)
     finally:
         os.close(read_fd)

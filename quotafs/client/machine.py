@@ -405,11 +405,13 @@ def _seccomp(value: str | None) -> bool | None:
 
 
 def _try_things(facts: Facts) -> None:
+    if not facts.temp_dir.ok:
+        return  # every trial works in a temp directory
     if facts.unshare is not None:
         facts.tmpfs_namespace = tmpfs_namespace(facts.unshare, facts.real_root)
     if facts.real_root and facts.losetup and facts.mkfs_ext4 and facts.loop_control:
         facts.ext4_loop = ext4_loop()
-    if facts.dev_fuse.opens.ok and facts.python_packages.ok and facts.temp_dir.ok:
+    if facts.dev_fuse.opens.ok and facts.python_packages.ok:
         facts.mount, facts.unmount = mount_and_unmount(allow_other=False)
         if facts.mount.ok and facts.unmount.ok:
             facts.allow_other, _ = mount_and_unmount(allow_other=True)
@@ -424,6 +426,8 @@ def mount_and_unmount(allow_other: bool) -> tuple[Trial, Trial]:
             mount = api.QuotaMount.start("1M", allow_other=allow_other)
         except QuotafsError as exc:
             return _failed(exc, _fuse_said(said)), Trial(False, "not tried: the mount failed")
+        except OSError as exc:  # the temp directory went away meanwhile, say
+            return Trial(False, f"cannot mount: {exc}"), Trial(False, "not tried")
     unmounted = Trial(True)
     try:
         try:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 
 from quotafs.client import doctor
+from quotafs.mountinfo import find_mount
 from tests.conftest import NOBODY, NobodyEnv, loop_ext4_unusable_reason, run_capture
 
 ALL = list(doctor.CAPABILITIES)
@@ -67,6 +70,31 @@ def test_the_human_output_says_ok_per_capability(tmp_path: Path) -> None:
     assert lines[6:8] == ["", "facts:"]
     assert any(line.split() == ["trial", "mount", "works"] for line in lines)
     assert os.listdir(tmp_path) == []
+
+
+@needs_root_and_everything
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_in_the_trial_mount_leaves_nothing(tmp_path: Path, sig: int) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "quotafs", "doctor"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 120
+        # The mount point of the trial mount: the last trial, after the references'.
+        while not any(p.name.startswith("quotafs-mnt-") and find_mount(str(p)) is not None
+                      for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (out, err)
+    assert err.strip().splitlines()[-1:] == ["quotafs: interrupted"], err
+    assert "Traceback" not in err
+    assert os.listdir(tmp_path) == []  # mount point, backing directory: gone, nothing mounted
 
 
 @pytest.mark.parametrize(("args", "word"), [(["--bogus"], "--bogus"),
