@@ -20,6 +20,8 @@ from quotafs.client.machine import (
     Trial,
     UserNamespaces,
 )
+from quotafs.errors import DOCTOR_HINT, ExitCode, with_doctor_hint
+from quotafs.unmounting import unmount_failure
 
 # -- files --------------------------------------------------------------------------------
 
@@ -275,3 +277,22 @@ def test_the_json_report_has_the_documented_shape() -> None:
     for verdict in report["capabilities"].values():
         assert set(verdict) == {"ok", "reason", "fix"}
     assert report["facts"]["dev_fuse"]["opens"] == {"ok": True, "error": None}
+
+
+# -- the errors that point to the doctor --------------------------------------------------
+
+def test_a_refused_fusermount3_unmount_points_to_the_doctor() -> None:
+    refused = unmount_failure("/m", "fusermount3: failed to unmount /m: Operation not "
+                                    "permitted\n")
+    assert str(refused) == ("cannot unmount /m: fusermount3: failed to unmount /m: Operation "
+                            "not permitted (run `quotafs doctor`)")
+    assert refused.code == ExitCode.PERMISSION
+    # Another user's mount is no matter of the machine: no pointer.
+    other = unmount_failure("/m", "fusermount3: entry for /m not found in /etc/mtab\n")
+    assert not str(other).endswith(DOCTOR_HINT)
+
+
+def test_the_hint_is_added_once() -> None:
+    once = with_doctor_hint("cannot open /dev/fuse: Permission denied")
+    assert once == "cannot open /dev/fuse: Permission denied (run `quotafs doctor`)"
+    assert with_doctor_hint(once) == once
