@@ -258,6 +258,9 @@ def _tmpfs_problem(f: Facts) -> Problem | None:
             return ("root lacks CAP_SYS_ADMIN: no private mount namespace",
                     "start the container with --cap-add SYS_ADMIN")
         return None
+    if f.tmpfs_namespace is not None and "--map-user" in (f.tmpfs_namespace.error or ""):
+        return ("this unshare has no --map-user (util-linux before 2.38), which runs the "
+                "program as your uid inside", "install util-linux 2.38 or later")
     ns = f.user_namespaces
     if ns.max_user_namespaces == 0:
         return ("user namespaces are switched off (user.max_user_namespaces = 0)",

@@ -17,7 +17,7 @@ import stat
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO
 
 from quotafs.client import api, lifecycle
@@ -119,7 +119,6 @@ class Facts:
     mount: Trial | None = None
     unmount: Trial | None = None
     allow_other: Trial | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 # -- files --------------------------------------------------------------------------------

@@ -234,6 +234,12 @@ def test_the_tmpfs_reference_fix_names_the_switch(namespaces: UserNamespaces, fi
     assert not verdict.ok and verdict.fix == fix
 
 
+def test_an_old_unshare_is_named() -> None:
+    facts = _user_facts(tmpfs_namespace=Trial(False, "unshare: unrecognized option "
+                                                     "'--map-user=1000'"))
+    assert doctor.verdicts(facts)[doctor.TMPFS].fix == "install util-linux 2.38 or later"
+
+
 def test_a_trial_decides_over_a_switch_that_looks_off() -> None:
     # A sysctl read as "restricted" while the namespace was made all the same: it works.
     facts = _user_facts(user_namespaces=UserNamespaces(15000, None, 1))
