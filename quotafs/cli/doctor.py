@@ -33,7 +33,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         facts = machine.gather()
     verdicts = doctor.verdicts(facts)
     if args.json:
-        print(json.dumps(doctor.report(facts), indent=2, sort_keys=True))
+        print(json.dumps(doctor.report(facts), indent=2))
     else:
         print("\n".join(lines(facts, verdicts)))
     return int(ExitCode.OK if all(v.ok for v in verdicts.values()) else ExitCode.FAILURE)
