@@ -40,7 +40,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def lines(facts: Facts, verdicts: dict[str, doctor.Verdict]) -> list[str]:
-    out = [f"quotafs doctor: as {facts.user} (uid {facts.uid})"
+    who = facts.user + (" of a user namespace" if facts.uid == 0 and not facts.real_root
+                        else "")
+    out = [f"quotafs doctor: as {who} (uid {facts.uid})"
            + ("" if facts.container is None else f", in a container ({facts.container})")]
     for name, verdict in verdicts.items():
         if verdict.ok:

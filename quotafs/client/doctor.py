@@ -39,7 +39,7 @@ def verdicts(facts: Facts) -> dict[str, Verdict]:
         MOUNT: mount,
         ALLOW_OTHER: _needs(mount) or _allow_other(facts),
         # Not root: becoming root comes first, whatever else the mount lacks.
-        EXT4: _ext4(facts) if facts.uid != 0 else _needs(mount) or _ext4(facts),
+        EXT4: _ext4(facts) if not facts.real_root else _needs(mount) or _ext4(facts),
         TMPFS: _needs(mount) or _tmpfs(facts),
         SWEEP: _needs(mount) or _sweep(facts),
     }
@@ -124,7 +124,11 @@ def _dev_fuse_problem(f: Facts) -> Problem | None:
     if error.startswith("EPERM") and f.container is not None:  # the device cgroup says no
         return reason, "start the container with --device /dev/fuse"
     group = (dev.owner or ":").split(":", 1)[1]
-    if group not in ("root", "0", ""):
+    if f.uid == 0 and not f.real_root:
+        return reason, ("sudo chmod 0666 /dev/fuse outside this user namespace (root in here "
+                        "is your own uid out there)")
+    # "nogroup" is also how a user namespace shows ids it does not map: no group to join.
+    if group not in ("root", "0", "", "nogroup", "65534"):
         return reason, (f"sudo usermod -aG {group} {f.user} (then log in again), or "
                         "sudo chmod 0666 /dev/fuse")
     return reason, "sudo chmod 0666 /dev/fuse (the mode the fuse3 package's udev rule gives it)"

@@ -151,7 +151,7 @@ if case["usr_bin"] is not None:  # /usr/bin as an overlay: fusermount3 gone, or 
 env = {"PATH": case["path"], "HOME": f"{top}/home", "XDG_RUNTIME_DIR": f"{top}/run",
        "TMPDIR": f"{top}/tmp", "PYTHONPATH": case["src"]}
 r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                    case["python"], "-m", "quotafs", *case["argv"]],
+                    *case["prefix"], case["python"], "-m", "quotafs", *case["argv"]],
                    capture_output=True, text=True, timeout=300, env=env)
 with open("/proc/self/mountinfo") as f:
     left = [line.split()[4] for line in f if line.split()[4].startswith(f"{top}/")]
@@ -176,12 +176,13 @@ def case_dir(nobody_env: NobodyEnv) -> Iterator[Path]:
 def _as_nobody(env: NobodyEnv, top: Path, *, namespace: bool = True, fuse_node: bool = True,
                fuse_conf: str | None = None, fuse_conf_mode: int = 0o644,
                usr_bin: str | None = None, path: str = "/usr/bin:/bin",
+               prefix: tuple[str, ...] = (),
                argv: tuple[str, ...] = ("doctor", "--json")) -> dict[str, Any]:
     """The doctor's (or another command's) exit status and report as nobody, and what
     it left behind."""
     case = {"top": str(top), "python": env.python, "src": str(env.src), "path": path,
             "fuse_node": fuse_node, "fuse_conf": fuse_conf, "fuse_conf_mode": fuse_conf_mode,
-            "usr_bin": usr_bin, "argv": list(argv)}
+            "usr_bin": usr_bin, "argv": list(argv), "prefix": list(prefix)}
     (top / "inside.py").write_text(INSIDE)
     host_fuse = os.stat("/dev/fuse")
     pre = ["unshare", "--mount", "--propagation", "private"] if namespace else []
@@ -234,6 +235,20 @@ def test_as_nobody_with_a_usable_fuse_node(nobody_env: NobodyEnv, case_dir: Path
     facts = got["report"]["facts"]
     assert facts["mount"] == facts["unmount"] == {"ok": True, "error": None}
     assert facts["uid"] == NOBODY
+
+
+def test_as_root_of_a_user_namespace(nobody_env: NobodyEnv, case_dir: Path) -> None:
+    # nobody's own user namespace (as rootless podman makes): root in there mounts FUSE
+    # and tmpfs, but no loop device.
+    got = _as_nobody(nobody_env, case_dir, prefix=("unshare", "--user", "--map-root-user",
+                                                   "--mount"))
+    verdicts = _verdicts(got["report"])
+    assert [name for name, (ok, _, _) in verdicts.items() if not ok] == [doctor.EXT4]
+    assert verdicts[doctor.EXT4][1:] == (
+        "root of a user namespace cannot attach loop devices or mount ext4",
+        "run as real root (docker: --privileged), or use --reference tmpfs")
+    facts = got["report"]["facts"]
+    assert (facts["uid"], facts["real_root"]) == (0, False)
 
 
 def test_as_nobody_with_user_allow_other(nobody_env: NobodyEnv, case_dir: Path) -> None:

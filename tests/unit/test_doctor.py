@@ -212,6 +212,19 @@ def test_the_mount_fix_follows_the_cause(changes: dict[str, object], fix: str) -
     assert not verdict.ok and verdict.fix == fix
 
 
+def test_root_of_a_user_namespace() -> None:
+    facts = _user_facts(uid=0, user="root", real_root=False, cap_sys_admin=True,
+                        dev_fuse=DevFuse(True, "crw-------", "nobody:nogroup",
+                                         Trial(False, "EACCES: Permission denied")),
+                        mount=None, unmount=None, allow_other=None)
+    verdicts = doctor.verdicts(facts)
+    assert verdicts[doctor.MOUNT].fix == (
+        "sudo chmod 0666 /dev/fuse outside this user namespace (root in here is your own uid "
+        "out there)")
+    assert verdicts[doctor.EXT4].fix == (
+        "run as real root (docker: --privileged), or use --reference tmpfs")
+
+
 def test_root_without_cap_sys_admin_in_docker() -> None:
     facts = _root_facts(cap_sys_admin=False, container="docker",
                         mount=Trial(False, "fuse_session_mount failed"),
