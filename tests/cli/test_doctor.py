@@ -22,6 +22,7 @@ import pytest
 
 from quotafs.client import doctor
 from quotafs.mountinfo import find_mount
+from quotafs.reference.tools import find_tool
 from tests.conftest import NOBODY, NobodyEnv, loop_ext4_unusable_reason, run_capture
 
 ALL = list(doctor.CAPABILITIES)
@@ -56,8 +57,13 @@ def test_as_root_everything_works_here_and_nothing_is_left(tmp_path: Path) -> No
     for trial in ("mount", "unmount", "allow_other", "ext4_loop", "tmpfs_namespace"):
         assert facts[trial] == {"ok": True, "error": None}, trial
     assert facts["dev_fuse"]["opens"]["ok"] is True
-    # Mount point, backing directory, loop-ext4 work directory, tmpfs directory: all gone.
+    # Mount point, backing directory, loop-ext4 work directory, tmpfs directory: all gone,
+    # and no loop device is left on an image of ours.
     assert os.listdir(tmp_path) == []
+    loops = subprocess.run([find_tool("losetup"), "--list", "--noheadings", "--output",
+                            "BACK-FILE"], capture_output=True, text=True, timeout=60,
+                           check=True)
+    assert str(tmp_path) not in loops.stdout
 
 
 @needs_root_and_everything
