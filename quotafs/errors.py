@@ -24,6 +24,14 @@ class ExitCode(enum.IntEnum):
     BROKEN_PIPE = 141  # the output's reader went away (128 + SIGPIPE, as coreutils)
 
 
+# What a "cannot mount here" error ends with: the command that says why and what to change.
+DOCTOR_HINT = "(run `quotafs doctor`)"
+
+
+def with_doctor_hint(message: str) -> str:
+    return message if message.endswith(DOCTOR_HINT) else f"{message} {DOCTOR_HINT}"
+
+
 class QuotafsError(Exception):
     """An error the user can act on; main() prints it as one line and exits with `code`."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from quotafs.errors import ExitCode, QuotafsError
+from quotafs.errors import ExitCode, QuotafsError, with_doctor_hint
 from quotafs.mountinfo import find_mount
 
 
@@ -16,7 +16,10 @@ def unmount_failure(mountpoint: str, stderr: str) -> QuotafsError:
     """The error of a failed umount / fusermount3 -u, from its stderr: ExitCode.MOUNTPOINT
     when the mount is busy (the one failure worth a retry)."""
     message = (stderr.strip().splitlines() or ["unmount failed"])[-1]
-    return QuotafsError(f"cannot unmount {mountpoint}: {message}", _unmount_code(message))
+    text = f"cannot unmount {mountpoint}: {message}"
+    if message.startswith("fusermount3:") and "Operation not permitted" in message:
+        text = with_doctor_hint(text)  # a fusermount3 without its setuid bit, typically
+    return QuotafsError(text, _unmount_code(message))
 
 
 def _unmount_code(message: str) -> ExitCode:

@@ -25,7 +25,7 @@ from typing import Any
 
 from quotafs.client import probe as _probe
 from quotafs.client.probe import Op, Result
-from quotafs.errors import ExitCode, QuotafsError, printable
+from quotafs.errors import ExitCode, QuotafsError, printable, with_doctor_hint
 from quotafs.mountinfo import MountInfo, find_mount
 from quotafs.options import MountOptions
 from quotafs.statedir import drop_log_if_empty, log_path, open_log, write_record
@@ -54,16 +54,24 @@ def probe_timeout() -> float:
 # -- checks -------------------------------------------------------------------------------
 
 def check_fuse() -> None:
+    """Raise QuotafsError (ExitCode.NO_FUSE) if quotafs cannot mount here; the message
+    ends by pointing at `quotafs doctor`, which says what to change."""
+    problem = _fuse_problem()
+    if problem is not None:
+        raise QuotafsError(with_doctor_hint(problem), ExitCode.NO_FUSE)
+
+
+def _fuse_problem() -> str | None:
     if not os.path.exists("/dev/fuse"):
-        raise QuotafsError("/dev/fuse does not exist: load the fuse module or give the "
-                           "container the device", ExitCode.NO_FUSE)
+        return "/dev/fuse does not exist: load the fuse module or give the container the device"
     try:
         os.close(os.open("/dev/fuse", os.O_RDWR))
     except OSError as exc:
-        raise QuotafsError(f"cannot open /dev/fuse: {exc.strerror}", ExitCode.NO_FUSE) from None
+        return f"cannot open /dev/fuse: {exc.strerror}"
     if os.geteuid() != 0 and shutil.which("fusermount3") is None:
-        raise QuotafsError("mounting as a regular user needs fusermount3 (apt-get install "
-                           "fuse3), or run as root", ExitCode.NO_FUSE)
+        return ("mounting as a regular user needs fusermount3 (apt-get install fuse3), or run "
+                "as root")
+    return None
 
 
 def resolve(path: str, what: str = "mount point") -> str:
@@ -210,6 +218,19 @@ def _spawn(config: MountOptions, detach: bool) -> Daemon:
         if log is not None:
             log.close()
     try:
+        return _await_mount(config, process, read_fd, detach)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) or failed while the daemon may have mounted: stop
+        # it, and it detaches its mount as it exits, so no mount outlives the error.
+        if process.poll() is None:
+            process.terminate()
+            reap(process, 10)
+        raise
+
+
+def _await_mount(config: MountOptions, process: subprocess.Popen[bytes], read_fd: int,
+                 detach: bool) -> Daemon:
+    try:
         line = _read_ready_line(read_fd, process)
     finally:
         os.close(read_fd)
@@ -219,8 +240,8 @@ def _spawn(config: MountOptions, detach: bool) -> Daemon:
             _, code, message = line.split(" ", 2)
             raise QuotafsError(message, ExitCode(int(code)))
         hint = f" (log: {log_path(config.mountpoint)})" if detach else ""
-        raise QuotafsError(f"the daemon exited before the mount was ready{hint}",
-                           ExitCode.DAEMON)
+        raise QuotafsError(with_doctor_hint(f"the daemon exited before the mount was "
+                                            f"ready{hint}"), ExitCode.DAEMON)
     _wait_until_mounted(config.mountpoint, process)
     if detach:
         write_record(config.mountpoint, {"pid": process.pid, **json.loads(config.to_json())})

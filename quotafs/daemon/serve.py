@@ -27,7 +27,7 @@ from quotafs.daemon.inodes import InodeTable, default_path_fd_budget
 from quotafs.daemon.kernel import Kernel
 from quotafs.daemon.operations import CACHE_TIMEOUT, HandlerSettings, QuotaFS
 from quotafs.daemon.paths import Paths
-from quotafs.errors import ExitCode, QuotafsError
+from quotafs.errors import ExitCode, QuotafsError, with_doctor_hint
 from quotafs.model.costs import Costs, Mode, scan_backing
 from quotafs.model.faults import FaultEngine
 from quotafs.model.ledger import Ledger
@@ -189,8 +189,7 @@ def run(config: MountOptions, ready_fd: int | None = None) -> int:
         try:
             pyfuse3.init(fs, config.mountpoint, _mount_options(config))
         except RuntimeError as exc:
-            raise QuotafsError(f"cannot mount {config.mountpoint}: {exc} "
-                               "(is /dev/fuse usable and fusermount3 installed?)",
+            raise QuotafsError(with_doctor_hint(f"cannot mount {config.mountpoint}: {exc}"),
                                ExitCode.NO_FUSE) from exc
     except QuotafsError as exc:
         _tell(ready_fd, f"error {int(exc.code)} {exc}")

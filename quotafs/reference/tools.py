@@ -28,7 +28,8 @@ def find_tool(tool: str, needed_for: str = "", code: ExitCode = ExitCode.LOOP) -
     return where
 
 
-def run_tool(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+def run_tool(cmd: list[str],
+             timeout: float = TOOL_TIMEOUT) -> subprocess.CompletedProcess[str]:
     proc: subprocess.Popen[str] | None = None
     try:
         # Signals held while starting the tool: one landing between fork and the assignment
@@ -36,7 +37,7 @@ def run_tool(cmd: list[str]) -> subprocess.CompletedProcess[str]:
         with signals_deferred():
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
-        out, err = proc.communicate(timeout=TOOL_TIMEOUT)
+        out, err = proc.communicate(timeout=timeout)
     except BaseException as exc:
         if proc is not None:
             # Cut short (timeout, Ctrl-C, SIGTERM made an exception): it may still be in its
@@ -45,7 +46,7 @@ def run_tool(cmd: list[str]) -> subprocess.CompletedProcess[str]:
             with signals_deferred():
                 proc.wait()
         if isinstance(exc, subprocess.TimeoutExpired):
-            raise QuotafsError(f"{shlex.join(cmd)} hung for {TOOL_TIMEOUT:g}s",
+            raise QuotafsError(f"{shlex.join(cmd)} hung for {timeout:g}s",
                                ExitCode.LOOP) from exc
         raise
     finally:

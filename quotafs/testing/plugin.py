@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import quotafs
-from quotafs.errors import ExitCode, QuotafsError
+from quotafs.errors import ExitCode, QuotafsError, with_doctor_hint
 from quotafs.options import validate as validate_options
 from quotafs.units import format_size, parse_size
 
@@ -154,7 +154,7 @@ def ext4_unusable_reason() -> str | None:
 def _skip_without_fuse() -> None:
     reason = fuse_unusable_reason()
     if reason is not None:
-        pytest.skip(f"quotafs: FUSE is not usable here: {reason}")
+        pytest.skip(with_doctor_hint(f"quotafs: FUSE is not usable here: {reason}"))
 
 
 # -- the registry of mounts made by fixtures ----------------------------------------------
@@ -195,7 +195,8 @@ def _mount(request: pytest.FixtureRequest, made_by: str, limit: int | None,
         mount = quotafs.QuotaMount.start(limit, backing, None, **opts)
     except QuotafsError as exc:
         if exc.code == ExitCode.NO_FUSE:
-            raise pytest.skip.Exception(f"quotafs: FUSE is not usable here: {exc}") from None
+            raise pytest.skip.Exception(
+                with_doctor_hint(f"quotafs: FUSE is not usable here: {exc}")) from None
         raise pytest.fail.Exception(f"{made_by}: cannot mount quotafs: {exc}",
                                     pytrace=False) from None
     entry = _Entry(mount, nodeid=_owner(request), made_by=made_by)
@@ -375,7 +376,7 @@ def ext4_loop(request: pytest.FixtureRequest) -> Iterator[Ext4Mount]:
     options = _marker_options(request.node)
     reason = ext4_unusable_reason()
     if reason is not None:
-        pytest.skip(f"quotafs: no ext4 reference here: {reason}")
+        pytest.skip(with_doctor_hint(f"quotafs: no ext4 reference here: {reason}"))
     free = options.get("limit")
     free = _default_limit(options) if free is None else free
     image = options.get("like_ext4")  # the recipe's image of that size, as --like-ext4 has
@@ -388,7 +389,8 @@ def ext4_loop(request: pytest.FixtureRequest) -> Iterator[Ext4Mount]:
             handle = stack.enter_context(quotafs.ext4_loop(free, image_size=image))
         except QuotafsError as exc:
             if "no free loop device" in str(exc):
-                raise pytest.skip.Exception(f"quotafs: no ext4 reference here: {exc}") from None
+                raise pytest.skip.Exception(
+                    with_doctor_hint(f"quotafs: no ext4 reference here: {exc}")) from None
             raise pytest.fail.Exception(f"ext4_loop: {exc}", pytrace=False) from None
         _show_to_report(request.node, handle)
         yield handle

@@ -529,10 +529,11 @@ def test_fixtures_skip_with_a_reason_where_fuse_is_unusable(
     result.assert_outcomes(skipped=3, passed=1)
     result.stdout.fnmatch_lines([
         "SKIPPED [[]1[]] *: quotafs: FUSE is not usable here: "
-        "QUOTAFS_TESTING_FORCE_NO_FUSE is set",
+        "QUOTAFS_TESTING_FORCE_NO_FUSE is set (run `quotafs doctor`)",
         "SKIPPED [[]1[]] *: quotafs: FUSE is not usable here: "
-        "QUOTAFS_TESTING_FORCE_NO_FUSE is set",
-        "SKIPPED [[]1[]] *: quotafs: no ext4 reference here: QUOTAFS_TESTING_FORCE_NO_LOOP is set",
+        "QUOTAFS_TESTING_FORCE_NO_FUSE is set (run `quotafs doctor`)",
+        "SKIPPED [[]1[]] *: quotafs: no ext4 reference here: QUOTAFS_TESTING_FORCE_NO_LOOP is set "
+        "(run `quotafs doctor`)",
     ])
 
 
