@@ -85,7 +85,10 @@ def _count(name: str, minimum: int = 1) -> Any:
 
 def _size(name: str) -> Any:
     def parse(text: str) -> int:
-        size = parse_size(text)
+        try:
+            size = parse_size(text)
+        except QuotafsError as exc:  # raised out of parse_args, it would be a traceback
+            raise argparse.ArgumentTypeError(f"{name}: {exc}") from None
         if size < 1:
             raise argparse.ArgumentTypeError(f"{name}: must be at least 1 byte, got {text!r}")
         return size
@@ -176,11 +179,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                if hasattr(args, name)}
     progress = _Progress(not args.quiet)
     with sigterm_as_interrupt():
-        progress.say(f"baseline: {' '.join(argv)} with no limit")
         plan = plan_sweep(argv, setup=args.setup, from_dir=args.from_dir, check=args.check,
                           points=args.points, every=args.every, each_write=args.each_write,
                           max_runs=args.max_runs, timeout=args.timeout, seed=args.seed,
-                          workdir=args.workdir, **options)
+                          workdir=args.workdir, note=progress.say, **options)
         with plan:
             assert plan.baseline is not None
             progress.say(f"{_baseline_line(plan.baseline)}; {len(plan.points)} points, "
