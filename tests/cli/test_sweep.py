@@ -255,7 +255,7 @@ def test_a_signal_mid_sweep_leaves_no_mount_daemon_or_copy(tmp_path: Path,
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
         proc.send_signal(signum)
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -263,7 +263,7 @@ def test_a_signal_mid_sweep_leaves_no_mount_daemon_or_copy(tmp_path: Path,
     assert proc.returncode == 130, err
     assert err.splitlines()[-1] == "quotafs: interrupted"
     runs = [(markers / name).read_text().split() for name in sorted(os.listdir(markers))]
-    assert [name for name in sorted(os.listdir(markers))] == ["point-1", "point-2"]
+    assert sorted(os.listdir(markers)) == ["point-1", "point-2"]
     with open("/proc/self/mountinfo") as f:
         mounted = f.read()
     for program, daemon, mountpoint in runs:
