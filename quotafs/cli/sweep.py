@@ -140,18 +140,14 @@ def _baseline_line(b: Baseline) -> str:
             f"{b.allocating_writes} allocating writes, {b.wall_s:.1f}s")
 
 
-def _ended(code: int | None, sig: str | None, hung: bool) -> str:
-    return "hung" if hung else sig if sig is not None else "-" if code is None else f"exit {code}"
-
-
 def print_report(report: SweepReport) -> None:
     print(_baseline_line(report.baseline))
     print(f"seed {report.seed}")
     print(f"{'point':>5}  {'disk full at':<34} {'CMD':<10} {'check':<10} verdict")
     for p in report.points:
-        check = _ended(p.check_exit_code, p.check_signal, p.check_timed_out)
+        check = "-" if p.check is None else p.check.describe()
         mark = "  <-- CMD said it succeeded" if p.verdict == CHECK_FAILED_AFTER_SUCCESS else ""
-        print(f"{p.index:>5}  {p.where():<34} {_ended(p.exit_code, p.signal, p.timed_out):<10} "
+        print(f"{p.index:>5}  {p.where():<34} {p.run.describe():<10} "
               f"{check:<10} {p.verdict.upper() if p.failed else p.verdict}{mark}")
     counts = ", ".join(f"{report.count(v)} {v}" for v in VERDICTS if report.count(v))
     print(f"{len(report.points)} points in {report.wall_s:.1f}s: {counts}")

@@ -183,6 +183,7 @@ def test_api_plans_once_and_runs_one_point_alone(scripts: dict[str, str]) -> Non
         assert (last.verdict, last.limit, last.exit_code, last.check_exit_code) == (
             "check failed after success", len(OLD) + 4 * BLOCK, 0, 1)
         assert "torn" in last.check_stderr_tail
+        assert last.daemon_log == ""  # the daemon warned of nothing
         first = plan.run_point(1)
         assert (first.verdict, first.exit_code) == ("ok", 1)
         assert "journal" in first.stderr_tail and "No space left" in first.stderr_tail

@@ -123,3 +123,12 @@ def test_report_json_keys_and_exit_code() -> None:
         assert {"limit", "nth_write", "exit_code", "signal", "timed_out", "check_exit_code",
                 "verdict"} <= set(point)
     assert doc["summary"][CHECK_FAILED_AFTER_SUCCESS] == 1 and doc["summary"][OK] == 1
+
+
+def test_points_and_ends_describe_themselves() -> None:
+    room = choose_points(8192, 2, 4096, points=2)[1]
+    nth = choose_points(8192, 2, 4096, points=None, each_write=True)[1]
+    assert room.describe() == "limit start + 4096 bytes"
+    assert nth.describe() == "ENOSPC from allocating write 2 on"
+    assert [e.describe() for e in (EXIT0, EXIT1, KILLED, TIMED_OUT)] == [
+        "exit 0", "exit 1", "SIGSEGV", "hung"]
