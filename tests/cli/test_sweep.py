@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -327,3 +330,39 @@ def test_a_baseline_that_fails_is_one_line_and_exit_1(tmp_path: Path) -> None:
                                                     "state: no point at which the disk could "
                                                     "fill\n")
     assert os.listdir(tmp_path) == []
+
+
+# -- as another user ----------------------------------------------------------------------
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root (to run as nobody) and /usr/bin/python3")
+def test_as_user_runs_setup_cmd_and_check_as_that_user() -> None:
+    nobody = pwd.getpwnam("nobody")
+    here = tempfile.mkdtemp(prefix="quotafs-sweep-test-")  # not below a 0700 pytest dir
+    try:
+        os.chmod(here, 0o755)
+        Path(here, "updater.py").write_text(UPDATER)
+        Path(here, "check.py").write_text(
+            CHECK.replace("import sys", f"import os, sys\nassert os.getuid() == "
+                                        f"{nobody.pw_uid}\nassert os.stat('data').st_uid == "
+                                        f"{nobody.pw_uid}"))
+        Path(here, "old").write_bytes(OLD)
+        for name in ("updater.py", "check.py", "old"):
+            os.chmod(os.path.join(here, name), 0o644)
+        result = sweep_cli("--json", "-q", "--as-user", "nobody", "--points", "3",
+                           "--workdir", here, "--setup", f"cp {here}/old data",
+                           "--check", f"/usr/bin/python3 {here}/check.py", "--",
+                           "/usr/bin/python3", f"{here}/updater.py", "careful")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["baseline"]["check_exit_code"] == 0
+        assert [p["verdict"] for p in report["points"]] == ["ok"] * 3
+        assert sorted(os.listdir(here)) == ["check.py", "old", "updater.py"]
+    finally:
+        shutil.rmtree(here)
+
+
+def test_as_user_unknown_is_one_line() -> None:
+    result = sweep_cli("--as-user", "no-such-user-here", "--", "true")
+    assert (result.returncode, result.stderr) == (2, "quotafs: no such user "
+                                                  "'no-such-user-here'\n")
