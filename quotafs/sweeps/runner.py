@@ -62,8 +62,8 @@ NOT_FOR_SWEEP = {
 Progress = Callable[[int, int, int, PointResult], None]  # done, total, failed, the last
 
 
-def _outcome(o: Outcome | None) -> Ended | None:
-    return None if o is None else Ended(o.exit_code, o.signal, o.timed_out)
+def _ended(o: Outcome) -> Ended:
+    return Ended(o.exit_code, o.signal, o.timed_out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +121,7 @@ class SweepPlan:
                                f"{len(self.points)}", ExitCode.USAGE)
         point = self.points[index - 1]
         got = _run_once(self, f"point-{index}", point, cancel)
-        check = _outcome(got.check)
+        check = _ended(got.check) if got.check is not None else None
         return PointResult(
             index=index, limit=got.limit, nth_write=point.nth_write,
             room=None if got.limit is None else got.limit - got.start,
@@ -129,7 +129,7 @@ class SweepPlan:
             check_exit_code=got.check.exit_code if got.check else None,
             check_signal=got.check.signal if got.check else None,
             check_timed_out=got.check.timed_out if got.check else False,
-            verdict=verdict(Ended(got.run.exit_code, got.run.signal, got.run.timed_out), check),
+            verdict=verdict(_ended(got.run), check),
             wall_s=got.run.wall_s, used_bytes=got.used, enospc_count=got.enospc_count,
             faults_fired=got.faults_fired, stderr_tail=got.run.stderr_tail,
             check_stderr_tail=got.check.stderr_tail if got.check else "",
@@ -221,9 +221,8 @@ def _starting_state(program: Program, from_dir: str | None, root: str, launch: L
         entry = passwd_entry(launch.user)
         os.chown(start, entry.pw_uid, entry.pw_gid)
     if program.setup is not None:
-        env = {**os.environ, **program.extra_env, "QUOTAFS_MOUNT": start,
-               "QUOTAFS_SWEEP_RUN": "setup"}
-        done = run_shell(program.setup, start, env, program.timeout, launch)
+        done = run_shell(program.setup, start, _env(program, start, "setup"),
+                         program.timeout, launch)
         if not done.ok:
             raise QuotafsError(f"--setup {done.ended()}: "
                                f"{_last(done.stderr_tail) or 'no output'}", ExitCode.FAILURE)
