@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import pwd
 import shutil
 import signal
@@ -366,3 +367,38 @@ def test_as_user_unknown_is_one_line() -> None:
     result = sweep_cli("--as-user", "no-such-user-here", "--", "true")
     assert (result.returncode, result.stderr) == (2, "quotafs: no such user "
                                                   "'no-such-user-here'\n")
+
+
+def test_progress_on_a_terminal_is_one_updating_line(tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "quotafs", "sweep", "--points", "2", "--workdir",
+             str(tmp_path), "--", sys.executable, "-c",
+             f"open('f', 'wb').write(b'x' * {2 * BLOCK})"],
+            stdout=subprocess.PIPE, stderr=slave, text=True, timeout=120, check=False)
+        os.close(slave)
+        slave = -1
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    shown = b"".join(chunks).decode()
+    assert result.returncode == 0, shown
+    # every update rewrites the same line (carriage return, erase line); one newline at the end
+    updates = shown.split("\r\x1b[K")
+    assert updates[0] == ""
+    expected = ["sweep: baseline: ", "sweep: baseline (no limit): exit 0",
+                "sweep: 1/2 points, 0 failed, ~", "sweep: 2/2 points, 0 failed, ~0s left"]
+    assert len(updates) == 1 + len(expected), shown
+    assert all(u.startswith(e) for u, e in zip(updates[1:], expected, strict=True)), shown
+    assert shown.count("\n") == 1 and shown.endswith("\n")
