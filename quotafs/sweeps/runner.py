@@ -321,6 +321,11 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
         plan.points = choose_points(base.peak_bytes, base.allocating_writes, base.block_size,
                                     points=points, every=every, each_write=each_write,
                                     max_runs=max_runs)
+        if not plan.points:  # --each-write of a program that allocates by other means
+            raise QuotafsError("the baseline run made no allocating write request (its "
+                               "space came from others, such as a growing truncate in "
+                               "apparent accounting): --each-write has no point; use "
+                               "--points or --every", ExitCode.FAILURE)
     except BaseException:
         plan.close()
         raise

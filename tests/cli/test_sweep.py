@@ -330,6 +330,13 @@ def test_a_baseline_that_fails_is_one_line_and_exit_1(tmp_path: Path) -> None:
                                                     "allocated nothing above the starting "
                                                     "state: no point at which the disk could "
                                                     "fill\n")
+    # in apparent accounting a growing truncate takes space, with no write at all
+    only_truncate = sweep_cli("-q", "--each-write", "--accounting", "apparent", "--workdir",
+                              str(tmp_path), "--", "truncate", "-s", "8K", "f")
+    assert (only_truncate.returncode, only_truncate.stderr.splitlines()) == (1, [
+        "quotafs: the baseline run made no allocating write request (its space came from "
+        "others, such as a growing truncate in apparent accounting): --each-write has no "
+        "point; use --points or --every"])
     assert os.listdir(tmp_path) == []
 
 
