@@ -20,14 +20,17 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them on 
     )
     from quotafs.compare.command import CommandReport, TargetRun, compare_command
     from quotafs.options import MountOptions
+    from quotafs.sweeps.plan import Baseline, Point, PointResult, SweepReport
+    from quotafs.sweeps.runner import SweepPlan, plan_sweep, run_point, sweep
 
 # Where this package is imported from: child processes (writers, probes) get it on their path,
 # so that they run this very copy even when the parent found it through sys.path tweaks.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ["CommandReport", "Ext4Mount", "MountOptions", "QuotaMount", "TargetRun",
-           "check_ext4_loop", "check_fuse", "compare_command", "ext4_loop", "format_event",
-           "mounted", "mounted_with", "open_quota_mount"]
+__all__ = ["Baseline", "CommandReport", "Ext4Mount", "MountOptions", "Point", "PointResult",
+           "QuotaMount", "SweepPlan", "SweepReport", "TargetRun", "check_ext4_loop",
+           "check_fuse", "compare_command", "ext4_loop", "format_event", "mounted",
+           "mounted_with", "open_quota_mount", "plan_sweep", "run_point", "sweep"]
 
 
 # The public names that do not come from quotafs.client.api, and their modules.
@@ -35,6 +38,8 @@ _ELSEWHERE: dict[str, str] = {
     "CommandReport": "quotafs.compare.command",
     "TargetRun": "quotafs.compare.command",
     "compare_command": "quotafs.compare.command",
+    **dict.fromkeys(("Baseline", "Point", "PointResult", "SweepReport"), "quotafs.sweeps.plan"),
+    **dict.fromkeys(("SweepPlan", "plan_sweep", "run_point", "sweep"), "quotafs.sweeps.runner"),
 }
 
 
