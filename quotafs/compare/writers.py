@@ -21,7 +21,6 @@ import errno
 import faulthandler
 import mmap
 import os
-import pwd
 import resource
 import select
 import signal
@@ -37,6 +36,7 @@ from typing import Literal, NoReturn
 from quotafs import PACKAGE_PARENT
 from quotafs.errors import ExitCode, QuotafsError, errno_name
 from quotafs.units import format_size, parse_size
+from quotafs.users import passwd_entry as passwd_entry  # where compare imports it from
 
 KINDS = ("mmap", "write", "fallocate")
 Outcome = Literal["completed", "errno", "signal"]
@@ -251,14 +251,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--as-user", metavar="USER", default=None,
                         help="become USER (its uid, gid and groups) before opening PATH")
     return parser.parse_args(argv)
-
-
-def passwd_entry(user: str) -> pwd.struct_passwd:
-    """A user by name or uid; QuotafsError(USAGE) if there is none."""
-    try:
-        return pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-    except KeyError:
-        raise QuotafsError(f"no such user {user!r}", ExitCode.USAGE) from None
 
 
 def become(user: str) -> None:
