@@ -364,14 +364,18 @@ def run_writer(
     timeout: float = 600,
     progress: Callable[[int], None] | None = None,
     user: str | None = None,
+    prefix: Sequence[str] = (),
+    cwd: str | None = None,
 ) -> WriterResult:
     """Run one writer in a child process and report how far it got and how it ended;
-    with `user`, the child writes as that user (root only)."""
+    with `user`, the child writes as that user (root only). `prefix` goes in front of
+    the child's argv (a reference's launch prefix: nsenter into its namespace), `cwd` is
+    where it starts (the prefix's nsenter takes it in)."""
     _check_kind(kind)
     if size <= 0 or chunk <= 0:
         raise QuotafsError(f"size and chunk must be positive ({size}, {chunk})", ExitCode.USAGE)
     rfd, wfd = os.pipe()
-    cmd = [sys.executable, "-m", "quotafs.compare.writers", kind, path,
+    cmd = [*prefix, sys.executable, "-m", "quotafs.compare.writers", kind, path,
            "--size", str(size), "--chunk", str(chunk), "--report-fd", str(wfd),
            *(["--as-user", user] if user is not None else [])]
     state = _Progress()
@@ -380,7 +384,7 @@ def run_writer(
     with tempfile.TemporaryFile() as errfile:
         start = time.monotonic()
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(wfd,), env=_child_env(),
+            proc = subprocess.Popen(cmd, pass_fds=(wfd,), env=_child_env(), cwd=cwd,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=errfile)
         finally:
