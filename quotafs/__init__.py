@@ -10,13 +10,16 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them on 
     from quotafs.client.api import (
         Ext4Mount,
         QuotaMount,
+        TmpfsMount,
         check_ext4_loop,
         check_fuse,
+        check_tmpfs_reference,
         ext4_loop,
         format_event,
         mounted,
         mounted_with,
         open_quota_mount,
+        tmpfs_reference,
     )
     from quotafs.options import MountOptions
 
@@ -24,8 +27,9 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them on 
 # so that they run this very copy even when the parent found it through sys.path tweaks.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ["Ext4Mount", "MountOptions", "QuotaMount", "check_ext4_loop", "check_fuse", "ext4_loop",
-           "format_event", "mounted", "mounted_with", "open_quota_mount"]
+__all__ = ["Ext4Mount", "MountOptions", "QuotaMount", "TmpfsMount", "check_ext4_loop", "check_fuse",
+           "check_tmpfs_reference", "ext4_loop", "format_event", "mounted", "mounted_with",
+           "open_quota_mount", "tmpfs_reference"]
 
 
 # The public names that do not come from quotafs.client.api, and their modules.

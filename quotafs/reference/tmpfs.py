@@ -25,7 +25,7 @@ from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import signals_deferred
 from quotafs.reference.base import Launch
 from quotafs.reference.namespace import Holder, start_holder
-from quotafs.reference.tools import find_tool
+from quotafs.reference.tools import find_tool, last_line, run_tool
 from quotafs.units import format_size
 from quotafs.users import passwd_entry
 
@@ -134,6 +134,21 @@ class TmpfsReference:
     def cleanup_commands(self) -> list[str]:
         """Shell commands that remove what keep=True left behind."""
         return [f"kill {self.holder.pid}", f"rm -rf {shlex.quote(self.workdir)}"]
+
+
+def check_usable() -> None:
+    """Raise QuotafsError saying why a tmpfs reference cannot be made here: a missing
+    tool, or (without root) no unprivileged user and mount namespaces — tried for real,
+    since sysctls, AppArmor and seccomp profiles of containers each can forbid them."""
+    for tool in ("unshare", "nsenter", "mount"):
+        find_tool(tool, "the tmpfs reference needs ")
+    if os.geteuid() == 0:
+        return
+    proc = run_tool([find_tool("unshare"), "-Urm", "true"])
+    if proc.returncode != 0:
+        raise QuotafsError("the tmpfs reference needs unprivileged user namespaces, and "
+                           f"`unshare -Urm true` failed here: {last_line(proc)}",
+                           ExitCode.PERMISSION)
 
 
 def tmpfs_size(free: int) -> int:
