@@ -72,6 +72,9 @@ class Holder:
             if self.proc.returncode is None:
                 self.proc.kill()
             self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def start_holder(mountpoint: str, options: str) -> Holder:
