@@ -178,19 +178,17 @@ def test_the_mmap_writer_dies_by_sigbus_at_the_size_and_its_pages_read_back() ->
 
 @needs_root
 def test_nothing_is_left_after_an_exception() -> None:
-    with pytest.raises(RuntimeError, match="the test's own"):
-        with open_tmpfs(SIZE) as ref:
-            pid, workdir = ref.holder.pid, ref.workdir
-            assert os.path.ismount(ref.outside_path)
-            raise RuntimeError("the test's own")
+    with pytest.raises(RuntimeError, match="the test's own"), open_tmpfs(SIZE) as ref:
+        pid, workdir = ref.holder.pid, ref.workdir
+        assert os.path.ismount(ref.outside_path)
+        raise RuntimeError("the test's own")
     assert not os.path.exists(f"/proc/{pid}") and not os.path.exists(workdir)
 
 
 @needs_root
 def test_keep_leaves_it_and_says_how_to_remove_it() -> None:
-    with pytest.raises(RuntimeError) as info:
-        with open_tmpfs(SIZE, keep=True) as ref:
-            raise RuntimeError("inspect me")
+    with pytest.raises(RuntimeError) as info, open_tmpfs(SIZE, keep=True) as ref:
+        raise RuntimeError("inspect me")
     try:
         assert ref.holder.alive() and os.path.ismount(ref.outside_path)
         assert f"kill {ref.holder.pid}" in " ".join(info.value.__notes__)
@@ -200,9 +198,8 @@ def test_keep_leaves_it_and_says_how_to_remove_it() -> None:
 
 
 def test_bad_sizes_and_users_are_one_line_errors() -> None:
-    with pytest.raises(QuotafsError, match="at least 4.0 KiB") as info:
-        with open_tmpfs(100):
-            pass
+    with pytest.raises(QuotafsError, match=r"at least 4\.0 KiB") as info, open_tmpfs(100):
+        pass
     assert info.value.code == ExitCode.USAGE
     assert tmpfs_size(1) == 4096 and tmpfs_size(16 << 20) == 16 << 20
     with open_tmpfs(SIZE) as ref, pytest.raises(QuotafsError, match="no such user") as info:

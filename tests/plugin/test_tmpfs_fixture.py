@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-import subprocess
 import tempfile
 import textwrap
 from collections.abc import Iterator
