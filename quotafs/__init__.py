@@ -21,19 +21,25 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them on 
         open_quota_mount,
         tmpfs_reference,
     )
+    from quotafs.compare.command import CommandReport, TargetRun, compare_command
     from quotafs.options import MountOptions
 
 # Where this package is imported from: child processes (writers, probes) get it on their path,
 # so that they run this very copy even when the parent found it through sys.path tweaks.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ["Ext4Mount", "MountOptions", "QuotaMount", "TmpfsMount", "check_ext4_loop", "check_fuse",
-           "check_tmpfs_reference", "ext4_loop", "format_event", "mounted", "mounted_with",
-           "open_quota_mount", "tmpfs_reference"]
+__all__ = ["CommandReport", "Ext4Mount", "MountOptions", "QuotaMount", "TargetRun", "TmpfsMount",
+           "check_ext4_loop", "check_fuse", "check_tmpfs_reference", "compare_command",
+           "ext4_loop", "format_event", "mounted", "mounted_with", "open_quota_mount",
+           "tmpfs_reference"]
 
 
 # The public names that do not come from quotafs.client.api, and their modules.
-_ELSEWHERE: dict[str, str] = {}
+_ELSEWHERE: dict[str, str] = {
+    "CommandReport": "quotafs.compare.command",
+    "TargetRun": "quotafs.compare.command",
+    "compare_command": "quotafs.compare.command",
+}
 
 
 def __getattr__(name: str) -> Any:

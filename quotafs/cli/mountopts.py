@@ -5,14 +5,18 @@ and the plugin's values, with the same messages."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 
 from quotafs.options import OPTION_NAMES, MountOptions
 
 
-def add_mount_options(p: argparse.ArgumentParser) -> None:
-    """The flags; each dest is the MountOptions field (--rules is read into `rules`)."""
-    p.add_argument("--limit", default=None,
-                   help="quota in bytes: 120M, 1.5G, 10MB, 4096 (default: no limit)")
+def add_mount_options(p: argparse.ArgumentParser | argparse._ArgumentGroup,
+                      exclude: Collection[str] = ()) -> None:
+    """The flags; each dest is the MountOptions field (--rules is read into `rules`).
+    `exclude`: dests a command defines its own way (compare's --limit)."""
+    if "limit" not in exclude:
+        p.add_argument("--limit", default=None,
+                       help="quota in bytes: 120M, 1.5G, 10MB, 4096 (default: no limit)")
     p.add_argument("--backing", metavar="DIR",
                    help="existing directory to pass through; its content counts against the "
                         "limit (default: a private temporary directory)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -24,6 +25,8 @@ from quotafs.errors import ExitCode, QuotafsError
 from quotafs.reference.base import AS_CALLER, Launch
 
 TAIL_BYTES = 2048  # of stdout and stderr, kept for the report
+DEFAULT_TIMEOUT = 300.0  # seconds a program (or its setup, or its check) may run
+DEFAULT_TARGETS = ("reference", "quotafs", "quotafs-sigbus")  # where compare -- CMD runs it
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class Program:
     argv: tuple[str, ...]
     setup: str | None = None
     check: str | None = None
-    timeout: float = 300.0
+    timeout: float = DEFAULT_TIMEOUT
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -144,3 +147,25 @@ def run_shell(command: str, cwd: str, env: Mapping[str, str], timeout: float,
               launch: Launch = AS_CALLER) -> Outcome:
     """A --setup or --check command: one shell command line (`sh -c`)."""
     return run_argv(["/bin/sh", "-c", command], cwd, env, timeout, launch)
+
+
+def check_reachable(user: str, workdir: str) -> None:
+    """`user` must be able to walk down to the mount points in `workdir`: an unknown user or
+    one locked out is a usage error before anything is built."""
+    entry = passwd_entry(user)
+    groups = {entry.pw_gid, *os.getgrouplist(entry.pw_name, entry.pw_gid)}
+    path = os.path.realpath(workdir)
+    while True:
+        try:
+            mode = os.stat(path)
+        except OSError:
+            return  # a missing workdir is reported where it is used
+        bit = (stat.S_IXUSR if mode.st_uid == entry.pw_uid else
+               stat.S_IXGRP if mode.st_gid in groups else stat.S_IXOTH)
+        if entry.pw_uid != 0 and not mode.st_mode & bit:
+            raise QuotafsError(f"--as-user {user}: {user} cannot enter {path}, so it could "
+                               "not reach the mounts: choose another --workdir",
+                               ExitCode.USAGE)
+        if path == "/":
+            return
+        path = os.path.dirname(path)

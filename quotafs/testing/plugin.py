@@ -19,6 +19,8 @@ Fixtures (as pyfakefs's fs, fs_class, fs_module, fs_session: one per scope):
   tmpfs_reference  its rootless sibling: a tmpfs of the marker's limit in a private namespace;
                    .path works from the test's own process, .launch_prefix() runs a program
                    inside (needed for getcwd)
+  quotafs_target   the test once per target — reference (ext4_loop), quotafs, quotafs-sigbus —
+                   each time with .name and .path, a fresh directory on that target
 
 Where FUSE cannot be used the fixtures skip the test, with the reason. When a test fails, its
 report gets a section per mount it could see: usage, ENOSPC count, fault seed and the recorded
@@ -55,9 +57,11 @@ __all__ = [
     "FORCE_NO_LOOP_ENV",
     "FORCE_NO_TMPFS_ENV",
     "MARKER",
+    "TARGETS",
     "OptionError",
     "QuotafsFactory",
     "QuotafsLeakWarning",
+    "QuotafsTarget",
     "ext4_unusable_reason",
     "fuse_unusable_reason",
     "mount_options",
@@ -426,6 +430,47 @@ def tmpfs_reference(request: pytest.FixtureRequest) -> Iterator[TmpfsMount]:
             raise pytest.fail.Exception(f"tmpfs_reference: {exc}", pytrace=False) from None
         _show_to_report(request.node, handle)
         yield handle
+
+
+# -- quotafs_target: a test once per target, as `quotafs compare -- CMD` runs a program --
+
+TARGETS = ("reference", "quotafs", "quotafs-sigbus")  # the quotafs_target parameters
+TARGET_DIR = "target"  # the fresh directory a quotafs_target test gets on its target
+
+
+@dataclass(frozen=True)
+class QuotafsTarget:
+    """Where a quotafs_target test runs: `name` is "ext4" (the reference), "quotafs" or
+    "quotafs-sigbus" (--mmap-sigbus, the ext4-faithful mode); `path` a fresh empty
+    directory on it; `mount` the mount itself (usage(), and on quotafs events())."""
+
+    name: str
+    path: str
+    mount: QuotaMount | Ext4Mount
+
+    @property
+    def is_reference(self) -> bool:
+        return self.name == "ext4"
+
+
+@pytest.fixture(params=TARGETS)
+def quotafs_target(request: pytest.FixtureRequest) -> Iterator[QuotafsTarget]:
+    """The test runs once per target: the real loop-ext4 (root only; skipped with the reason
+    elsewhere), quotafs, and quotafs --mmap-sigbus. The marker's limit is the reference's
+    free space and the quotafs targets' limit; its other options apply to quotafs."""
+    mount: QuotaMount | Ext4Mount
+    if request.param == "reference":
+        mount = request.getfixturevalue("ext4_loop")
+        name = "ext4"
+    else:
+        options = dict(_marker_options(request.node))
+        limit = options.pop("limit") if "limit" in options else _default_limit(options)
+        options["mmap_sigbus"] = request.param == "quotafs-sigbus"
+        factory: QuotafsFactory = request.getfixturevalue("quotafs_factory")
+        mount, name = factory(limit, **options), request.param
+    path = os.path.join(mount.path, TARGET_DIR)
+    os.mkdir(path)
+    yield QuotafsTarget(name, path, mount)
 
 
 # -- hooks --------------------------------------------------------------------------------
