@@ -93,15 +93,14 @@ class TmpfsReference:
                                    "drop --as-user, or run as root", ExitCode.PERMISSION)
             unshare = find_tool("unshare", "the tmpfs reference needs ")
             return Launch(None, (*enter, unshare, "--user", f"--map-user={me}",
-                                 f"--map-group={os.getegid()}", "--"))
+                                 f"--map-group={os.getegid()}", "--", *_die_with_us()))
         if user is None:
-            return Launch(None, enter)
+            return Launch(None, (*enter, *_die_with_us()))
         entry = passwd_entry(user)
-        setpriv = find_tool("setpriv", "the tmpfs reference needs ")
         # The switch happens after nsenter (which needs root); so the user's environment
         # is set here too, as program.py sets it for a Popen user= switch.
-        return Launch(None, (*enter, setpriv, f"--reuid={entry.pw_uid}",
-                             f"--regid={entry.pw_gid}", "--init-groups", "--",
+        return Launch(None, (*enter, *_die_with_us(f"--reuid={entry.pw_uid}",
+                                                   f"--regid={entry.pw_gid}", "--init-groups"),
                              "env", f"HOME={entry.pw_dir}", f"USER={entry.pw_name}",
                              f"LOGNAME={entry.pw_name}"))
 
@@ -136,11 +135,20 @@ class TmpfsReference:
         return [f"kill {self.holder.pid}", f"rm -rf {shlex.quote(self.workdir)}"]
 
 
+def _die_with_us(*switch: str) -> tuple[str, ...]:
+    """setpriv that makes the program die with the process that started it (nsenter and
+    unshare exec without forking, so that is quotafs): a program left running after a
+    SIGKILL of quotafs would keep the namespace, and its tmpfs, alive. `switch`: setpriv's
+    uid/gid options for root's --as-user (pdeathsig is set after them, so it holds)."""
+    return (find_tool("setpriv", "the tmpfs reference needs "), *switch,
+            "--pdeathsig=KILL", "--")
+
+
 def check_usable() -> None:
     """Raise QuotafsError saying why a tmpfs reference cannot be made here: a missing
     tool, or (without root) no unprivileged user and mount namespaces — tried for real,
     since sysctls, AppArmor and seccomp profiles of containers each can forbid them."""
-    for tool in ("unshare", "nsenter", "mount"):
+    for tool in ("unshare", "nsenter", "mount", "setpriv"):
         find_tool(tool, "the tmpfs reference needs ")
     if os.geteuid() == 0:
         return

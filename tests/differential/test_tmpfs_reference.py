@@ -10,6 +10,7 @@ no pyfuse3, so no venv is built for these.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -79,12 +80,16 @@ out["workdir_left"] = os.path.exists(out["workdir"])
 print(json.dumps(out))
 """
 
-# Makes a reference, says where, and waits to be killed.
+# Makes a reference, starts a program in it (in a session of its own, as compare does),
+# says where, and waits to be killed.
 HOLD = """
-import json, sys, time
+import json, subprocess, sys, time
 from quotafs.reference.tmpfs import open_tmpfs
+user = sys.argv[1] if len(sys.argv) > 1 else None
 with open_tmpfs(1 << 20) as ref:
-    print(json.dumps([ref.holder.pid, ref.workdir, ref.outside_path]), flush=True)
+    prog = subprocess.Popen([*ref.launch(user).prefix, "sleep", "120"], cwd=ref.outside_path,
+                            start_new_session=True)
+    print(json.dumps([ref.holder.pid, ref.workdir, ref.outside_path, prog.pid]), flush=True)
     time.sleep(120)
 """
 
@@ -98,6 +103,19 @@ def _gone(pid: int, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def _wait_exec(pid: int, name: bytes, timeout: float = 10.0) -> None:
+    """Until the launch prefix (nsenter, unshare, setpriv) has exec'd the program: the
+    program dies with its starter from then on (setpriv --pdeathsig); a SIGKILL of the
+    starter within the few milliseconds before is not covered (docs/semantics.md)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if f.read().split(b"\0")[0] == name:
+                return
+        assert time.monotonic() < deadline, f"{pid} never became {name!r}"
+        time.sleep(0.01)
 
 
 def _probe(ref: object, user: str | None, python: str = sys.executable) -> dict[str, object]:
@@ -217,30 +235,43 @@ def test_describe_states_the_known_differences() -> None:
 
 
 def _kill_maker_and_check_holder(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    made: list[int] = []  # the holder and the program: killed by pid if a check fails
+    workdir = ""
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=env, cwd="/") as maker:
         try:
             assert maker.stdout is not None and maker.stderr is not None
             line = maker.stdout.readline()
             assert line, maker.stderr.read()
-            pid, workdir, outside = json.loads(line)
-            with open(f"/proc/{pid}/status") as f:  # the holder is the maker's own child
-                assert f"PPid:\t{maker.pid}\n" in f.read()
+            pid, workdir, outside, prog = json.loads(line)
+            made += [pid, prog]
+            for child in (pid, prog):  # the holder and the program are the maker's own
+                with open(f"/proc/{child}/status") as f:
+                    assert f"PPid:\t{maker.pid}\n" in f.read()
             assert os.path.ismount(outside)
+            _wait_exec(prog, b"sleep")
             maker.kill()
             maker.wait()
             assert _gone(pid), f"holder {pid} outlived the SIGKILL of its maker"
+            # The program would keep the namespace (and its tmpfs) alive: it goes too.
+            assert _gone(prog), f"program {prog} outlived the SIGKILL of its maker"
+            # The empty host-side directory is all a SIGKILL leaves (no one is left to
+            # remove it).
+            assert os.listdir(os.path.join(workdir, "mnt")) == []
         finally:
             maker.kill()
-    # The empty host-side directory is all a SIGKILL leaves (no one is left to remove it).
-    assert os.listdir(os.path.join(workdir, "mnt")) == []
-    shutil.rmtree(workdir)
+            for leftover in made:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(leftover, signal.SIGKILL)
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
 
 
 @needs_root
-def test_the_holder_dies_with_its_maker_on_sigkill() -> None:
+@pytest.mark.parametrize("user", [None, "nobody"])
+def test_the_holder_dies_with_its_maker_on_sigkill(user: str | None) -> None:
     env = {**os.environ, "PYTHONPATH": quotafs.PACKAGE_PARENT}
-    _kill_maker_and_check_holder([sys.executable, "-c", HOLD], env)
+    _kill_maker_and_check_holder([sys.executable, "-c", HOLD, *([user] if user else [])], env)
 
 
 # -- as nobody ------------------------------------------------------------------------------
@@ -278,10 +309,12 @@ def test_sigterm_of_the_maker_tears_down_in_order(nobody_copy: Path) -> None:
             assert maker.stdout is not None and maker.stderr is not None
             line = maker.stdout.readline()
             assert line, maker.stderr.read()
-            pid, workdir, _ = json.loads(line)
+            pid, workdir, _, prog = json.loads(line)
+            _wait_exec(prog, b"sleep")
             maker.send_signal(signal.SIGTERM)
             assert maker.wait(timeout=30) != 0  # interrupted, after its clean-up
             assert not os.path.exists(f"/proc/{pid}")  # reaped by the teardown, not init
             assert not os.path.exists(workdir)  # an orderly teardown removed it
+            assert _gone(prog)  # the program in it died with its maker
         finally:
             maker.kill()
