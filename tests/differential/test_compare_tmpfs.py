@@ -8,13 +8,19 @@ tests/mounts/test_unprivileged.py does) and runs `python -m quotafs` there as no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import NOBODY, NobodyEnv, needs_fuse, needs_root, run_capture
 
@@ -163,3 +169,39 @@ def test_without_root_the_ext4_reference_is_refused_in_one_line(nobody_env: Nobo
     assert r.returncode == 6, r.stderr  # ExitCode.PERMISSION
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--reference tmpfs needs no root" in lines[0], r.stderr
+
+
+def _children(pid: int) -> dict[int, bytes]:
+    """Our child's own children (pid -> argv[0] and argv[1]), from its /proc task list."""
+    out: dict[int, bytes] = {}
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as c:
+                        out[int(child)] = b" ".join(c.read().split(b"\0")[:2])
+    return out
+
+
+@needs_root
+@needs_fuse
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_mid_run_leaves_no_namespace_behind(tmp_path: Path, sig: int) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where the tmpfs reference's dir goes
+    with subprocess.Popen([sys.executable, "-m", "quotafs", "compare", "--reference", "tmpfs",
+                           "--limit", "4M", "--workdir", str(tmp_path), "--", "sleep", "60"],
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        try:
+            deadline = time.monotonic() + 60
+            while True:  # until the program runs on the tmpfs, beside its holder
+                kids = _children(proc.pid)
+                if b"sleep 60" in kids.values() and b"sleep infinity" in kids.values():
+                    break
+                assert proc.poll() is None and time.monotonic() < deadline, kids
+                time.sleep(0.05)
+            proc.send_signal(sig)
+            assert proc.wait(timeout=60) == 130
+        finally:
+            proc.kill()
+    assert all(not os.path.exists(f"/proc/{pid}") for pid in kids)  # holder and program
+    assert list(tmp_path.iterdir()) == []  # no reference dir, no quotafs scratch dir
