@@ -123,9 +123,13 @@ def _wait_ready(holder: Holder, argv: Sequence[str]) -> None:
     if line.strip() != b"ready":
         proc.wait(timeout=READY_TIMEOUT)
         err = proc.stderr.read().decode(errors="replace").strip().splitlines()
-        why = err[-1] if err else f"exit status {proc.returncode}"
+        # The first line says what failed ("mount: DIR: wrong fs type, bad option...",
+        # "unshare: unshare failed: Operation not permitted"); mount adds a dmesg hint.
+        why = err[0].strip() if err else f"exit status {proc.returncode}"
+        refused = holder.user_namespace and "not permitted" in why.lower()
         raise QuotafsError(f"cannot make a tmpfs in a private namespace: {why}"
                            + ("" if not holder.user_namespace else
                               " (are unprivileged user namespaces allowed here? "
-                              "see `quotafs doctor`)"), ExitCode.LOOP)
+                              "see `quotafs doctor`)"),
+                           ExitCode.PERMISSION if refused else ExitCode.LOOP)
     proc.stderr.close()

@@ -318,3 +318,12 @@ def test_sigterm_of_the_maker_tears_down_in_order(nobody_copy: Path) -> None:
             assert _gone(prog)  # the program in it died with its maker
         finally:
             maker.kill()
+
+
+def test_a_mount_that_fails_in_the_namespace_is_one_line(tmp_path: Path) -> None:
+    from quotafs.reference.namespace import start_holder
+    with pytest.raises(QuotafsError, match=r"^cannot make a tmpfs in a private namespace: "
+                                           r"mount: .*bad option") as info:
+        start_holder(str(tmp_path), "size=not-a-size")
+    assert info.value.code == ExitCode.LOOP and "\n" not in str(info.value)
+    assert not os.path.ismount(tmp_path)
