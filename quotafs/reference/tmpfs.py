@@ -182,11 +182,15 @@ def open_tmpfs(size: int, workdir: str | None = None,
     holder: Holder | None = None
     ref: TmpfsReference | None = None
     try:
-        with signals_deferred():  # so no interrupt lands between mkdtemp and `tmp =`
-            tmp = tempfile.mkdtemp(prefix="quotafs-tmpfs-", dir=base)
-        os.chmod(tmp, 0o755)  # the program's user must reach the mount point below it
-        mnt = os.path.join(os.path.realpath(tmp), "mnt")
-        os.mkdir(mnt)
+        try:
+            with signals_deferred():  # so no interrupt lands between mkdtemp and `tmp =`
+                tmp = tempfile.mkdtemp(prefix="quotafs-tmpfs-", dir=base)
+            os.chmod(tmp, 0o755)  # the program's user must reach the mount point below it
+            mnt = os.path.join(os.path.realpath(tmp), "mnt")
+            os.mkdir(mnt)
+        except OSError as exc:  # a read-only or someone else's work directory
+            raise QuotafsError(f"cannot make the tmpfs reference's directory in {base}: "
+                               f"{exc.strerror}", ExitCode.USAGE) from None
         room = tmpfs_size(size)
         holder = start_holder(mnt, f"size={room}")
         ref = TmpfsReference(holder, tmp, mnt, room)

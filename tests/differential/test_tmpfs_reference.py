@@ -327,3 +327,12 @@ def test_a_mount_that_fails_in_the_namespace_is_one_line(tmp_path: Path) -> None
         start_holder(str(tmp_path), "size=not-a-size")
     assert info.value.code == ExitCode.LOOP and "\n" not in str(info.value)
     assert not os.path.ismount(tmp_path)
+
+
+def test_a_work_directory_that_is_not_one_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(QuotafsError, match="is not a directory") as info, \
+            open_tmpfs(SIZE, workdir=str(tmp_path / "file")):
+        pass
+    assert info.value.code == ExitCode.USAGE and "\n" not in str(info.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # nothing made
