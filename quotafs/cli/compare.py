@@ -11,7 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 from quotafs.cli.mountopts import add_mount_options
-from quotafs.compare.program import DEFAULT_TARGETS, DEFAULT_TIMEOUT, check_reachable
+from quotafs.compare.program import (
+    DEFAULT_TARGETS,
+    DEFAULT_TIMEOUT,
+    NOT_FOR_TARGETS,
+    check_reachable,
+)
 from quotafs.compare.writers import KINDS
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import sigterm_as_interrupt
@@ -79,9 +84,15 @@ def register(sub: Any) -> None:
     command.add_argument("--expect-same", action="store_true",
                          help="exit 1 when CMD or CHECK ends differently on the reference "
                               "and on quotafs-sigbus (the ext4-faithful target)")
-    add_mount_options(p.add_argument_group(
-        "quotafs targets' mount options (compare -- CMD; their room is the reference's)"),
-        exclude={"limit"})
+    targets = p.add_argument_group(
+        "quotafs targets' mount options (compare -- CMD; their room is the reference's)")
+    add_mount_options(targets, exclude={"limit"})
+    for action in targets._group_actions:  # compare decides these: refused, with the reason
+        if action.dest in NOT_FOR_TARGETS:
+            action.help = argparse.SUPPRESS
+        elif action.dest == "reserve":
+            action.help = ("root's part of the quotafs targets' limit, PERCENT or SIZE "
+                           "(default: the reference's, ext4's reserved blocks)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_compare)
     for action in p._actions:  # the first of a dest's flags sets its default, as in argparse
@@ -103,6 +114,11 @@ def _progress_printer(enabled: bool) -> Callable[[str], None]:
         sys.stderr.flush()
 
     return show
+
+
+def _say(line: str) -> None:
+    """A progress line of compare -- CMD: every one a whole line (no byte counters)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _given(args: argparse.Namespace, names: dict[str, str]) -> list[str]:
@@ -157,7 +173,7 @@ def cmd_compare_command(args: argparse.Namespace) -> int:
         report = command.compare_command(
             args.cmd[1:], limit=args.limit, reference=kind, targets=args.targets,
             setup=args.setup, check=args.check, timeout=args.timeout, as_user=args.as_user,
-            workdir=args.workdir, progress=_progress_printer(enabled=True),
+            workdir=args.workdir, progress=_say,
             **_target_options(args))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))

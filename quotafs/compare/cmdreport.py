@@ -4,6 +4,7 @@ differ from the reference marked, then what differs, stderr tails and quotafs's 
 from __future__ import annotations
 
 from quotafs.compare.command import CommandReport, TargetRun
+from quotafs.errors import printable
 from quotafs.units import format_size
 
 MARK = "*"  # before a cell that differs from the reference's
@@ -19,7 +20,7 @@ def _cells(run: TargetRun) -> list[str]:
 
 def _last_line(text: str, width: int = 30) -> str:
     lines = text.splitlines()
-    last = lines[-1] if lines else "-"
+    last = printable(lines[-1]) if lines else "-"
     return last if len(last) <= width else last[:width - 3] + "..."
 
 
@@ -53,14 +54,16 @@ def details(report: CommandReport) -> list[str]:
         tail = run.stderr_tail.splitlines()[-TAIL_LINES:]
         if tail:
             out.append(f"{run.target} stderr (last lines):")
-            out += [f"    {line}" for line in tail]
+            out += [f"    {printable(line)}" for line in tail]
         if run.check_stderr_tail:
             out.append(f"{run.target} check stderr (last lines):")
-            out += [f"    {line}" for line in run.check_stderr_tail.splitlines()[-TAIL_LINES:]]
+            out += [f"    {printable(line)}"
+                    for line in run.check_stderr_tail.splitlines()[-TAIL_LINES:]]
         if run.events:
             out.append(f"{run.target} events ({len(run.events)}; time from CMD's start):")
             for e in run.events[:EVENT_LINES]:
-                out.append(f"    {e['time']:+.3f}s  {e['op']} {e['path']}: {e['effect']}")
+                out.append(f"    {e['time']:+.3f}s  {e['op']} {printable(e['path'])}: "
+                           f"{e['effect']}")
             if len(run.events) > EVENT_LINES:
                 out.append(f"    ... {len(run.events) - EVENT_LINES} more (--json has all)")
     return out

@@ -24,6 +24,7 @@ from quotafs.client.api import QuotaMount, mounted_with
 from quotafs.compare.program import (
     DEFAULT_TARGETS,
     DEFAULT_TIMEOUT,
+    NOT_FOR_TARGETS,
     Outcome,
     check_reachable,
     run_argv,
@@ -31,6 +32,7 @@ from quotafs.compare.program import (
 )
 from quotafs.compare.writers import passwd_entry
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.interrupts import signals_deferred
 from quotafs.options import MountOptions
 from quotafs.protocol import Event
 from quotafs.reference.base import KINDS, Launch, Reference
@@ -40,17 +42,6 @@ from quotafs.units import format_size, parse_size
 QUOTAFS_TARGETS = DEFAULT_TARGETS[1:]
 FAITHFUL = "quotafs-sigbus"  # the ext4-faithful target: --expect-same compares it
 RUN_DIR = "run"  # the fresh directory on each target
-# Mount options a quotafs target may not take: its room is the reference's, its mmap mode
-# is the target's, its backing directory is fresh, allow_other follows --as-user.
-NOT_FOR_TARGETS = {
-    "limit": "the limit of the quotafs targets is the reference's room: use compare's "
-             "--limit (the free space of all targets)",
-    "like_ext4": "the quotafs targets get the reference's room: use --limit",
-    "mmap_sigbus": "the target chooses the mmap mode: --targets quotafs,quotafs-sigbus",
-    "backing": "every target starts from a fresh empty directory: use --setup",
-    "keep_backing": "every target starts from a fresh empty directory",
-    "allow_other": "the quotafs targets allow others exactly when --as-user is given",
-}
 
 
 @dataclass(frozen=True)
@@ -300,7 +291,8 @@ def _quotafs_options(name: str, ref: Reference, scratch: str, as_user: str | Non
 
 
 def _scratch(workdir: str | None, as_user: str | None) -> str:
-    scratch = tempfile.mkdtemp(prefix="quotafs-compare-", dir=workdir or "/var/tmp")
+    with signals_deferred():  # so no interrupt lands between mkdtemp and its cleanup
+        scratch = tempfile.mkdtemp(prefix="quotafs-compare-", dir=workdir or "/var/tmp")
     if as_user is not None:
         os.chmod(scratch, 0o755)  # the program's user must reach the mount points below
     return scratch
@@ -346,10 +338,12 @@ def compare_command(argv: Sequence[str], *, limit: int | str = "120M",
         check_reachable(as_user, workdir or "/var/tmp")
     if workdir is not None and not os.path.isdir(workdir):
         raise QuotafsError(f"--workdir {workdir}: no such directory", ExitCode.USAGE)
+    if workdir is not None:  # $QUOTAFS_MOUNT must name the directory from anywhere
+        workdir = os.path.abspath(workdir)
     say = progress or (lambda line: None)
     runs: list[TargetRun] = []
     scratch = _scratch(workdir, as_user)
-    try:
+    try:  # from here on every exit removes scratch; the mounts below are gone by then
         with open_reference(kind, room, workdir=workdir) as ref:
             say(f"{kind} reference: {format_size(ref.quotafs_limit)} writable, "
                 f"{format_size(ref.quotafs_reserve)} of it root's; quotafs limit "

@@ -27,6 +27,17 @@ from quotafs.reference.base import AS_CALLER, Launch
 TAIL_BYTES = 2048  # of stdout and stderr, kept for the report
 DEFAULT_TIMEOUT = 300.0  # seconds a program (or its setup, or its check) may run
 DEFAULT_TARGETS = ("reference", "quotafs", "quotafs-sigbus")  # where compare -- CMD runs it
+# Mount options a quotafs target may not take: its room is the reference's, its mmap mode
+# is the target's, its backing directory is fresh, allow_other follows --as-user.
+NOT_FOR_TARGETS = {
+    "limit": "the limit of the quotafs targets is the reference's room: use compare's "
+             "--limit (the free space of all targets)",
+    "like_ext4": "the quotafs targets get the reference's room: use --limit",
+    "mmap_sigbus": "the target chooses the mmap mode: --targets quotafs,quotafs-sigbus",
+    "backing": "every target starts from a fresh empty directory: use --setup",
+    "keep_backing": "every target starts from a fresh empty directory",
+    "allow_other": "the quotafs targets allow others exactly when --as-user is given",
+}
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ every check runs before a reference or a mount is made)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,15 +69,27 @@ def test_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str | Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain-file"]
 
 
-def test_as_user_needs_root(tmp_path: Path) -> None:
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    probe = subprocess.run([*nobody, sys.executable, "-c", "import quotafs.cli.main"],
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    probe = subprocess.run([*NOBODY, sys.executable, "-c", "import quotafs.cli.main"],
                            capture_output=True, timeout=60)
-    if probe.returncode != 0:
-        pytest.skip("the interpreter is not reachable by an unprivileged user")
-    result = subprocess.run([*nobody, sys.executable, "-m", "quotafs", "compare",
-                             "--as-user", "daemon", "--", "true"], capture_output=True,
-                            text=True, timeout=60, cwd="/")
+    if os.geteuid() != 0 or probe.returncode != 0:
+        pytest.skip("needs root, and an interpreter an unprivileged user can reach")
+    return subprocess.run([*NOBODY, sys.executable, "-m", "quotafs", "compare", *args],
+                          capture_output=True, text=True, timeout=60, cwd="/")
+
+
+def test_as_user_needs_root() -> None:
+    result = as_nobody("--as-user", "daemon", "--", "true")
     assert result.returncode == ExitCode.USAGE
     assert result.stderr.strip() == ("quotafs: --as-user needs root (it switches to that "
                                      "user); without it the program runs as you")
+
+
+def test_the_ext4_reference_needs_root() -> None:
+    result = as_nobody("--reference", "ext4", "--limit", "2M", "--", "true")
+    assert result.returncode == ExitCode.PERMISSION
+    assert result.stderr.strip() == ("quotafs: compare needs root: it attaches a loop "
+                                     "device and mounts ext4")
