@@ -147,3 +147,25 @@ def test_nobody_s_suite_gets_a_tmpfs_reference(nobody_pytest: Path) -> None:
 
 def test_the_api_handle_is_public() -> None:
     assert {"TmpfsMount", "tmpfs_reference", "check_tmpfs_reference"} <= set(quotafs.__all__)
+
+
+@needs_tmpfs
+def test_the_api_gives_the_room_and_a_usage_and_ends_with_the_block() -> None:
+    with quotafs.tmpfs_reference("1M") as ref:
+        assert ref.quotafs_options() == {"limit": 1 << 20, "reserve": 0}
+        with open(os.path.join(ref.path, "f"), "wb") as f:
+            f.write(b"x" * 4096)
+        u = ref.usage()
+        assert (u["limit"], u["used"], u["free"], u["available"]) == (
+            1 << 20, 4096, (1 << 20) - 4096, (1 << 20) - 4096)
+        assert u["inodes_used"] == 1 and u["enospc_count"] is None
+        assert ref.is_alive() and ref.events() == [] and ref.pid is None
+        pid = ref.holder_pid
+    assert not ref.is_alive() and _gone(pid)
+
+
+def test_the_api_refuses_a_bad_size_in_one_line() -> None:
+    from quotafs.errors import ExitCode, QuotafsError
+    with pytest.raises(QuotafsError) as info, quotafs.tmpfs_reference("12X"):
+        pass
+    assert info.value.code == ExitCode.USAGE and "\n" not in str(info.value)
