@@ -10,13 +10,16 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them on 
     from quotafs.client.api import (
         Ext4Mount,
         QuotaMount,
+        TmpfsMount,
         check_ext4_loop,
         check_fuse,
+        check_tmpfs_reference,
         ext4_loop,
         format_event,
         mounted,
         mounted_with,
         open_quota_mount,
+        tmpfs_reference,
     )
     from quotafs.compare.command import CommandReport, TargetRun, compare_command
     from quotafs.options import MountOptions
@@ -27,10 +30,11 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them on 
 # so that they run this very copy even when the parent found it through sys.path tweaks.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ["Baseline", "CommandReport", "Ext4Mount", "MountOptions", "Point", "PointResult",
-           "QuotaMount", "SweepPlan", "SweepReport", "TargetRun", "check_ext4_loop",
-           "check_fuse", "compare_command", "ext4_loop", "format_event", "mounted",
-           "mounted_with", "open_quota_mount", "plan_sweep", "run_point", "sweep"]
+__all__ = ["Baseline", "CommandReport", "Ext4Mount", "MountOptions", "Point",
+           "PointResult", "QuotaMount", "SweepPlan", "SweepReport", "TargetRun",
+           "TmpfsMount", "check_ext4_loop", "check_fuse", "check_tmpfs_reference",
+           "compare_command", "ext4_loop", "format_event", "mounted", "mounted_with",
+           "open_quota_mount", "plan_sweep", "run_point", "sweep", "tmpfs_reference"]
 
 
 # The public names that do not come from quotafs.client.api, and their modules.

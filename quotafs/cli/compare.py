@@ -213,16 +213,10 @@ def cmd_compare_writers(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        ext4 = report["ext4"]
         print(f"\nquotafs compare — limit {format_size(plan.limit)}, file "
               f"{format_size(plan.file_size)}, chunk {format_size(plan.chunk)}, "
               f"Linux {report['kernel']}")
-        print(f"ext4: image {ext4['image_size']:,} B, block {ext4['block_size']}, free "
-              f"{ext4['free_bytes']:,} B (root; others {ext4['avail_bytes']:,} B), kept back "
-              f"by ext4 {ext4['reserved_clusters_bytes']:,} B, reserved for root "
-              f"{ext4['root_reserve_bytes']:,} B; quotafs limit {report['quotafs_limit']:,} B,"
-              f" reserve {report['quotafs_reserve']:,} B; writers run as "
-              f"{report['writers_user']}\n")
+        print(_reference_line(report))
         print(runner.table([runner.Record(**r) for r in report["records"]]))
         print()
         print("\n".join(runner.verdict_lines([runner.Verdict(**v) for v in report["verdicts"]])))
@@ -231,3 +225,20 @@ def cmd_compare_writers(args: argparse.Namespace) -> int:
     if args.check and not report["matched"]:
         return int(ExitCode.FAILURE)
     return 0
+
+
+def _reference_line(report: dict[str, Any]) -> str:
+    """The report's line about the reference (and the quotafs limit it gave)."""
+    if report["reference"]["kind"] == "tmpfs":
+        ref = report["reference"]
+        return (f"tmpfs: size {ref['size']:,} B in a private namespace (no metadata blocks, "
+                f"no root reserve: see docs/semantics.md); quotafs limit "
+                f"{report['quotafs_limit']:,} B, reserve 0; writers run as "
+                f"{report['writers_user']}\n")
+    ext4 = report["ext4"]
+    return (f"ext4: image {ext4['image_size']:,} B, block {ext4['block_size']}, free "
+            f"{ext4['free_bytes']:,} B (root; others {ext4['avail_bytes']:,} B), kept back "
+            f"by ext4 {ext4['reserved_clusters_bytes']:,} B, reserved for root "
+            f"{ext4['root_reserve_bytes']:,} B; quotafs limit {report['quotafs_limit']:,} B,"
+            f" reserve {report['quotafs_reserve']:,} B; writers run as "
+            f"{report['writers_user']}\n")

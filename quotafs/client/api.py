@@ -33,8 +33,9 @@ from quotafs.model.faults import spec_from_args
 from quotafs.mountinfo import find_mount
 from quotafs.options import MountOptions, check_settings, check_size
 from quotafs.protocol import Event, Limits, RuleStatus, Status, Usage
-from quotafs.reference import loopext4
+from quotafs.reference import loopext4, tmpfs
 from quotafs.reference.loopext4 import Ext4Loop
+from quotafs.reference.tmpfs import TmpfsReference
 from quotafs.units import format_size
 from quotafs.unmounting import BUSY_TRIES, unmount_retrying
 
@@ -480,3 +481,106 @@ def ext4_loop(free: int | str | None, workdir: str | None = None,
         st = os.statvfs(loop.mountpoint)
         yield Ext4Mount(loop.mountpoint, loop, _free_at_start=st.f_bfree * st.f_frsize,
                         _ffree_at_start=st.f_ffree)
+
+
+# -- the tmpfs reference (no root needed), as a handle shaped like Ext4Mount ---------------
+
+_TMPFS_CANNOT = ("{what}: the tmpfs reference is a real filesystem of fixed size without "
+                 "fault injection; use quotafs.mounted() (or the quota_mount fixture) for that")
+
+
+@dataclass
+class TmpfsMount:
+    """A size-limited tmpfs in a private mount namespace (reference/tmpfs.py), made without
+    root where user namespaces are allowed. `.path` is where this process reaches it
+    (/proc/HOLDER/root/DIR): open, write, mmap, ENOSPC and SIGBUS work there as on any
+    mount. A program that needs getcwd() (SQLite, most build tools) must run *inside* the
+    namespace: start it with `launch_prefix()` in front of its argv and its cwd below
+    `.path`; it sees the mount as `.inside_path`, and runs as the caller's own uid.
+    No daemon (`.pid` None), no backing directory; set_limit and add_fault raise."""
+
+    path: str
+    reference: TmpfsReference
+    backing: None = None
+    pid: None = None
+    _ffree_at_start: int = field(default=0, repr=False)
+
+    @property
+    def inside_path(self) -> str:
+        """The mount point as programs started with launch_prefix() see it."""
+        return self.reference.inside_path
+
+    @property
+    def size(self) -> int:
+        """tmpfs size=: the room every writer has (root too: no reserve)."""
+        return self.reference.size
+
+    @property
+    def holder_pid(self) -> int:
+        """The process that keeps the namespace alive; it dies with this one."""
+        return self.reference.holder.pid
+
+    def launch_prefix(self, user: str | None = None) -> list[str]:
+        """argv to put in front of a program so that it runs inside the namespace (as
+        `user`: root only; default the caller). Start it with its cwd below `.path`."""
+        return list(self.reference.launch(user).prefix)
+
+    def quotafs_options(self) -> dict[str, int]:
+        """limit and reserve for quotafs.mounted(**...): the same room as this tmpfs."""
+        return {"limit": self.reference.quotafs_limit,
+                "reserve": self.reference.quotafs_reserve}
+
+    def usage(self) -> Usage:
+        """The fields of QuotaMount.usage(), from statvfs: limit is the size, free and
+        available the same (no root reserve); the inode limit is tmpfs's nr_inodes.
+        tmpfs counts no ENOSPCs and reserves no pages: enospc_count and reserved are None."""
+        st = os.statvfs(self.path)
+        free = st.f_bfree * st.f_frsize
+        return Usage(limit=self.size, used=self.size - free, reserved=None, free=free,
+                     root_reserve=0, available=st.f_bavail * st.f_frsize,
+                     inode_limit=st.f_files, inodes_used=self._ffree_at_start - st.f_ffree,
+                     enospc_count=None)
+
+    def describe(self) -> dict[str, object]:
+        """What compare's report says of it, known differences from ext4 included."""
+        return self.reference.describe()
+
+    def set_limit(self, limit: SizeLike) -> None:
+        raise QuotafsError(_TMPFS_CANNOT.format(what="set_limit"), ExitCode.USAGE)
+
+    def add_fault(self, op: str | list[str], **trigger_and_effect: Any) -> str:
+        raise QuotafsError(_TMPFS_CANNOT.format(what="add_fault"), ExitCode.USAGE)
+
+    def faults(self) -> list[RuleStatus]:
+        return []
+
+    def events(self, after: int = 0) -> list[Event]:
+        return []  # tmpfs records nothing
+
+    def is_alive(self) -> bool:
+        return self.reference.holder.alive()
+
+
+def check_tmpfs_reference() -> None:
+    """Raise QuotafsError saying why tmpfs_reference() cannot be made here: a missing
+    tool, or (without root) user namespaces that are not allowed."""
+    tmpfs.check_usable()
+
+
+@contextlib.contextmanager
+def tmpfs_reference(size: int | str, workdir: str | None = None,
+                    keep: bool = False) -> Iterator[TmpfsMount]:
+    """A real kernel filesystem of `size` bytes ("16M" works too) that needs no root: a
+    tmpfs in a private mount (and user) namespace, torn down on exit whatever happens,
+    and even if this process is killed. Its room is its size, for root and everyone else.
+
+        with quotafs.tmpfs_reference("16M") as ref, quotafs.mounted(
+                **ref.quotafs_options()) as q:
+            ...  # the same program on ref.path and q.path
+    """
+    room = _bytes(size, "size")
+    if room is None:
+        raise QuotafsError("tmpfs_reference needs a size: '16M', for example", ExitCode.USAGE)
+    with tmpfs.open_tmpfs(room, workdir=workdir, keep=keep) as ref:
+        st = os.statvfs(ref.outside_path)
+        yield TmpfsMount(ref.outside_path, ref, _ffree_at_start=st.f_ffree)

@@ -222,20 +222,22 @@ def run_on(site: _Site, req: Request, progress: Callable[[str], None]) -> Target
         entry = passwd_entry(req.as_user)
         os.chown(site.outside, entry.pw_uid, entry.pw_gid)
     env = {**os.environ, "QUOTAFS_MOUNT": site.inside, "QUOTAFS_TARGET": site.name}
+    # Programs start with their cwd on the outside path: that chdir happens in our own
+    # namespace, and the tmpfs reference's launch prefix (nsenter --wd=.) takes it inside.
     if req.setup is not None:
         progress(f"{site.name:<15} setup")
-        setup = run_shell(req.setup, site.inside, env, req.timeout, site.launch)
+        setup = run_shell(req.setup, site.outside, env, req.timeout, site.launch)
         if not setup.ok:
             last = (setup.stderr_tail.splitlines() or [""])[-1]
             raise QuotafsError(f"--setup failed on {site.name} ({setup.ended()})"
                                + (f": {last}" if last else ""), ExitCode.FAILURE)
     progress(f"{site.name:<15} running {req.argv[0]}")
     start = time.time()
-    outcome = run_argv(req.argv, site.inside, env, req.timeout, site.launch)
+    outcome = run_argv(req.argv, site.outside, env, req.timeout, site.launch)
     checked: Outcome | None = None
     if req.check is not None:
         progress(f"{site.name:<15} check")
-        checked = run_shell(req.check, site.inside, env, req.timeout, site.launch)
+        checked = run_shell(req.check, site.outside, env, req.timeout, site.launch)
     files, size = _measure_dir(site.outside)
     run = TargetRun(
         target=site.name, exit_code=outcome.exit_code, signal=outcome.signal,
@@ -279,7 +281,13 @@ def _quotafs_options(name: str, ref: Reference, scratch: str, as_user: str | Non
                               **options}
     values.update(backing=os.path.join(scratch, name), mmap_sigbus=name == FAITHFUL,
                   allow_other=as_user is not None)
-    return MountOptions.from_values(values)
+    made = MountOptions.from_values(values)
+    if ref.kind == "tmpfs" and made.accounting in (None, "blocks"):
+        # The fresh run directory takes a block on quotafs (as on ext4), nothing on tmpfs
+        # (no metadata blocks): give it back, so the program has the same room on both.
+        values["limit"] = ref.quotafs_limit + made.block_bytes
+        made = MountOptions.from_values(values)
+    return made
 
 
 def _scratch(workdir: str | None, as_user: str | None) -> str:

@@ -1,10 +1,12 @@
-"""The comparison: the same writers against a real loop-ext4 and against quotafs
+"""The comparison: the same writers against a real kernel filesystem and against quotafs
 (`quotafs compare`, whose command line is quotafs/cli/compare.py), and its report.
 
-Targets: ext4 (the reference), quotafs (plain FUSE mmap semantics) and quotafs-sigbus
+Targets: the reference — ext4 (a loop-ext4, root) or tmpfs (a tmpfs in a private
+namespace, no root needed) — then quotafs (plain FUSE mmap semantics) and quotafs-sigbus
 (--mmap-sigbus, the ext4-faithful mode). Every writer runs as its own child process on a
 fresh file; what reached the disk is read back after an unmount (ext4 is remounted,
-quotafs's backing file is read once its daemon is gone).
+quotafs's backing file is read once its daemon is gone). tmpfs has no device: what is in
+its page cache is its data, read back through the holder's /proc/PID/root.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,6 +26,7 @@ from quotafs.compare.writers import WriterResult, bytes_on_disk, passwd_entry, r
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.options import MountOptions
 from quotafs.reference.loopext4 import open_ext4_loop
+from quotafs.reference.tmpfs import TmpfsReference, open_tmpfs
 from quotafs.reference.tools import find_tool, last_line, run_tool
 from quotafs.units import format_size
 
@@ -95,7 +98,7 @@ class Plan:
     keep: bool
     workdir: str | None = None
     as_user: str | None = None  # the writers run as this user (None: as root)
-    reference: str = "ext4"  # the kernel filesystem compared with: "ext4" or "tmpfs"
+    reference: str = "ext4"  # "ext4" (root) or "tmpfs" (reference/tmpfs.py)
 
 
 class Runner:
@@ -107,15 +110,17 @@ class Runner:
         self.records: list[Record] = []
 
     def _run(self, target: str, writer: str, path: str,
-             settle: Callable[[], str]) -> Record:
+             settle: Callable[[], str], prefix: tuple[str, ...] = (),
+             cwd: str | None = None) -> Record:
         """Run one writer on `path`; `settle()` unmounts/remounts and returns where the
-        file can be read back."""
+        file can be read back. `prefix` and `cwd`: how to start it inside a reference's
+        namespace (the tmpfs reference)."""
         def tick(acked: int) -> None:
             self.progress(f"{target:<15} {writer:<9} {format_size(acked):>10}")
 
         self.progress(f"{target:<15} {writer:<9} starting")
         result = run_writer(writer, path, self.plan.file_size, self.plan.chunk, progress=tick,
-                            user=self.plan.as_user)
+                            user=self.plan.as_user, prefix=prefix, cwd=cwd)
         readable = settle()
         on_disk = bytes_on_disk(readable, self.plan.chunk, result.bytes_acknowledged) \
             if os.path.exists(readable) else 0
@@ -150,6 +155,22 @@ class Runner:
 
             self._run("ext4", writer, path, settle)
 
+    def run_tmpfs(self, ref: TmpfsReference) -> None:
+        """The writers inside the tmpfs's namespace, through its launch prefix: as the
+        caller (a user without root keeps its uid), or, for root's --as-user, entered as
+        root and dropped to the user by the writer itself (as on ext4: the interpreter may
+        sit where that user cannot execute it). No remount: the file is read back as it is."""
+        self._give_to_writer(ref.outside_path)
+        prefix = ref.launch(None).prefix
+        for writer in self.plan.writers:
+            name = f"{writer}.dat"
+
+            def settle(name: str = name) -> str:
+                return ref.outside(name)  # nothing to unmount: the page cache is the data
+
+            self._run("tmpfs", writer, os.path.join(ref.inside_path, name), settle, prefix,
+                      ref.outside_path)
+
     def run_quotafs(self, target: str, limit: int, backing: str, reserve: int = 0) -> None:
         mountpoint = backing + "-mnt"
         os.makedirs(backing, exist_ok=True)
@@ -183,7 +204,7 @@ def write_verdict(ext4: Record, mine: Record, chunk: int) -> Verdict:
     tolerance = BLOCK + (chunk if refused_whole_call else 0)
     same_end = (mine.errno, mine.failed_call) == (ext4.errno, ext4.failed_call)
     matched = same_end and -BLOCK <= diff <= tolerance
-    why = "write(2) must hit ENOSPC within one block of ext4"
+    why = f"write(2) must hit ENOSPC within one block of {ext4.target}"
     if refused_whole_call and diff > BLOCK:
         why += (f"; ext4 refused its whole last {format_size(chunk)} write(2) call (per-folio "
                 f"reservation), quotafs wrote the {diff:,} bytes of it that fit "
@@ -191,18 +212,20 @@ def write_verdict(ext4: Record, mine: Record, chunk: int) -> Verdict:
     return Verdict("write", mine.target, matched, diff, tolerance, why)
 
 
-def verdicts(records: list[Record], chunk: int) -> list[Verdict]:
+def verdicts(records: list[Record], chunk: int, reference: str = "ext4") -> list[Verdict]:
+    """quotafs's records against the reference's (target `reference`: "ext4" or "tmpfs",
+    both kernel filesystems that SIGBUS an mmap writer and ENOSPC a write(2))."""
     by = {(r.target, r.writer): r for r in records}
     out: list[Verdict] = []
-    ext4_mmap, faithful = by.get(("ext4", "mmap")), by.get(("quotafs-sigbus", "mmap"))
+    ext4_mmap, faithful = by.get((reference, "mmap")), by.get(("quotafs-sigbus", "mmap"))
     if ext4_mmap is not None and faithful is not None:
         diff = faithful.bytes_acknowledged - ext4_mmap.bytes_acknowledged
         tolerance = int(ext4_mmap.bytes_acknowledged * MMAP_TOLERANCE)
         both_sigbus = ext4_mmap.signal == faithful.signal == "SIGBUS"
         out.append(Verdict(
             "mmap", "quotafs-sigbus", both_sigbus and abs(diff) <= tolerance, diff, tolerance,
-            "ext4-faithful mode must die by SIGBUS within 1% of where ext4 does"
-            + ("" if both_sigbus else f" (ext4: {ext4_mmap.summary}; quotafs-sigbus: "
+            f"ext4-faithful mode must die by SIGBUS within 1% of where {reference} does"
+            + ("" if both_sigbus else f" ({reference}: {ext4_mmap.summary}; quotafs-sigbus: "
                f"{faithful.summary})")))
     plain = by.get(("quotafs", "mmap"))
     if ext4_mmap is not None and plain is not None:
@@ -210,13 +233,13 @@ def verdicts(records: list[Record], chunk: int) -> list[Verdict]:
             "mmap", "quotafs", True, plain.bytes_acknowledged - ext4_mmap.bytes_acknowledged,
             0, "informational: plain FUSE never signals an mmap writer; dirty pages are "
                f"refused at writeback ({plain.summary})"))
-    ext4_write = by.get(("ext4", "write"))
+    ext4_write = by.get((reference, "write"))
     for target in ("quotafs", "quotafs-sigbus"):
         mine = by.get((target, "write"))
         if ext4_write is None or mine is None:
             continue
         out.append(write_verdict(ext4_write, mine, chunk))
-    ext4_falloc = by.get(("ext4", "fallocate"))
+    ext4_falloc = by.get((reference, "fallocate"))
     for target in ("quotafs", "quotafs-sigbus"):
         mine = by.get((target, "fallocate"))
         if ext4_falloc is None or mine is None:
@@ -225,7 +248,7 @@ def verdicts(records: list[Record], chunk: int) -> list[Verdict]:
             "fallocate", target, True, mine.bytes_acknowledged - ext4_falloc.bytes_acknowledged,
             0, "informational: FUSE (pyfuse3) has no fallocate handler, the kernel answers "
                "EOPNOTSUPP and glibc's posix_fallocate falls back to writing one byte per "
-               f"block through write(2) (ext4: {ext4_falloc.summary}; {target}: "
+               f"block through write(2) ({reference}: {ext4_falloc.summary}; {target}: "
                f"{mine.summary})"))
     return out
 
@@ -257,48 +280,79 @@ def verdict_lines(found: list[Verdict]) -> list[str]:
     return lines
 
 
+def _check_allowed(plan: Plan) -> None:
+    if plan.reference not in ("ext4", "tmpfs"):
+        raise QuotafsError(f"unknown reference {plan.reference!r}: choose ext4 or tmpfs",
+                           ExitCode.USAGE)
+    if os.geteuid() == 0:
+        return
+    if plan.reference == "ext4":
+        raise QuotafsError("compare with the ext4 reference needs root: it attaches a loop "
+                           "device and mounts ext4 (--reference tmpfs needs no root)",
+                           ExitCode.PERMISSION)
+    if plan.as_user is not None:
+        raise QuotafsError("--as-user needs root: without root the writers run as you",
+                           ExitCode.PERMISSION)
+
+
+@contextlib.contextmanager
+def _reference(plan: Plan, runner: Runner,
+               progress: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    """Build the plan's reference, run the writers on it, and yield what the report says
+    of it (quotafs_limit, quotafs_reserve, the reference's own section, kept); it is torn
+    down when the block ends, after the quotafs targets ran beside it."""
+    if plan.reference == "tmpfs":
+        with open_tmpfs(plan.limit, workdir=plan.workdir, keep=plan.keep) as ref:
+            progress(f"tmpfs in a private namespace (holder pid {ref.holder.pid}): "
+                     f"{format_size(ref.size)} for every writer; quotafs limit "
+                     f"{ref.quotafs_limit:,} bytes, reserve 0")
+            runner.run_tmpfs(ref)
+            yield {"quotafs_limit": ref.quotafs_limit, "quotafs_reserve": 0,
+                   "reference": ref.describe(),
+                   "kept": ref.cleanup_commands() if plan.keep else []}
+        return
+    with open_ext4_loop(plan.limit, workdir=plan.workdir, keep=plan.keep) as ext4:
+        # ext4 keeps back min(2% of blocks, 4096 clusters) from every writer: the room a
+        # writer really has is the free space minus that, and that is quotafs's limit;
+        # its reserved blocks are root's, and are quotafs's reserve, so that writers of
+        # any user have the room they have on ext4.
+        quota, reserve = ext4.write_capacity_hint, ext4.root_reserve_bytes
+        progress(f"ext4 on {ext4.device}: {format_size(ext4.free_bytes)} free, "
+                 f"{format_size(quota)} writable by root, {format_size(quota - reserve)} "
+                 f"by others; quotafs limit {quota:,} bytes, reserve {reserve:,}")
+        runner.run_ext4(ext4.device, ext4.mountpoint)
+        ext4_info = {k: v for k, v in asdict(ext4).items() if k != "rounds"}
+        yield {"quotafs_limit": quota, "quotafs_reserve": reserve, "ext4": ext4_info,
+               "reference": {"kind": "ext4", **ext4_info, "known_differences": []},
+               "kept": ext4.cleanup_commands() if plan.keep else []}
+
+
 def run_compare(plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
     """Every writer on every target; the report (as `quotafs compare --json` prints it)."""
-    if os.geteuid() != 0:
-        raise QuotafsError("compare needs root: it attaches a loop device and mounts ext4",
-                           ExitCode.PERMISSION)
-    if plan.reference != "ext4":  # rather than an ext4 where the user asked for another
-        raise QuotafsError(f"the built-in writers cannot run on a {plan.reference} "
-                           "reference yet: use --reference ext4", ExitCode.LOOP)
+    _check_allowed(plan)
     check_fuse()
     runner = Runner(plan, progress)
     scratch = tempfile.mkdtemp(prefix="quotafs-compare-", dir=plan.workdir or "/var/tmp")
     if plan.as_user is not None:
         os.chmod(scratch, 0o755)  # the writers' user must reach the mount points below it
     try:
-        with open_ext4_loop(plan.limit, workdir=plan.workdir, keep=plan.keep) as ext4:
-            # ext4 keeps back min(2% of blocks, 4096 clusters) from every writer: the room a
-            # writer really has is the free space minus that, and that is quotafs's limit;
-            # its reserved blocks are root's, and are quotafs's reserve, so that writers of
-            # any user have the room they have on ext4.
-            quota, reserve = ext4.write_capacity_hint, ext4.root_reserve_bytes
-            progress(f"ext4 on {ext4.device}: {format_size(ext4.free_bytes)} free, "
-                     f"{format_size(quota)} writable by root, {format_size(quota - reserve)} "
-                     f"by others; quotafs limit {quota:,} bytes, reserve {reserve:,}")
-            runner.run_ext4(ext4.device, ext4.mountpoint)
+        with _reference(plan, runner, progress) as ref:
             for target in TARGETS[1:]:
-                runner.run_quotafs(target, quota, os.path.join(scratch, target), reserve)
-            ext4_info = {k: v for k, v in asdict(ext4).items() if k != "rounds"}
-            kept = ext4.cleanup_commands() if plan.keep else []
+                runner.run_quotafs(target, ref["quotafs_limit"],
+                                   os.path.join(scratch, target), ref["quotafs_reserve"])
     finally:
         if plan.keep:
             kept_scratch = scratch
         else:
             shutil.rmtree(scratch, ignore_errors=True)
             kept_scratch = ""
-    found = verdicts(runner.records, plan.chunk)
+    found = verdicts(runner.records, plan.chunk, plan.reference)
     checked = [v for v in found if v.tolerance_bytes]
+    kept = ref.pop("kept")
     return {
         "limit_requested": plan.limit,
-        "quotafs_limit": quota,
-        "quotafs_reserve": reserve,
-        "writers_user": plan.as_user or "root",
-        "ext4": ext4_info,
+        **ref,
+        "writers_user": plan.as_user or ("root" if os.geteuid() == 0 else _me()),
         "file_size": plan.file_size,
         "chunk": plan.chunk,
         "kernel": platform.release(),
@@ -307,3 +361,10 @@ def run_compare(plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
         "matched": all(v.matched for v in checked),
         "kept": kept + ([f"rm -rf {kept_scratch}"] if kept_scratch else []),
     }
+
+
+def _me() -> str:
+    try:
+        return passwd_entry(str(os.geteuid())).pw_name
+    except QuotafsError:
+        return str(os.geteuid())

@@ -21,7 +21,6 @@ import errno
 import faulthandler
 import mmap
 import os
-import pwd
 import resource
 import select
 import signal
@@ -37,6 +36,7 @@ from typing import Literal, NoReturn
 from quotafs import PACKAGE_PARENT
 from quotafs.errors import ExitCode, QuotafsError, errno_name
 from quotafs.units import format_size, parse_size
+from quotafs.users import passwd_entry as passwd_entry  # where compare imports it from
 
 KINDS = ("mmap", "write", "fallocate")
 Outcome = Literal["completed", "errno", "signal"]
@@ -253,14 +253,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def passwd_entry(user: str) -> pwd.struct_passwd:
-    """A user by name or uid; QuotafsError(USAGE) if there is none."""
-    try:
-        return pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-    except KeyError:
-        raise QuotafsError(f"no such user {user!r}", ExitCode.USAGE) from None
-
-
 def become(user: str) -> None:
     """Drop to `user` for good. Done in the writer itself, after Python started as root:
     the interpreter may live where that user cannot execute it (e.g. below /root)."""
@@ -372,14 +364,18 @@ def run_writer(
     timeout: float = 600,
     progress: Callable[[int], None] | None = None,
     user: str | None = None,
+    prefix: Sequence[str] = (),
+    cwd: str | None = None,
 ) -> WriterResult:
     """Run one writer in a child process and report how far it got and how it ended;
-    with `user`, the child writes as that user (root only)."""
+    with `user`, the child writes as that user (root only). `prefix` goes in front of
+    the child's argv (a reference's launch prefix: nsenter into its namespace), `cwd` is
+    where it starts (the prefix's nsenter takes it in)."""
     _check_kind(kind)
     if size <= 0 or chunk <= 0:
         raise QuotafsError(f"size and chunk must be positive ({size}, {chunk})", ExitCode.USAGE)
     rfd, wfd = os.pipe()
-    cmd = [sys.executable, "-m", "quotafs.compare.writers", kind, path,
+    cmd = [*prefix, sys.executable, "-m", "quotafs.compare.writers", kind, path,
            "--size", str(size), "--chunk", str(chunk), "--report-fd", str(wfd),
            *(["--as-user", user] if user is not None else [])]
     state = _Progress()
@@ -388,7 +384,7 @@ def run_writer(
     with tempfile.TemporaryFile() as errfile:
         start = time.monotonic()
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(wfd,), env=_child_env(),
+            proc = subprocess.Popen(cmd, pass_fds=(wfd,), env=_child_env(), cwd=cwd,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=errfile)
         finally:

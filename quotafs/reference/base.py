@@ -54,7 +54,9 @@ class Reference(Protocol):
 
     def launch(self, user: str | None) -> Launch:
         """How to start a program so that it runs on this reference, as `user` (None:
-        as the caller)."""
+        as the caller). Start it with its cwd on the *outside* path: the chdir happens in
+        quotafs's namespace, and the prefix takes that directory in (tmpfs: nsenter
+        --wd=.); its arguments and environment name the *inside* path."""
 
     def used_bytes(self) -> int:
         """Space in use now (statvfs), for "bytes used at the end"."""

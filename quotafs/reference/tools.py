@@ -14,7 +14,8 @@ from quotafs.interrupts import signals_deferred
 
 TOOL_TIMEOUT = 60.0  # seconds for one losetup / mkfs / mount / umount
 PACKAGES = {"losetup": "util-linux", "mkfs.ext4": "e2fsprogs", "dumpe2fs": "e2fsprogs",
-            "mount": "mount", "umount": "mount"}
+            "mount": "mount", "umount": "mount", "unshare": "util-linux",
+            "nsenter": "util-linux", "setpriv": "util-linux"}
 SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # not in every PATH, even for root
 
 

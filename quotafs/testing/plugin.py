@@ -16,6 +16,9 @@ Fixtures (as pyfakefs's fs, fs_class, fs_module, fs_session: one per scope):
   quotafs_factory_class / _module / _session
                    the same, its mounts unmounted when the class / module / session ends
   ext4_loop        the real loop-ext4 reference (root), with the marker's limit as free space
+  tmpfs_reference  its rootless sibling: a tmpfs of the marker's limit in a private namespace;
+                   .path works from the test's own process, .launch_prefix() runs a program
+                   inside (needed for getcwd)
   quotafs_target   the test once per target — reference (ext4_loop), quotafs, quotafs-sigbus —
                    each time with .name and .path, a fresh directory on that target
 
@@ -46,12 +49,13 @@ from quotafs.options import validate as validate_options
 from quotafs.units import format_size, parse_size
 
 if TYPE_CHECKING:
-    from quotafs import Ext4Mount, QuotaMount
+    from quotafs import Ext4Mount, QuotaMount, TmpfsMount
 
 __all__ = [
     "DEFAULT_LIMIT",
     "FORCE_NO_FUSE_ENV",
     "FORCE_NO_LOOP_ENV",
+    "FORCE_NO_TMPFS_ENV",
     "MARKER",
     "TARGETS",
     "OptionError",
@@ -61,6 +65,7 @@ __all__ = [
     "ext4_unusable_reason",
     "fuse_unusable_reason",
     "mount_options",
+    "tmpfs_unusable_reason",
 ]
 
 MARKER = "quotafs"
@@ -69,6 +74,7 @@ DEFAULT_LIMIT = "100M"  # quota_mount and quotafs_factory without a limit; ext4_
 # missing, so a suite's skip path can be tested on a machine that has them.
 FORCE_NO_FUSE_ENV = "QUOTAFS_TESTING_FORCE_NO_FUSE"
 FORCE_NO_LOOP_ENV = "QUOTAFS_TESTING_FORCE_NO_LOOP"
+FORCE_NO_TMPFS_ENV = "QUOTAFS_TESTING_FORCE_NO_TMPFS"
 REPORT_EVENTS = 20  # newest events shown in a failure report
 
 class QuotafsLeakWarning(UserWarning):
@@ -151,6 +157,18 @@ def ext4_unusable_reason() -> str | None:
     return None
 
 
+def tmpfs_unusable_reason() -> str | None:
+    """Why the tmpfs reference cannot be made here (no user namespaces for this user, a
+    missing tool), or None if it can."""
+    if _forced(FORCE_NO_TMPFS_ENV):
+        return f"{FORCE_NO_TMPFS_ENV} is set"
+    try:
+        quotafs.check_tmpfs_reference()
+    except QuotafsError as exc:
+        return str(exc)
+    return None
+
+
 def _skip_without_fuse() -> None:
     reason = fuse_unusable_reason()
     if reason is not None:
@@ -169,7 +187,7 @@ class _Entry:
 
 _REGISTRY = pytest.StashKey[dict[int, _Entry]]()
 _LEAKS = pytest.StashKey[list[str]]()
-_NODE_HANDLES = pytest.StashKey[list["QuotaMount | Ext4Mount"]]()
+_NODE_HANDLES = pytest.StashKey[list["QuotaMount | Ext4Mount | TmpfsMount"]]()
 
 
 def _registry(config: pytest.Config) -> dict[int, _Entry]:
@@ -177,7 +195,7 @@ def _registry(config: pytest.Config) -> dict[int, _Entry]:
 
 
 def _show_to_report(node: pytest.Item | pytest.Collector,
-                    handle: QuotaMount | Ext4Mount) -> None:
+                    handle: QuotaMount | Ext4Mount | TmpfsMount) -> None:
     """A failing test below `node` (the test itself, or the class, module or session a wider
     fixture belongs to) reports on `handle`."""
     node.stash.setdefault(_NODE_HANDLES, []).append(handle)
@@ -396,6 +414,26 @@ def ext4_loop(request: pytest.FixtureRequest) -> Iterator[Ext4Mount]:
         yield handle
 
 
+@pytest.fixture
+def tmpfs_reference(request: pytest.FixtureRequest) -> Iterator[TmpfsMount]:
+    """ext4_loop's rootless sibling: a tmpfs of the marker's limit (default 100M) in a
+    private mount namespace, torn down after the test (and gone if the run is killed).
+    Skipped, with the reason, where this user cannot make user namespaces."""
+    options = _marker_options(request.node)
+    reason = tmpfs_unusable_reason()
+    if reason is not None:
+        pytest.skip(f"quotafs: no tmpfs reference here: {reason}")
+    size = options.get("limit")
+    size = parse_size(DEFAULT_LIMIT) if size is None else size
+    with contextlib.ExitStack() as stack:
+        try:
+            handle = stack.enter_context(quotafs.tmpfs_reference(size))
+        except QuotafsError as exc:
+            raise pytest.fail.Exception(f"tmpfs_reference: {exc}", pytrace=False) from None
+        _show_to_report(request.node, handle)
+        yield handle
+
+
 # -- quotafs_target: a test once per target, as `quotafs compare -- CMD` runs a program --
 
 TARGETS = ("reference", "quotafs", "quotafs-sigbus")  # the quotafs_target parameters
@@ -444,7 +482,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         f"{MARKER}(limit='{DEFAULT_LIMIT}', **options): size and mount options of the "
         "quota_mount fixture (inodes, accounting, block_size, mmap_sigbus, seed, rules, ...); "
-        "limit is also the ext4_loop fixture's free space. See quotafs docs/testing.md")
+        "limit is also the ext4_loop fixture's free space and the tmpfs_reference fixture's "
+        "size. See quotafs docs/testing.md")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -480,6 +519,13 @@ def _describe_quotafs(mount: QuotaMount) -> str:
     return "\n".join(lines)
 
 
+def _describe_tmpfs(handle: TmpfsMount) -> str:
+    u = handle.usage()
+    return (f"used {format_size(u['used'])} of {format_size(handle.size)} (tmpfs size=), "
+            f"inodes used {u['inodes_used']} of {u['inode_limit']}; inside the namespace "
+            f"{handle.inside_path}, holder pid {handle.holder_pid}")
+
+
 def _describe_ext4(handle: Ext4Mount) -> str:
     u = handle.usage()
     return (f"used {format_size(u['used'])} of {format_size(u['limit'])} free at mkfs "
@@ -498,16 +544,20 @@ def pytest_runtest_makereport(item: pytest.Item,
         # The test's own mounts, then those of its class, module and session fixtures.
         for node in reversed(item.listchain()):
             for handle in node.stash.get(_NODE_HANDLES, []):
-                is_quotafs = isinstance(handle, quotafs.QuotaMount)
                 if isinstance(handle, quotafs.QuotaMount) and handle.closed:
                     continue  # a factory's mount closed early
+                kind = ("quotafs" if isinstance(handle, quotafs.QuotaMount) else
+                        "tmpfs" if isinstance(handle, quotafs.TmpfsMount) else "ext4")
                 try:
-                    text = (_describe_quotafs(handle) if isinstance(handle, quotafs.QuotaMount)
-                            else _describe_ext4(handle))
+                    if isinstance(handle, quotafs.QuotaMount):
+                        text = _describe_quotafs(handle)
+                    elif isinstance(handle, quotafs.TmpfsMount):
+                        text = _describe_tmpfs(handle)
+                    else:
+                        text = _describe_ext4(handle)
                 except Exception as exc:  # never let the report hide the test's own failure
                     text = f"could not read its usage: {exc}"
-                report.sections.append((f"{'quotafs' if is_quotafs else 'ext4'} {handle.path}",
-                                        text))
+                report.sections.append((f"{kind} {handle.path}", text))
     return report
 
 

@@ -167,11 +167,14 @@ def test_not_root_is_one_clear_line(tmp_path: Path) -> None:
                            capture_output=True, timeout=60)
     if probe.returncode != 0:
         pytest.skip("the interpreter is not reachable by an unprivileged user")
+    # Without root the default reference is tmpfs (test_compare_tmpfs.py); ext4 is refused.
     result = subprocess.run([*nobody, sys.executable, "-m", "quotafs", "compare", "--limit",
-                             "32M"], capture_output=True, text=True, timeout=60, cwd="/")
+                             "32M", "--reference", "ext4"], capture_output=True, text=True,
+                            timeout=60, cwd="/")
     assert result.returncode == ExitCode.PERMISSION
-    assert result.stderr.strip() == ("quotafs: compare needs root: it attaches a loop device "
-                                     "and mounts ext4")
+    assert result.stderr.strip() == ("quotafs: compare with the ext4 reference needs root: it "
+                                     "attaches a loop device and mounts ext4 (--reference "
+                                     "tmpfs needs no root)")
 
 
 def test_keep_leaves_everything_and_says_how_to_remove_it(tmp_path: Path) -> None:

@@ -156,7 +156,7 @@ def test_the_client_side_starts_without_pyfuse3_or_trio() -> None:
 # command line, which drives the comparison.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("quotafs", "quotafs.units", "quotafs.errors", "quotafs.interrupts",
-     "quotafs.mountinfo", "quotafs.unmounting"),
+     "quotafs.mountinfo", "quotafs.unmounting", "quotafs.users"),
     ("quotafs.model", "quotafs.reference"),
     ("quotafs.options", "quotafs.protocol", "quotafs.statedir"),
     ("quotafs.daemon", "quotafs.client"),
