@@ -23,7 +23,7 @@ from typing import IO
 from quotafs.client import api, lifecycle
 from quotafs.errors import DOCTOR_HINT, QuotafsError, printable
 from quotafs.mountinfo import find_mount
-from quotafs.reference import loopext4, tools
+from quotafs.reference import loopext4, tmpfs, tools
 
 TRIAL_TIMEOUT = 15.0  # seconds for one trial command (unshare, python -c)
 CAP_SYS_ADMIN = 21
@@ -306,25 +306,17 @@ def python_packages() -> Trial:
     return run_trial([sys.executable, "-c", "import pyfuse3, trio"])
 
 
-def tmpfs_namespace(unshare: str, real_root: bool) -> Trial:
-    """Mount a 1 MiB tmpfs in a private mount namespace (and, without root, a private
-    user namespace) and write to it as this uid from a nested user namespace, as the tmpfs
-    reference does. The namespace, and so the mount, ends with the command."""
-    directory = tempfile.mkdtemp(prefix="quotafs-doctor-tmpfs-")
+def tmpfs_namespace() -> Trial:
+    """Make the tmpfs reference `compare --reference tmpfs` makes (a 1 MiB tmpfs in a private
+    mount namespace, and without root a private user namespace) and write to it from a
+    program launched the way compare launches one (as this uid, from a nested user
+    namespace). The holder, and so the namespace and its mount, ends with the trial."""
     try:
-        uid, gid = os.geteuid(), os.getegid()
-        if real_root:
-            script = 'mount -t tmpfs -o size=1M tmpfs "$1" && echo x > "$1/probe"'
-            cmd = [unshare, "--mount", "--propagation", "private"]
-        else:
-            script = ('mount -t tmpfs -o size=1M tmpfs "$1" && exec "$2" --user '
-                      f'--map-user={uid} --map-group={gid} -- sh -c \'echo x > "$1/probe"\' '
-                      'sh "$1"')
-            cmd = [unshare, "--user", "--map-root-user", "--mount"]
-        return run_trial([*cmd, "sh", "-c", script, "sh", directory, unshare])
-    finally:
-        with contextlib.suppress(OSError):
-            os.rmdir(directory)  # empty: the tmpfs was never seen out here
+        with tmpfs.open_tmpfs(1024 * 1024, workdir=tempfile.gettempdir()) as ref:
+            return run_trial([*ref.launch(None).prefix, "sh", "-c", 'echo x > "$1/probe"',
+                              "sh", ref.inside_path])
+    except QuotafsError as exc:
+        return Trial(False, str(exc))
 
 
 def ext4_loop() -> Trial:
@@ -407,7 +399,7 @@ def _try_things(facts: Facts) -> None:
     if not facts.temp_dir.ok:
         return  # every trial works in a temp directory
     if facts.unshare is not None:
-        facts.tmpfs_namespace = tmpfs_namespace(facts.unshare, facts.real_root)
+        facts.tmpfs_namespace = tmpfs_namespace()
     if facts.real_root and facts.losetup and facts.mkfs_ext4 and facts.loop_control:
         facts.ext4_loop = ext4_loop()
     if facts.dev_fuse.opens.ok and facts.python_packages.ok:

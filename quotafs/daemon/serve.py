@@ -38,6 +38,7 @@ from quotafs.statedir import drop_log_if_empty, forget_record
 log = logging.getLogger("quotafs")
 
 PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _tell(ready_fd: int | None, line: str) -> None:
@@ -165,7 +166,9 @@ async def _tune_after_init(config: MountOptions, kb: int) -> None:
 async def _serve(config: MountOptions) -> None:
     async with trio.open_nursery() as nursery:
         async def on_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+                # Held since before the mount (run): one that came meanwhile arrives now.
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
                 async for _ in signals:
                     pyfuse3.terminate()
                     return
@@ -180,6 +183,10 @@ async def _serve(config: MountOptions) -> None:
 
 def run(config: MountOptions, ready_fd: int | None = None) -> int:
     """Mount, serve, unmount. Returns the exit code; user errors are reported on ready_fd."""
+    # SIGINT/SIGTERM are held from before the mount until the loop listens for them: one
+    # that came between (a starter interrupted while we mount; our parent's death) would
+    # kill us by its default action and leave the mount dead (ENOTCONN, busy to rmdir).
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     if config.die_with_parent:
         _die_with_parent()
     syscalls.raise_nofile_limit()

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 from quotafs.client import doctor
-from quotafs.mountinfo import find_mount
 from quotafs.reference.tools import find_tool
 from tests.conftest import NOBODY, NobodyEnv, loop_ext4_unusable_reason, run_capture
 
@@ -86,9 +85,10 @@ def test_interrupted_in_the_trial_mount_leaves_nothing(tmp_path: Path, sig: int)
                             env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         deadline = time.monotonic() + 120
-        # The mount point of the trial mount: the last trial, after the references'.
-        while not any(p.name.startswith("quotafs-mnt-") and find_mount(str(p)) is not None
-                      for p in tmp_path.iterdir()):
+        # The mount point of the trial mount (the last trial, after the references'): made
+        # just before its daemon starts, so the signal lands while it mounts (about half a
+        # second). Waiting until it is mounted lost the race to a fast trial now and then.
+        while not any(p.name.startswith("quotafs-mnt-") for p in tmp_path.iterdir()):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.005)
         proc.send_signal(sig)
