@@ -442,28 +442,31 @@ TARGET_DIR = "target"  # the fresh directory a quotafs_target test gets on its t
 
 @dataclass(frozen=True)
 class QuotafsTarget:
-    """Where a quotafs_target test runs: `name` is "ext4" (the reference), "quotafs" or
-    "quotafs-sigbus" (--mmap-sigbus, the ext4-faithful mode); `path` a fresh empty
-    directory on it; `mount` the mount itself (usage(), and on quotafs events())."""
+    """Where a quotafs_target test runs: `name` is "ext4" or "tmpfs" (the reference),
+    "quotafs" or "quotafs-sigbus" (--mmap-sigbus, the ext4-faithful mode); `path` a fresh
+    empty directory on it; `mount` the mount itself (usage(), and on quotafs events())."""
 
     name: str
     path: str
-    mount: QuotaMount | Ext4Mount
+    mount: QuotaMount | Ext4Mount | TmpfsMount
 
     @property
     def is_reference(self) -> bool:
-        return self.name == "ext4"
+        return self.name in ("ext4", "tmpfs")
 
 
 @pytest.fixture(params=TARGETS)
 def quotafs_target(request: pytest.FixtureRequest) -> Iterator[QuotafsTarget]:
-    """The test runs once per target: the real loop-ext4 (root only; skipped with the reason
-    elsewhere), quotafs, and quotafs --mmap-sigbus. The marker's limit is the reference's
+    """The test runs once per target: the reference (the real loop-ext4 as root, else the
+    rootless tmpfs; skipped with the reason where neither can be made), quotafs, and
+    quotafs --mmap-sigbus. The marker's limit is the reference's
     free space and the quotafs targets' limit; its other options apply to quotafs."""
-    mount: QuotaMount | Ext4Mount
+    mount: QuotaMount | Ext4Mount | TmpfsMount
     if request.param == "reference":
-        mount = request.getfixturevalue("ext4_loop")
-        name = "ext4"
+        # As `quotafs compare` picks its reference: the real ext4 where it can be built
+        # (root), its rootless sibling elsewhere.
+        name = "ext4" if ext4_unusable_reason() is None else "tmpfs"
+        mount = request.getfixturevalue("ext4_loop" if name == "ext4" else "tmpfs_reference")
     else:
         options = dict(_marker_options(request.node))
         limit = options.pop("limit") if "limit" in options else _default_limit(options)
