@@ -136,28 +136,36 @@ def test_the_command_line_of_another_user_is_refused_in_one_line(
     assert m.usage().limit == 1 << 20 and m.faults() == []
 
 
-def test_the_socket_lives_and_dies_with_its_daemon(tmp_path: Path,
-                                                   cleanup: list[str]) -> None:
+def _mount_point(tmp_path: Path, cleanup: list[str]) -> tuple[str, str]:
+    """(a fresh mount point, detached at the end whatever happens; its socket's path)."""
     mnt = str(tmp_path / "mnt")
     os.mkdir(mnt)
     cleanup.append(mnt)
-    sock = controlsocket.socket_path(mnt, os.geteuid())
+    return mnt, controlsocket.socket_path(mnt, os.geteuid())
+
+
+def _mount_and_signal(mnt: str, sig: signal.Signals) -> int:
+    """Mount at `mnt` (detached), send the daemon `sig`, wait until it is gone; its pid."""
+    assert quotafs("mount", mnt).returncode == 0
+    pid = _pid(mnt)
+    os.kill(pid, sig)
+    _wait_gone(pid)
+    return pid
+
+
+def test_the_socket_lives_and_dies_with_its_daemon(tmp_path: Path,
+                                                   cleanup: list[str]) -> None:
+    mnt, sock = _mount_point(tmp_path, cleanup)
     # Unmounted normally: gone.
     assert quotafs("mount", "--xattrs", "off", mnt).returncode == 0
     assert os.path.exists(sock)
     assert quotafs("umount", mnt).returncode == 0
     assert not os.path.exists(sock)
     # SIGTERM: the daemon unmounts and removes it.
-    assert quotafs("mount", mnt).returncode == 0
-    pid = _pid(mnt)
-    os.kill(pid, signal.SIGTERM)
-    _wait_gone(pid)
+    _mount_and_signal(mnt, signal.SIGTERM)
     assert not os.path.exists(sock) and not os.path.ismount(mnt)
     # SIGKILL leaves it: a command says the daemon is gone; umount cleans up.
-    assert quotafs("mount", mnt).returncode == 0
-    pid = _pid(mnt)
-    os.kill(pid, signal.SIGKILL)
-    _wait_gone(pid)
+    _mount_and_signal(mnt, signal.SIGKILL)
     assert os.path.exists(sock)
     assert_one_line(quotafs("status", mnt), ExitCode.NOT_QUOTAFS, "is gone")
     assert quotafs("umount", mnt).returncode == 0
@@ -166,14 +174,8 @@ def test_the_socket_lives_and_dies_with_its_daemon(tmp_path: Path,
 
 def test_a_stale_socket_is_replaced_by_the_next_daemon(tmp_path: Path,
                                                        cleanup: list[str]) -> None:
-    mnt = str(tmp_path / "mnt")
-    os.mkdir(mnt)
-    cleanup.append(mnt)
-    sock = controlsocket.socket_path(mnt, os.geteuid())
-    assert quotafs("mount", mnt).returncode == 0
-    old = _pid(mnt)
-    os.kill(old, signal.SIGKILL)
-    _wait_gone(old)
+    mnt, sock = _mount_point(tmp_path, cleanup)
+    old = _mount_and_signal(mnt, signal.SIGKILL)
     # Detached behind quotafs's back: the dead daemon's socket stays.
     subprocess.run(["umount", "-l", mnt], check=True, timeout=30)
     stale = os.lstat(sock)
