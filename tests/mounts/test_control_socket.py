@@ -66,6 +66,9 @@ def test_status_set_faults_and_events_go_through_the_socket(
                            capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["xattrs"] is xattrs
+    human = subprocess.run([sys.executable, "-m", "quotafs", "status", m.path],
+                           capture_output=True, text=True, timeout=60)
+    assert f"xattrs:       {'on' if xattrs else 'off'}" in human.stdout
     events = subprocess.run([sys.executable, "-m", "quotafs", "events", m.path],
                             capture_output=True, text=True, timeout=60)
     assert events.returncode == 0 and "fault write /f: errno EIO" in events.stdout
