@@ -133,6 +133,8 @@ class QuotaMount:
             self.unmount(lazy=True)
             if self._process is not None:
                 lifecycle.reap(self._process, 30)  # it exits once unmounted
+                # One killed (SIGKILL) could not remove its control socket.
+                control.remove_stale_socket(self.path, os.geteuid())
         finally:
             if find_mount(self.path) is not None:
                 with contextlib.suppress(Exception):

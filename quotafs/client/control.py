@@ -88,6 +88,12 @@ def request(path: str, name: str, args: dict[str, Any] | None = None) -> dict[st
     return result
 
 
+def remove_stale_socket(mountpoint: str, owner: int) -> None:
+    """Remove the control socket a dead daemon of `owner` left at `mountpoint` (SIGKILL);
+    a live daemon's is kept."""
+    controlsocket.remove_stale(mountpoint, owner)
+
+
 # -- the requests -------------------------------------------------------------------------
 
 def read_status(path: str) -> Status:

@@ -292,3 +292,15 @@ def test_root_controls_a_users_mount_and_a_third_user_cannot(nobody_env: NobodyE
     assert out["umount"][0] == 0
     assert out["socket_left"] is False
     assert out["dir_left"] is shared  # the last socket's daemon removes the directory
+
+
+def test_the_api_removes_the_socket_of_a_killed_daemon() -> None:
+    m = QuotaMount.start("1M")
+    sock = controlsocket.socket_path(m.path, os.geteuid())
+    try:
+        os.kill(m.pid, signal.SIGKILL)
+        m.wait(20)
+        assert os.path.exists(sock)  # nobody listens at it any more
+    finally:
+        m.close()
+    assert not os.path.exists(sock)
