@@ -291,7 +291,8 @@ def test_root_controls_a_users_mount_and_a_third_user_cannot(nobody_env: NobodyE
     assert (owner["limit"], owner["xattrs"]) == (128 << 10, False)
     assert out["umount"][0] == 0
     assert out["socket_left"] is False
-    assert out["dir_left"] is shared  # the last socket's daemon removes the directory
+    if not shared:  # else another mount of nobody's may hold a socket in it
+        assert out["dir_left"] is False  # the last socket's daemon removes the directory
 
 
 def test_the_api_removes_the_socket_of_a_killed_daemon() -> None:
