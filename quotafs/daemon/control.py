@@ -43,6 +43,7 @@ from quotafs.protocol import (
 )
 
 EVENT_RING_SIZE = 1000
+_XATTR_OPS = {"getxattr", "setxattr", "listxattr", "removexattr"}
 
 
 class Refused(Exception):
@@ -149,7 +150,8 @@ class ControlChannel:
         if name == FAULT_ADD:
             rule = self.faults.add(RuleSpec.from_dict(request, where="rule"))
             return RuleAdded(rule.id, rule.effective_seed,
-                             tuple(rule.spec.warnings())).to_dict()
+                             (*rule.spec.warnings(), *self._mount_warnings(rule.spec))
+                             ).to_dict()
         if name == FAULT_CLEAR:
             rule_id = request.get("id")
             if rule_id is None:
@@ -162,6 +164,14 @@ class ControlChannel:
         if name == FORGET:
             return {"entries": self._forget_cached()}
         raise ValueError(f"unknown control request {name!r}")
+
+    def _mount_warnings(self, spec: RuleSpec) -> list[str]:
+        """Doubts about a rule on this mount in particular."""
+        unsent = sorted(set(spec.ops) & _XATTR_OPS)
+        if self.info.get("xattrs", True) or not unsent:
+            return []
+        return [f"{', '.join(unsent)}: the mount has --xattrs off, so the kernel never "
+                "sends these requests"]
 
     def _set_limits(self, request: dict[str, Any]) -> dict[str, Any]:
         unknown = set(request) - {"limit", "inodes", "reserve"}

@@ -105,6 +105,11 @@ def test_xattrs_off_stops_the_kernel_asking_and_keeps_data_quota_and_df(
         _write_blocks(os.path.join(off.path, "g"), 200)
     assert full.value.errno == errno.ENOSPC
     assert off.usage().enospc_count == 1
+    warned = subprocess.run([sys.executable, "-m", "quotafs", "fault", "add", off.path, "--op",
+                             "getxattr", "--errno", "EIO"], capture_output=True, text=True,
+                            timeout=60)
+    assert warned.returncode == 0
+    assert "warning: getxattr: the mount has --xattrs off" in warned.stderr
 
 
 def test_other_users_get_eperm_and_change_nothing(mount_factory: MountFactory) -> None:

@@ -115,3 +115,6 @@ async def test_xattrs_off_answers_enosys_to_every_xattr_request(
         assert exc.value.errno == errno.ENOSYS
     assert os.listxattr(os.path.join(fs.backing, "a")) == []
     assert (await fs.status())["xattrs"] is False
+    added = await fs.add_fault(op=["getxattr", "write"], errno="EIO")
+    assert added["warnings"] == ["getxattr: the mount has --xattrs off, so the kernel never "
+                                 "sends these requests"]
