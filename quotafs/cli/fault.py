@@ -27,6 +27,9 @@ def cmd_fault_add(args: argparse.Namespace) -> int:
     for warning in spec.warnings():
         print(f"quotafs: warning: {warning}", file=sys.stderr)
     result = add_rule(args.mountpoint, spec)
+    for warning in result.warnings:  # what only the daemon knows (its mount's options)
+        if warning not in spec.warnings():
+            print(f"quotafs: warning: {warning}", file=sys.stderr)
     if args.json:
         print(result.to_json())
     else:

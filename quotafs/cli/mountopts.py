@@ -59,6 +59,10 @@ def add_mount_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     p.add_argument("--seed", default=None,
                    help="seed of the fault rules' random choices (default: random, printed)")
     p.add_argument("--debug", action="store_true", help="log every FUSE request")
+    p.add_argument("--xattrs", default=True, metavar="{on,off}",
+                   help="extended attributes and ACLs (default on); off answers them "
+                        "'Operation not supported', which spares a request before every "
+                        "write (see docs/usage.md)")
 
 
 class _Only:
