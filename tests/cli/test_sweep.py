@@ -22,7 +22,6 @@ import pytest
 import quotafs
 from quotafs.cli.main import main
 from quotafs.errors import QuotafsError
-from quotafs.protocol import STATUS
 from tests.conftest import fuse_unusable_reason
 
 pytestmark = pytest.mark.skipif(fuse_unusable_reason() is not None,
@@ -219,7 +218,8 @@ def test_crashed_and_hung_points(tmp_path: Path) -> None:
 # -- Ctrl-C and SIGTERM -------------------------------------------------------------------
 
 SLEEPER = f"""
-import json, os, sys, time
+import os, sys, time
+from quotafs.client import control
 name = os.environ["QUOTAFS_SWEEP_RUN"]
 try:
     with open("f", "wb") as f:
@@ -227,7 +227,7 @@ try:
 except OSError:
     pass
 if name != "baseline":
-    daemon = json.loads(os.getxattr(os.environ["QUOTAFS_MOUNT"], {STATUS!r}))["pid"]
+    daemon = control.read_status(os.environ["QUOTAFS_MOUNT"]).pid
     with open(os.path.join(sys.argv[1], name), "w") as f:
         f.write(f"{{os.getpid()}} {{daemon}} {{os.getcwd()}}")
     time.sleep(120)
