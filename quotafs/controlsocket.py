@@ -3,7 +3,7 @@ it safely; standard library only (the daemon serves it from trio, quotafs.daemon
 
 The socket's path follows from two things every client knows from /proc/self/mountinfo
 alone: the mount point, and the uid the kernel says mounted it (FUSE's user_id=, which
-no one can fake). Each uid has one directory: /run/quotafs-control for root, else
+no one can fake). Each uid has one directory: /run/quotafs-control for root (of the machine), else
 /tmp/quotafs-control-UID, mode 0711 — others may reach a socket in it by its name, but
 cannot list, plant or swap one. A client refuses a directory or socket not owned by the
 mount's uid, and a peer (SO_PEERCRED) of another uid, so a fake socket cannot be slipped
@@ -24,6 +24,7 @@ import struct
 import time
 
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.users import in_initial_user_namespace
 
 DIR_MODE = 0o711
 MAX_LINE = 1 << 20  # a request: a fault rule is a few KiB; a reply may be larger
@@ -31,8 +32,11 @@ _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def control_dir(uid: int) -> str:
-    """The directory of the control sockets of `uid`'s mounts."""
-    if uid == 0 and os.path.isdir("/run"):
+    """The directory of the control sockets of `uid`'s mounts. Root of a user namespace is
+    some other user of the machine, who may not write /run: its mounts' sockets go below
+    /tmp like every user's (uids are those of the observer's namespace: the daemon and its
+    clients in one namespace agree; a client in another sees another user_id)."""
+    if uid == 0 and os.path.isdir("/run") and in_initial_user_namespace():
         return "/run/quotafs-control"
     return f"/tmp/quotafs-control-{uid}"
 

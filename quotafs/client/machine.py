@@ -24,10 +24,10 @@ from quotafs.client import api, lifecycle
 from quotafs.errors import DOCTOR_HINT, QuotafsError, printable
 from quotafs.mountinfo import find_mount
 from quotafs.reference import loopext4, tmpfs, tools
+from quotafs.users import in_initial_user_namespace
 
 TRIAL_TIMEOUT = 15.0  # seconds for one trial command (unshare, python -c)
 CAP_SYS_ADMIN = 21
-FULL_ID_MAP = "0 0 4294967295"  # /proc/self/uid_map of the initial user namespace
 DEFAULT_FUSERMOUNT_DIR = "/usr/bin"  # libfuse's FUSERMOUNT_DIR on every distribution
 
 
@@ -342,8 +342,7 @@ def temp_dir() -> Trial:
 
 
 def real_root(uid_map: str) -> bool:
-    text, _ = read_text(uid_map)
-    return os.geteuid() == 0 and text is not None and " ".join(text.split()) == FULL_ID_MAP
+    return os.geteuid() == 0 and in_initial_user_namespace(uid_map)
 
 
 # -- gathering ----------------------------------------------------------------------------
