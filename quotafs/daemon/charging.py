@@ -27,7 +27,7 @@ import pyfuse3
 from quotafs.daemon.inodes import Handle, InodeTable, Key, Node
 from quotafs.daemon.reservations import Reservations
 from quotafs.model.allocation import ceil_div
-from quotafs.model.costs import Costs, open_entry
+from quotafs.model.costs import Costs, data_prefix, open_entry
 from quotafs.model.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -213,20 +213,46 @@ class Charging:
     # -- writes and truncates -------------------------------------------------------------
 
     def _write_blocks(self, handle: Handle, off: int, buf: bytes) -> int:
+        node, block = handle.node, self._block
+        end = off + len(buf)
+        first, last = off // block, -(-end // block)
+        charged = node.charged
+        if charged is None:
+            charged = self.charge_of(node)
+        filled = node.filled
+        if filled is None and first < -(-node.size // block):
+            # Part of the write lies inside the file: learn its dense start, once per open.
+            filled = node.filled = data_prefix(handle.fd, node.size, block)
+        if filled is not None and last <= filled:
+            # An overwrite of blocks that hold data (most writes of a database, and every
+            # rewrite): nothing to allocate, nothing to ask the backing.
+            written, error = pwrite_whole(handle.fd, buf, off)
+            return _stored(node, off, written, error)
+        return self._allocating_write(handle, off, buf, max(first, filled or 0), charged)
+
+    def _allocating_write(self, handle: Handle, off: int, buf: bytes, lo: int,
+                          charged: int) -> int:
+        """A write that may allocate blocks from block `lo` on (those below hold data)."""
         node, block, ledger = handle.node, self._block, self._ledger
         end = off + len(buf)
-        charged = self.charge_of(node)
-        holes = self._costs.holes(handle.fd, off, end, node.size)
+        last = -(-end // block)
+        if lo * block >= node.size:  # past EOF: every block is new, no syscall needed
+            holes: list[int] = list(range(lo, last))
+        else:
+            holes = self._costs.holes(handle.fd, max(off, lo * block), end, node.size)
         reserved = [b for b in holes if b in node.reserved] if node.reserved else []
         new = [b for b in holes if b not in node.reserved] if reserved else holes
         if len(new) > ledger.free_for(handle.privileged) // block:
             self._refuse_write(node)
         written, error = pwrite_whole(handle.fd, buf, off)
-        last = ceil_div(off + written, block)
-        taken = sum(1 for b in new if b < last)
+        stored_end = ceil_div(off + written, block)
+        taken = len(new) if error is None else sum(1 for b in new if b < stored_end)
         ledger.force_charge(taken * block)  # fits: checked against free_for() above
-        converted = self._reservations.convert(node, reserved, last) if reserved else 0
+        converted = self._reservations.convert(node, reserved, stored_end) if reserved else 0
         node.charged = charged + (taken + converted) * block
+        filled = node.filled
+        if written and filled is not None and off // block <= filled < stored_end:
+            node.filled = stored_end  # the written blocks join the dense start
         return _stored(node, off, written, error)
 
     def _write_apparent(self, handle: Handle, off: int, buf: bytes) -> int:
@@ -273,6 +299,8 @@ class Charging:
                     self._ledger.force_charge(new_charge - old_charge)
                 node.charged = new_charge
             node.size = size
+            if node.filled is not None:  # the blocks past the new end are gone
+                node.filled = min(node.filled, ceil_div(size, self._block))
             self._reservations.release_from(node, ceil_div(size, self._block))
         finally:
             if own_fd:

@@ -415,8 +415,9 @@ class QuotaFS(pyfuse3.Operations):
         fd = os.open(self.inodes.proc(node), flags & ~_STRIP_OPEN_FLAGS)
         fh = self.inodes.new_handle(node, fd, flags, privileged)
         try:
-            if node.open_count == 1:
+            if node.open_count == 1:  # what we knew of the closed file may be stale
                 node.size = os.fstat(fd).st_size
+                node.filled = None
             if flags & os.O_TRUNC and node.size:
                 self.charging.truncate(node, 0, self.inodes.handles[fh], privileged)
         except BaseException:
@@ -469,6 +470,7 @@ class QuotaFS(pyfuse3.Operations):
             raise
         node.lookups += 1
         node.charged = 0
+        node.filled = 0  # new and empty
         fh = self.inodes.new_handle(node, fd, flags, privileged)
         return self._file_info(fh, node), self._attrs(node, st)
 
