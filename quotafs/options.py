@@ -133,6 +133,17 @@ def _path(name: str) -> Callable[[Any], str | None]:
     return check
 
 
+def check_on_off(name: str) -> Callable[[Any], bool]:
+    """A switch: True/False, or "on"/"off" as the command line gives it."""
+    def check(value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if value in ("on", "off"):
+            return bool(value == "on")
+        raise _fail(f"{name} must be 'on' or 'off' (or True/False), got {_show(value)}")
+    return check
+
+
 def check_fsname(value: Any) -> str:
     """The source name shown by mount and df: it becomes fsname=VALUE in the option string."""
     if not isinstance(value, str) or not value:
@@ -183,6 +194,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "no_cache": _flag("no_cache"),
     "fsname": check_fsname,
     "debug": _flag("debug"),
+    "xattrs": check_on_off("xattrs"),
 }
 OPTION_NAMES = tuple(CHECKS)  # what a user may give (rules_file is read into rules)
 SETTABLE = ("limit", "inodes", "reserve")  # what `quotafs set` changes on a live mount
@@ -234,6 +246,7 @@ class MountOptions:
     no_cache: bool = False
     fsname: str = "quotafs"
     debug: bool = False
+    xattrs: bool = True  # False: no xattrs, ACLs (ENOSYS), no GETXATTR before each write
     # Where and how the mount is started: set by the starter with placed(), not options.
     mountpoint: str = ""
     private_backing: bool = False  # the backing directory was made for this mount

@@ -1,15 +1,18 @@
-"""The control channel's protocol: extended attribute names on a mount's root, and the
-typed documents they carry. The daemon (quotafs.daemon.control) serves them, the client
-(quotafs.client.control) asks for them; neither pyfuse3 nor trio is imported here.
+"""The control channel's protocol: requests over a mount's control socket (where it is
+and who may reach it: quotafs.controlsocket), and the typed documents they carry. The
+daemon (quotafs.daemon.control) serves them, the client (quotafs.client.control) asks for
+them; neither pyfuse3 nor trio is imported here.
 
-    getxattr(MOUNT, "user.quotafs.status")          -> Status (JSON)
-    getxattr(MOUNT, "user.quotafs.events[.SEQ]")    -> Events after SEQ, one JSON line each
-    getxattr(MOUNT, "user.quotafs.faults[.N]")      -> FaultListing page: rules after rN
-    getxattr(MOUNT, "user.quotafs.result")          -> outcome of this process's last set
-    setxattr(MOUNT, "user.quotafs.set", JSON)       -> Limits
-    setxattr(MOUNT, "user.quotafs.fault.add", JSON) -> RuleAdded
-    setxattr(MOUNT, "user.quotafs.fault.clear", JSON) -> {"cleared": N}
-    setxattr(MOUNT, "user.quotafs.forget", "{}")    -> {"entries": N} (for tests)
+One JSON line each way: {"request": NAME, "args": {...}} in, then either
+{"result": DOCUMENT} or {"error": MESSAGE, "errno": "EPERM"|"EINVAL"|"ENOENT"} out.
+
+    status                     -> Status (anyone, as df)
+    events {"after": SEQ}      -> {"events": [Event, ...]} after SEQ (owner and root)
+    faults                     -> FaultListing (owner and root)
+    set {limit, inodes, reserve} -> Limits (owner and root, as every change)
+    fault.add RULE             -> RuleAdded
+    fault.clear {"id": ID|null} -> {"cleared": N}
+    forget                     -> {"entries": N} (for tests: drop the kernel's entries)
 
 Every document is a frozen dataclass whose JSON object has the keys of its fields (tuples
 as lists): `to_dict()` gives exactly what the daemon sends, and the command line's --json
@@ -31,40 +34,32 @@ from typing import Any, Self
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.model.faults import STATUS_KEYS, RuleSpec
 
-PREFIX = b"user.quotafs."
-STATUS = PREFIX + b"status"
-EVENTS = PREFIX + b"events"
-FAULTS = PREFIX + b"faults"
-RESULT = PREFIX + b"result"
-SET = PREFIX + b"set"
-FAULT_ADD = PREFIX + b"fault.add"
-FAULT_CLEAR = PREFIX + b"fault.clear"
-FORGET = PREFIX + b"forget"
+STATUS = "status"
+EVENTS = "events"
+FAULTS = "faults"
+SET = "set"
+FAULT_ADD = "fault.add"
+FAULT_CLEAR = "fault.clear"
+FORGET = "forget"
+REQUESTS = (STATUS, EVENTS, FAULTS, SET, FAULT_ADD, FAULT_CLEAR, FORGET)
+PUBLIC = (STATUS,)  # the rest show paths and pids, or change the mount
 
-XATTR_SIZE_MAX = 65536  # the kernel's limit of one xattr value: one page of a listing
-# An event's path is cut here (with a marker): a JSON line of its event, even with every
-# character escaped as \uXXXX, then fits an xattr value (a page of events). PATH_MAX.
+# An event's path is cut here (with a marker), so one pathological name cannot make the
+# events reply megabytes long. PATH_MAX.
 MAX_EVENT_PATH = 4096
 
 
-# -- paging: "LISTING.N" asks for the entries after N --------------------------------------
+# -- the wire: one JSON line each way ------------------------------------------------------
 
-def page_name(listing: bytes, after: int) -> bytes:
-    """The name that asks `listing` (EVENTS, FAULTS) for its entries after `after`."""
-    return listing + b"." + str(after).encode()
+def request_line(name: str, args: Mapping[str, Any] | None = None) -> bytes:
+    return (json.dumps({"request": name, "args": dict(args or {})}) + "\n").encode()
 
 
-def page_after(name: bytes, listing: bytes) -> int | None:
-    """N of "LISTING.N" (0 for "LISTING"); None if `name` is not of `listing`.
-    ValueError if it is, with a suffix that is not a number."""
-    if name == listing:
-        return 0
-    if not name.startswith(listing + b"."):
-        return None
-    after = name[len(listing) + 1:]
-    if not after.isdigit():
-        raise ValueError(f"not a page of {listing.decode()}: {name.decode(errors='replace')}")
-    return int(after)
+def reply_line(result: Mapping[str, Any] | None = None, error: str | None = None,
+               errno_name: str | None = None) -> bytes:
+    body: dict[str, Any] = ({"error": error, "errno": errno_name} if error is not None
+                            else {"result": dict(result or {})})
+    return (json.dumps(body, sort_keys=True) + "\n").encode()
 
 
 # -- documents ----------------------------------------------------------------------------
@@ -168,7 +163,7 @@ class Usage(Document):
 
 @dataclass(frozen=True, eq=False)
 class Status(Document):
-    """The status document ("user.quotafs.status", `quotafs status --json`)."""
+    """The status document (request "status", `quotafs status --json`)."""
 
     # what the mount is (fixed at mount)
     version: str
@@ -204,6 +199,9 @@ class Status(Document):
     fault_rules: int
     fault_rules_active: int
     faults_fired: int
+    # later additions (defaults: an older daemon's document lacks them)
+    xattrs: bool = True  # False: mounted with --xattrs off
+    getxattr_requests: int = 0  # GETXATTR requests the kernel sent (one a write with xattrs)
 
     def usage(self) -> Usage:
         return Usage(self.limit, self.used, self.reserved, self.free, self.root_reserve,
@@ -212,7 +210,7 @@ class Status(Document):
 
 @dataclass(frozen=True, eq=False)
 class Event(Document):
-    """A quota ENOSPC or a fired fault, as recorded ("user.quotafs.events", one a line)."""
+    """A quota ENOSPC or a fired fault, as recorded (request "events")."""
 
     seq: int
     time: float
@@ -266,7 +264,7 @@ class RuleStatus(Document):
 
 @dataclass(frozen=True, eq=False)
 class FaultListing(Document):
-    """A mount's fault rules, all pages joined (`quotafs fault list --json`)."""
+    """A mount's fault rules (request "faults", `quotafs fault list --json`)."""
 
     seed: int
     rules: tuple[RuleStatus, ...]
@@ -286,7 +284,7 @@ class FaultListing(Document):
 
 @dataclass(frozen=True, eq=False)
 class RuleAdded(Document):
-    """The outcome of "user.quotafs.fault.add" (`quotafs fault add --json`)."""
+    """The outcome of request "fault.add" (`quotafs fault add --json`)."""
 
     id: str
     effective_seed: int
@@ -295,7 +293,7 @@ class RuleAdded(Document):
 
 @dataclass(frozen=True, eq=False)
 class Limits(Document):
-    """The outcome of "user.quotafs.set": the settings in effect after it."""
+    """The outcome of request "set": the settings in effect after it."""
 
     limit: int | None
     inodes: int | None

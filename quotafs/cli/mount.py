@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from quotafs import statedir
+from quotafs import controlsocket, statedir
 from quotafs.cli.mountopts import add_mount_options, mount_options
 from quotafs.client import control, lifecycle
 from quotafs.errors import ExitCode, QuotafsError
@@ -81,6 +81,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     elif alive and pid is not None and not lifecycle.wait_for_exit(pid, 30):
         print(f"quotafs: warning: daemon {pid} still running after unmount", file=sys.stderr)
     statedir.forget_record(mountpoint)
+    if not alive and info.owner_uid is not None:  # a daemon that died left its socket
+        controlsocket.remove_stale(mountpoint, info.owner_uid)
     statedir.drop_log_if_empty(mountpoint)  # a dead daemon could not: kept if it says anything
     if not alive:
         where = f"; its backing directory is kept at {record['backing']}" if record else ""

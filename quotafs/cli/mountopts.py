@@ -52,6 +52,10 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", default=None,
                    help="seed of the fault rules' random choices (default: random, printed)")
     p.add_argument("--debug", action="store_true", help="log every FUSE request")
+    p.add_argument("--xattrs", default=True, metavar="{on,off}",
+                   help="extended attributes and ACLs (default on); off answers them "
+                        "'Operation not supported', which spares a request before every "
+                        "write (see docs/usage.md)")
 
 
 def mount_options(args: argparse.Namespace) -> MountOptions:

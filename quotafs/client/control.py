@@ -1,8 +1,11 @@
-"""The control client: requests to a running daemon over its control channel (see
-quotafs.protocol), each within the probe timeout, answered as typed documents.
+"""The control client: requests to a running daemon over its control socket (see
+quotafs.protocol and quotafs.controlsocket), each within the probe timeout, answered as
+typed documents.
 
 Used by the command line, the Python API and the pytest plugin; a refusal or an unusable
-mount is a QuotafsError with one line and an exit code.
+mount is a QuotafsError with one line and an exit code. A socket call never waits in the
+kernel for the daemon the way a request on the mount does, so it needs no probe thread
+or child: its timeout is the socket's.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import time
 from typing import Any
 
+from quotafs import controlsocket
 from quotafs.client import lifecycle
 from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.model.faults import RuleSpec
@@ -21,29 +25,31 @@ from quotafs.protocol import (
     FAULT_ADD,
     FAULT_CLEAR,
     FAULTS,
-    RESULT,
     SET,
     STATUS,
     Event,
     FaultListing,
     Limits,
+    ProtocolError,
     RuleAdded,
     Status,
-    page_name,
+    request_line,
 )
 
 
-def require_quotafs(path: str) -> str:
-    """The mount point of `path`, if it is a quotafs mount; QuotafsError otherwise."""
+def require_quotafs(path: str) -> tuple[str, int]:
+    """(the mount point of `path`, the uid that mounted it), if it is a quotafs mount;
+    QuotafsError otherwise."""
     mountpoint = lifecycle.resolve(path)
     info = find_mount(mountpoint)
     if info is None or not info.is_quotafs:
         raise QuotafsError(f"{path} is not a quotafs mount", ExitCode.NOT_QUOTAFS)
-    return mountpoint
+    owner = info.owner_uid
+    return mountpoint, 0 if owner is None else owner
 
 
 def control_error(mountpoint: str, exc: OSError) -> QuotafsError:
-    if exc.errno == errno.ENOTCONN:
+    if exc.errno in (errno.ENOTCONN, errno.ECONNREFUSED, errno.ENOENT):
         return QuotafsError(f"the quotafs daemon of {mountpoint} is gone: run "
                             f"'quotafs umount {mountpoint}'", ExitCode.NOT_QUOTAFS)
     if exc.errno in (errno.EPERM, errno.EACCES):
@@ -53,35 +59,39 @@ def control_error(mountpoint: str, exc: OSError) -> QuotafsError:
     return QuotafsError(f"{mountpoint}: {exc.strerror}", ExitCode.FAILURE)
 
 
-def get_control(mountpoint: str, name: bytes) -> bytes:
-    """getxattr a control name, within the probe timeout; OSError as control_error says."""
+def request(path: str, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Request `name` of the daemon of the mount at `path`; its result document, once the
+    daemon has applied it. A refusal: EPERM as control_error says, a bad request (EINVAL,
+    ENOENT) as a usage error with the daemon's one-line reason."""
+    mountpoint, owner = require_quotafs(path)
+    timeout = lifecycle.probe_timeout()
     try:
-        [value] = lifecycle.probe(mountpoint, [("get", name)])
+        with controlsocket.connect(mountpoint, owner, timeout) as sock:
+            raw = controlsocket.exchange(sock, request_line(name, args), timeout)
+    except TimeoutError:
+        raise lifecycle.NoAnswer(mountpoint, timeout) from None
     except OSError as exc:
         raise control_error(mountpoint, exc) from None
-    assert isinstance(value, bytes)
-    return value
-
-
-def request(mountpoint: str, name: bytes, payload: dict[str, Any]) -> dict[str, Any]:
-    """setxattr a control request, then read this process's result (id or error): the
-    daemon validates, and its one-line refusal is raised as a usage error."""
-    path = require_quotafs(mountpoint)
-    # One probe for both: the daemon keeps the result for the caller's pid.
-    done, answer = lifecycle.probe(path, [("set", name, json.dumps(payload).encode()),
-                                          ("get", RESULT)])
-    result: dict[str, Any] = {} if isinstance(answer, OSError) else json.loads(answer or b"{}")
-    if isinstance(done, OSError):
-        if result.get("error"):
-            raise QuotafsError(str(result["error"]), ExitCode.USAGE)
-        raise control_error(path, done)
+    if not raw:  # closed without a word: it died meanwhile
+        raise control_error(mountpoint, OSError(errno.ECONNREFUSED, "no answer"))
+    try:
+        reply = json.loads(raw)
+    except ValueError as exc:
+        raise ProtocolError("reply", f"not JSON: {exc}") from None
+    if not isinstance(reply, dict):
+        raise ProtocolError("reply", "not a JSON object")
+    if "error" in reply:
+        if reply.get("errno") == "EPERM":
+            raise control_error(mountpoint, OSError(errno.EPERM, str(reply["error"])))
+        raise QuotafsError(str(reply["error"]), ExitCode.USAGE)
+    result: dict[str, Any] = reply.get("result", {})
     return result
 
 
 # -- the requests -------------------------------------------------------------------------
 
 def read_status(path: str) -> Status:
-    return Status.from_json(get_control(require_quotafs(path), STATUS))
+    return Status.from_dict(request(path, STATUS))
 
 
 def set_limits(path: str, **changes: int | str | None) -> Limits:
@@ -95,16 +105,8 @@ def add_rule(mountpoint: str, spec: RuleSpec) -> RuleAdded:
 
 
 def list_rules(mountpoint: str) -> FaultListing:
-    """Every rule with its counters (page by page: ids only grow, so none is skipped)."""
-    path = require_quotafs(mountpoint)
-    rules: list[dict[str, Any]] = []
-    after = 0
-    while True:
-        page: dict[str, Any] = json.loads(get_control(path, page_name(FAULTS, after)))
-        rules += page["rules"]
-        if not page.get("more") or not page["rules"]:
-            return FaultListing.from_dict({"seed": page["seed"], "rules": rules})
-        after = int(rules[-1]["id"][1:])
+    """Every rule with its counters."""
+    return FaultListing.from_dict(request(mountpoint, FAULTS))
 
 
 def clear_rules(mountpoint: str, rule_id: str | None = None) -> int:
@@ -114,16 +116,11 @@ def clear_rules(mountpoint: str, rule_id: str | None = None) -> int:
 
 
 def read_events(mountpoint: str, after: int = 0) -> list[Event]:
-    """Recorded events with seq > after, oldest first (all of them, page by page)."""
-    path = require_quotafs(mountpoint)
-    events: list[Event] = []
-    while True:
-        raw = get_control(path, page_name(EVENTS, after)).decode()
-        page = [Event.from_json(line) for line in raw.splitlines() if line]
-        if not page:
-            return events
-        events += page
-        after = page[-1].seq
+    """Recorded events with seq > after, oldest first."""
+    events = request(mountpoint, EVENTS, {"after": after}).get("events")
+    if not isinstance(events, list):
+        raise ProtocolError("events reply", "no list of events")
+    return [Event.from_dict(e) for e in events]
 
 
 def event_line(e: Event) -> str:

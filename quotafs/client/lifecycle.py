@@ -32,7 +32,8 @@ from quotafs.statedir import drop_log_if_empty, log_path, open_log, write_record
 from quotafs.unmounting import unmount_failure
 
 READY_TIMEOUT = 60.0
-# How long a probe of a mount (status, set, fault, events, umount) waits for its daemon,
+# How long a probe of a mount (a stat, umount) or a control request (status, set, fault,
+# events) waits for its daemon,
 # in seconds; QUOTAFS_PROBE_TIMEOUT overrides it.
 PROBE_TIMEOUT = 10.0
 
@@ -337,9 +338,9 @@ ISOLATE_PROBES = False
 
 
 def probe(mountpoint: str, ops: list[Op]) -> list[Result]:
-    """Run ("get", name) / ("set", name, value) / ("stat",) / ("statvfs",) on the mount
-    within PROBE_TIMEOUT (NoAnswer otherwise), in order, from one thread; results are bytes
-    or the OSError. A single op's OSError is raised rather than returned."""
+    """Run ("stat",) / ("statvfs",) on the mount within PROBE_TIMEOUT (NoAnswer
+    otherwise), in order, from one thread; results are bytes or the OSError.
+    A single op's OSError is raised rather than returned."""
     run = _probe.in_child if ISOLATE_PROBES else _probe.in_thread
     timeout = probe_timeout()
     try:

@@ -1,4 +1,4 @@
-"""Requests to a mount's root (getxattr, setxattr, stat, statvfs) that give up in time.
+"""Requests to a mount's root (stat, statvfs) that give up in time.
 
 A stopped or stuck daemon never answers, and a FUSE request cannot be interrupted from
 inside the thread that made it. So a probe runs elsewhere and is waited for with a
@@ -23,22 +23,17 @@ import threading
 
 from quotafs import PACKAGE_PARENT
 
-Op = tuple[str | bytes, ...]  # ("get", name) | ("set", name, value) | ("stat",) | ("statvfs",)
+Op = tuple[str | bytes, ...]  # ("stat",) | ("statvfs",)
 Result = bytes | OSError
 
 
 def run_ops(path: str, ops: list[Op]) -> list[Result]:
-    """Do the ops in order in this thread (the daemon keeps a set's result per caller)."""
+    """Do the ops in order in this thread."""
     results: list[Result] = []
     for op in ops:
-        kind, args = op[0], [a for a in op[1:] if isinstance(a, bytes)]
+        kind = op[0]
         try:
-            if kind == "get":
-                results.append(os.getxattr(path, args[0]))
-            elif kind == "set":
-                os.setxattr(path, args[0], args[1])
-                results.append(b"")
-            elif kind in ("stat", "statvfs"):
+            if kind in ("stat", "statvfs"):
                 getattr(os, str(kind))(path)
                 results.append(b"")
             else:

@@ -26,7 +26,6 @@ import pyfuse3
 from quotafs.daemon import permissions, syscalls
 from quotafs.daemon.inodes import Handle, InodeTable, Node
 from quotafs.daemon.kernel import Kernel
-from quotafs.protocol import PREFIX as CONTROL_PREFIX
 
 _DAEMONS_OWN = contextlib.nullcontext()  # reusable: no state
 
@@ -135,8 +134,6 @@ class Access:
         """getxattr (write=False), setxattr, removexattr."""
         caller = self._checking
         if caller is None:
-            return
-        if node is self._inodes.root and name.startswith(CONTROL_PREFIX):
             return
         if name.startswith(b"user."):
             permissions.require(self._may(node, permissions.W if write else permissions.R))

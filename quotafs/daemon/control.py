@@ -1,17 +1,12 @@
-"""The runtime control channel, served: extended attributes on the mount root (the
-names and documents are quotafs.protocol's).
+"""The runtime control channel, served: the requests of quotafs.protocol, answered from
+the daemon's state (the socket they arrive on is quotafs.daemon.listener's).
 
-A setxattr can only answer an errno, so the outcome of every set (the new rule's id, or
-the validation message) is kept for the calling process and read back with
-"user.quotafs.result"; the kernel tells the daemon the caller's pid with each request.
-
-An xattr round trip is a FUSE request answered by the daemon itself, so a command returns
-only once the daemon has applied it, needs no socket file, and finds the daemon through
-the mount. Changing settings, and reading events and fault rules (paths and pids), is
-allowed to root and to the user who mounted; the caller's uid comes from the kernel with
-the request, so other users let in by --allow-other get EPERM. The status is public, as
-df is. These names are never listed by listxattr, so copying the root's xattrs does not
-copy them.
+A request is answered in the daemon's trio loop between FUSE requests, without awaiting,
+so a change is applied, atomically with respect to every FUSE request, before its reply
+is sent: a command returns only once the daemon has applied it. Changing settings, and
+reading events and fault rules (paths and pids), is allowed to root and to the user who
+mounted; the caller's uid is the socket peer's, from the kernel (SO_PEERCRED), so other
+users get EPERM. The status is public, as df is.
 """
 
 from __future__ import annotations
@@ -20,11 +15,9 @@ import collections
 import errno
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
-
-import pyfuse3
 
 from quotafs.daemon.inodes import TableStats
 from quotafs.errors import QuotafsError, errno_name
@@ -39,40 +32,25 @@ from quotafs.protocol import (
     FAULTS,
     FORGET,
     MAX_EVENT_PATH,
-    PREFIX,
-    RESULT,
+    PUBLIC,
     SET,
     STATUS,
-    XATTR_SIZE_MAX,
     Event,
     Limits,
     RuleAdded,
     Status,
-    page_after,
+    reply_line,
 )
 
 EVENT_RING_SIZE = 1000
 
 
-def _page_after(name: bytes, listing: bytes) -> int | None:
-    """protocol.page_after, a bad page number answered as no such attribute."""
-    try:
-        return page_after(name, listing)
-    except ValueError:
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+class Refused(Exception):
+    """A request answered with an errno and a one-line reason."""
 
-
-def _page(lines: Iterable[str], used: int) -> list[str]:
-    """The leading lines that fit one xattr value (each costs its length and a separator;
-    `used` is what the page holds besides). Never returns a line that alone is too long."""
-    out: list[str] = []
-    size = used + 1
-    for line in lines:
-        size += len(line) + 2
-        if size > XATTR_SIZE_MAX:
-            break
-        out.append(line)
-    return out
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
 
 
 class ControlChannel:
@@ -87,17 +65,13 @@ class ControlChannel:
                  forget_cached: Callable[[], int]) -> None:
         self.ledger = ledger
         self.faults = faults
-        self._results: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
         self.info = info  # static facts: backing, pid, options, accounting mode
         self.owner_uid = owner_uid
         self.events: collections.deque[Event] = collections.deque(maxlen=EVENT_RING_SIZE)
         self._next_seq = 1
         self._statistics = statistics
         self._forget_cached = forget_cached
-
-    @staticmethod
-    def owns(name: bytes) -> bool:
-        return name.startswith(PREFIX)
+        self.getxattr_requests: Callable[[], int] = lambda: 0  # the handlers' count
 
     # -- events ---------------------------------------------------------------------------
 
@@ -125,72 +99,51 @@ class ControlChannel:
         return Status.exactly({**self.info, **stats, **asdict(self._statistics()),
                                "events_recorded": self._next_seq - 1, "seed": faults.seed,
                                "fault_rules": faults.rules, "fault_rules_active": faults.active,
-                               "faults_fired": faults.fired})
+                               "faults_fired": faults.fired,
+                               "getxattr_requests": self.getxattr_requests()})
 
-    def _events_after(self, seq: int) -> bytes:
-        lines = (e.to_json() for e in self.events if e.seq > seq)
-        # An xattr value is at most 64 KiB: the oldest that fit; the caller asks again.
-        return "".join(line + "\n" for line in _page(lines, 0)).encode()
+    def events_after(self, seq: int) -> dict[str, Any]:
+        return {"events": [e.to_dict() for e in self.events if e.seq > seq]}
 
-    def _faults_after(self, rule_number: int) -> bytes:
-        """{"seed", "rules": the rules after r<rule_number> that fit in 64 KiB, "more"}: a
-        page of the listing (ids only grow, so a removal between pages skips nothing)."""
-        listing = self.faults.to_dict()
-        rules = [json.dumps(r, sort_keys=True) for r in listing["rules"]
-                 if int(r["id"][1:]) > rule_number]
-
-        def text(page: list[str], more: bool) -> str:
-            return (f'{{"more": {json.dumps(more)}, "seed": {listing["seed"]}, '
-                    f'"rules": [{", ".join(page)}]}}')
-
-        page = _page(rules, len(text([], False)))
-        return text(page, len(page) < len(rules)).encode()
-
-    def _require_owner(self, ctx: pyfuse3.RequestContext) -> None:
-        if ctx.uid not in (0, self.owner_uid):
-            raise pyfuse3.FUSEError(errno.EPERM)
-
-    def get(self, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if name == STATUS:
-            return self.status().to_json().encode()
-        if name in (EVENTS, FAULTS) or name.startswith((EVENTS + b".", FAULTS + b".")):
-            # Paths (of directories the caller may not list) and pids: the owner's and root's.
-            self._require_owner(ctx)
-        if (after := _page_after(name, EVENTS)) is not None:
-            return self._events_after(after)
-        if (after := _page_after(name, FAULTS)) is not None:
-            return self._faults_after(after)
-        if name == RESULT:
-            # Not popped: a reader may ask twice (size probe, then the value).
-            return json.dumps(self._results.get(ctx.pid, {}), sort_keys=True).encode()
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-
-    def _answer(self, ctx: pyfuse3.RequestContext, result: dict[str, Any]) -> None:
-        self._results[ctx.pid] = result
-        while len(self._results) > 100:  # callers that never read their result
-            self._results.popitem(last=False)
-
-    def set(self, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._results.pop(ctx.pid, None)  # never answer with an older request's outcome
-        self._require_owner(ctx)
+    def answer(self, line: bytes, uid: int) -> bytes:
+        """The reply line to a request line from a peer of `uid` (never raises: a bad
+        request is answered with its reason)."""
         try:
-            request = json.loads(value)
+            request = json.loads(line)
         except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
             request = None
-        if not isinstance(request, dict):
-            self._answer(ctx, {"error": "the control value must be a JSON object"})
-            raise pyfuse3.FUSEError(errno.EINVAL)
         try:
-            result = self._apply(name, request)
-        except (QuotafsError, ValueError) as exc:
-            self._answer(ctx, {"error": str(exc)})
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
-        except KeyError as exc:
-            self._answer(ctx, {"error": str(exc.args[0])})
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        self._answer(ctx, result)
+            if not (isinstance(request, dict) and isinstance(request.get("request"), str)
+                    and isinstance(request.get("args", {}), dict)):
+                raise Refused(errno.EINVAL, "a control request must be a JSON object "
+                                            '{"request": NAME, "args": {...}}')
+            return reply_line(self.handle(request["request"], request.get("args", {}), uid))
+        except Refused as exc:
+            return reply_line(error=str(exc), errno_name=errno_name(exc.errno))
 
-    def _apply(self, name: bytes, request: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, name: str, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        """The result document of request `name`; Refused with EPERM (not the owner's or
+        root's), EINVAL (a bad request) or ENOENT (no such rule)."""
+        if name not in PUBLIC and uid not in (0, self.owner_uid):
+            raise Refused(errno.EPERM, "only the user who mounted and root may change "
+                                       "the mount or read its events and rules")
+        try:
+            return self._apply(name, args)
+        except (QuotafsError, ValueError, TypeError) as exc:
+            raise Refused(errno.EINVAL, str(exc)) from None
+        except KeyError as exc:
+            raise Refused(errno.ENOENT, str(exc.args[0])) from None
+
+    def _apply(self, name: str, request: dict[str, Any]) -> dict[str, Any]:
+        if name == STATUS:
+            return self.status().to_dict()
+        if name == EVENTS:
+            after = request.get("after", 0)
+            if not isinstance(after, int) or isinstance(after, bool):
+                raise ValueError("events: after must be an event number")
+            return self.events_after(after)
+        if name == FAULTS:
+            return self.faults.to_dict()
         if name == SET:
             return self._set_limits(request)
         if name == FAULT_ADD:
@@ -208,7 +161,7 @@ class ControlChannel:
             return {"cleared": 1}
         if name == FORGET:
             return {"entries": self._forget_cached()}
-        raise ValueError(f"unknown control request {name.decode(errors='replace')}")
+        raise ValueError(f"unknown control request {name!r}")
 
     def _set_limits(self, request: dict[str, Any]) -> dict[str, Any]:
         unknown = set(request) - {"limit", "inodes", "reserve"}

@@ -29,7 +29,6 @@ from quotafs.daemon.control import ControlChannel
 from quotafs.daemon.inodes import InodeTable, Node
 from quotafs.daemon.paths import Paths
 from quotafs.model.faults import Effect, FaultEngine
-from quotafs.protocol import PREFIX as CONTROL_PREFIX
 
 
 class Subjects(enum.Enum):
@@ -142,8 +141,6 @@ class FaultGate:
         if kind is Subjects.HANDLE:
             return [(self._inodes.node_of_handle(args[0]), None)]
         if kind is Subjects.XATTR:
-            if args[0] == self._inodes.root.inode and bytes(args[1]).startswith(CONTROL_PREFIX):
-                return None
             return [(nodes.get(args[0]), None)]
         if kind is Subjects.RENAME:
             return [(nodes.get(args[0]), args[1]), (nodes.get(args[2]), args[3])]

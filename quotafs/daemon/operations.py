@@ -69,6 +69,7 @@ class HandlerSettings:
     attr_timeout: float = CACHE_TIMEOUT
     entry_timeout: float = CACHE_TIMEOUT
     keep_cache: bool = True
+    xattrs: bool = True  # False: every xattr request is ENOSYS (--xattrs off)
 
 
 class QuotaFS(pyfuse3.Operations):
@@ -89,6 +90,9 @@ class QuotaFS(pyfuse3.Operations):
         self.block = options.costs.block_size
         self.control = control
         self.faults = faults
+        self.xattrs = options.xattrs
+        self.enable_acl = options.xattrs  # ACLs are xattrs: no FUSE_POSIX_ACL without them
+        self.getxattr_requests = 0  # a figure for the status (and the bench)
         self.paths = paths
         self.kernel = kernel
         self.rights = Access(identity, inodes, kernel, is_root=os.geteuid() == 0)
@@ -619,20 +623,24 @@ class QuotaFS(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
-    # -- extended attributes (and the control channel on the root) ------------------------
+    # -- extended attributes ----------------------------------------------------------------
+    # With --xattrs off each answers ENOSYS, which the kernel remembers for the connection
+    # (fc->no_getxattr, ...): it then fails them with EOPNOTSUPP itself and stops asking
+    # for security.capability before every write(2).
     # The magic link (InodeTable.proc) resolves to the inode the O_PATH descriptor holds,
     # symlinks included (it is not followed any further), whatever the backing path's length.
 
     @boundary
     async def getxattr(self, inode: InodeT, name: XAttrNameT,
                        ctx: pyfuse3.RequestContext) -> bytes:
+        self.getxattr_requests += 1
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         if self.faults.active:
             await self.gate.check(Op.GETXATTR, inode, name, ctx=ctx)
         with self.rights.as_caller(ctx):
             node = self.inodes.node(inode)
             self.rights.check_xattr(node, name, write=False)
-            if node is self.inodes.root and self.control.owns(name):
-                return self.control.get(name, ctx)
             capability = name == _CAPABILITY_XATTR
             if capability and node.no_capability:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -647,20 +655,21 @@ class QuotaFS(pyfuse3.Operations):
     @boundary
     async def setxattr(self, inode: InodeT, name: XAttrNameT, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         if self.faults.active:
             await self.gate.check(Op.SETXATTR, inode, name, ctx=ctx)
         with self.rights.as_caller(ctx):
             node = self.inodes.node(inode)
             self.rights.check_xattr(node, name, write=True)
-            if node is self.inodes.root and self.control.owns(name):
-                self.control.set(name, value, ctx)
-                return
             node.no_capability = False
             os.setxattr(self.inodes.proc(node), name, value)
 
     @boundary
     async def listxattr(self, inode: InodeT,
                         ctx: pyfuse3.RequestContext) -> Sequence[XAttrNameT]:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         if self.faults.active:
             await self.gate.check(Op.LISTXATTR, inode, ctx=ctx)
         with self.rights.as_caller(ctx):
@@ -674,6 +683,8 @@ class QuotaFS(pyfuse3.Operations):
     @boundary
     async def removexattr(self, inode: InodeT, name: XAttrNameT,
                           ctx: pyfuse3.RequestContext) -> None:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         if self.faults.active:
             await self.gate.check(Op.REMOVEXATTR, inode, name, ctx=ctx)
         with self.rights.as_caller(ctx):

@@ -14,14 +14,15 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 from typing import Any
 
 import pyfuse3
 import trio
 
-from quotafs import __version__
-from quotafs.daemon import syscalls
+from quotafs import __version__, controlsocket
+from quotafs.daemon import listener, syscalls
 from quotafs.daemon.control import ControlChannel
 from quotafs.daemon.inodes import InodeTable, default_path_fd_budget
 from quotafs.daemon.kernel import Kernel
@@ -96,6 +97,7 @@ def build_filesystem(config: MountOptions, kernel: Kernel | None = None) -> Quot
         "accounting": config.accounting,
         "block_size": config.block_bytes,
         "mmap_sigbus": config.mmap_sigbus,
+        "xattrs": config.xattrs,
         "mount_options": sorted(_mount_options(config)),
         "owner_uid": owner,
         "existing_bytes_at_mount": existing_bytes,
@@ -116,9 +118,12 @@ def build_filesystem(config: MountOptions, kernel: Kernel | None = None) -> Quot
                       # cached entries would skip (see docs/security.md).
                       entry_timeout=0.0 if config.no_cache or config.allow_other
                       else CACHE_TIMEOUT,
-                      keep_cache=not (config.no_cache or config.mmap_sigbus))
-    return QuotaFS(inodes, ledger, options, control, faults, session, identity,
-                   Paths(inodes, backing))
+                      keep_cache=not (config.no_cache or config.mmap_sigbus),
+                      xattrs=config.xattrs)
+    fs = QuotaFS(inodes, ledger, options, control, faults, session, identity,
+                 Paths(inodes, backing))
+    control.getxattr_requests = lambda: fs.getxattr_requests
+    return fs
 
 
 READ_AHEAD_KB = 1024  # 1 MiB: the largest READ request FUSE sends (256 pages)
@@ -162,7 +167,7 @@ async def _tune_after_init(config: MountOptions, kb: int) -> None:
     _set_read_ahead(config.mountpoint, kb)
 
 
-async def _serve(config: MountOptions) -> None:
+async def _serve(config: MountOptions, fs: QuotaFS, control: socket.socket) -> None:
     async with trio.open_nursery() as nursery:
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -171,6 +176,7 @@ async def _serve(config: MountOptions) -> None:
                     return
 
         nursery.start_soon(on_signals)
+        nursery.start_soon(listener.serve, control, fs.control)
         kb = _read_ahead_kb(config)
         if os.geteuid() == 0 and kb is not None:
             nursery.start_soon(_tune_after_init, config, kb)
@@ -184,8 +190,11 @@ def run(config: MountOptions, ready_fd: int | None = None) -> int:
         _die_with_parent()
     syscalls.raise_nofile_limit()
     os.umask(0)  # the caller's umask is applied per request
+    control: tuple[socket.socket, os.stat_result] | None = None
     try:
         fs = build_filesystem(config)
+        # Before mounting: a client finds the socket as soon as the mount is there.
+        control = controlsocket.bind(config.mountpoint)
         try:
             pyfuse3.init(fs, config.mountpoint, _mount_options(config))
         except RuntimeError as exc:
@@ -193,22 +202,26 @@ def run(config: MountOptions, ready_fd: int | None = None) -> int:
                                "(is /dev/fuse usable and fusermount3 installed?)",
                                ExitCode.NO_FUSE) from exc
     except QuotafsError as exc:
+        if control is not None:
+            _release(config, control)
         _tell(ready_fd, f"error {int(exc.code)} {exc}")
         if ready_fd is None:  # mount --fg: nobody else will say it
             print(f"quotafs: {exc}", file=sys.stderr)
         return int(exc.code)
+    assert control is not None
     clean = False
     try:
         _tell(ready_fd, "ready")
         if ready_fd is not None:
             os.close(ready_fd)
         try:
-            trio.run(_serve, config)
+            trio.run(_serve, config, fs, control[0])
         except BaseException:  # in the log too, where the test suite's check looks
             log.critical("the daemon's main loop ended by an exception", exc_info=True)
             raise
         clean = True
     finally:
+        _release(config, control)
         pyfuse3.close(unmount=True)
         if clean:  # a detached mount's record, written by the command that started us
             forget_record(config.mountpoint, pid=os.getpid())
@@ -216,6 +229,12 @@ def run(config: MountOptions, ready_fd: int | None = None) -> int:
         if clean and config.private_backing and not config.keep_backing:
             shutil.rmtree(config.backing_dir, ignore_errors=True)
     return 0
+
+
+def _release(config: MountOptions, control: tuple[socket.socket, os.stat_result]) -> None:
+    sock, bound = control
+    controlsocket.release(config.mountpoint, bound)
+    sock.close()
 
 
 def read_config(source: str) -> MountOptions:

@@ -329,21 +329,29 @@ class InProcessFS:
         await self._call(self.ops.setxattr, InodeT(await self.inode(path)), XAttrNameT(name),
                          value, self.ctx)
 
-    # -- the control channel (xattrs on the root) -------------------------------------------
+    async def listxattr(self, path: str) -> list[bytes]:
+        return list(await self._call(self.ops.listxattr, InodeT(await self.inode(path)),
+                                     self.ctx))
+
+    async def removexattr(self, path: str, name: bytes) -> None:
+        await self._call(self.ops.removexattr, InodeT(await self.inode(path)),
+                         XAttrNameT(name), self.ctx)
+
+    # -- the control channel: its service called directly, as the socket would ----------
 
     async def status(self) -> dict[str, Any]:
-        document: dict[str, Any] = json.loads(await self.getxattr("/", control.STATUS))
-        return document
+        return await self.control(control.STATUS, {})
 
-    async def control(self, name: bytes, request: dict[str, Any]) -> dict[str, Any]:
-        """A control request and its outcome: the result document, or OSError (whose
-        result document, the validation message, is its `result` attribute)."""
-        try:
-            await self.setxattr("/", name, json.dumps(request).encode())
-        except OSError as exc:
-            exc.result = json.loads(await self.getxattr("/", control.RESULT))  # type: ignore[attr-defined]
-            raise
-        result: dict[str, Any] = json.loads(await self.getxattr("/", control.RESULT))
+    async def control(self, name: str, request: dict[str, Any]) -> dict[str, Any]:
+        """A control request from the caller's uid and its outcome: the result document,
+        or OSError of the refusal's errno (its reason in `result["error"]`)."""
+        reply = json.loads(self.ops.control.answer(control.request_line(name, request),
+                                                   self.ctx.uid))
+        if "error" in reply:
+            exc = OSError(getattr(errno, reply["errno"]), reply["error"])
+            exc.result = reply  # type: ignore[attr-defined]
+            raise exc
+        result: dict[str, Any] = reply["result"]
         return result
 
     async def set_limits(self, **settings: Any) -> dict[str, Any]:
@@ -364,8 +372,8 @@ class InProcessFS:
                 (used + held, inodes, 0))
 
     async def events(self) -> list[dict[str, Any]]:
-        text = (await self.getxattr("/", control.EVENTS)).decode()
-        return [json.loads(line) for line in text.splitlines()]
+        events: list[dict[str, Any]] = (await self.control(control.EVENTS, {}))["events"]
+        return events
 
     # -- the kernel letting go ---------------------------------------------------------------
 

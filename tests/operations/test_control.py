@@ -1,9 +1,11 @@
-"""The control channel as the handlers serve it: status by getxattr on the root, settings
-and rules by setxattr, the caller's outcome by "user.quotafs.result"."""
+"""The control channel's service as the daemon runs it (what the socket carries is
+tests/mounts/test_control_socket.py's): status, settings, rules and events, each refused
+with its errno and reason, the caller's uid deciding what it may do."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -81,9 +83,35 @@ async def test_forget_asks_the_kernel_to_drop_its_entries(
     assert sorted(name for _, name in session_stand_ins.invalidated) == [b"d", b"f"]
 
 
-async def test_control_names_are_not_listed_nor_real_xattrs(fs: InProcessFS) -> None:
+async def test_user_quotafs_names_are_plain_xattrs_now(fs: InProcessFS) -> None:
+    """The control channel left the root's xattrs: such names are stored like any other."""
     with pytest.raises(OSError) as exc:
-        await fs.getxattr("/", b"user.quotafs.nonsense")
+        await fs.getxattr("/", b"user.quotafs.status")
     assert exc.value.errno == errno.ENODATA
-    assert not any(n.startswith("user.quotafs") for n in os.listxattr(fs.backing))
+    await fs.setxattr("/", b"user.quotafs.set", b'{"limit": 1}')
+    assert os.getxattr(fs.backing, b"user.quotafs.set") == b'{"limit": 1}'
+    assert (await fs.status())["limit"] == 1 << 20
 
+
+async def test_a_malformed_request_is_einval_and_answered(fs: InProcessFS) -> None:
+    for line in (b"not json", b"[1]", b'{"request": 3}', b'{"request": "status", "args": 1}',
+                 b'{"request": "nope"}', b"[" * 100_000):
+        reply = json.loads(fs.ops.control.answer(line, 0))
+        assert reply["errno"] == "EINVAL", line[:40]
+        assert reply["error"]
+    with pytest.raises(OSError) as exc:
+        await fs.control(control.EVENTS, {"after": "x"})
+    assert exc.value.errno == errno.EINVAL
+
+
+async def test_xattrs_off_answers_enosys_to_every_xattr_request(
+        make_fs: FsFactory) -> None:
+    fs = make_fs("1M", xattrs=False)
+    await fs.write_file("/a", b"a")
+    for call in (fs.getxattr("/a", b"user.x"), fs.setxattr("/a", b"user.x", b"1"),
+                 fs.listxattr("/a"), fs.removexattr("/a", b"user.x")):
+        with pytest.raises(OSError) as exc:
+            await call
+        assert exc.value.errno == errno.ENOSYS
+    assert os.listxattr(os.path.join(fs.backing, "a")) == []
+    assert (await fs.status())["xattrs"] is False

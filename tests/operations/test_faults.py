@@ -9,6 +9,7 @@ import os
 import pytest
 import trio
 
+from quotafs import protocol as control
 from tests.operations.driver import FsFactory, InProcessFS
 
 
@@ -142,7 +143,7 @@ async def test_the_control_channel_is_never_faulted(fs: InProcessFS) -> None:
     with pytest.raises(OSError) as exc:
         await fs.statfs()
     assert exc.value.errno == errno.EIO
-    await fs.control(b"user.quotafs.fault.clear", {})
+    await fs.control(control.FAULT_CLEAR, {})
     assert (await fs.status())["fault_rules"] == 0
 
 

@@ -158,7 +158,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("quotafs", "quotafs.units", "quotafs.errors", "quotafs.interrupts",
      "quotafs.mountinfo", "quotafs.unmounting"),
     ("quotafs.model", "quotafs.reference"),
-    ("quotafs.options", "quotafs.protocol", "quotafs.statedir"),
+    ("quotafs.options", "quotafs.protocol", "quotafs.statedir", "quotafs.controlsocket"),
     ("quotafs.daemon", "quotafs.client"),
     ("quotafs.compare", "quotafs.cli", "quotafs.testing"),
     ("quotafs.__main__",),  # `python -m quotafs`: the command line

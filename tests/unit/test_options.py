@@ -46,12 +46,15 @@ TABLE: dict[str, tuple[tuple[Any, Any], tuple[Any, str]]] = {
     "no_cache": ((True, True), (1, "no_cache must be True or False, got 1")),
     "fsname": (("mytest", "mytest"), ("x,ro", "fsname must not contain commas")),
     "debug": ((True, True), (1, "debug must be True or False, got 1")),
+    "xattrs": (("off", False), ("maybe", "xattrs must be 'on' or 'off' (or True/False), "
+                                         "got 'maybe'")),
 }
 # The mount flag of each option whose bad value argv can carry (flags without a value
 # cannot be wrong; a path cannot hold NUL).
 FLAGS = {"limit": "--limit", "inodes": "--inodes", "accounting": "--accounting",
          "block_size": "--block-size", "reserve": "--reserve", "like_ext4": "--like-ext4",
-         "seed": "--seed", "rules_file": "--rules", "fsname": "--fsname"}
+         "seed": "--seed", "rules_file": "--rules", "fsname": "--fsname",
+         "xattrs": "--xattrs"}
 STARTER_FIELDS = {"mountpoint", "private_backing", "die_with_parent"}
 
 

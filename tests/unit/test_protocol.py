@@ -13,15 +13,15 @@ from quotafs.model.faults import FaultEngine, spec_from_args
 from quotafs.model.ledger import Ledger
 from quotafs.protocol import (
     EVENTS,
-    FAULTS,
+    STATUS,
     Event,
     FaultListing,
     Limits,
     ProtocolError,
     RuleStatus,
     Status,
-    page_after,
-    page_name,
+    reply_line,
+    request_line,
 )
 
 INFO = {"version": "0.1.0", "mountpoint": "/m", "backing": "/b", "private_backing": True,
@@ -40,10 +40,16 @@ def _channel() -> ControlChannel:
                           forget_cached=lambda: 0)
 
 
+def _status_json(channel: ControlChannel) -> str:
+    """The status document exactly as the daemon's reply carries it (from any uid)."""
+    reply = json.loads(channel.answer(request_line(STATUS), 65534))
+    return json.dumps(reply["result"], sort_keys=True)
+
+
 def test_the_status_document_round_trips_byte_for_byte() -> None:
-    raw = _channel().get(b"user.quotafs.status", None)  # type: ignore[arg-type]  # public
+    raw = _status_json(_channel())
     status = Status.from_json(raw)
-    assert status.to_json().encode() == raw
+    assert status.to_json() == raw
     assert status.mount_options == ("default_permissions", "fsname=quotafs")
     assert status.limit == 1 << 20 and status.inode_limit == 100 and status.seed == 7
     assert status.usage().limit == status.limit
@@ -61,10 +67,10 @@ def test_a_rule_listing_round_trips_as_the_engine_writes_it() -> None:
 def test_an_event_round_trips() -> None:
     control = _channel()
     control.record_quota_hit("write", "/big", pid=3)
-    [line] = control._events_after(0).decode().splitlines()
-    event = Event.from_json(line)
+    [document] = json.loads(control.answer(request_line(EVENTS), 0))["result"]["events"]
+    event = Event.from_dict(document)
     assert (event.kind, event.errno, event.path, event.pid) == ("quota", "ENOSPC", "/big", 3)
-    assert event.to_json() == line
+    assert event.to_dict() == document
 
 
 def test_documents_read_as_the_mappings_of_0_1_0() -> None:
@@ -76,7 +82,7 @@ def test_documents_read_as_the_mappings_of_0_1_0() -> None:
     assert "inodes" in limits and limits.get("nope") is None
     with pytest.raises(KeyError):
         limits["nope"]
-    status = Status.from_json(_channel().get(b"user.quotafs.status", None))  # type: ignore[arg-type]
+    status = Status.from_json(_status_json(_channel()))
     assert status["mount_options"] == ["default_permissions", "fsname=quotafs"]  # JSON's list
 
 
@@ -95,13 +101,17 @@ def test_missing_keys_are_one_clear_error_and_unknown_keys_are_ignored() -> None
                               "retired": False, "warnings": []})
 
 
-def test_page_names() -> None:
-    assert page_name(EVENTS, 12) == b"user.quotafs.events.12"
-    assert page_after(b"user.quotafs.events.12", EVENTS) == 12
-    assert page_after(FAULTS, FAULTS) == 0
-    assert page_after(b"user.quotafs.faults.3", EVENTS) is None
-    with pytest.raises(ValueError):
-        page_after(b"user.quotafs.faults.x", FAULTS)
+def test_the_wire_is_one_json_line_each_way() -> None:
+    assert request_line("set", {"limit": 1}) == b'{"request": "set", "args": {"limit": 1}}\n'
+    assert json.loads(reply_line({"cleared": 1})) == {"result": {"cleared": 1}}
+    assert json.loads(reply_line(error="no", errno_name="EPERM")) == {"error": "no",
+                                                                      "errno": "EPERM"}
+    channel = _channel()
+    refused = json.loads(channel.answer(request_line(EVENTS), 65534))
+    assert refused["errno"] == "EPERM"
+    assert json.loads(channel.answer(request_line("set", {"limit": 5}), 0))["result"] == {
+        "limit": 5, "inodes": 100, "reserve": 0}
+    assert channel.answer(b"{", 0).endswith(b"\n")
 
 
 def test_errno_name() -> None:

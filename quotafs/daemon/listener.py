@@ -1,0 +1,53 @@
+"""The control socket served from the daemon's trio loop: one task per connection reads
+one request line, answers it (ControlChannel.answer, no await in between) and closes.
+
+Requests are rare (a command, a test's check), so a connection costs the FUSE requests
+nothing but a task switch; a peer that sends nothing is dropped after a while.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from quotafs.controlsocket import MAX_LINE, peer_uid
+from quotafs.daemon.control import ControlChannel
+
+log = logging.getLogger("quotafs")
+
+IDLE_TIMEOUT = 30.0  # a connection that sends no full request line by then is dropped
+
+
+async def _read_line(stream: trio.SocketStream) -> bytes | None:
+    data = bytearray()
+    while b"\n" not in data:
+        chunk = await stream.receive_some(1 << 16)
+        if not chunk:
+            return None
+        data += chunk
+        if len(data) > MAX_LINE:
+            return None
+    return bytes(data[:data.index(b"\n")])
+
+
+def _handler(channel: ControlChannel) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                uid = peer_uid(stream.socket)  # type: ignore[arg-type]  # trio's socket
+                with trio.move_on_after(IDLE_TIMEOUT):
+                    line = await _read_line(stream)
+                    if line is not None:
+                        await stream.send_all(channel.answer(line, uid))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                log.debug("control connection ended: %s", exc)  # the client went away
+    return answer
+
+
+async def serve(sock: socket.socket, channel: ControlChannel) -> None:
+    """Serve `sock` (bound and listening: quotafs.controlsocket.bind) until cancelled."""
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    await trio.serve_listeners(_handler(channel), [listener])
