@@ -61,6 +61,41 @@ def _stored(node: Node, off: int, written: int, error: OSError | None) -> int:
     return written
 
 
+SCATTERED_MAX = 1 << 16  # blocks: past this, Node.scattered is dropped (SEEK_DATA tells)
+
+
+def _note_data(node: Node, first: int, stop: int) -> None:
+    """Blocks [first, stop) of `node` now hold data: keep Node.filled/scattered true."""
+    filled, scattered = node.filled, node.scattered
+    if filled is None:
+        return
+    if first <= filled:
+        if stop > filled:
+            if scattered:  # the prefix takes in the blocks it reached
+                scattered.difference_update(range(filled, stop))
+                while stop in scattered:
+                    scattered.remove(stop)
+                    stop += 1
+            node.filled = stop
+    elif scattered is not None:
+        scattered.update(range(first, stop))
+        if len(scattered) > SCATTERED_MAX:
+            node.scattered = None
+
+
+def _truncated(node: Node, stop: int) -> None:
+    """`node` now ends in block `stop`: the blocks past it hold no data."""
+    if node.filled is None:
+        if stop == 0:  # emptied: everything is known again
+            node.filled, node.scattered = 0, set()
+        return
+    node.filled = min(node.filled, stop)
+    if node.scattered is not None:
+        node.scattered = {b for b in node.scattered if b < stop}
+    elif node.filled >= stop:  # all that is left is the dense prefix
+        node.scattered = set()
+
+
 class Charging:
     def __init__(self, ledger: Ledger, costs: Costs, inodes: InodeTable,
                  reservations: Reservations,
@@ -221,8 +256,7 @@ class Charging:
             charged = self.charge_of(node)
         filled = node.filled
         if filled is None and first < -(-node.size // block):
-            # Part of the write lies inside the file: learn its dense start, once per open.
-            filled = node.filled = data_prefix(handle.fd, node.size, block)
+            filled = self._learn_layout(handle)  # part of the write lies inside the file
         if filled is not None and last <= filled:
             # An overwrite of blocks that hold data (most writes of a database, and every
             # rewrite): nothing to allocate, nothing to ask the backing.
@@ -236,8 +270,11 @@ class Charging:
         node, block, ledger = handle.node, self._block, self._ledger
         end = off + len(buf)
         last = -(-end // block)
-        if lo * block >= node.size:  # past EOF: every block is new, no syscall needed
-            holes: list[int] = list(range(lo, last))
+        scattered = node.scattered
+        if lo * block >= node.size or (scattered is not None and not scattered):
+            holes: list[int] = list(range(lo, last))  # past EOF, or known to be holes
+        elif scattered is not None:
+            holes = [b for b in range(lo, last) if b not in scattered]
         else:
             holes = self._costs.holes(handle.fd, max(off, lo * block), end, node.size)
         reserved = [b for b in holes if b in node.reserved] if node.reserved else []
@@ -250,10 +287,16 @@ class Charging:
         ledger.force_charge(taken * block)  # fits: checked against free_for() above
         converted = self._reservations.convert(node, reserved, stored_end) if reserved else 0
         node.charged = charged + (taken + converted) * block
-        filled = node.filled
-        if written and filled is not None and off // block <= filled < stored_end:
-            node.filled = stored_end  # the written blocks join the dense start
+        if written:
+            _note_data(node, off // block, stored_end)
         return _stored(node, off, written, error)
+
+    def _learn_layout(self, handle: Handle) -> int:
+        """Node.filled (and, for a dense file, Node.scattered) from the backing file."""
+        node = handle.node
+        node.filled = data_prefix(handle.fd, node.size, self._block)
+        node.scattered = set() if node.filled * self._block >= node.size else None
+        return node.filled
 
     def _write_apparent(self, handle: Handle, off: int, buf: bytes) -> int:
         node = handle.node
@@ -299,8 +342,7 @@ class Charging:
                     self._ledger.force_charge(new_charge - old_charge)
                 node.charged = new_charge
             node.size = size
-            if node.filled is not None:  # the blocks past the new end are gone
-                node.filled = min(node.filled, ceil_div(size, self._block))
+            _truncated(node, ceil_div(size, self._block))
             self._reservations.release_from(node, ceil_div(size, self._block))
         finally:
             if own_fd:

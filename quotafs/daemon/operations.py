@@ -421,7 +421,7 @@ class QuotaFS(pyfuse3.Operations):
         try:
             if node.open_count == 1:  # what we knew of the closed file may be stale
                 node.size = os.fstat(fd).st_size
-                node.filled = None
+                node.filled, node.scattered = None, None
             if flags & os.O_TRUNC and node.size:
                 self.charging.truncate(node, 0, self.inodes.handles[fh], privileged)
         except BaseException:
@@ -474,7 +474,7 @@ class QuotaFS(pyfuse3.Operations):
             raise
         node.lookups += 1
         node.charged = 0
-        node.filled = 0  # new and empty
+        node.filled, node.scattered = 0, set()  # new and empty: every block is known
         fh = self.inodes.new_handle(node, fd, flags, privileged)
         return self._file_info(fh, node), self._attrs(node, st)
 

@@ -158,6 +158,25 @@ async def test_a_write_after_a_shrinking_truncate_charges_the_blocks_again(
     await assert_books_balance(fs)
 
 
+async def test_random_writes_into_a_sparse_file_of_ours_charge_each_block_once(
+        fs: InProcessFS) -> None:
+    """A file the daemon made: which blocks hold data is known without asking the
+    backing, through writes in any order, a shrinking truncate and a growing one."""
+    f = await fs.create("/s")
+    await fs.truncate(f, 8 * BLOCK)
+    for block, charged in [(5, 1), (2, 2), (5, 2), (0, 3), (1, 4), (3, 5), (2, 5), (7, 6)]:
+        await fs.write(f, block * BLOCK + 10, b"r" * 100)
+        assert await usage(fs) == (charged * BLOCK, 1), f"after writing block {block}"
+    await fs.truncate(f, 4 * BLOCK + 1)  # blocks 0-3 stay, 4 is a hole, 5 and 7 go
+    assert await usage(fs) == (4 * BLOCK, 1)
+    await fs.truncate(f, 8 * BLOCK)
+    for block, charged in [(5, 5), (4, 6), (3, 6), (5, 6)]:
+        await fs.write(f, block * BLOCK, b"t" * BLOCK)
+        assert await usage(fs) == (charged * BLOCK, 1), f"after rewriting block {block}"
+    await fs.release(f)
+    await assert_books_balance(fs)
+
+
 async def test_appends_to_a_partly_written_last_block(fs: InProcessFS) -> None:
     """Appending inside the file's last block takes nothing; crossing into the next one
     takes one block; both after a reopen too (what was known is asked again)."""
