@@ -159,7 +159,20 @@ class QuotaFS(pyfuse3.Operations):
         with self.rights.as_caller(ctx):
             parent = self.inodes.node(parent_inode)
             self.rights.check_search(parent)
-            return self._lookup_entry(parent, name)[1]
+            try:
+                return self._lookup_entry(parent, name)[1]
+            except FileNotFoundError:
+                return self._no_entry()
+
+    def _no_entry(self) -> pyfuse3.EntryAttributes:
+        """A lookup's "no such name", as an entry of inode 0: the kernel keeps it (a
+        negative dentry) for the entry timeout, so a program that checks for a file again
+        and again (SQLite's journal, git's checkout) asks once. Exact for the same reason as
+        the positive entries: every name is made through the kernel, which drops it."""
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = InodeT(0)
+        entry.entry_timeout = self.options.entry_timeout
+        return entry
 
     @boundary
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
