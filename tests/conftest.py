@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import re
 import shutil
@@ -22,9 +23,10 @@ from typing import Any
 import pytest
 
 import quotafs
-from quotafs import QuotaMount, statedir
+from quotafs import QuotaMount, controlsocket, statedir
 from quotafs.client import lifecycle
 from quotafs.options import MountOptions
+from quotafs.protocol import request_line
 from quotafs.testing import QuotafsFactory, ext4_unusable_reason, fuse_unusable_reason
 
 # The plugin comes in through its pytest11 entry point, as in a user's suite (naming it in
@@ -33,6 +35,17 @@ from quotafs.testing import QuotafsFactory, ext4_unusable_reason, fuse_unusable_
 needs_fuse = pytest.mark.skipif(fuse_unusable_reason() is not None,
                                 reason=fuse_unusable_reason() or "")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+def raw_control(mountpoint: str, name: str = "", args: dict[str, Any] | None = None,
+                line: bytes | None = None, owner: int = 0, timeout: float = 10) -> Any:
+    """One request on the control socket of the mount at `mountpoint` (mounted by
+    `owner`), as this process's uid: the daemon's reply, decoded. `line`: these bytes
+    instead of a well-formed request (what a careless client may send)."""
+    with controlsocket.connect(mountpoint, owner, timeout) as sock:
+        raw = controlsocket.exchange(
+            sock, request_line(name, args) if line is None else line, timeout)
+    return json.loads(raw)
 
 
 def loop_ext4_unusable_reason() -> str | None:

@@ -312,8 +312,9 @@ def mounted(limit: SizeLike = None, backing: str | None = None,
     Options are those of `quotafs mount`, as keywords: inodes, reserve ("5%" or a size
     that only root may use; default 0), like_ext4 (a size: a default mkfs.ext4's room
     for that image), accounting, block_size,
-    mmap_sigbus, allow_other, no_cache, keep_backing, fsname, debug, seed, rules (a list
-    of rule dicts as in a rules file), rules_file; and log_file, a file the daemon appends
+    mmap_sigbus, allow_other, no_cache, keep_backing, fsname, debug, xattrs (False: as
+    --xattrs off), seed, rules (a list of rule dicts as in a rules file), rules_file; and
+    log_file, a file the daemon appends
     its log to (warnings and errors; everything with debug) instead of the caller's stderr.
     They are checked (quotafs.options.MountOptions) before anything is made: a bad one
     raises QuotafsError with the message `quotafs mount` prints.

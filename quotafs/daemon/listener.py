@@ -8,6 +8,7 @@ nothing but a task switch; a peer that sends nothing is dropped after a while.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -33,6 +34,14 @@ async def _read_line(stream: trio.SocketStream) -> bytes | None:
     return bytes(data[:data.index(b"\n")])
 
 
+def _hung_up(fd: int) -> bool:
+    """Whether the client closed its end: one that gave up waiting (a daemon stopped with
+    SIGSTOP, then resumed) must not find its request applied after it reported failure."""
+    poll = select.poll()
+    poll.register(fd, select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poll.poll(0))
+
+
 def _handler(channel: ControlChannel) -> Callable[[trio.SocketStream], Awaitable[None]]:
     async def answer(stream: trio.SocketStream) -> None:
         async with stream:
@@ -40,7 +49,7 @@ def _handler(channel: ControlChannel) -> Callable[[trio.SocketStream], Awaitable
                 uid = peer_uid(stream.socket)  # type: ignore[arg-type]  # trio's socket
                 with trio.move_on_after(IDLE_TIMEOUT):
                     line = await _read_line(stream)
-                    if line is not None:
+                    if line is not None and not _hung_up(stream.socket.fileno()):
                         await stream.send_all(channel.answer(line, uid))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 log.debug("control connection ended: %s", exc)  # the client went away

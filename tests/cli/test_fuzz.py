@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import io
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -29,7 +27,7 @@ from quotafs.model.faults import SPEC_KEYS, parse_duration
 from quotafs.mountinfo import find_mount
 from quotafs.options import MountOptions
 from quotafs.protocol import FAULT_ADD, FAULT_CLEAR, SET, STATUS
-from tests.conftest import needs_fuse
+from tests.conftest import needs_fuse, raw_control
 
 pytestmark = needs_fuse
 
@@ -64,7 +62,7 @@ def _reset(m: QuotaMount) -> None:
 
 def _assert_serving(m: QuotaMount) -> None:
     assert m.is_alive()
-    status = json.loads(os.getxattr(m.path, STATUS))
+    status = raw_control(m.path, STATUS)["result"]
     assert status["pid"] == m.pid and status["limit"] == LIMIT
 
 
@@ -189,7 +187,7 @@ _JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
 _KEYS = st.sampled_from([*SPEC_KEYS, "limit", "inodes", "id", "x"])
 _REQUEST = st.dictionaries(_KEYS, _JSON, max_size=5).map(
     lambda d: {k: v for k, v in d.items() if k != "delay" or v in ("1ms", "0s", 5)})
-_VALUES = st.one_of(
+_ARGS = st.one_of(
     _REQUEST.map(lambda d: json.dumps(d).encode()),
     st.binary(max_size=64),
     st.sampled_from([b"", b"[" * 20000, b'{"limit": ' + b"9" * 5000 + b"}", b"\xff\xfe",
@@ -198,12 +196,15 @@ _VALUES = st.one_of(
 
 
 @FUZZ
-@given(name=st.sampled_from([SET, FAULT_ADD, FAULT_CLEAR]), value=_VALUES)
-def test_control_channel_fuzz(live: QuotaMount, name: bytes, value: bytes) -> None:
+@given(name=st.sampled_from([SET, FAULT_ADD, FAULT_CLEAR, "nope"]), args=_ARGS,
+       whole=st.booleans())
+def test_control_channel_fuzz(live: QuotaMount, name: str, args: bytes, whole: bool) -> None:
+    """Requests with any arguments (or any bytes for the whole line): an answer each, a
+    result or a refusal with EINVAL/ENOENT, and the daemon serves on."""
+    line = (args if whole else b'{"request": "%s", "args": %s}' % (name.encode(), args))
     try:
-        os.setxattr(live.path, name, value)
-    except OSError as exc:
-        assert exc.errno in (errno.EINVAL, errno.ENOENT), (name, value, exc)
+        reply = raw_control(live.path, line=line.replace(b"\n", b" ") + b"\n")
+        assert "result" in reply or reply["errno"] in ("EINVAL", "ENOENT"), (line, reply)
     finally:
         _reset(live)
     _assert_serving(live)

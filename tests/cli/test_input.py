@@ -3,7 +3,6 @@ a hang — and one validation of the mount options for the CLI, the API and the 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import quotafs
+from quotafs.client import control as client_control
 from quotafs.client import lifecycle
 from quotafs.daemon.control import ControlChannel
 from quotafs.daemon.inodes import TableStats
@@ -27,12 +27,12 @@ from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.model.faults import FaultEngine, compile_glob, load_rules_toml, spec_from_args
 from quotafs.model.ledger import Ledger
 from quotafs.mountinfo import find_mount
-from quotafs.protocol import SET, XATTR_SIZE_MAX
+from quotafs.protocol import FAULT_ADD, MAX_EVENT_PATH, SET
 from quotafs.testing.plugin import OptionError, mount_options
 from quotafs.units import parse_size
 from tests.cli.test_cli_errors import assert_one_line_error
 from tests.cli.test_cli_errors import quotafs as run_quotafs
-from tests.conftest import MountFactory, needs_fuse, needs_root
+from tests.conftest import MountFactory, needs_fuse, needs_root, raw_control
 
 
 @pytest.fixture
@@ -162,8 +162,6 @@ def test_fault_list_pages_past_64k(mount_factory: MountFactory) -> None:
     assert len(result.stdout.splitlines()) == 41  # seed line + one per rule
     listed = json.loads(run_quotafs("fault", "list", "--json", m.path).stdout)
     assert len(listed["rules"]) == 40
-    # Each page is one xattr value: never over the limit.
-    assert len(os.getxattr(m.path, b"user.quotafs.faults.0")) <= XATTR_SIZE_MAX
 
 
 def _channel() -> ControlChannel:
@@ -175,10 +173,10 @@ def test_an_over_long_event_path_is_cut_and_hides_nothing() -> None:
     control = _channel()
     control.record_quota_hit("write", "/" + "\u00e9" * 70_000)  # 420 KB as JSON
     control.record_quota_hit("write", "/after")
-    page = control._events_after(0)
-    assert len(page) <= XATTR_SIZE_MAX
-    events = [json.loads(line) for line in page.decode().splitlines()]
+    events = control.events_after(0)["events"]
     assert [e["seq"] for e in events] == [1, 2]
+    # Cut to MAX_EVENT_PATH characters, each at most 12 as JSON (an escaped surrogate pair).
+    assert len(json.dumps(events)) < 13 * MAX_EVENT_PATH
     assert events[0]["path"].endswith("...[65905 more]")
     assert events[1]["path"] == "/after"
 
@@ -192,10 +190,10 @@ def test_short_write_0_is_refused_and_records_no_quota_event(
     m = mount_factory("1M")
     result = run_quotafs("fault", "add", m.path, "--op", "write", "--short-write", "0")
     assert_one_line_error(result, ExitCode.USAGE, "--short-write: must be at least 1 byte")
-    with pytest.raises(OSError) as info:  # the control channel refuses it as well
-        os.setxattr(m.path, b"user.quotafs.fault.add",
-                    json.dumps({"op": "write", "short_write": 0}).encode())
-    assert info.value.errno == errno.EINVAL
+    with pytest.raises(QuotafsError) as info:  # the control channel refuses it as well
+        client_control.request(m.path, FAULT_ADD, {"op": "write", "short_write": 0})
+    assert info.value.code == ExitCode.USAGE
+    assert "must be at least 1 byte" in str(info.value)
     with open(os.path.join(m.path, "f"), "wb") as f:
         f.write(b"x" * 8192)
     assert m.faults() == [] and m.events() == []
@@ -273,9 +271,7 @@ def test_set_refuses_2_63(mount_factory: MountFactory) -> None:
                           "2^63-1")
     with pytest.raises(QuotafsError, match="2\\^63-1"):
         m.set_limit(2**64)
-    with pytest.raises(OSError) as info:
-        os.setxattr(m.path, SET, json.dumps({"limit": 2**64}).encode())
-    assert info.value.errno == errno.EINVAL
+    assert raw_control(m.path, SET, {"limit": 2**64})["errno"] == "EINVAL"
     os.statvfs(m.path)  # df still answers
     assert m.usage()["limit"] == 1 << 20
 

@@ -13,7 +13,6 @@ import pytest
 
 from quotafs.client import lifecycle
 from quotafs.mountinfo import find_mount
-from quotafs.protocol import STATUS
 from tests.conftest import fuse_unusable_reason
 
 pytestmark = pytest.mark.skipif(fuse_unusable_reason() is not None,
@@ -34,7 +33,8 @@ def test_exit_status_mount_env_and_cleanup(tmp_path: Path) -> None:
     script = ("import os,errno,json\n"
               "m=os.environ['QUOTAFS_MOUNT']\n"
               "assert os.getcwd()==m, (os.getcwd(), m)\n"
-              f"pid=json.loads(os.getxattr(m, {STATUS!r}))['pid']\n"
+              "from quotafs.client import control\n"
+              "pid=control.read_status(m).pid\n"
               "fd=os.open('f', os.O_WRONLY|os.O_CREAT)\n"
               "n=0\n"
               "try:\n"

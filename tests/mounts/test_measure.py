@@ -3,7 +3,7 @@ when files are measured again: after the kernel forgot their inodes, and for eve
 present at mount. On real loop-ext4 backings of 1 KiB and 4 KiB blocks, where st_blocks
 counts extent-tree and xattr blocks that quotafs does not charge (root only).
 
-Cache drops are this mount's own: the control request "user.quotafs.forget" makes the
+Cache drops are this mount's own: the control request "forget" makes the
 kernel drop the mount's cached entries, so that it sends FORGET for their inodes.
 """
 
@@ -22,9 +22,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from quotafs.client import control
 from quotafs.client.api import QuotaMount, mounted
 from quotafs.errors import QuotafsError
 from quotafs.model.costs import Costs, Mode, scan_backing
+from quotafs.protocol import FORGET
 from quotafs.reference.loopext4 import Ext4Loop, open_ext4_loop
 from tests.conftest import needs_fuse_and_loop_ext4
 from tests.differential.machinery import wait_until
@@ -100,7 +102,7 @@ def write_layout(path: str, pieces: list[tuple[int, int]], fd: int | None = None
 def forget(m: QuotaMount, keep: int = 1) -> None:
     """Make the kernel forget this mount's inodes; wait until the daemon knows at most
     `keep` (the root, and what open files hold)."""
-    os.setxattr(m.path, "user.quotafs.forget", b"{}")
+    control.request(m.path, FORGET)
     assert wait_until(lambda: m.status()["known_inodes"] <= keep, timeout=10), \
         f"the kernel still holds {m.status()['known_inodes']} inodes of the mount"
 

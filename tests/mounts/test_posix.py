@@ -39,7 +39,7 @@ from quotafs.client.api import QuotaMount, mounted
 from quotafs.daemon.boundary import boundary
 from quotafs.errors import errno_name
 from quotafs.model.costs import Costs, Mode, scan_backing
-from tests.conftest import fuse_unusable_reason
+from tests.conftest import fuse_unusable_reason, raw_control
 from tests.differential.machinery import wait_until
 
 pytestmark = pytest.mark.skipif(
@@ -1512,16 +1512,13 @@ def test_unexpected_exception_answers_eio_and_daemon_lives(pair: Pair) -> None:
         with pytest.raises(pyfuse3.FUSEError) as exc:
             trio.run(fn)
         assert exc.value.errno == code
-    # Requests the daemon must refuse without dying, with the errno ext4 gives a malformed
-    # value of an attribute it manages (setxattr system.posix_acl_access b"x": EINVAL).
-    status = pair.mount.path
-    for name, value in ((b"user.quotafs.set", b"not json"), (b"user.quotafs.set", b"[1]"),
-                        (b"user.quotafs.status", b"x"), (b"user.quotafs.nope", b"1")):
-        with pytest.raises(OSError) as refusal:
-            os.setxattr(status, name, value)
-        assert refusal.value.errno == errno.EINVAL, (name, value, refusal.value)
-    refused = other()(lambda: os.setxattr(status, b"user.quotafs.set", b"{}"))()
-    assert refused in (Err("EPERM"), Err("EACCES"))
+    # Control requests the daemon must refuse without dying, each with EINVAL and a reason.
+    for line in (b"not json\n", b"[1]\n", b'{"request": "set", "args": {"limit": "x"}}\n',
+                 b'{"request": "nope"}\n', b'{"request": "status", "args": []}\n'):
+        reply = raw_control(pair.mount.path, line=line)
+        assert reply["errno"] == "EINVAL" and reply["error"], (line, reply)
+    refused = other()(lambda: raw_control(pair.mount.path, "set", {}))()
+    assert refused["errno"] == "EPERM"
     assert pair.mount.is_alive()
 
 

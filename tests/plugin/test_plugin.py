@@ -127,8 +127,16 @@ def test_marker_options_reach_the_mount(pytester: pytest.Pytester) -> None:
         def test_module_marker_applies(quota_mount):
             s = quota_mount.status()
             assert (s["limit"], s["inode_limit"], s["seed"]) == (2 << 20, 2, 7)
+            assert s["xattrs"] is True
+
+        @pytest.mark.quotafs(limit="1M", xattrs="off")
+        def test_xattrs_off(quota_mount):
+            assert quota_mount.status()["xattrs"] is False
+            with pytest.raises(OSError) as info:
+                os.listxattr(quota_mount.path)
+            assert info.value.errno == errno.EOPNOTSUPP
     """)
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
 
 
 @needs_fuse
