@@ -502,7 +502,8 @@ class QuotaFS(pyfuse3.Operations):
 
     @boundary
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        if self.faults.active:
+        faults = self.faults
+        if faults.active:
             effect = await self.gate.check(Op.WRITE, fh, size=len(buf))
             if effect is not None:  # a short write: store only the first bytes
                 buf = buf[:effect.value]
@@ -510,7 +511,7 @@ class QuotaFS(pyfuse3.Operations):
         # pwrite(2) of nothing changes nothing, so nothing is charged: the kernel never
         # sends an empty WRITE, but a short-write rule of 0 bytes and in-process callers do.
         written = self._write(handle, off, buf) if buf else 0
-        if self.faults.counting:
+        if faults.active and faults.counting:  # counting rules are live rules
             self.gate.note_written(handle.node, written)
         return written
 
