@@ -61,7 +61,9 @@ def _stored(node: Node, off: int, written: int, error: OSError | None) -> int:
     return written
 
 
-SCATTERED_MAX = 1 << 16  # blocks: past this, Node.scattered is dropped (SEEK_DATA tells)
+# Blocks: past this, Node.scattered is dropped and SEEK_DATA tells (a set of 16,384 blocks,
+# 64 MiB of data in 4 KiB blocks, takes about 1 MB; it lives while the file is open).
+SCATTERED_MAX = 1 << 14
 
 
 def _note_data(node: Node, first: int, stop: int) -> None:
@@ -231,6 +233,8 @@ class Charging:
         file's charge with its last handle."""
         if node.reserved:
             self._reservations.release_handle(node, fh)
+        if node.open_count == 0:  # asked again at the next open: free the set meanwhile
+            node.filled, node.scattered = None, None
         if node.open_count == 0 and node.orphaned:
             node.orphaned = False
             self.credit(node.charged or 0)
