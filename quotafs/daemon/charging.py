@@ -278,15 +278,18 @@ class Charging:
         if lo * block >= node.size or (scattered is not None and not scattered):
             holes: list[int] = list(range(lo, last))  # past EOF, or known to be holes
         elif scattered is not None:
-            holes = [b for b in range(lo, last) if b not in scattered]
+            holes = (([] if lo in scattered else [lo]) if last - lo == 1  # the usual case
+                     else [b for b in range(lo, last) if b not in scattered])
         else:
             holes = self._costs.holes(handle.fd, max(off, lo * block), end, node.size)
-        reserved = [b for b in holes if b in node.reserved] if node.reserved else []
-        new = [b for b in holes if b not in node.reserved] if reserved else holes
+        new, reserved = holes, []
+        if node.reserved:  # --mmap-sigbus: blocks reserved by reads are no longer new
+            reserved = [b for b in holes if b in node.reserved]
+            new = [b for b in holes if b not in node.reserved]
         if len(new) > ledger.free_for(handle.privileged) // block:
             self._refuse_write(node)
         written, error = pwrite_whole(handle.fd, buf, off)
-        stored_end = ceil_div(off + written, block)
+        stored_end = -(-(off + written) // block)
         taken = len(new) if error is None else sum(1 for b in new if b < stored_end)
         ledger.force_charge(taken * block)  # fits: checked against free_for() above
         converted = self._reservations.convert(node, reserved, stored_end) if reserved else 0
