@@ -87,25 +87,45 @@ def bind(mountpoint: str) -> tuple[socket.socket, os.stat_result]:
     """A listening socket at this mount's path (a stale one there is replaced, atomically:
     bound under a temporary name, then renamed), and what it is on disk (for release)."""
     uid = os.geteuid()
-    try:
-        folder = _own_dir(uid)
-        path = socket_path(mountpoint, uid)
-        tmp = os.path.join(folder, f".{os.getpid()}.{time.monotonic_ns()}.tmp")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    for attempt in range(3):
         try:
-            sock.bind(tmp)
-            os.chmod(tmp, 0o666)  # anyone may connect; the daemon checks the peer
-            sock.listen(64)
-            os.rename(tmp, path)
-            return sock, os.lstat(path)
-        except BaseException:
-            sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    except OSError as exc:
-        raise QuotafsError(f"cannot make the control socket in {control_dir(uid)}: "
-                           f"{exc.strerror}", ExitCode.DAEMON) from None
+            return _bind_in(_own_dir(uid), socket_path(mountpoint, uid))
+        except FileNotFoundError:
+            if attempt == 2:  # the directory went each time (another daemon's release)
+                raise _cannot(uid, "it keeps vanishing") from None
+        except OSError as exc:
+            raise _cannot(uid, exc.strerror or str(exc)) from None
+    raise AssertionError("unreachable")
+
+
+def _cannot(uid: int, why: str) -> QuotafsError:
+    return QuotafsError(f"cannot make the control socket in {control_dir(uid)}: {why}",
+                        ExitCode.DAEMON)
+
+
+def _bind_in(folder: str, path: str) -> tuple[socket.socket, os.stat_result]:
+    tmp = os.path.join(folder, f".{os.getpid()}.{time.monotonic_ns()}.tmp")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(tmp)
+        os.chmod(tmp, 0o666)  # anyone may connect; the daemon checks the peer
+        sock.listen(64)
+        os.rename(tmp, path)
+        return sock, os.lstat(path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _remove(path: str) -> None:
+    """Remove a socket, and its directory if that is now empty (a daemon binding there at
+    this moment retries: see bind)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    with contextlib.suppress(OSError):  # ENOTEMPTY: other mounts' sockets
+        os.rmdir(os.path.dirname(path))
 
 
 def release(mountpoint: str, bound: os.stat_result) -> None:
@@ -113,7 +133,7 @@ def release(mountpoint: str, bound: os.stat_result) -> None:
     path = socket_path(mountpoint, os.geteuid())
     with contextlib.suppress(OSError):
         if os.path.samestat(os.lstat(path), bound):
-            os.unlink(path)
+            _remove(path)
 
 
 # -- a client's side ------------------------------------------------------------------------
@@ -170,7 +190,6 @@ def remove_stale(mountpoint: str, uid: int) -> None:
     try:
         connect(mountpoint, uid, 1.0).close()
     except ConnectionRefusedError:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        _remove(path)
     except (OSError, QuotafsError):
         pass  # missing, alive, or not ours to remove

@@ -54,6 +54,7 @@ def _status_lines(status: Status) -> list[str]:
         + ("" if inode_limit is None else f" of {inode_limit}"),
         f"accounting:   {status['accounting']}, block size {status['block_size']}",
         f"mmap sigbus:  {'on' if status['mmap_sigbus'] else 'off'}",
+        f"xattrs:       {'on' if status['xattrs'] else 'off (--xattrs off)'}",
         f"ENOSPC:       {status['enospc_count']} answered",
         f"backing:      {status['backing']}"
         + (" (private)" if status["private_backing"] else ""),

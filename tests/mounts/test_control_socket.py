@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ def test_status_set_faults_and_events_go_through_the_socket(
                            capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["xattrs"] is xattrs
+    human = subprocess.run([sys.executable, "-m", "quotafs", "status", m.path],
+                           capture_output=True, text=True, timeout=60)
+    assert f"xattrs:       {'on' if xattrs else 'off'}" in human.stdout
     events = subprocess.run([sys.executable, "-m", "quotafs", "events", m.path],
                             capture_output=True, text=True, timeout=60)
     assert events.returncode == 0 and "fault write /f: errno EIO" in events.stdout
@@ -220,3 +224,71 @@ def test_the_api_takes_xattrs_off_in_every_form() -> None:
             return (await m.trio.status()).xattrs
 
     assert trio.run(main) is False
+
+
+# Run by root in a private mount namespace (as tests/mounts/test_unprivileged.py does): a
+# 0666 fuse node over /dev/fuse, a mount by nobody, then each user's control requests.
+_USERS_MOUNT = """
+import json, os, subprocess, sys
+top, python, src, nobody, other = sys.argv[1:4] + [int(a) for a in sys.argv[4:6]]
+mnt, node = f"{top}/mnt", f"{top}/fuse"
+os.mknod(node, 0o666 | 0o020000, os.makedev(10, 229)); os.chmod(node, 0o666)
+subprocess.run(["mount", "--bind", node, "/dev/fuse"], check=True)
+env = {"PATH": "/usr/bin:/bin", "HOME": top, "XDG_RUNTIME_DIR": f"{top}/run",
+       "TMPDIR": f"{top}/tmp", "PYTHONPATH": src}
+
+def q(uid, *args):
+    who = [] if uid == 0 else ["setpriv", f"--reuid={uid}", f"--regid={uid}",
+                               "--clear-groups"]
+    r = subprocess.run(who + [python, "-m", "quotafs", *args], capture_output=True,
+                       text=True, timeout=120, env=env)
+    return [r.returncode, r.stdout if "--json" in args else "", r.stderr.strip()]
+
+out = {"mount": q(nobody, "mount", "--xattrs", "off", "--limit", "64K", mnt)}
+sys.path.insert(0, src)
+from quotafs import controlsocket
+sock = controlsocket.socket_path(mnt, nobody)
+try:
+    out["socket_owner"] = os.lstat(sock).st_uid
+    out["root_set"] = q(0, "set", "--json", mnt, "--limit", "128K")
+    out["other_set"] = q(other, "set", mnt, "--limit", "1M")
+    out["other_status"] = q(other, "status", "--json", mnt)
+    out["owner_status"] = q(nobody, "status", "--json", mnt)
+finally:
+    out["umount"] = q(nobody, "umount", mnt)
+out["socket_left"] = os.path.exists(sock)
+out["dir_left"] = os.path.exists(os.path.dirname(sock))
+print(json.dumps(out))
+"""
+
+
+def test_root_controls_a_users_mount_and_a_third_user_cannot(nobody_env: NobodyEnv) -> None:
+    """The socket of nobody's mount is found by root from the mount point alone; another
+    user reads the status but is refused a change in one line."""
+    shared = os.path.exists(controlsocket.control_dir(NOBODY))  # other mounts of nobody's
+    top = Path(tempfile.mkdtemp(prefix="case-", dir=nobody_env.top))
+    try:
+        for sub in ("mnt", "run", "tmp"):
+            (top / sub).mkdir(mode=0o700)
+            os.chown(top / sub, NOBODY, NOBODY)
+        top.chmod(0o755)
+        result = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
+             _USERS_MOUNT, str(top), nobody_env.python, str(nobody_env.src), str(NOBODY),
+             "4242"], capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, result.stderr
+        out = json.loads(result.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    assert out["mount"][0] == 0, out
+    assert out["socket_owner"] == NOBODY
+    assert out["root_set"][0] == 0 and json.loads(out["root_set"][1])["limit"] == 128 << 10
+    assert out["other_set"][0] == ExitCode.PERMISSION
+    assert "not allowed to change" in out["other_set"][2]
+    assert len(out["other_set"][2].splitlines()) == 1
+    assert out["other_status"][0] == 0  # the status is public, as df is
+    owner = json.loads(out["owner_status"][1])
+    assert (owner["limit"], owner["xattrs"]) == (128 << 10, False)
+    assert out["umount"][0] == 0
+    assert out["socket_left"] is False
+    assert out["dir_left"] is shared  # the last socket's daemon removes the directory

@@ -5,7 +5,9 @@ peer of another uid); the daemon replaces a stale socket and removes only its ow
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,11 +22,16 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
 
 
 @pytest.fixture
-def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """control_dir() of every uid, for this test alone."""
-    path = tmp_path / "control"
+def folder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """control_dir() of every uid, for this test alone: short, as a socket path must be
+    (at most 107 bytes; pytest's tmp_path can be longer)."""
+    top = Path(tempfile.mkdtemp(prefix="qcs-", dir="/tmp"))
+    path = top / "control"
     monkeypatch.setattr(controlsocket, "control_dir", lambda uid: str(path))
-    yield path
+    try:
+        yield path
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def _refused(words: str) -> None:
@@ -34,14 +41,19 @@ def _refused(words: str) -> None:
 
 
 def test_a_socket_the_daemon_made_is_reached(folder: Path) -> None:
-    sock, _ = controlsocket.bind(MNT)
-    with sock:
+    sock, bound = controlsocket.bind(MNT)
+    other, other_bound = controlsocket.bind("/another/mount")
+    with sock, other:
         assert oct(folder.stat().st_mode & 0o777) == oct(controlsocket.DIR_MODE)
         with controlsocket.connect(MNT, 0, 1.0) as client:
             server, _ = sock.accept()
             with server:
                 server.sendall(b"hi\n")
                 assert controlsocket.exchange(client, b"x\n", 1.0) == b"hi\n"
+    controlsocket.release(MNT, bound)
+    assert folder.exists()  # another mount's socket is in it
+    controlsocket.release("/another/mount", other_bound)
+    assert not folder.exists()
 
 
 def test_a_directory_others_may_write_or_of_another_uid_is_refused(folder: Path) -> None:
@@ -109,5 +121,5 @@ def test_a_stale_socket_is_replaced_and_only_ones_own_is_removed(folder: Path) -
         assert os.path.exists(controlsocket.socket_path(MNT, 0))
     controlsocket.remove_stale(MNT, 0)  # no listener any more: removed
     assert not os.path.exists(controlsocket.socket_path(MNT, 0))
+    assert not folder.exists()  # the last socket gone, its directory goes too
     controlsocket.release(MNT, bound_second)  # nothing left: no error
-    assert [p.name for p in folder.iterdir()] == []
