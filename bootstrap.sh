@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PACKAGES=(fuse3 libfuse3-dev pkg-config e2fsprogs util-linux gcc python3-dev python3-venv)
+PACKAGES=(fuse3 libfuse3-dev pkg-config e2fsprogs util-linux gcc python3-dev python3-venv git)
 VENV=${QUOTAFS_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 

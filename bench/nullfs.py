@@ -6,11 +6,17 @@ pyfuse3 and trio exactly as it does for quotafs, so no pyfuse3 filesystem that s
 data can be faster than this one; when a goal is out of reach for it, the goal is out of
 reach for quotafs too. It uses the same kernel cache timeouts as quotafs (60 s).
 
-    python bench/nullfs.py [--xattr] MOUNTPOINT
+    python bench/nullfs.py [--xattr] [--keep-data] MOUNTPOINT
 
 Without --xattr, getxattr answers ENOSYS, after which the kernel stops asking (and stops
 sending GETXATTR "security.capability" before every write). With --xattr it answers
 ENODATA like a filesystem that supports extended attributes, as quotafs must.
+
+With --keep-data it keeps what is written in memory (one bytearray per file: one copy,
+the least a filesystem that stores data does) and reads it back, so that programs that
+read their own files (SQLite, tar, git) can run on it: the ceiling of the application
+workloads. (The data of a file goes with its last name, even while it is open.) Rename
+and link work in both modes, as those programs need.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ TIMEOUT = 60.0  # the kernel cache timeouts quotafs uses
 
 
 class Node:
-    __slots__ = ("attr", "children", "name", "parent")
+    __slots__ = ("attr", "children", "data", "name", "parent")
 
     def __init__(self, ino: int, mode: int, parent: int, name: bytes) -> None:
         now = time.time_ns()
@@ -47,14 +53,17 @@ class Node:
         attr.generation = 0
         self.attr = attr
         self.children: dict[bytes, int] | None = {} if stat.S_ISDIR(mode) else None
+        self.data = bytearray()  # --keep-data: the file's bytes up to the last written
         self.parent = parent
         self.name = name
 
 
 class NullFS(pyfuse3.Operations):
-    def __init__(self, xattr: bool) -> None:
+    def __init__(self, xattr: bool, keep_data: bool = False) -> None:
         super().__init__()
         self.xattr = xattr
+        if keep_data:
+            self.read, self.write = self._read_kept, self._write_kept  # type: ignore[method-assign]
         self.nodes: dict[int, Node] = {
             pyfuse3.ROOT_INODE: Node(pyfuse3.ROOT_INODE, stat.S_IFDIR | 0o755,
                                      pyfuse3.ROOT_INODE, b"")}
@@ -93,6 +102,7 @@ class NullFS(pyfuse3.Operations):
         node = self.nodes[inode].attr
         if fields.update_size:
             node.st_size = attr.st_size
+            del self.nodes[inode].data[attr.st_size:]
         if fields.update_mode:
             node.st_mode = (node.st_mode & ~0o7777) | (attr.st_mode & 0o7777)
         if fields.update_mtime:
@@ -130,7 +140,11 @@ class NullFS(pyfuse3.Operations):
         # The inode stays until forget: open handles may still use it.
 
     async def unlink(self, parent_inode: Any, name: Any, ctx: Any) -> None:
+        node = self._child(parent_inode, name)
         await self._remove(parent_inode, name)
+        node.attr.st_nlink -= 1
+        if node.attr.st_nlink <= 0:  # no forget bookkeeping: free the data with the name
+            node.data = bytearray()
 
     async def rmdir(self, parent_inode: Any, name: Any, ctx: Any) -> None:
         await self._remove(parent_inode, name)
@@ -142,6 +156,7 @@ class NullFS(pyfuse3.Operations):
     async def open(self, inode: Any, flags: Any, ctx: Any) -> Any:
         if flags & os.O_TRUNC:
             self.nodes[inode].attr.st_size = 0
+            self.nodes[inode].data.clear()
         return pyfuse3.FileInfo(fh=inode)
 
     async def read(self, fh: Any, off: Any, size: Any) -> bytes:
@@ -154,6 +169,46 @@ class NullFS(pyfuse3.Operations):
         if end > attr.st_size:
             attr.st_size = end
         return len(buf)
+
+    async def _read_kept(self, fh: Any, off: Any, size: Any) -> bytes:
+        node = self.nodes[fh]
+        length = max(0, min(size, node.attr.st_size - off))
+        data = bytes(node.data[off:off + length])
+        return data + bytes(length - len(data))  # past the last write: a hole
+
+    async def _write_kept(self, fh: Any, off: Any, buf: bytes) -> int:
+        node = self.nodes[fh]
+        data = node.data
+        if off > len(data):
+            data.extend(bytes(off - len(data)))
+        data[off:off + len(buf)] = buf
+        end = off + len(buf)
+        if end > node.attr.st_size:
+            node.attr.st_size = end
+        return len(buf)
+
+    async def rename(self, parent_inode_old: Any, name_old: Any, parent_inode_new: Any,
+                     name_new: Any, flags: Any, ctx: Any) -> None:
+        ino = self._child(parent_inode_old, name_old).attr.st_ino
+        old_children = self.nodes[parent_inode_old].children
+        new_children = self.nodes[parent_inode_new].children
+        assert old_children is not None and new_children is not None
+        replaced = new_children.get(name_new)
+        if replaced is not None and self.nodes[replaced].children:
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        del old_children[name_old]
+        new_children[name_new] = ino
+        node = self.nodes[ino]
+        node.parent, node.name = parent_inode_new, name_new
+
+    async def link(self, inode: Any, new_parent_inode: Any, new_name: Any, ctx: Any) -> Any:
+        children = self.nodes[new_parent_inode].children
+        assert children is not None
+        if new_name in children:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        children[new_name] = inode
+        self.nodes[inode].attr.st_nlink += 1
+        return self.nodes[inode].attr
 
     async def flush(self, fh: Any) -> None:
         pass
@@ -191,10 +246,13 @@ def main() -> None:
     parser.add_argument("mountpoint")
     parser.add_argument("--xattr", action="store_true",
                         help="answer getxattr with ENODATA instead of ENOSYS")
+    parser.add_argument("--keep-data", action="store_true",
+                        help="keep written data in memory and read it back (and support "
+                             "rename and link)")
     args = parser.parse_args()
     options = set(pyfuse3.default_options)
     options.add("fsname=nullfs")
-    pyfuse3.init(NullFS(args.xattr), args.mountpoint, options)
+    pyfuse3.init(NullFS(args.xattr, args.keep_data), args.mountpoint, options)
     try:
         trio.run(pyfuse3.main)
     finally:

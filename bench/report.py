@@ -58,15 +58,17 @@ def _spread(values: Sequence[float]) -> float:
 
 def summarise(samples: dict[tuple[str, str], list[Sample | None]],
               targets: Sequence[str], skipped: dict[str, str],
-              workloads: Sequence[Workload]) -> list[Result]:
-    """One Result per target x workload; ratios are per round (same round as native)."""
+              workloads: Sequence[Workload],
+              not_run: dict[tuple[str, str], str] | None = None) -> list[Result]:
+    """One Result per target x workload; ratios are per round (same round as native).
+    `skipped`: targets that did not run, and why; `not_run`: (target, workload) pairs."""
     results: list[Result] = []
     for w in workloads:
         native = samples.get(("native", w.name), [])
         for t in [*targets, *skipped]:
-            if t in skipped:
-                results.append(Result(t, w.name, w.unit, "skipped", goal=w.goal,
-                                      note=skipped[t]))
+            note = skipped.get(t) or (not_run or {}).get((t, w.name))
+            if note is not None:
+                results.append(Result(t, w.name, w.unit, "skipped", goal=w.goal, note=note))
                 continue
             rounds = samples.get((t, w.name), [])
             values = [s.value for s in rounds if s is not None]

@@ -8,7 +8,9 @@ native (ext4 itself), pyfuse3's own passthroughfs.py example (downloaded into be
 with pip from pyfuse3's source distribution; run with the fsync handler it lacks), two
 ceilings (bench/nullfs.py: pyfuse3 doing no I/O, without and with xattr support),
 quotafs --limit none, quotafs with a quota, quotafs with a quota and one fault rule that
-never matches, and quotafs with a quota and --no-cache. The workloads run
+never matches, and quotafs with a quota and --no-cache. The workloads are fio-like
+(bench/workloads.py) and programs users run: SQLite inserts, tar, git clone
+(bench/apps.py). They run
 interleaved — every round runs each workload on every target, in a rotating order — and
 the report gives medians, spreads and ratios to native from the same rounds. A scale part
 measures mount time and daemon memory with 100,000 files and the per-append cost of the
@@ -34,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import report, scale
+from bench.apps import APP_WORKLOADS
 from bench.system import (
     FOREIGN,
     BenchError,
@@ -61,11 +64,12 @@ from bench.workloads import (
     FULL,
     SMOKE,
     WARMUP,
-    WORKLOADS,
     Context,
     Sample,
     Sizes,
+    Workload,
 )
+from bench.workloads import WORKLOADS as BLOCK_WORKLOADS
 from quotafs.interrupts import signals_deferred, sigterm_as_interrupt
 
 HERE = Path(__file__).resolve().parent
@@ -80,7 +84,11 @@ TARGETS = {
                     "of any pyfuse3 daemon (getxattr: ENOSYS, so the kernel stops asking)",
     "pyfuse3-null-xattr": "bench/nullfs.py --xattr: the same, answering getxattr like a "
                           "filesystem with extended attributes (ENODATA), as quotafs must",
+    "pyfuse3-mem-xattr": "bench/nullfs.py --xattr --keep-data: the same, keeping the data "
+                         "in memory, the ceiling of the application workloads",
     "quotafs": "quotafs mount --limit SIZE --backing DIR (default options)",
+    "quotafs-noxattr": "quotafs with the quota and --xattrs off (getxattr: ENOSYS, so the "
+                       "kernel stops asking before every write)",
     "quotafs-nolimit": "the quotafs daemon with its limit set to none (quotafs set) for "
                        "each of these samples",
     "quotafs-rule": "the quotafs daemon with one fault rule that never matches added for "
@@ -90,7 +98,11 @@ TARGETS = {
 }
 
 
+WORKLOADS: dict[str, Workload] = {**BLOCK_WORKLOADS, **{w.name: w for w in APP_WORKLOADS}}
+
 VARIANTS = ("quotafs-nolimit", "quotafs-rule")  # settings of the quotafs target's daemon
+QUOTAFS_EXTRA = {"quotafs-nocache": ["--no-cache"], "quotafs-noxattr": ["--xattrs", "off"]}
+NO_DATA = "skipped: reads return zeros here, and this program reads back what it wrote"
 
 
 def _size(text: str) -> int:
@@ -125,6 +137,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rand-size", type=_size, help="random 4K write file size (default 64M)")
     p.add_argument("--mmap-size", type=_size, help="mmap writer file size (default 128M)")
     p.add_argument("--files", type=int, help="create+stat+unlink file count (default 2000)")
+    p.add_argument("--sqlite-txns", type=int, metavar="N",
+                   help="transactions of the SQLite workloads (default 300; --smoke: 20)")
+    p.add_argument("--tar-files", type=int, metavar="N",
+                   help="files in the tar workload's archive (default 3000; --smoke: 200)")
+    p.add_argument("--git-files", type=int, metavar="N",
+                   help="files in the git-clone workload's repository (default 500; "
+                        "--smoke: 50)")
     p.add_argument("--tree", type=int, nargs=2, metavar=("DIRS", "FILES"),
                    help="tree walk: DIRS directories of FILES files (default 40 100)")
     p.add_argument("--workloads", type=_names(WORKLOADS), default=list(WORKLOADS),
@@ -163,6 +182,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         p.error("--rounds must be >= 1")
+    for flag in ("sqlite_txns", "tar_files", "git_files"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
     return args
 
 
@@ -170,7 +192,8 @@ def choose_sizes(args: argparse.Namespace) -> Sizes:
     sizes = SMOKE if args.smoke else FULL
     changes: dict[str, int] = {}
     for arg, key in (("size", "seq"), ("rand_size", "rand"), ("mmap_size", "mmap"),
-                     ("files", "files")):
+                     ("files", "files"), ("sqlite_txns", "sqlite_txns"),
+                     ("tar_files", "tar_files"), ("git_files", "git_files")):
         if getattr(args, arg) is not None:
             changes[key] = getattr(args, arg)
     if args.tree is not None:
@@ -181,12 +204,19 @@ def choose_sizes(args: argparse.Namespace) -> Sizes:
 def image_size(sizes: Sizes, scale_files: int, n_targets: int) -> int:
     need = (384 * MiB + 3 * sizes.seq + sizes.rand + sizes.mmap
             + n_targets * sizes.tree_dirs * sizes.tree_files * 8192
+            + n_targets * (sizes.tar_files + sizes.git_files) * 3 * 8192  # archive, trees
             + int(scale_files * 1.02) * 8192)
     step = 256 * MiB
     return -(-need // step) * step
 
 
 # -- the run ------------------------------------------------------------------------------------
+
+def runs(target: Target, workload: Workload) -> bool:
+    """Can the workload run on the target? Not one that reads its data back on a target
+    that keeps none."""
+    return target.stores_data or not workload.reads_back
+
 
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
@@ -208,6 +238,7 @@ class Bench:
         self.quiet_timeout = 0.0 if self.quiet_left <= 0 else 5.0  # per scale step
         self.targets: list[Target] = []
         self.skipped: dict[str, str] = {}
+        self.not_run: dict[tuple[str, str], str] = {}  # (target, workload) pairs left out
         self.samples: dict[tuple[str, str], list[Sample | None]] = {}
         self.errors: list[str] = []
         self.scale_rows: list[dict[str, Any]] = []
@@ -237,10 +268,11 @@ class Bench:
                     out.append(passthrough_target(
                         script, ext4.subdir(f"backing-{name}"), ext4.mountpoint_for(name),
                         os.path.join(ext4.root, f"{name}.log")))
-                elif name.startswith("pyfuse3-null"):
+                elif name.startswith(("pyfuse3-null", "pyfuse3-mem")):
                     out.append(null_target(name, TARGETS[name], ext4.mountpoint_for(name),
                                            os.path.join(ext4.root, f"{name}.log"),
-                                           xattr=name.endswith("-xattr")))
+                                           xattr=name.endswith("-xattr"),
+                                           keep_data=name.startswith("pyfuse3-mem")))
                 elif name in VARIANTS:
                     if name == "quotafs-rule" and (reason := fault_support()) is not None:
                         raise TargetUnavailable(reason)
@@ -253,8 +285,7 @@ class Bench:
                 else:
                     out.append(QuotafsTarget(name, TARGETS[name], ext4.subdir(f"backing-{name}"),
                                              ext4.mountpoint_for(name), limit,
-                                             extra=["--no-cache"] if name == "quotafs-nocache"
-                                             else None))
+                                             extra=QUOTAFS_EXTRA.get(name)))
             except TargetUnavailable as exc:
                 self.skipped[name] = str(exc)
                 log(f"{name}: {exc}")
@@ -325,20 +356,28 @@ class Bench:
         names = [t.name for t in self.targets]
         for w in self.workloads:
             if w.prepare is not None:
-                for path in dict.fromkeys(t.path for t in self.targets):  # variants share
+                for path in dict.fromkeys(t.path for t in self.targets  # variants share
+                                          if runs(t, w)):
                     w.prepare(path, self.sizes)
         if self.rounds > 1:
             log("warm-up pass (not counted)")
             for w in self.workloads:
                 for t in self.targets:
-                    self.run_one(t, w.name, replace(WARMUP, tree_dirs=self.sizes.tree_dirs,
-                                                    tree_files=self.sizes.tree_files))
+                    if not runs(t, w):
+                        continue
+                    # The tree, the archive and the repository are prepared at full size.
+                    self.run_one(t, w.name, replace(
+                        WARMUP, tree_dirs=self.sizes.tree_dirs, tree_files=self.sizes.tree_files,
+                        tar_files=self.sizes.tar_files, git_files=self.sizes.git_files))
         for r in range(self.rounds):
             # Rotate the order every round, so no target always runs first (or after native).
             order = self.targets[r % len(names):] + self.targets[:r % len(names)]
             for w in self.workloads:
                 for t in order:
                     key = (t.name, w.name)
+                    if not runs(t, w):
+                        self.not_run[key] = NO_DATA
+                        continue
                     self.samples.setdefault(key, [None] * self.rounds)
                     try:
                         sample = self.measure(t, w.name)
@@ -392,7 +431,8 @@ class Bench:
             n = len(self.wanted)
             size = image_size(self.sizes, self.scale_files, n)
             inodes = 65536 + int(self.scale_files * 1.2) + 2 * (
-                n * self.sizes.tree_dirs * (self.sizes.tree_files + 2) + self.sizes.files)
+                n * self.sizes.tree_dirs * (self.sizes.tree_files + 2) + self.sizes.files
+                + n * (self.sizes.tar_files + 3 * self.sizes.git_files))
             log(f"native: {size // MiB} MiB sparse ext4 image ({inodes:,} inodes) on a tmpfs")
             ext4 = stack.enter_context(open_ext4(size, inodes))
             mounts = stack.enter_context(ExitStack())
@@ -522,7 +562,8 @@ def _main(args: argparse.Namespace) -> int:
         traceback.print_exc()
         return 1
     names = [t.name for t in bench.targets]
-    results = report.summarise(bench.samples, names, bench.skipped, bench.workloads)
+    results = report.summarise(bench.samples, names, bench.skipped, bench.workloads,
+                               bench.not_run)
     comparisons: list[report.Comparison] = []
     if "quotafs-nolimit" in names:
         for other in ("quotafs", "quotafs-rule"):

@@ -137,6 +137,11 @@ class Target:
     def is_fuse(self) -> bool:
         return False
 
+    @property
+    def stores_data(self) -> bool:
+        """Does it read back what was written? (bench/nullfs.py without --keep-data: no)"""
+        return True
+
     def start(self) -> None:
         raise NotImplementedError
 
@@ -370,8 +375,9 @@ class ChildDaemonTarget(Target):
     not kill it before we unmount), mounted on `mountpoint`; stopped by unmounting."""
 
     def __init__(self, name: str, description: str, argv: list[str], mountpoint: str,
-                 log_path: str) -> None:
+                 log_path: str, stores_data: bool = True) -> None:
         super().__init__(name, description)
+        self._stores_data = stores_data
         self.argv = argv
         self.mountpoint = mountpoint
         self.log_path = log_path
@@ -380,6 +386,10 @@ class ChildDaemonTarget(Target):
     @property
     def is_fuse(self) -> bool:
         return True
+
+    @property
+    def stores_data(self) -> bool:
+        return self._stores_data
 
     def start(self) -> None:
         begin = time.perf_counter()
@@ -426,9 +436,11 @@ def passthrough_target(script: Path, backing: str, mountpoint: str,
 
 
 def null_target(name: str, description: str, mountpoint: str, log_path: str,
-                xattr: bool) -> ChildDaemonTarget:
+                xattr: bool, keep_data: bool = False) -> ChildDaemonTarget:
     """bench/nullfs.py: the ceiling of any pyfuse3 daemon (no I/O at all); with `xattr`,
-    of one that supports extended attributes (as quotafs must)."""
-    argv = [sys.executable, str(Path(__file__).with_name("nullfs.py")), mountpoint]
-    return ChildDaemonTarget(name, description, [*argv, "--xattr"] if xattr else argv,
-                             mountpoint, log_path)
+    of one that supports extended attributes (as quotafs must); with `keep_data`, of one
+    that reads back what was written (data in memory)."""
+    argv = [sys.executable, str(Path(__file__).with_name("nullfs.py")), mountpoint,
+            *(["--xattr"] if xattr else []), *(["--keep-data"] if keep_data else [])]
+    return ChildDaemonTarget(name, description, argv, mountpoint, log_path,
+                             stores_data=keep_data)

@@ -34,12 +34,17 @@ class Sizes:
     files: int  # create+stat+unlink: number of files
     tree_dirs: int  # tree walk: directories ...
     tree_files: int  # ... of this many files each
+    sqlite_txns: int  # SQLite workloads (bench/apps.py): transactions
+    tar_files: int  # tar: files in the archive
+    git_files: int  # git clone: files in the repository
 
 
 FULL = Sizes(seq=256 * MiB, rand=64 * MiB, mmap=128 * MiB, files=2000, tree_dirs=40,
-             tree_files=100)
-SMOKE = Sizes(seq=8 * MiB, rand=2 * MiB, mmap=8 * MiB, files=100, tree_dirs=4, tree_files=25)
-WARMUP = Sizes(seq=4 * MiB, rand=1 * MiB, mmap=4 * MiB, files=50, tree_dirs=2, tree_files=10)
+             tree_files=100, sqlite_txns=300, tar_files=3000, git_files=500)
+SMOKE = Sizes(seq=8 * MiB, rand=2 * MiB, mmap=8 * MiB, files=100, tree_dirs=4, tree_files=25,
+              sqlite_txns=20, tar_files=200, git_files=50)
+WARMUP = Sizes(seq=4 * MiB, rand=1 * MiB, mmap=4 * MiB, files=50, tree_dirs=2, tree_files=10,
+               sqlite_txns=10, tar_files=100, git_files=20)
 
 
 class Meter:
@@ -124,6 +129,7 @@ class Workload:
     prepare: Callable[[str, Sizes], None] | None = None  # once per target, untimed
     uses_fio: bool = False
     memory_heavy: bool = False  # allocates page cache of the order of Sizes.seq: pretouch
+    reads_back: bool = False  # reads what it wrote: needs a target that stores data
 
 
 # -- fio ----------------------------------------------------------------------------------------

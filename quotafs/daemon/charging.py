@@ -27,7 +27,7 @@ import pyfuse3
 from quotafs.daemon.inodes import Handle, InodeTable, Key, Node
 from quotafs.daemon.reservations import Reservations
 from quotafs.model.allocation import ceil_div
-from quotafs.model.costs import Costs, open_entry
+from quotafs.model.costs import Costs, data_prefix, open_entry
 from quotafs.model.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,43 @@ def _stored(node: Node, off: int, written: int, error: OSError | None) -> int:
     if error is not None:
         raise error
     return written
+
+
+# Blocks: past this, Node.scattered is dropped and SEEK_DATA tells (a set of 16,384 blocks,
+# 64 MiB of data in 4 KiB blocks, takes about 1 MB; it lives while the file is open).
+SCATTERED_MAX = 1 << 14
+
+
+def _note_data(node: Node, first: int, stop: int) -> None:
+    """Blocks [first, stop) of `node` now hold data: keep Node.filled/scattered true."""
+    filled, scattered = node.filled, node.scattered
+    if filled is None:
+        return
+    if first <= filled:
+        if stop > filled:
+            if scattered:  # the prefix takes in the blocks it reached
+                scattered.difference_update(range(filled, stop))
+                while stop in scattered:
+                    scattered.remove(stop)
+                    stop += 1
+            node.filled = stop
+    elif scattered is not None:
+        scattered.update(range(first, stop))
+        if len(scattered) > SCATTERED_MAX:
+            node.scattered = None
+
+
+def _truncated(node: Node, stop: int) -> None:
+    """`node` now ends in block `stop`: the blocks past it hold no data."""
+    if node.filled is None:
+        if stop == 0:  # emptied: everything is known again
+            node.filled, node.scattered = 0, set()
+        return
+    node.filled = min(node.filled, stop)
+    if node.scattered is not None:
+        node.scattered = {b for b in node.scattered if b < stop}
+    elif node.filled >= stop:  # all that is left is the dense prefix
+        node.scattered = set()
 
 
 class Charging:
@@ -196,6 +233,8 @@ class Charging:
         file's charge with its last handle."""
         if node.reserved:
             self._reservations.release_handle(node, fh)
+        if node.open_count == 0:  # asked again at the next open: free the set meanwhile
+            node.filled, node.scattered = None, None
         if node.open_count == 0 and node.orphaned:
             node.orphaned = False
             self.credit(node.charged or 0)
@@ -213,23 +252,60 @@ class Charging:
     # -- writes and truncates -------------------------------------------------------------
 
     def _write_blocks(self, handle: Handle, off: int, buf: bytes) -> int:
+        node, block = handle.node, self._block
+        end = off + len(buf)
+        first, last = off // block, -(-end // block)
+        charged = node.charged
+        if charged is None:
+            charged = self.charge_of(node)
+        filled = node.filled
+        if filled is None and first < -(-node.size // block):
+            filled = self._learn_layout(handle)  # part of the write lies inside the file
+        if filled is not None and last <= filled:
+            # An overwrite of blocks that hold data (most writes of a database, and every
+            # rewrite): nothing to allocate, nothing to ask the backing.
+            written, error = pwrite_whole(handle.fd, buf, off)
+            return _stored(node, off, written, error)
+        return self._allocating_write(handle, off, buf, max(first, filled or 0), charged)
+
+    def _allocating_write(self, handle: Handle, off: int, buf: bytes, lo: int,
+                          charged: int) -> int:
+        """A write that may allocate blocks from block `lo` on (those below hold data)."""
         node, block, ledger = handle.node, self._block, self._ledger
         end = off + len(buf)
-        charged = self.charge_of(node)
-        holes = self._costs.holes(handle.fd, off, end, node.size)
-        reserved = [b for b in holes if b in node.reserved] if node.reserved else []
-        new = [b for b in holes if b not in node.reserved] if reserved else holes
+        last = -(-end // block)
+        scattered = node.scattered
+        if lo * block >= node.size or (scattered is not None and not scattered):
+            holes: list[int] = list(range(lo, last))  # past EOF, or known to be holes
+        elif scattered is not None:
+            holes = (([] if lo in scattered else [lo]) if last - lo == 1  # the usual case
+                     else [b for b in range(lo, last) if b not in scattered])
+        else:
+            holes = self._costs.holes(handle.fd, max(off, lo * block), end, node.size)
+        new, reserved = holes, []
+        if node.reserved:  # --mmap-sigbus: blocks reserved by reads are no longer new
+            reserved = [b for b in holes if b in node.reserved]
+            new = [b for b in holes if b not in node.reserved]
         if len(new) > ledger.free_for(handle.privileged) // block:
             self._refuse_write(node)
         written, error = pwrite_whole(handle.fd, buf, off)
-        last = ceil_div(off + written, block)
-        taken = sum(1 for b in new if b < last)
+        stored_end = -(-(off + written) // block)
+        taken = len(new) if error is None else sum(1 for b in new if b < stored_end)
         ledger.force_charge(taken * block)  # fits: checked against free_for() above
         if holes and written:
             ledger.allocating_writes += 1
-        converted = self._reservations.convert(node, reserved, last) if reserved else 0
+        converted = self._reservations.convert(node, reserved, stored_end) if reserved else 0
         node.charged = charged + (taken + converted) * block
+        if written:
+            _note_data(node, off // block, stored_end)
         return _stored(node, off, written, error)
+
+    def _learn_layout(self, handle: Handle) -> int:
+        """Node.filled (and, for a dense file, Node.scattered) from the backing file."""
+        node = handle.node
+        node.filled = data_prefix(handle.fd, node.size, self._block)
+        node.scattered = set() if node.filled * self._block >= node.size else None
+        return node.filled
 
     def _write_apparent(self, handle: Handle, off: int, buf: bytes) -> int:
         node = handle.node
@@ -286,6 +362,7 @@ class Charging:
                     self._ledger.force_charge(new_charge - old_charge)
                 node.charged = new_charge
             node.size = size
+            _truncated(node, ceil_div(size, self._block))
             self._reservations.release_from(node, ceil_div(size, self._block))
         finally:
             if own_fd:

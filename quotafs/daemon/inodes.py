@@ -62,6 +62,14 @@ class Node:
     # -- charging.py's -------------------------------------------------------------------
     charged: int | None = None  # what the ledger holds for this inode; None: not measured
     orphaned: bool = False  # unlinked while open: its charge is credited at last release
+    # Regular files, block mode: blocks [0, filled) are known to hold data, so a write
+    # inside them allocates nothing and needs no SEEK_DATA. None: not asked since the
+    # first open (the backing may have changed while the file was closed).
+    filled: int | None = None
+    # The blocks from `filled` on that hold data, when known exactly (a file this daemon
+    # made or emptied, or found dense): then no write asks the backing where its holes
+    # are. None: not known, SEEK_DATA tells. Both are forgotten at the last release.
+    scattered: set[int] | None = None
     # -- reservations.py's ---------------------------------------------------------------
     reserved: dict[int, int] = field(default_factory=dict)  # block -> fh that reserved it
     # -- operations.py's (getxattr) ------------------------------------------------------

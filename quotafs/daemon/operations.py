@@ -159,7 +159,20 @@ class QuotaFS(pyfuse3.Operations):
         with self.rights.as_caller(ctx):
             parent = self.inodes.node(parent_inode)
             self.rights.check_search(parent)
-            return self._lookup_entry(parent, name)[1]
+            try:
+                return self._lookup_entry(parent, name)[1]
+            except FileNotFoundError:
+                return self._no_entry()
+
+    def _no_entry(self) -> pyfuse3.EntryAttributes:
+        """A lookup's "no such name", as an entry of inode 0: the kernel keeps it (a
+        negative dentry) for the entry timeout, so a program that checks for a file again
+        and again (SQLite's journal, git's checkout) asks once. Exact for the same reason as
+        the positive entries: every name is made through the kernel, which drops it."""
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = InodeT(0)
+        entry.entry_timeout = self.options.entry_timeout
+        return entry
 
     @boundary
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
@@ -419,8 +432,9 @@ class QuotaFS(pyfuse3.Operations):
         fd = os.open(self.inodes.proc(node), flags & ~_STRIP_OPEN_FLAGS)
         fh = self.inodes.new_handle(node, fd, flags, privileged)
         try:
-            if node.open_count == 1:
+            if node.open_count == 1:  # what we knew of the closed file may be stale
                 node.size = os.fstat(fd).st_size
+                node.filled, node.scattered = None, None
             if flags & os.O_TRUNC and node.size:
                 self.charging.truncate(node, 0, self.inodes.handles[fh], privileged)
         except BaseException:
@@ -473,6 +487,7 @@ class QuotaFS(pyfuse3.Operations):
             raise
         node.lookups += 1
         node.charged = 0
+        node.filled, node.scattered = 0, set()  # new and empty: every block is known
         fh = self.inodes.new_handle(node, fd, flags, privileged)
         return self._file_info(fh, node), self._attrs(node, st)
 
@@ -487,10 +502,11 @@ class QuotaFS(pyfuse3.Operations):
 
     @boundary
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        if self.faults.active:
+        faults = self.faults
+        if faults.active:
             # Measured only while an allocating rule is live: the default path never pays.
             allocating = (self.charging.allocates(self.inodes.handle(fh), off, len(buf))
-                          if self.faults.wants_allocation else None)
+                          if faults.wants_allocation else None)
             effect = await self.gate.check(Op.WRITE, fh, size=len(buf), allocating=allocating)
             if effect is not None:  # a short write: store only the first bytes
                 buf = buf[:effect.value]
@@ -498,7 +514,7 @@ class QuotaFS(pyfuse3.Operations):
         # pwrite(2) of nothing changes nothing, so nothing is charged: the kernel never
         # sends an empty WRITE, but a short-write rule of 0 bytes and in-process callers do.
         written = self._write(handle, off, buf) if buf else 0
-        if self.faults.counting:
+        if faults.active and faults.counting:  # counting rules are live rules
             self.gate.note_written(handle.node, written)
         return written
 

@@ -50,6 +50,38 @@ def data_extents(fd: int, start: int, end: int) -> list[Extent]:
     return extents
 
 
+def _has_data(fd: int, start: int, end: int) -> bool:
+    """Does the open file `fd` hold data anywhere in [start, end)? One SEEK_DATA, where
+    data_extents would also ask SEEK_HOLE, which tmpfs answers by walking every cached
+    page up to the next hole: the whole file, for an overwrite of a dense one."""
+    try:
+        return os.lseek(fd, start, os.SEEK_DATA) < end
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data past start
+            return False
+        if exc.errno == errno.EINVAL:  # no SEEK_DATA support: all data
+            return True
+        raise
+
+
+def data_prefix(fd: int, size: int, block: int) -> int:
+    """How many blocks from the start of the open file `fd` (st_size `size`) all hold
+    data: those before its first hole (SEEK_HOLE), a block the hole starts inside not
+    counted; every block of the file if it has no hole before EOF."""
+    if size <= 0:
+        return 0
+    try:
+        hole = os.lseek(fd, 0, os.SEEK_HOLE)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # no SEEK_HOLE support: all data, as data_extents
+            hole = size
+        elif exc.errno == errno.ENXIO:  # the file shrank since `size`
+            return 0
+        else:
+            raise
+    return ceil_div(size, block) if hole >= size else hole // block
+
+
 @dataclass(frozen=True)
 class Costs:
     mode: Mode
@@ -86,7 +118,12 @@ class Costs:
         block = self.block_size
         start = off - off % block
         data_end = min(ceil_div(end, block) * block, size)
-        extents = data_extents(fd, start, data_end) if start < data_end else []
+        if data_end - start > block:
+            extents = data_extents(fd, start, data_end)
+        elif start < data_end and _has_data(fd, start, data_end):  # one block: any data?
+            extents = [(start, data_end)]
+        else:
+            extents = []
         return hole_blocks(off, end, extents, block)
 
     def measure(self, st: os.stat_result, opener: Callable[[], int]) -> int:

@@ -68,3 +68,41 @@ def test_read_ahead_of_a_root_mount(mount_factory: MountFactory, options: dict[s
         assert got < 1024  # the kernel's default, which INIT negotiated (128 KiB)
     else:
         assert got == expected
+
+
+# -- negative entries: "no such name" is cached like a name, and dropped like one ----------
+
+MAKERS = {
+    "create": lambda path, other: open(path, "x").close(),
+    "mkdir": lambda path, other: os.mkdir(path),
+    "symlink": lambda path, other: os.symlink("target", path),
+    "mknod": lambda path, other: os.mkfifo(path),
+    "link": lambda path, other: os.link(other, path),
+    "rename": lambda path, other: os.rename(other, path),
+}
+
+
+@pytest.mark.parametrize("how", list(MAKERS))
+def test_a_name_looked_up_in_vain_appears_when_made_through_the_mount(
+        mount_factory: MountFactory, how: str) -> None:
+    m = mount_factory("4M")
+    os.mkdir(os.path.join(m.path, "d"))
+    path, other = os.path.join(m.path, "d", "late"), os.path.join(m.path, "other")
+    open(other, "w").close()
+    for _ in range(3):  # the kernel now holds a negative entry for d/late
+        assert not os.path.lexists(path)
+    MAKERS[how](path, other)
+    assert os.path.lexists(path)
+    assert "late" in os.listdir(os.path.join(m.path, "d"))
+
+
+@pytest.mark.parametrize(("options", "seen"), [({"no_cache": True}, True), ({}, False)])
+def test_a_name_made_in_the_backing_shows_at_once_only_with_no_cache(
+        mount_factory: MountFactory, options: dict[str, bool], seen: bool) -> None:
+    """--no-cache is for backing directories that others write to: nothing is cached,
+    "no such name" neither. By default the kernel keeps what quotafs told it."""
+    m = mount_factory("4M", **options)
+    path = os.path.join(m.path, "outside")
+    assert not os.path.exists(path)
+    open(os.path.join(m.backing, "outside"), "w").close()
+    assert os.path.exists(path) is seen

@@ -149,8 +149,10 @@ class InProcessFS:
         return attrs
 
     async def _lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
-        return self._looked_up(await self._call(self.ops.lookup, InodeT(parent),
-                                                FileNameT(name), self.ctx))
+        attrs = await self._call(self.ops.lookup, InodeT(parent), FileNameT(name), self.ctx)
+        if attrs.st_ino == 0:  # a negative entry: the kernel's ENOENT, nothing to forget
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return self._looked_up(attrs)
 
     async def inode(self, path: str) -> int:
         """The inode `path` names, looked up component by component from the root."""

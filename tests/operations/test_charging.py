@@ -118,6 +118,80 @@ async def test_a_write_of_nothing_past_the_end_charges_nothing(make_fs: FsFactor
     assert ledger == scan
 
 
+# -- what a write knows without asking the backing (Node.filled) ----------------------------
+
+
+async def test_writes_into_content_found_at_mount_charge_only_its_holes(
+        make_fs: FsFactory, tmp_path: os.PathLike[str]) -> None:
+    """A file from before the mount: blocks 0-1 data, 2 a hole, 3 data. The first write
+    learns its dense start; the hole is still found and charged, the data never again."""
+    backing = os.path.join(tmp_path, "prefilled")
+    os.mkdir(backing)
+    with open(os.path.join(backing, "f"), "wb") as out:
+        out.write(b"x" * (2 * BLOCK))
+        out.seek(3 * BLOCK)
+        out.write(b"x" * BLOCK)
+    fs = make_fs("1M", backing=backing)
+    assert await usage(fs) == (3 * BLOCK, 1)
+    f = await fs.open("/f")
+    for block, charged in [(1, 3), (0, 3), (3, 3), (2, 4), (2, 4), (4, 5), (1, 5)]:
+        assert await fs.write(f, block * BLOCK, b"o" * BLOCK) == BLOCK
+        assert await usage(fs) == (charged * BLOCK, 1), f"after writing block {block}"
+    await fs.release(f)
+    await assert_books_balance(fs)
+
+
+async def test_a_write_after_a_shrinking_truncate_charges_the_blocks_again(
+        fs: InProcessFS) -> None:
+    f = await fs.create("/t")
+    await fs.write(f, 0, b"a" * (4 * BLOCK))
+    await fs.truncate(f, BLOCK + 1)  # blocks 0 and 1 stay (1 holds one byte)
+    assert await usage(fs) == (2 * BLOCK, 1)
+    await fs.write(f, BLOCK, b"b" * BLOCK)  # block 1 holds data still: free
+    assert await usage(fs) == (2 * BLOCK, 1)
+    await fs.write(f, 3 * BLOCK, b"c" * BLOCK)  # past the end: new
+    assert await usage(fs) == (3 * BLOCK, 1)
+    await fs.truncate(f, 8 * BLOCK)  # grows by a hole
+    await fs.write(f, 2 * BLOCK, b"d")  # the block the truncate freed, now a hole
+    assert await usage(fs) == (4 * BLOCK, 1)
+    await fs.release(f)
+    await assert_books_balance(fs)
+
+
+async def test_random_writes_into_a_sparse_file_of_ours_charge_each_block_once(
+        fs: InProcessFS) -> None:
+    """A file the daemon made: which blocks hold data is known without asking the
+    backing, through writes in any order, a shrinking truncate and a growing one."""
+    f = await fs.create("/s")
+    await fs.truncate(f, 8 * BLOCK)
+    for block, charged in [(5, 1), (2, 2), (5, 2), (0, 3), (1, 4), (3, 5), (2, 5), (7, 6)]:
+        await fs.write(f, block * BLOCK + 10, b"r" * 100)
+        assert await usage(fs) == (charged * BLOCK, 1), f"after writing block {block}"
+    await fs.truncate(f, 4 * BLOCK + 1)  # blocks 0-3 stay, 4 is a hole, 5 and 7 go
+    assert await usage(fs) == (4 * BLOCK, 1)
+    await fs.truncate(f, 8 * BLOCK)
+    for block, charged in [(5, 5), (4, 6), (3, 6), (5, 6)]:
+        await fs.write(f, block * BLOCK, b"t" * BLOCK)
+        assert await usage(fs) == (charged * BLOCK, 1), f"after rewriting block {block}"
+    await fs.release(f)
+    await assert_books_balance(fs)
+
+
+async def test_appends_to_a_partly_written_last_block(fs: InProcessFS) -> None:
+    """Appending inside the file's last block takes nothing; crossing into the next one
+    takes one block; both after a reopen too (what was known is asked again)."""
+    await fs.write_file("/a", b"a" * 5000)
+    for _ in range(2):
+        f = await fs.open("/a")
+        size = on_backing(fs, "/a")
+        await fs.write(f, size, b"b" * (2 * BLOCK - size))  # fills block 1
+        await fs.write(f, 2 * BLOCK, b"c")  # block 2
+        await fs.truncate(f, 5000)
+        await fs.release(f)
+        assert await usage(fs) == (2 * BLOCK, 1)
+    await assert_books_balance(fs)
+
+
 async def test_a_lowered_limit_refuses_growth_and_keeps_data(fs: InProcessFS) -> None:
     await fs.write_file("/a", b"a" * (100 * K))
     assert (await fs.set_limits(limit=64 * K))["limit"] == 64 * K
