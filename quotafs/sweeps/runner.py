@@ -378,7 +378,13 @@ def run_points(plan: SweepPlan, jobs: int = 1, progress: Progress | None = None,
     lock = threading.Lock()
     total = len(todo)
 
-    def work() -> None:
+    def work(done: threading.Event) -> None:
+        try:
+            run_each()
+        finally:
+            done.set()
+
+    def run_each() -> None:
         while not cancel.is_set():
             with lock:
                 if not todo:
@@ -399,19 +405,24 @@ def run_points(plan: SweepPlan, jobs: int = 1, progress: Progress | None = None,
                     progress(len(results), total,
                              sum(r.failed for r in results.values()), result)
 
-    threads = [threading.Thread(target=work, name=f"quotafs-sweep-{n}")
-               for n in range(min(jobs, total))]
-    for thread in threads:
-        thread.start()
+    # Each worker's own "done" event, waited on instead of Thread.join: a join that Ctrl-C
+    # interrupts marks a live thread as ended (CPython 3.11, bpo-45274's fix), and a later
+    # join returns at once while that run still unmounts and removes its copy.
+    done = [threading.Event() for _ in range(min(jobs, total))]
+    threads = [threading.Thread(target=work, args=(finished,), name=f"quotafs-sweep-{n}")
+               for n, finished in enumerate(done)]
     try:
         for thread in threads:
-            while thread.is_alive():
-                thread.join(0.2)  # a timed join: Ctrl-C reaches this thread meanwhile
+            thread.start()
+        for finished in done:
+            while not finished.wait(0.2):  # a timed wait: Ctrl-C reaches this thread
+                pass
     except BaseException:
         cancel.set()
         with signals_deferred(reraise=False):  # the user asked to stop already
-            for thread in threads:
-                thread.join()
+            for thread, finished in zip(threads, done, strict=True):
+                if thread.ident is not None:  # started
+                    finished.wait()
         raise
     if errors:
         raise errors[0]
