@@ -334,7 +334,7 @@ def compare_command(argv: Sequence[str], *, limit: int | str = "120M",
     if as_user is not None:
         if os.geteuid() != 0:
             raise QuotafsError("--as-user needs root (it switches to that user); without "
-                               "it the program runs as you", ExitCode.USAGE)
+                               "it the program runs as you", ExitCode.PERMISSION)
         check_reachable(as_user, workdir or "/var/tmp")
     if workdir is not None and not os.path.isdir(workdir):
         raise QuotafsError(f"--workdir {workdir}: no such directory", ExitCode.USAGE)

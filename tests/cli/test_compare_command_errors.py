@@ -82,8 +82,9 @@ def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_as_user_needs_root() -> None:
+    # PERMISSION, as for the writers' --as-user and sweep's (docs/exit-codes.md)
     result = as_nobody("--as-user", "daemon", "--", "true")
-    assert result.returncode == ExitCode.USAGE
+    assert result.returncode == ExitCode.PERMISSION
     assert result.stderr.strip() == ("quotafs: --as-user needs root (it switches to that "
                                      "user); without it the program runs as you")
 
