@@ -229,6 +229,19 @@ def _starting_state(program: Program, from_dir: str | None, root: str, launch: L
     return start
 
 
+def _resolved(program: Program, start: str) -> Program:
+    """CMD runs in each run's copy of the starting state: a relative program path
+    (./updater) names a file there if the starting state has one, else the caller's file
+    (made absolute, as compare -- CMD does); in neither, one line before the baseline."""
+    name = program.argv[0]
+    if "/" not in name or os.path.isabs(name) or os.path.lexists(os.path.join(start, name)):
+        return program
+    if not os.path.exists(name):
+        raise QuotafsError(f"cannot run {name}: neither the starting state nor the current "
+                           "directory has it", ExitCode.USAGE)
+    return dataclasses.replace(program, argv=(os.path.abspath(name), *program.argv[1:]))
+
+
 def _last(text: str) -> str:
     lines = text.strip().splitlines()
     return lines[-1] if lines else ""
@@ -315,6 +328,7 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
     try:
         os.chmod(root, 0o711)
         plan.start = _starting_state(program, source, root, launch)
+        plan.program = program = _resolved(program, plan.start)
         if note is not None:
             note(f"baseline: {' '.join(argv)} with no limit")
         plan.baseline = base = _baseline(plan)
