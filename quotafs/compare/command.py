@@ -11,6 +11,7 @@ The command line is quotafs/cli/compare.py; the report's text is compare/cmdrepo
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import shutil
@@ -331,6 +332,9 @@ def compare_command(argv: Sequence[str], *, limit: int | str = "120M",
     MountOptions.from_values({"limit": room, **extra})  # bad options: before anything is made
     if req.timeout <= 0:
         raise QuotafsError(f"--timeout must be positive, got {timeout}", ExitCode.USAGE)
+    if not math.isfinite(req.timeout):  # nan and inf pass "> 0"; nan would never time out
+        raise QuotafsError(f"--timeout must be a finite number of seconds, got {timeout}",
+                           ExitCode.USAGE)
     if as_user is not None:
         if os.geteuid() != 0:
             raise QuotafsError("--as-user needs root (it switches to that user); without "

@@ -45,6 +45,8 @@ def compare(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
      "quotafs,quotafs-sigbus"),
     (["--block-size", "3000", "--", "true"], None),
     (["--timeout", "0", "--", "true"], "--timeout must be positive, got 0.0"),
+    (["--timeout", "nan", "--", "true"], "--timeout must be a finite number of seconds, got nan"),
+    (["--timeout", "inf", "--", "true"], "--timeout must be a finite number of seconds, got inf"),
     (["--as-user", "no-such-user-here", "--", "true"], None),
     (["--block-size", "1024"],
      "--block-size is for compare -- CMD (your own program); the built-in writers take "
