@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from quotafs.client.api import QuotaMount, mounted_with
+from quotafs.client.api import QuotaMount, check_fuse, mounted_with
 from quotafs.compare.program import (
     DEFAULT_TARGETS,
     DEFAULT_TIMEOUT,
@@ -344,6 +344,8 @@ def compare_command(argv: Sequence[str], *, limit: int | str = "120M",
         raise QuotafsError(f"--workdir {workdir}: no such directory", ExitCode.USAGE)
     if workdir is not None:  # $QUOTAFS_MOUNT must name the directory from anywhere
         workdir = os.path.abspath(workdir)
+    if any(name in QUOTAFS_TARGETS for name in names):
+        check_fuse()  # before the reference: CMD must not run there for nothing
     say = progress or (lambda line: None)
     runs: list[TargetRun] = []
     scratch = _scratch(workdir, as_user)

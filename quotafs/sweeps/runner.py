@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from quotafs.client.api import QuotaMount
+from quotafs.client.api import QuotaMount, check_fuse
 from quotafs.compare.program import Outcome, Program, run_argv, run_shell
 from quotafs.compare.writers import passwd_entry
 from quotafs.errors import ExitCode, QuotafsError
@@ -323,6 +323,7 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
         options = dataclasses.replace(options, allow_other=True)
     if workdir is not None and not os.path.isdir(workdir):
         raise QuotafsError(f"--workdir {workdir} is not a directory", ExitCode.USAGE)
+    check_fuse()  # before --setup and the baseline run
     root = tempfile.mkdtemp(prefix="quotafs-sweep-", dir=workdir)
     plan = SweepPlan(program, options, root, os.path.join(root, "start"), seed, launch)
     try:
