@@ -344,13 +344,13 @@ def compare_command(argv: Sequence[str], *, limit: int | str = "120M",
         raise QuotafsError(f"--workdir {workdir}: no such directory", ExitCode.USAGE)
     if workdir is not None:  # $QUOTAFS_MOUNT must name the directory from anywhere
         workdir = os.path.abspath(workdir)
-    if any(name in QUOTAFS_TARGETS for name in names):
-        check_fuse()  # before the reference: CMD must not run there for nothing
     say = progress or (lambda line: None)
     runs: list[TargetRun] = []
     scratch = _scratch(workdir, as_user)
     try:  # from here on every exit removes scratch; the mounts below are gone by then
         with open_reference(kind, room, workdir=workdir) as ref:
+            if any(name in QUOTAFS_TARGETS for name in names):
+                check_fuse()  # before CMD runs on the reference, for nothing
             say(f"{kind} reference: {format_size(ref.quotafs_limit)} writable, "
                 f"{format_size(ref.quotafs_reserve)} of it root's; quotafs limit "
                 f"{ref.quotafs_limit:,} bytes, reserve {ref.quotafs_reserve:,}")
