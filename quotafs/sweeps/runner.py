@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import shlex
 import shutil
 import tempfile
 import threading
@@ -29,7 +30,7 @@ from typing import Any
 from quotafs.client.api import QuotaMount, check_fuse
 from quotafs.compare.program import Outcome, Program, run_argv, run_shell
 from quotafs.compare.writers import passwd_entry
-from quotafs.errors import ExitCode, QuotafsError
+from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.interrupts import signals_deferred
 from quotafs.options import MountOptions
 from quotafs.reference.base import AS_CALLER, Launch
@@ -331,7 +332,7 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
         plan.start = _starting_state(program, source, root, launch)
         plan.program = program = _resolved(program, plan.start)
         if note is not None:
-            note(f"baseline: {' '.join(argv)} with no limit")
+            note(f"baseline: {printable(shlex.join(argv))} with no limit")
         plan.baseline = base = _baseline(plan)
         plan.points = choose_points(base.peak_bytes, base.allocating_writes, base.block_size,
                                     points=points, every=every, each_write=each_write,

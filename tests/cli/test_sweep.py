@@ -408,6 +408,17 @@ def test_as_user_unknown_is_one_line() -> None:
                                                   "'no-such-user-here'\n")
 
 
+def test_the_baseline_line_shows_the_command_quoted_and_escaped(tmp_path: Path) -> None:
+    script = f'open("f", "wb").write(b"x" * {2 * BLOCK})\n# \x1b[2J'
+    result = sweep_cli("--points", "1", "--workdir", str(tmp_path), "--", sys.executable,
+                       "-c", script)
+    assert result.returncode == 0, result.stderr
+    # the script one shell word, its newline and escape sequence shown, not acted on
+    assert result.stderr.splitlines()[0] == (
+        f"sweep: baseline: {sys.executable} -c 'open(\"f\", \"wb\").write(b\"x\" * "
+        f"{2 * BLOCK})\\n# \\033[2J' with no limit")
+
+
 def test_progress_on_a_terminal_is_one_updating_line(tmp_path: Path) -> None:
     master, slave = pty.openpty()
     try:
