@@ -3,6 +3,8 @@ differ from the reference marked, then what differs, stderr tails and quotafs's 
 
 from __future__ import annotations
 
+import shlex
+
 from quotafs.compare.command import CommandReport, TargetRun
 from quotafs.errors import printable
 from quotafs.units import format_size
@@ -72,7 +74,7 @@ def details(report: CommandReport) -> list[str]:
 def render(report: CommandReport) -> str:
     ref = report.reference
     user = report.user or "the caller"
-    head = [f"quotafs compare -- {' '.join(report.argv)}",
+    head = [f"quotafs compare -- {printable(shlex.join(report.argv))}",
             f"reference: {ref['kind']}, {format_size(report.limit_requested)} free requested; "
             f"quotafs limit {report.quotafs_limit:,} B, reserve {report.quotafs_reserve:,} B; "
             f"run as {user}; Linux {report.kernel}"]

@@ -11,6 +11,7 @@ The command line is quotafs/cli/compare.py; the report's text is compare/cmdrepo
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import shutil
@@ -20,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from quotafs.client.api import QuotaMount, mounted_with
+from quotafs.client.api import QuotaMount, check_fuse, mounted_with
 from quotafs.compare.program import (
     DEFAULT_TARGETS,
     DEFAULT_TIMEOUT,
@@ -331,10 +332,13 @@ def compare_command(argv: Sequence[str], *, limit: int | str = "120M",
     MountOptions.from_values({"limit": room, **extra})  # bad options: before anything is made
     if req.timeout <= 0:
         raise QuotafsError(f"--timeout must be positive, got {timeout}", ExitCode.USAGE)
+    if not math.isfinite(req.timeout):  # nan and inf pass "> 0"; nan would never time out
+        raise QuotafsError(f"--timeout must be a finite number of seconds, got {timeout}",
+                           ExitCode.USAGE)
     if as_user is not None:
         if os.geteuid() != 0:
             raise QuotafsError("--as-user needs root (it switches to that user); without "
-                               "it the program runs as you", ExitCode.USAGE)
+                               "it the program runs as you", ExitCode.PERMISSION)
         check_reachable(as_user, workdir or "/var/tmp")
     if workdir is not None and not os.path.isdir(workdir):
         raise QuotafsError(f"--workdir {workdir}: no such directory", ExitCode.USAGE)
@@ -345,6 +349,8 @@ def compare_command(argv: Sequence[str], *, limit: int | str = "120M",
     scratch = _scratch(workdir, as_user)
     try:  # from here on every exit removes scratch; the mounts below are gone by then
         with open_reference(kind, room, workdir=workdir) as ref:
+            if any(name in QUOTAFS_TARGETS for name in names):
+                check_fuse()  # before CMD runs on the reference, for nothing
             say(f"{kind} reference: {format_size(ref.quotafs_limit)} writable, "
                 f"{format_size(ref.quotafs_reserve)} of it root's; quotafs limit "
                 f"{ref.quotafs_limit:,} bytes, reserve {ref.quotafs_reserve:,}")

@@ -101,14 +101,15 @@ def _truncated(node: Node, stop: int) -> None:
 class Charging:
     def __init__(self, ledger: Ledger, costs: Costs, inodes: InodeTable,
                  reservations: Reservations,
-                 refuse: Callable[[str, Node], pyfuse3.FUSEError],
+                 refuse: Callable[[str, Node, bytes | None], pyfuse3.FUSEError],
                  as_daemon: Callable[[], AbstractContextManager[Any]]) -> None:
         self._ledger = ledger
         self._costs = costs
         self._block = costs.block_size
         self._inodes = inodes
         self._reservations = reservations
-        self._refuse = refuse  # the quota's ENOSPC for a request on a node (an event)
+        # the quota's ENOSPC for a request on a node, or on a name in it (an event)
+        self._refuse = refuse
         self._as_daemon = as_daemon  # measuring is the daemon's business, not the caller's
         # What the ledger holds for regular files whose node was dropped (the kernel forgot
         # them) while a fresh measure would say otherwise; taken back when the inode is
@@ -159,20 +160,20 @@ class Charging:
 
     # -- new inodes -----------------------------------------------------------------------
 
-    def add_inode(self, op: str, parent: Node) -> None:
-        """Count a new inode, or refuse the request that makes it."""
+    def add_inode(self, op: str, parent: Node, name: bytes | None = None) -> None:
+        """Count a new inode, or refuse the request that makes it (`name` in `parent`)."""
         if not self._ledger.try_add_inode():
-            raise self._refuse(op, parent)
+            raise self._refuse(op, parent, name)
 
     @contextlib.contextmanager
-    def new_inode(self, op: str, parent: Node, privileged: bool,
-                  cost: int = 0) -> Iterator[None]:
+    def new_inode(self, op: str, parent: Node, privileged: bool, cost: int = 0,
+                  name: bytes | None = None) -> Iterator[None]:
         """Around the syscall that makes a new inode costing `cost`: charge both first (or
         refuse), give both back if the syscall fails. The caller sets the node's charge."""
-        self.add_inode(op, parent)
+        self.add_inode(op, parent, name)
         if cost and not self._ledger.try_charge(cost, privileged=privileged):
             self._ledger.remove_inode()
-            raise self._refuse(op, parent)
+            raise self._refuse(op, parent, name)
         try:
             yield
         except BaseException:
@@ -336,7 +337,7 @@ class Charging:
         lose data, because the kernel's writeback of mmap pages marks the pages it was not
         told about clean (msync/fsync return 0), and O_DIRECT makes it EIO."""
         self._ledger.note_enospc()
-        raise self._refuse("write", node)
+        raise self._refuse("write", node, None)
 
     def truncate(self, node: Node, size: int, handle: Handle | None, privileged: bool) -> None:
         if node.kind != stat.S_IFREG:
@@ -350,7 +351,7 @@ class Charging:
             if not self._costs.blocks and size > old_charge:
                 # Apparent sizes: growing the file takes quota even though it is a hole.
                 if not self._ledger.try_charge(size - old_charge, privileged=privileged):
-                    raise self._refuse("truncate", node)
+                    raise self._refuse("truncate", node, None)
                 os.ftruncate(fd, size)
                 node.charged = size
             else:

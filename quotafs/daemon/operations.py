@@ -106,9 +106,10 @@ class QuotaFS(pyfuse3.Operations):
 
     # -- helpers the handlers share -------------------------------------------------------
 
-    def _quota_hit(self, op: str, node: Node) -> pyfuse3.FUSEError:
-        """The quota's ENOSPC for a request on `node`, recorded as an event."""
-        self.control.record_quota_hit(op, self.paths.of(node))
+    def _quota_hit(self, op: str, node: Node, name: bytes | None = None) -> pyfuse3.FUSEError:
+        """The quota's ENOSPC for a request on `node` (on `name` in it: the entry a mkdir
+        or create would make), recorded as an event."""
+        self.control.record_quota_hit(op, self.paths.of_entry(node, name))
         return pyfuse3.FUSEError(errno.ENOSPC)
 
     def _remember(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
@@ -275,7 +276,7 @@ class QuotaFS(pyfuse3.Operations):
         with self.rights.as_caller(ctx):
             parent = self.inodes.node(parent_inode)
             self.rights.check_add(parent)
-            with self.charging.new_inode("mknod", parent, ctx.uid == 0):
+            with self.charging.new_inode("mknod", parent, ctx.uid == 0, name=name):
                 os.mknod(name, mode & ~ctx.umask, rdev, dir_fd=self.inodes.fd(parent))
             return self._lookup_entry(parent, name)[1]
 
@@ -306,7 +307,7 @@ class QuotaFS(pyfuse3.Operations):
                    make: Callable[[int], None]) -> pyfuse3.EntryAttributes:
         """Make `name` in `parent` (make(directory's fd)), its inode and cost charged first
         and given back if that fails."""
-        with self.charging.new_inode(op, parent, ctx.uid == 0, cost):
+        with self.charging.new_inode(op, parent, ctx.uid == 0, cost, name):
             make(self.inodes.fd(parent))
         node, entry = self._lookup_entry(parent, name)
         node.charged = cost
@@ -392,7 +393,7 @@ class QuotaFS(pyfuse3.Operations):
                     new_parent, name_new, replaced)
         if flags & _RENAME_WHITEOUT:
             # The old name becomes a whiteout: a new inode (a 0:0 character device).
-            with self.charging.new_inode("rename", old_parent, privileged):
+            with self.charging.new_inode("rename", old_parent, privileged, name=name_old):
                 syscalls.renameat2(inodes.fd(old_parent), name_old, inodes.fd(new_parent),
                                    name_new, flags)
         elif flags:
@@ -457,7 +458,7 @@ class QuotaFS(pyfuse3.Operations):
                 ctx: pyfuse3.RequestContext
                 ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         privileged = ctx.uid == 0
-        self.charging.add_inode("create", parent)
+        self.charging.add_inode("create", parent, name)
         open_flags = (flags & ~(os.O_TRUNC | os.O_APPEND | os.O_DIRECT)) | os.O_CREAT | os.O_EXCL
         try:
             fd = os.open(name, open_flags, mode & ~ctx.umask, dir_fd=self.inodes.fd(parent))

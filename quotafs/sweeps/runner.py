@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import shlex
 import shutil
 import tempfile
 import threading
@@ -26,10 +27,10 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from quotafs.client.api import QuotaMount
+from quotafs.client.api import QuotaMount, check_fuse
 from quotafs.compare.program import Outcome, Program, run_argv, run_shell
 from quotafs.compare.writers import passwd_entry
-from quotafs.errors import ExitCode, QuotafsError
+from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.interrupts import signals_deferred
 from quotafs.options import MountOptions
 from quotafs.reference.base import AS_CALLER, Launch
@@ -229,6 +230,19 @@ def _starting_state(program: Program, from_dir: str | None, root: str, launch: L
     return start
 
 
+def _resolved(program: Program, start: str) -> Program:
+    """CMD runs in each run's copy of the starting state: a relative program path
+    (./updater) names a file there if the starting state has one, else the caller's file
+    (made absolute, as compare -- CMD does); in neither, one line before the baseline."""
+    name = program.argv[0]
+    if "/" not in name or os.path.isabs(name) or os.path.lexists(os.path.join(start, name)):
+        return program
+    if not os.path.exists(name):
+        raise QuotafsError(f"cannot run {name}: neither the starting state nor the current "
+                           "directory has it", ExitCode.USAGE)
+    return dataclasses.replace(program, argv=(os.path.abspath(name), *program.argv[1:]))
+
+
 def _last(text: str) -> str:
     lines = text.strip().splitlines()
     return lines[-1] if lines else ""
@@ -310,13 +324,15 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
         options = dataclasses.replace(options, allow_other=True)
     if workdir is not None and not os.path.isdir(workdir):
         raise QuotafsError(f"--workdir {workdir} is not a directory", ExitCode.USAGE)
+    check_fuse()  # before --setup and the baseline run
     root = tempfile.mkdtemp(prefix="quotafs-sweep-", dir=workdir)
     plan = SweepPlan(program, options, root, os.path.join(root, "start"), seed, launch)
     try:
         os.chmod(root, 0o711)
         plan.start = _starting_state(program, source, root, launch)
+        plan.program = program = _resolved(program, plan.start)
         if note is not None:
-            note(f"baseline: {' '.join(argv)} with no limit")
+            note(f"baseline: {printable(shlex.join(argv))} with no limit")
         plan.baseline = base = _baseline(plan)
         plan.points = choose_points(base.peak_bytes, base.allocating_writes, base.block_size,
                                     points=points, every=every, each_write=each_write,
@@ -378,7 +394,13 @@ def run_points(plan: SweepPlan, jobs: int = 1, progress: Progress | None = None,
     lock = threading.Lock()
     total = len(todo)
 
-    def work() -> None:
+    def work(done: threading.Event) -> None:
+        try:
+            run_each()
+        finally:
+            done.set()
+
+    def run_each() -> None:
         while not cancel.is_set():
             with lock:
                 if not todo:
@@ -399,19 +421,24 @@ def run_points(plan: SweepPlan, jobs: int = 1, progress: Progress | None = None,
                     progress(len(results), total,
                              sum(r.failed for r in results.values()), result)
 
-    threads = [threading.Thread(target=work, name=f"quotafs-sweep-{n}")
-               for n in range(min(jobs, total))]
-    for thread in threads:
-        thread.start()
+    # Each worker's own "done" event, waited on instead of Thread.join: a join that Ctrl-C
+    # interrupts marks a live thread as ended (CPython 3.11, bpo-45274's fix), and a later
+    # join returns at once while that run still unmounts and removes its copy.
+    done = [threading.Event() for _ in range(min(jobs, total))]
+    threads = [threading.Thread(target=work, args=(finished,), name=f"quotafs-sweep-{n}")
+               for n, finished in enumerate(done)]
     try:
         for thread in threads:
-            while thread.is_alive():
-                thread.join(0.2)  # a timed join: Ctrl-C reaches this thread meanwhile
+            thread.start()
+        for finished in done:
+            while not finished.wait(0.2):  # a timed wait: Ctrl-C reaches this thread
+                pass
     except BaseException:
         cancel.set()
         with signals_deferred(reraise=False):  # the user asked to stop already
-            for thread in threads:
-                thread.join()
+            for thread, finished in zip(threads, done, strict=True):
+                if thread.ident is not None:  # started
+                    finished.wait()
         raise
     if errors:
         raise errors[0]

@@ -45,6 +45,8 @@ def compare(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
      "quotafs,quotafs-sigbus"),
     (["--block-size", "3000", "--", "true"], None),
     (["--timeout", "0", "--", "true"], "--timeout must be positive, got 0.0"),
+    (["--timeout", "nan", "--", "true"], "--timeout must be a finite number of seconds, got nan"),
+    (["--timeout", "inf", "--", "true"], "--timeout must be a finite number of seconds, got inf"),
     (["--as-user", "no-such-user-here", "--", "true"], None),
     (["--block-size", "1024"],
      "--block-size is for compare -- CMD (your own program); the built-in writers take "
@@ -82,8 +84,9 @@ def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_as_user_needs_root() -> None:
+    # PERMISSION, as for the writers' --as-user and sweep's (docs/exit-codes.md)
     result = as_nobody("--as-user", "daemon", "--", "true")
-    assert result.returncode == ExitCode.USAGE
+    assert result.returncode == ExitCode.PERMISSION
     assert result.stderr.strip() == ("quotafs: --as-user needs root (it switches to that "
                                      "user); without it the program runs as you")
 

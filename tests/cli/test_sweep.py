@@ -340,6 +340,38 @@ def test_a_baseline_that_fails_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+def test_a_relative_program_is_the_start_states_or_the_callers(tmp_path: Path) -> None:
+    # writes 8 KiB, and says which copy of itself ran (the caller's or the run's)
+    script = "#!/bin/sh\nhead -c 8192 /dev/zero > f && echo \"$0\" >&2\n"
+    mine, start, work = tmp_path / "mine", tmp_path / "start", tmp_path / "work"
+    for folder in (mine, start, work):
+        folder.mkdir()
+    for path in (mine / "writer.sh", start / "own.sh"):
+        path.write_text(script)
+        path.chmod(0o755)
+
+    def sweep_in(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "quotafs", "sweep", "--json", "-q",
+                               "--points", "2", "--workdir", str(work), *args], cwd=cwd,
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    # in the caller's directory only: that file, by its absolute path
+    theirs = sweep_in(mine, "--", "./writer.sh")
+    assert theirs.returncode == 0, theirs.stderr
+    report = json.loads(theirs.stdout)
+    assert report["baseline"]["stderr_tail"] == str(mine / "writer.sh")
+    assert [p["verdict"] for p in report["points"]] == ["ok", "ok"]
+    # in the starting state (--from): the run's own copy, relative to the mount
+    own = sweep_in(tmp_path, "--from", str(start), "--", "./own.sh")
+    assert own.returncode == 0, own.stderr
+    assert json.loads(own.stdout)["baseline"]["stderr_tail"] == "./own.sh"
+    missing = sweep_in(tmp_path, "--", "./nowhere.sh")
+    assert (missing.returncode, missing.stderr) == (2, "quotafs: cannot run ./nowhere.sh: "
+                                                    "neither the starting state nor the "
+                                                    "current directory has it\n")
+    assert os.listdir(work) == []
+
+
 # -- as another user ----------------------------------------------------------------------
 
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"),
@@ -374,6 +406,17 @@ def test_as_user_unknown_is_one_line() -> None:
     result = sweep_cli("--as-user", "no-such-user-here", "--", "true")
     assert (result.returncode, result.stderr) == (2, "quotafs: no such user "
                                                   "'no-such-user-here'\n")
+
+
+def test_the_baseline_line_shows_the_command_quoted_and_escaped(tmp_path: Path) -> None:
+    script = f'open("f", "wb").write(b"x" * {2 * BLOCK})\n# \x1b[2J'
+    result = sweep_cli("--points", "1", "--workdir", str(tmp_path), "--", sys.executable,
+                       "-c", script)
+    assert result.returncode == 0, result.stderr
+    # the script one shell word, its newline and escape sequence shown, not acted on
+    assert result.stderr.splitlines()[0] == (
+        f"sweep: baseline: {sys.executable} -c 'open(\"f\", \"wb\").write(b\"x\" * "
+        f"{2 * BLOCK})\\n# \\033[2J' with no limit")
 
 
 def test_progress_on_a_terminal_is_one_updating_line(tmp_path: Path) -> None:

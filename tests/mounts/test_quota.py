@@ -275,3 +275,19 @@ def test_lowered_limit_refuses_new_blocks_but_keeps_data(mount_factory: MountFac
     m.set_limit("2M")
     with open(path, "ab") as f:
         f.write(b"more" * 2000)
+
+
+def test_a_refused_new_entry_is_named_in_its_event(mount_factory: MountFactory) -> None:
+    # what compare -- CMD and `quotafs events` show: the entry that did not fit, not its
+    # directory
+    m = mount_factory("8K", inodes=3)
+    os.mkdir(os.path.join(m.path, "sub"))
+    os.mkdir(os.path.join(m.path, "sub", "a"))  # 8 KiB used: the next directory won't fit
+    with pytest.raises(OSError) as no_room:
+        os.mkdir(os.path.join(m.path, "sub", "b"))
+    open(os.path.join(m.path, "sub", "f"), "w").close()  # the third inode
+    with pytest.raises(OSError) as no_inode:
+        open(os.path.join(m.path, "sub", "g"), "w").close()
+    assert no_room.value.errno == no_inode.value.errno == errno.ENOSPC
+    assert [(e.kind, e.op, e.path) for e in m.events()] == [
+        ("quota", "mkdir", "/sub/b"), ("quota", "create", "/sub/g")]

@@ -35,7 +35,7 @@ async def test_set_changes_the_limits(fs: InProcessFS) -> None:
     status = await fs.status()
     assert (status["limit"], status["inode_limit"], status["enospc_count"]) == (8192, 1, 1)
     events = await fs.events()
-    assert [(e["kind"], e["op"], e["path"]) for e in events] == [("quota", "create", "/")]
+    assert [(e["kind"], e["op"], e["path"]) for e in events] == [("quota", "create", "/b")]
 
 
 async def test_a_bad_request_is_einval_with_its_reason(fs: InProcessFS) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -67,6 +68,14 @@ def test_table_marks_what_differs_and_escapes_output() -> None:
     text = cmdreport.render(report(runs))
     assert "DIFFERS  quotafs: CMD exit 0, ext4: killed by SIGBUS" in text.splitlines()
     assert "\x1b" not in text and "last \\033[31mred" in text
+
+
+def test_the_command_line_is_shown_quoted_and_escaped() -> None:
+    runs = [run("ext4")]
+    argv = ("sh", "-c", "dd if=/dev/zero of=f | tail -1; echo \x1b[2Jdone")
+    shown = cmdreport.render(dataclasses.replace(report(runs), argv=argv)).splitlines()[0]
+    # as a shell would take it again: the -c script one word, no escape sequence
+    assert shown == "quotafs compare -- sh -c 'dd if=/dev/zero of=f | tail -1; echo \\033[2Jdone'"
 
 
 def test_to_json_keeps_the_issue_keys() -> None:
