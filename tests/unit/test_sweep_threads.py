@@ -24,12 +24,17 @@ class _SlowToStop:
 
     def __init__(self, count: int) -> None:
         self.points: list[Any] = [None] * count
-        self.started = threading.Event()
+        self.started = threading.Event()  # every run has started (so each must clean up)
         self.cleaned: list[int] = []
+        self._running = 0
+        self._lock = threading.Lock()
 
     def run_point(self, index: int, cancel: threading.Event | None = None) -> Any:
         assert cancel is not None
-        self.started.set()
+        with self._lock:
+            self._running += 1
+            if self._running == len(self.points):
+                self.started.set()
         cancel.wait()
         time.sleep(CLEANUP_S)
         self.cleaned.append(index)
