@@ -16,6 +16,8 @@ Fixtures (as pyfakefs's fs, fs_class, fs_module, fs_session: one per scope):
   quotafs_factory_class / _module / _session
                    the same, its mounts unmounted when the class / module / session ends
   ext4_loop        the real loop-ext4 reference (root), with the marker's limit as free space
+  sweep_point      one point of a disk-full sweep (@pytest.mark.quotafs_sweep(cmd=..., check=...,
+                   points=N) makes N test items of the test, for pytest-xdist to spread)
 
 Where FUSE cannot be used the fixtures skip the test, with the reason. When a test fails, its
 report gets a section per mount it could see: usage, ENOSPC count, fault seed and the recorded
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import warnings
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
@@ -44,16 +47,18 @@ from quotafs.options import validate as validate_options
 from quotafs.units import format_size, parse_size
 
 if TYPE_CHECKING:
-    from quotafs import Ext4Mount, QuotaMount
+    from quotafs import Ext4Mount, PointResult, QuotaMount, SweepPlan
 
 __all__ = [
     "DEFAULT_LIMIT",
     "FORCE_NO_FUSE_ENV",
     "FORCE_NO_LOOP_ENV",
     "MARKER",
+    "SWEEP_MARKER",
     "OptionError",
     "QuotafsFactory",
     "QuotafsLeakWarning",
+    "SweepPoint",
     "ext4_unusable_reason",
     "fuse_unusable_reason",
     "mount_options",
@@ -390,6 +395,155 @@ def ext4_loop(request: pytest.FixtureRequest) -> Iterator[Ext4Mount]:
         yield handle
 
 
+# -- sweep: one test item per disk-full point ---------------------------------------------
+#
+# @pytest.mark.quotafs_sweep(cmd=..., setup=..., check=..., points=20) on a test that takes
+# the sweep_point fixture: pytest_generate_tests makes one item per point (known before any
+# run, so that every pytest-xdist worker collects the same items); the baseline runs once per
+# session (per worker under xdist), when the first item needs it; each item runs its point.
+
+SWEEP_MARKER = "quotafs_sweep"
+DEFAULT_SWEEP_POINTS = 20
+SWEEP_TAIL_LINES = 10  # of each stderr, in a failing point's message
+_PLANS = pytest.StashKey[dict[str, Any]]()  # marker arguments -> plan, or the baseline's error
+_SWEEP_POINT = pytest.StashKey["SweepPoint"]()
+
+
+def _sweep_spec(node: pytest.Item | pytest.Collector | Any) -> dict[str, Any]:
+    """The closest @pytest.mark.quotafs_sweep's arguments, cmd as an argv list; a bad marker
+    fails with one line."""
+    mark = node.get_closest_marker(SWEEP_MARKER)
+    where = f"@pytest.mark.{SWEEP_MARKER} on {node.nodeid}"
+    if mark is None:
+        raise pytest.fail.Exception(
+            f"{node.nodeid}: the sweep_point fixture needs @pytest.mark.{SWEEP_MARKER}"
+            "(cmd=..., check=..., points=N)", pytrace=False)
+    if mark.args:
+        raise pytest.fail.Exception(f"{where}: takes keyword arguments only", pytrace=False)
+    spec = dict(mark.kwargs)
+    cmd = spec.get("cmd")
+    if isinstance(cmd, str):
+        cmd = shlex.split(cmd)
+    if not cmd or not all(isinstance(a, str) for a in cmd):
+        raise pytest.fail.Exception(f"{where}: cmd= is required: a command line (str) or "
+                                    "an argv list", pytrace=False)
+    spec["cmd"] = list(cmd)
+    return spec
+
+
+def _sweep_items(spec: dict[str, Any], where: str) -> int:
+    """How many items: points=N (default 20), or max_runs=N for each_write and every, whose
+    number of points only the baseline tells."""
+    if spec.get("each_write") or spec.get("every") is not None:
+        count = spec.get("max_runs")
+        if count is None:
+            raise pytest.fail.Exception(
+                f"{where}: with each_write or every, give max_runs=N: the number of test "
+                "items must be known before the baseline runs", pytrace=False)
+    else:
+        count = spec.get("points", DEFAULT_SWEEP_POINTS)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise pytest.fail.Exception(f"{where}: the number of points must be a positive "
+                                    f"integer, got {count!r}", pytrace=False)
+    return count
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """What the sweep_point fixture gives: one disk-full point of the sweep, already run."""
+
+    index: int
+    total: int  # points in the sweep
+    plan: SweepPlan
+    result: PointResult
+
+    @property
+    def verdict(self) -> str:
+        return str(self.result.verdict)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "ok"
+
+    def describe(self) -> str:
+        """Several lines: where the disk was full, how CMD and the check ended, the
+        verdict, and the tails of their stderr (and the daemon's log, if it said anything)."""
+        r = self.result
+        check = r.check
+        lines = [f"quotafs sweep point {self.index} of {self.total}: {r.where()}",
+                 f"CMD: {r.run.describe()}; check: "
+                 + ("none" if check is None else check.describe()),
+                 f"verdict: {r.verdict}"]
+        for title, text in (("CMD stderr", r.stderr_tail), ("check stderr", r.check_stderr_tail),
+                            ("daemon log", r.daemon_log)):
+            if text:
+                lines.append(f"{title} (tail):")
+                lines += ["  " + line for line in text.splitlines()[-SWEEP_TAIL_LINES:]]
+        return "\n".join(lines)
+
+    def assert_ok(self) -> None:
+        """Fail the test, with describe() as its message, unless the verdict is ok."""
+        if not self.ok:
+            raise pytest.fail.Exception(self.describe(), pytrace=False)
+
+
+def _plan(config: pytest.Config, spec: dict[str, Any]) -> SweepPlan:
+    """The sweep's plan, its baseline run once per session (per xdist worker); a baseline
+    that failed fails every item of the sweep with the same line, without running again."""
+    plans = config.stash.setdefault(_PLANS, {})
+    key = repr(sorted(spec.items()))
+    if key not in plans:
+        options = dict(spec)
+        argv = options.pop("cmd")
+        try:
+            plans[key] = quotafs.plan_sweep(argv, **options)
+        except QuotafsError as exc:
+            plans[key] = exc
+    found = plans[key]
+    if isinstance(found, QuotafsError):
+        if found.code == ExitCode.NO_FUSE:
+            raise pytest.skip.Exception(f"quotafs: FUSE is not usable here: {found}")
+        raise pytest.fail.Exception(f"quotafs sweep: {found}", pytrace=False)
+    return found  # type: ignore[no-any-return]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "sweep_point" not in metafunc.fixturenames:
+        return
+    spec = _sweep_spec(metafunc.definition)
+    count = _sweep_items(spec, f"@pytest.mark.{SWEEP_MARKER} on {metafunc.definition.nodeid}")
+    width = len(str(count))
+    numbers = range(1, count + 1)  # as the sweep's report numbers its points
+    metafunc.parametrize("sweep_point", numbers, indirect=True,
+                         ids=[f"point{i:0{width}d}" for i in numbers])
+
+
+@pytest.fixture
+def sweep_point(request: pytest.FixtureRequest) -> SweepPoint:
+    """One point of the test's @pytest.mark.quotafs_sweep(...), run on a fresh mount: the
+    disk full there, then the check with room. Skipped where FUSE cannot be used."""
+    spec = _sweep_spec(request.node)
+    _skip_without_fuse()
+    plan = _plan(request.config, spec)
+    index: int = request.param
+    total = len(plan.points)
+    if index > total:  # rooms that round to the same block are run once
+        pytest.skip(f"quotafs sweep: the baseline gives {total} points only")
+    try:
+        result = quotafs.run_point(plan, index)
+    except QuotafsError as exc:
+        raise pytest.fail.Exception(f"quotafs sweep, point {index}: {exc}",
+                                    pytrace=False) from None
+    point = SweepPoint(index, total, plan, result)
+    request.node.stash[_SWEEP_POINT] = point
+    return point
+
+
+def _sweep_section(item: pytest.Item) -> list[tuple[str, str]]:
+    point = item.stash.get(_SWEEP_POINT, None)
+    return [] if point is None else [("quotafs sweep point", point.describe())]
+
+
 # -- hooks --------------------------------------------------------------------------------
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -398,6 +552,11 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{MARKER}(limit='{DEFAULT_LIMIT}', **options): size and mount options of the "
         "quota_mount fixture (inodes, accounting, block_size, mmap_sigbus, seed, rules, ...); "
         "limit is also the ext4_loop fixture's free space. See quotafs docs/testing.md")
+    config.addinivalue_line(
+        "markers",
+        f"{SWEEP_MARKER}(cmd=..., setup=None, check=None, points={DEFAULT_SWEEP_POINTS}, "
+        "**options): a disk-full sweep of cmd, one test item per point, for a test taking the "
+        "sweep_point fixture (options as for quotafs.plan_sweep). See quotafs docs/testing.md")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -461,6 +620,7 @@ def pytest_runtest_makereport(item: pytest.Item,
                     text = f"could not read its usage: {exc}"
                 report.sections.append((f"{'quotafs' if is_quotafs else 'ext4'} {handle.path}",
                                         text))
+        report.sections += _sweep_section(item)
     return report
 
 

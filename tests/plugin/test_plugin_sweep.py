@@ -1,0 +1,149 @@
+"""The plugin's disk-full sweep: @pytest.mark.quotafs_sweep + the sweep_point fixture make one
+test item per point, run through pytester as a user's suite runs them (in a subprocess:
+the inner session's mounts are its own), with and without pytest-xdist.
+
+The programs are examples/atomic_update's: version 1 of data.txt is 32 KiB, the updaters
+write version 2 (64 KiB) and then a report (32 KiB), so the baseline grows usage by 96 KiB
+and `points=10` puts the disk full at rooms i * 9.6 KiB, rounded down to whole 4 KiB blocks:
+0, 8, 16, 28, 36, 48, 56, 64, 76, 84 KiB. The careless updater breaks data.txt at the first
+seven (less room than the 64 KiB of version 2) and at none of the last three.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_fuse
+
+pytest_plugins = "pytester"
+
+TIMEOUT = 240
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "atomic_update"
+CARELESS_FAILS = [f"point{i:02d}" for i in range(1, 8)]
+CARELESS_PASSES = [f"point{i:02d}" for i in range(8, 11)]
+
+
+def inner_suite(pytester: pytest.Pytester, updater: str, points: int = 10) -> Path:
+    """A user's test module sweeping `updater`; every setup (the baseline's and each
+    point's) appends a line to setups.log."""
+    log = pytester.path / "setups.log"
+    py = shlex.quote(sys.executable)
+    setup = f"echo setup >> {shlex.quote(str(log))}; {py} {EXAMPLE / 'versions.py'} setup"
+    pytester.makepyfile(test_inner=textwrap.dedent(f"""
+        import sys
+        import pytest
+
+        @pytest.mark.quotafs_sweep(cmd=[sys.executable, {str(EXAMPLE / updater)!r}],
+                                   setup={setup!r},
+                                   check={f"{py} {EXAMPLE / 'versions.py'} check"!r},
+                                   points={points})
+        def test_update(sweep_point):
+            sweep_point.assert_ok()
+        """))
+    return log
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", *args,
+                                         timeout=TIMEOUT)
+
+
+def outcomes(result: pytest.RunResult) -> dict[str, list[str]]:
+    """Item ids by outcome, from the -rA short summary ("PASSED test_inner.py::...[id]")."""
+    found: dict[str, list[str]] = {}
+    for line in result.outlines:
+        word, _, rest = line.partition(" ")
+        if word in ("PASSED", "FAILED", "ERROR", "SKIPPED") and "[" in rest:
+            found.setdefault(word, []).append(rest.split("[", 1)[1].split("]", 1)[0])
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def test_the_marker_makes_one_item_per_point_before_anything_runs(
+        pytester: pytest.Pytester) -> None:
+    log = inner_suite(pytester, "careless_update.py", points=12)
+    result = run(pytester, "--collect-only", "-q")
+    assert result.ret == 0
+    ids = [line.split("[")[1].rstrip("]") for line in result.outlines if "::test_update[" in line]
+    assert ids == [f"point{i:02d}" for i in range(1, 13)]
+    assert not log.exists()  # collecting runs nothing: every xdist worker collects alike
+
+
+@pytest.mark.parametrize(("marker", "message"), [
+    ("", "test_inner.py::test_update: the sweep_point fixture needs "
+         "@pytest.mark.quotafs_sweep(cmd=..., check=..., points=N)"),
+    ("@pytest.mark.quotafs_sweep(check='true')",
+     "@pytest.mark.quotafs_sweep on test_inner.py::test_update: cmd= is required: a "
+     "command line (str) or an argv list"),
+    ("@pytest.mark.quotafs_sweep(cmd='true', each_write=True)",
+     "@pytest.mark.quotafs_sweep on test_inner.py::test_update: with each_write or every, "
+     "give max_runs=N: the number of test items must be known before the baseline runs"),
+    ("@pytest.mark.quotafs_sweep(cmd='true', points=0)",
+     "@pytest.mark.quotafs_sweep on test_inner.py::test_update: the number of points must "
+     "be a positive integer, got 0"),
+])
+def test_a_bad_sweep_marker_is_one_line_at_collection(pytester: pytest.Pytester, marker: str,
+                                                      message: str) -> None:
+    pytester.makepyfile(test_inner=f"import pytest\n{marker}\n"
+                                   "def test_update(sweep_point):\n    pass\n")
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.INTERRUPTED  # a collection error
+    result.stdout.fnmatch_lines([f"*{message}*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+@needs_fuse
+def test_the_careless_updater_fails_exactly_the_points_where_the_disk_fills_mid_write(
+        pytester: pytest.Pytester) -> None:
+    log = inner_suite(pytester, "careless_update.py")
+    result = run(pytester)
+    assert outcomes(result) == {"FAILED": CARELESS_FAILS, "PASSED": CARELESS_PASSES}
+    assert log.read_text().count("setup") == 1 + 10  # the baseline once, then each point
+    # The failure says where the disk was full, how both ended, the verdict, the tails.
+    result.stdout.fnmatch_lines([
+        "*quotafs sweep point 4 of 10: limit 60.0 KiB (start + 28.0 KiB)",
+        "CMD: exit 0; check: exit 1",
+        "verdict: check failed after success",
+        "check stderr (tail):",
+        "  check: data.txt is neither version: 28672 bytes, starting b'version 2 record*",
+    ])
+    assert "Traceback" not in result.stdout.str()
+    assert result.stdout.str().count("- quotafs sweep point -") == 7  # the report's section
+
+
+@needs_fuse
+def test_the_careful_updater_passes_every_point(pytester: pytest.Pytester) -> None:
+    inner_suite(pytester, "careful_update.py")
+    result = run(pytester)
+    assert outcomes(result) == {"PASSED": CARELESS_FAILS + CARELESS_PASSES}
+
+
+@needs_fuse
+def test_xdist_spreads_the_points_with_the_same_result(pytester: pytest.Pytester) -> None:
+    log = inner_suite(pytester, "careless_update.py")
+    result = run(pytester, "-n", "2")
+    assert outcomes(result) == {"FAILED": CARELESS_FAILS, "PASSED": CARELESS_PASSES}
+    result.stdout.fnmatch_lines(["created: 2/2 workers*"])
+    assert log.read_text().count("setup") == 2 + 10  # a baseline per worker, each point once
+
+
+@needs_fuse
+def test_a_baseline_that_fails_fails_every_item_with_one_line(
+        pytester: pytest.Pytester) -> None:
+    log = pytester.path / "setups.log"
+    pytester.makepyfile(test_inner=textwrap.dedent(f"""
+        import pytest
+
+        @pytest.mark.quotafs_sweep(cmd="sh -c 'exit 3'", setup="echo x >> {log}", points=3)
+        def test_it(sweep_point):
+            sweep_point.assert_ok()
+        """))
+    result = run(pytester)
+    result.assert_outcomes(errors=3)
+    assert log.read_text().count("x") == 1  # the baseline ran once, not per item
+    assert result.stdout.str().count("quotafs sweep: ") >= 3
+    assert "Traceback" not in result.stdout.str()
