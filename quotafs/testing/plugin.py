@@ -405,7 +405,6 @@ def ext4_loop(request: pytest.FixtureRequest) -> Iterator[Ext4Mount]:
 SWEEP_MARKER = "quotafs_sweep"
 DEFAULT_SWEEP_POINTS = 20
 SWEEP_TAIL_LINES = 10  # of each stderr, in a failing point's message
-_PLANS = pytest.StashKey[dict[str, Any]]()  # marker arguments -> plan, or the baseline's error
 _SWEEP_POINT = pytest.StashKey["SweepPoint"]()
 
 
@@ -487,24 +486,36 @@ class SweepPoint:
             raise pytest.fail.Exception(self.describe(), pytrace=False)
 
 
-def _plan(config: pytest.Config, spec: dict[str, Any]) -> SweepPlan:
-    """The sweep's plan, its baseline run once per session (per xdist worker); a baseline
-    that failed fails every item of the sweep with the same line, without running again."""
-    plans = config.stash.setdefault(_PLANS, {})
-    key = repr(sorted(spec.items()))
-    if key not in plans:
-        options = dict(spec)
-        argv = options.pop("cmd")
-        try:
-            plans[key] = quotafs.plan_sweep(argv, **options)
-        except QuotafsError as exc:
-            plans[key] = exc
-    found = plans[key]
-    if isinstance(found, QuotafsError):
-        if found.code == ExitCode.NO_FUSE:
-            raise pytest.skip.Exception(f"quotafs: FUSE is not usable here: {found}")
-        raise pytest.fail.Exception(f"quotafs sweep: {found}", pytrace=False)
-    return found  # type: ignore[no-any-return]
+class _SweepPlans:
+    """The session's sweep plans by marker arguments: each baseline runs once, when its
+    first item needs it; a baseline that failed is kept as its error, so every item of
+    that sweep fails with the same line without running it again."""
+
+    def __init__(self) -> None:
+        self._plans: dict[str, SweepPlan | QuotafsError] = {}
+
+    def get(self, spec: dict[str, Any]) -> SweepPlan:
+        key = repr(sorted(spec.items()))
+        if key not in self._plans:
+            options = dict(spec)
+            argv = options.pop("cmd")
+            try:
+                self._plans[key] = quotafs.plan_sweep(argv, **options)
+            except QuotafsError as exc:
+                self._plans[key] = exc
+        found = self._plans[key]
+        if isinstance(found, QuotafsError):
+            if found.code == ExitCode.NO_FUSE:
+                raise pytest.skip.Exception(f"quotafs: FUSE is not usable here: {found}")
+            raise pytest.fail.Exception(f"quotafs sweep: {found}", pytrace=False)
+        return found
+
+    def close(self) -> None:
+        """Remove every plan's starting state (the points' mounts are gone already)."""
+        plans, self._plans = self._plans, {}
+        for plan in plans.values():
+            if not isinstance(plan, QuotafsError):
+                plan.close()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -518,13 +529,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                          ids=[f"point{i:0{width}d}" for i in numbers])
 
 
+@pytest.fixture(scope="session")
+def quotafs_sweep_plans() -> Iterator[_SweepPlans]:
+    """The sweeps' plans (baselines and starting states) of this session, or of this
+    pytest-xdist worker; removed at its end."""
+    plans = _SweepPlans()
+    yield plans
+    plans.close()
+
+
 @pytest.fixture
-def sweep_point(request: pytest.FixtureRequest) -> SweepPoint:
+def sweep_point(request: pytest.FixtureRequest,
+                quotafs_sweep_plans: _SweepPlans) -> SweepPoint:
     """One point of the test's @pytest.mark.quotafs_sweep(...), run on a fresh mount: the
     disk full there, then the check with room. Skipped where FUSE cannot be used."""
     spec = _sweep_spec(request.node)
     _skip_without_fuse()
-    plan = _plan(request.config, spec)
+    plan = quotafs_sweep_plans.get(spec)
     index: int = request.param
     total = len(plan.points)
     if index > total:  # rooms that round to the same block are run once

@@ -29,18 +29,20 @@ CARELESS_PASSES = [f"point{i:02d}" for i in range(8, 11)]
 
 
 def inner_suite(pytester: pytest.Pytester, updater: str, points: int = 10) -> Path:
-    """A user's test module sweeping `updater`; every setup (the baseline's and each
-    point's) appends a line to setups.log."""
-    log = pytester.path / "setups.log"
+    """A user's test module sweeping `updater`; the setup (run once per plan, to make the
+    starting state) and every check (after the baseline and after each point) append a
+    line to runs.log."""
+    log = pytester.path / "runs.log"
     py = shlex.quote(sys.executable)
     setup = f"echo setup >> {shlex.quote(str(log))}; {py} {EXAMPLE / 'versions.py'} setup"
+    check = f"echo check >> {shlex.quote(str(log))}; {py} {EXAMPLE / 'versions.py'} check"
     pytester.makepyfile(test_inner=textwrap.dedent(f"""
         import sys
         import pytest
 
         @pytest.mark.quotafs_sweep(cmd=[sys.executable, {str(EXAMPLE / updater)!r}],
                                    setup={setup!r},
-                                   check={f"{py} {EXAMPLE / 'versions.py'} check"!r},
+                                   check={check!r},
                                    points={points})
         def test_update(sweep_point):
             sweep_point.assert_ok()
@@ -102,7 +104,8 @@ def test_the_careless_updater_fails_exactly_the_points_where_the_disk_fills_mid_
     log = inner_suite(pytester, "careless_update.py")
     result = run(pytester)
     assert outcomes(result) == {"FAILED": CARELESS_FAILS, "PASSED": CARELESS_PASSES}
-    assert log.read_text().count("setup") == 1 + 10  # the baseline once, then each point
+    runs = log.read_text().split()
+    assert (runs.count("setup"), runs.count("check")) == (1, 1 + 10)  # one baseline
     # The failure says where the disk was full, how both ended, the verdict, the tails.
     result.stdout.fnmatch_lines([
         "*quotafs sweep point 4 of 10: limit 60.0 KiB (start + 28.0 KiB)",
@@ -128,22 +131,26 @@ def test_xdist_spreads_the_points_with_the_same_result(pytester: pytest.Pytester
     result = run(pytester, "-n", "2")
     assert outcomes(result) == {"FAILED": CARELESS_FAILS, "PASSED": CARELESS_PASSES}
     result.stdout.fnmatch_lines(["created: 2/2 workers*"])
-    assert log.read_text().count("setup") == 2 + 10  # a baseline per worker, each point once
+    runs = log.read_text().split()
+    assert (runs.count("setup"), runs.count("check")) == (2, 2 + 10)  # a baseline per worker
 
 
 @needs_fuse
-def test_a_baseline_that_fails_fails_every_item_with_one_line(
+def test_a_baseline_that_fails_errors_every_item_with_one_line(
         pytester: pytest.Pytester) -> None:
-    log = pytester.path / "setups.log"
+    log = pytester.path / "runs.log"
     pytester.makepyfile(test_inner=textwrap.dedent(f"""
         import pytest
 
-        @pytest.mark.quotafs_sweep(cmd="sh -c 'exit 3'", setup="echo x >> {log}", points=3)
+        @pytest.mark.quotafs_sweep(cmd="sh -c 'echo run >> {log}; echo no room >&2; exit 3'",
+                                   points=3)
         def test_it(sweep_point):
             sweep_point.assert_ok()
         """))
     result = run(pytester)
     result.assert_outcomes(errors=3)
-    assert log.read_text().count("x") == 1  # the baseline ran once, not per item
-    assert result.stdout.str().count("quotafs sweep: ") >= 3
+    assert log.read_text().split() == ["run"]  # the baseline ran once, not once per item
+    message = ("quotafs sweep: the baseline run (no limit) exit 3: no room; sweep needs a "
+               "program that works when it has room")
+    assert result.stdout.str().count(message) == 3
     assert "Traceback" not in result.stdout.str()
