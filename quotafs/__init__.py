@@ -19,17 +19,24 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them on 
         open_quota_mount,
     )
     from quotafs.options import MountOptions
+    from quotafs.sweeps.plan import Baseline, Point, PointResult, SweepReport
+    from quotafs.sweeps.runner import SweepPlan, plan_sweep, run_point, sweep
 
 # Where this package is imported from: child processes (writers, probes) get it on their path,
 # so that they run this very copy even when the parent found it through sys.path tweaks.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ["Ext4Mount", "MountOptions", "QuotaMount", "check_ext4_loop", "check_fuse", "ext4_loop",
-           "format_event", "mounted", "mounted_with", "open_quota_mount"]
+__all__ = ["Baseline", "Ext4Mount", "MountOptions", "Point", "PointResult", "QuotaMount",
+           "SweepPlan", "SweepReport", "check_ext4_loop", "check_fuse", "ext4_loop",
+           "format_event", "mounted", "mounted_with", "open_quota_mount", "plan_sweep",
+           "run_point", "sweep"]
 
 
 # The public names that do not come from quotafs.client.api, and their modules.
-_ELSEWHERE: dict[str, str] = {}
+_ELSEWHERE: dict[str, str] = {
+    **dict.fromkeys(("Baseline", "Point", "PointResult", "SweepReport"), "quotafs.sweeps.plan"),
+    **dict.fromkeys(("SweepPlan", "plan_sweep", "run_point", "sweep"), "quotafs.sweeps.runner"),
+}
 
 
 def __getattr__(name: str) -> Any:

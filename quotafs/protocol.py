@@ -194,6 +194,8 @@ class Status(Document):
     inode_limit: int | None
     inodes_used: int
     enospc_count: int
+    peak_used: int  # the highest `used` since mount
+    allocating_writes: int  # write requests that newly allocated blocks
     # the daemon's tables
     known_inodes: int
     open_handles: int

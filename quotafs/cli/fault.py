@@ -18,10 +18,12 @@ from quotafs.model.faults import Rule, spec_from_args
 # -- commands -----------------------------------------------------------------------------
 
 def cmd_fault_add(args: argparse.Namespace) -> int:
-    spec = spec_from_args(args.op, path=args.path, errno=args.errno, delay=args.delay,
+    spec = spec_from_args(args.op, path=args.path, allocating=args.allocating,
+                          errno=args.errno, delay=args.delay,
                           short_write=args.short_write, corrupt_read=args.corrupt_read,
                           probability=args.probability, seed=args.seed,
-                          after_bytes=args.after_bytes, nth=args.nth, times=args.times)
+                          after_bytes=args.after_bytes, nth=args.nth,
+                          from_nth=args.from_nth, times=args.times)
     for warning in spec.warnings():
         print(f"quotafs: warning: {warning}", file=sys.stderr)
     result = add_rule(args.mountpoint, spec)
@@ -78,6 +80,8 @@ def register(sub: Any) -> None:
                    help="operations, comma-separated (open, read, write, fsync, ...) or all")
     a.add_argument("--path", help="glob relative to the mount root, e.g. '/logs/*.log', "
                                   "'*.wal', '/db/**'")
+    a.add_argument("--allocating", action="store_true",
+                   help="match only write requests that newly allocate blocks (op write)")
     effect = a.add_mutually_exclusive_group(required=True)
     effect.add_argument("--errno", help="answer this errno, e.g. EIO, ENOSPC, EDQUOT")
     effect.add_argument("--delay", help="make the request wait, e.g. 200ms, 2s")
@@ -88,7 +92,10 @@ def register(sub: Any) -> None:
     a.add_argument("--seed", help="this rule's random seed (default: from the mount seed)")
     a.add_argument("--after-bytes", help="fire only once this much was written (to the "
                                          "matching files, with --path)")
-    a.add_argument("--nth", help="fire on the Nth matching request only")
+    nth = a.add_mutually_exclusive_group()
+    nth.add_argument("--nth", help="fire on the Nth matching request only")
+    nth.add_argument("--from-nth", metavar="N",
+                     help="fire on the Nth matching request and every one after it")
     a.add_argument("--times", help="fire at most N times, then retire")
     a.add_argument("--json", action="store_true", help="print id, seed and warnings as JSON")
     a.set_defaults(func=cmd_fault_add)

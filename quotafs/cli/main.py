@@ -1,5 +1,5 @@
 """The `quotafs` command line: the parser, dispatch to the command modules (mount,
-status, run, fault, compare: one per command, each with its `register`), and errors as one
+status, run, fault, compare, sweep: one per command, each with its `register`), and errors as one
 line + exit code."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from quotafs import __version__
-from quotafs.cli import compare, fault, mount, run, status
+from quotafs.cli import compare, fault, mount, run, status, sweep
 from quotafs.client import lifecycle
 from quotafs.errors import ExitCode, QuotafsError, printable
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"quotafs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    for command in (mount, status, run, fault, compare):
+    for command in (mount, status, run, fault, compare, sweep):
         command.register(sub)
     return parser
 

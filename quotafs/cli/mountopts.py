@@ -5,12 +5,17 @@ and the plugin's values, with the same messages."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
+from typing import Any
 
 from quotafs.options import OPTION_NAMES, MountOptions
 
 
-def add_mount_options(p: argparse.ArgumentParser) -> None:
-    """The flags; each dest is the MountOptions field (--rules is read into `rules`)."""
+def add_mount_options(parser: argparse.ArgumentParser,
+                      only: Collection[str] | None = None) -> None:
+    """The flags; each dest is the MountOptions field (--rules is read into `rules`).
+    `only`: just the flags of these fields (sweep sets the limit and backing itself)."""
+    p = _Only(parser, only)
     p.add_argument("--limit", default=None,
                    help="quota in bytes: 120M, 1.5G, 10MB, 4096 (default: no limit)")
     p.add_argument("--backing", metavar="DIR",
@@ -32,7 +37,7 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="the limit, reserve, block size and inodes of a default mkfs.ext4 "
                         "of a SIZE image, measured (--limit/--reserve/--inodes override "
                         "them; see docs/semantics.md)")
-    sigbus = p.add_mutually_exclusive_group()
+    sigbus = p.group("mmap_sigbus")
     sigbus.add_argument("--mmap-sigbus", dest="mmap_sigbus", action="store_true",
                         help="ext4-faithful mmap: SIGBUS at the faulting write past the "
                              "quota (reserves quota for hole pages read through writable "
@@ -52,6 +57,29 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", default=None,
                    help="seed of the fault rules' random choices (default: random, printed)")
     p.add_argument("--debug", action="store_true", help="log every FUSE request")
+
+
+class _Only:
+    """add_argument that skips the flags of fields not in `only` (None: every field)."""
+
+    def __init__(self, parser: argparse.ArgumentParser | Any,
+                 only: Collection[str] | None) -> None:
+        self._parser = parser
+        self._only = only
+
+    def _wanted(self, flags: tuple[str, ...], kwargs: dict[str, Any]) -> bool:
+        dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        return self._only is None or dest in self._only
+
+    def add_argument(self, *flags: str, **kwargs: Any) -> None:
+        if self._wanted(flags, kwargs):
+            self._parser.add_argument(*flags, **kwargs)
+
+    def group(self, dest: str) -> _Only:
+        """A mutually exclusive group for the flags of one field."""
+        if self._only is not None and dest not in self._only:
+            return _Only(self._parser, ())
+        return _Only(self._parser.add_mutually_exclusive_group(), None)
 
 
 def mount_options(args: argparse.Namespace) -> MountOptions:

@@ -173,7 +173,7 @@ class QuotaMount:
         """Add a fault rule, e.g. add_fault("fsync", errno="EIO", times=1); returns its id.
 
         Keywords as `quotafs fault add`: path, errno, delay, short_write, corrupt_read,
-        probability, seed, after_bytes, nth, times.
+        allocating, probability, seed, after_bytes, nth, from_nth, times.
         """
         return control.add_rule(self.path, spec_from_args(op, **trigger_and_effect)).id
 

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,11 +106,34 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+CANCEL_POLL_S = 0.1  # how soon a run in a worker thread sees its `cancel` event
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float,
+          cancel: threading.Event | None) -> int:
+    """proc.wait(timeout), and KeyboardInterrupt as soon as `cancel` is set: signals reach
+    the main thread only, so a sweep's worker threads are told this way."""
+    if cancel is None:
+        return proc.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        if cancel.is_set():
+            raise KeyboardInterrupt("cancelled")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        try:
+            return proc.wait(timeout=min(left, CANCEL_POLL_S))
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_argv(argv: Sequence[str], cwd: str, env: Mapping[str, str], timeout: float,
-             launch: Launch = AS_CALLER) -> Outcome:
+             launch: Launch = AS_CALLER, cancel: threading.Event | None = None) -> Outcome:
     """Run argv in `cwd` until it ends or `timeout` seconds pass (then it is killed, with
     everything in its process group, and reported as hung). Ctrl-C or SIGTERM raised here
-    while it runs kill it the same way before they propagate."""
+    while it runs kill it the same way before they propagate; so does setting `cancel`
+    (from another thread), which raises KeyboardInterrupt here."""
     full_env = _user_env(dict(env), launch.user)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.monotonic()
@@ -121,7 +145,7 @@ def run_argv(argv: Sequence[str], cwd: str, env: Mapping[str, str], timeout: flo
         timed_out = False
         try:
             try:
-                returncode = proc.wait(timeout=timeout)
+                returncode = _wait(proc, timeout, cancel)
             except subprocess.TimeoutExpired:
                 timed_out = True
                 _kill_group(proc)
@@ -141,6 +165,6 @@ def run_argv(argv: Sequence[str], cwd: str, env: Mapping[str, str], timeout: flo
 
 
 def run_shell(command: str, cwd: str, env: Mapping[str, str], timeout: float,
-              launch: Launch = AS_CALLER) -> Outcome:
+              launch: Launch = AS_CALLER, cancel: threading.Event | None = None) -> Outcome:
     """A --setup or --check command: one shell command line (`sh -c`)."""
-    return run_argv(["/bin/sh", "-c", command], cwd, env, timeout, launch)
+    return run_argv(["/bin/sh", "-c", command], cwd, env, timeout, launch, cancel)

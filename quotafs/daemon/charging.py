@@ -225,6 +225,8 @@ class Charging:
         last = ceil_div(off + written, block)
         taken = sum(1 for b in new if b < last)
         ledger.force_charge(taken * block)  # fits: checked against free_for() above
+        if holes and written:
+            ledger.allocating_writes += 1
         converted = self._reservations.convert(node, reserved, last) if reserved else 0
         node.charged = charged + (taken + converted) * block
         return _stored(node, off, written, error)
@@ -239,8 +241,19 @@ class Charging:
         new_size = max(node.size, off + written)
         if new_size > charged:
             self._ledger.force_charge(new_size - charged)
+            self._ledger.allocating_writes += 1
             node.charged = new_size
         return _stored(node, off, written, error)
+
+    def allocates(self, handle: Handle, off: int, size: int) -> bool:
+        """Would a write of `size` bytes at `off` newly allocate (what allocating_writes
+        counts)? For allocating fault rules: asked before the write, only while one is live."""
+        node = handle.node
+        if not size:
+            return False
+        if self._costs.blocks:
+            return bool(self._costs.holes(handle.fd, off, off + size, node.size))
+        return off + size > max(node.size, self.charge_of(node))
 
     def _refuse_write(self, node: Node) -> NoReturn:
         """A write request that does not fit whole is refused whole: a short count would

@@ -105,9 +105,12 @@ class FaultGate:
         self._events = events
 
     async def check(self, op: FaultOp, *args: Any, size: int | None = None,
+                    allocating: bool | None = None,
                     ctx: pyfuse3.RequestContext | None = None) -> Effect | None:
         """Consult the rules for a request of `op` with its handler's `args` (`size`: a
-        write's byte count; `ctx`: the caller, for the event). See the module docstring."""
+        write's byte count; `allocating`: whether a write newly allocates blocks, given
+        while FaultEngine.wants_allocation; `ctx`: the caller, for the event). See the
+        module docstring."""
         faults = self._faults
         if not faults.concerns(op.name):
             return None
@@ -118,7 +121,7 @@ class FaultGate:
         if all(self._quiet(node, below=name is not None) for node, name in subjects):
             return None
         path, *others = [self._paths.of_entry(node, name) for node, name in subjects]
-        effect = faults.check(op.name, path, others[0] if others else None, size)
+        effect = faults.check(op.name, path, others[0] if others else None, size, allocating)
         if effect is None:
             return None
         if self._events is not None:

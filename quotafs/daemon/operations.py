@@ -484,7 +484,10 @@ class QuotaFS(pyfuse3.Operations):
     @boundary
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         if self.faults.active:
-            effect = await self.gate.check(Op.WRITE, fh, size=len(buf))
+            # Measured only while an allocating rule is live: the default path never pays.
+            allocating = (self.charging.allocates(self.inodes.handle(fh), off, len(buf))
+                          if self.faults.wants_allocation else None)
+            effect = await self.gate.check(Op.WRITE, fh, size=len(buf), allocating=allocating)
             if effect is not None:  # a short write: store only the first bytes
                 buf = buf[:effect.value]
         handle = self.inodes.handle(fh)

@@ -23,14 +23,18 @@ Matching
     zero or more whole segments ("/a/**" is /a and everything below it, "/**/x" is x at
     any depth). A pattern with no "/" matches the basename at any depth ("*.log").
     A short-write rule only matches writes longer than its byte count (a shorter write
-    could not be shortened).
+    could not be shortened). An `allocating` rule (op write only) matches only write
+    requests that newly allocate blocks (in apparent mode: that grow the charge); the
+    caller works that out only while such a rule is live (`FaultEngine.wants_allocation`)
+    and passes it to check().
 
 Triggers and firing
     Each matching request increments `matched` and, if the rule has a probability,
     takes exactly one draw from the rule's own `random.Random` — whatever the other
     triggers say — so the firing pattern depends only on the seed and the sequence of
     matching requests. The rule is *eligible* when all of its triggers hold:
-    probability (draw < P), nth (this is the Nth match), after-bytes (at least SIZE
+    probability (draw < P), nth (this is the Nth match), from-nth (this is the Nth match
+    or a later one), after-bytes (at least SIZE
     bytes were written, since the rule was added, through the mount or to paths its
     glob matches). Every rule evaluates every request (so one rule's counters and draws
     never depend on another rule); of the eligible rules the first in insertion order
@@ -98,8 +102,10 @@ _OP_SET = frozenset(OPS)
 
 EffectKind = Literal["errno", "delay", "short_write", "corrupt_read"]
 EFFECT_KEYS: tuple[EffectKind, ...] = get_args(EffectKind)
-TRIGGER_KEYS = ("probability", "seed", "after_bytes", "nth", "times")
-SPEC_KEYS = ("op", "path", *EFFECT_KEYS, *TRIGGER_KEYS)
+TRIGGER_KEYS = ("probability", "seed", "after_bytes", "nth", "from_nth", "times")
+# Conditions narrow what a rule matches (beyond op and path).
+CONDITION_KEYS = ("allocating",)
+SPEC_KEYS = ("op", "path", *CONDITION_KEYS, *EFFECT_KEYS, *TRIGGER_KEYS)
 # Keys Rule.to_dict() adds to the spec's; RuleSpec.from_dict(..., allow_status=True) skips them.
 STATUS_KEYS = ("id", "effective_seed", "matched", "fired", "shadowed", "retired", "written",
                "warnings")
@@ -423,6 +429,7 @@ class RuleSpec:
 
     ops: tuple[str, ...]
     path: str | None = None
+    allocating: bool = False
     errno: str | None = None
     delay_us: int | None = None
     short_write: int | None = None
@@ -431,6 +438,7 @@ class RuleSpec:
     seed: int | None = None
     after_bytes: int | None = None
     nth: int | None = None
+    from_nth: int | None = None
     times: int | None = None
 
     @property
@@ -472,6 +480,8 @@ class RuleSpec:
         out: dict[str, Any] = {"op": list(self.ops)}
         if self.path is not None:
             out["path"] = self.path
+        if self.allocating:
+            out["allocating"] = True
         if self.errno is not None:
             out["errno"] = self.errno
         if self.delay_us is not None:
@@ -502,6 +512,8 @@ class RuleSpec:
         words = ["--op", ",".join(self.ops)]
         if self.path is not None:
             words += ["--path", self.path]
+        if self.allocating:
+            words.append("--allocating")
         if self.errno is not None:
             words += ["--errno", self.errno]
         if self.delay_us is not None:
@@ -691,6 +703,22 @@ def _validate(values: Mapping[str, Any], where: _Where, *, text_ok: bool = False
             raise where.error("corrupt_read", 'only valid with op "read" alone, got op '
                                               f'"{",".join(ops)}"')
 
+    allocating = values.get("allocating", False)
+    if allocating is not False:
+        if allocating is not True:
+            raise where.error("allocating", f"must be true (leave it out to match every "
+                                            f"write), got {_show(allocating)}")
+        if ops != ("write",):
+            raise where.error("allocating", 'only valid with op "write" alone, got op '
+                                            f'"{",".join(ops)}"')
+
+    nth = _int(values, "nth", where, text_ok, 1)
+    from_nth = _int(values, "from_nth", where, text_ok, 1)
+    if nth is not None and from_nth is not None:
+        both = "options --nth and --from-nth" if where.cli else 'fields "nth" and "from_nth"'
+        raise where.error(None, f"{both}: give one (the Nth match only, or the Nth and "
+                                "every later one)")
+
     probability = values.get("probability")
     if probability is not None:
         if text_ok and isinstance(probability, str):
@@ -711,6 +739,7 @@ def _validate(values: Mapping[str, Any], where: _Where, *, text_ok: bool = False
     return RuleSpec(
         ops=ops,
         path=path,
+        allocating=allocating,
         errno=errno_name,
         delay_us=delay_us,
         short_write=short_write,
@@ -718,7 +747,8 @@ def _validate(values: Mapping[str, Any], where: _Where, *, text_ok: bool = False
         probability=probability,
         seed=_int(values, "seed", where, text_ok, 0, MAX_SEED),
         after_bytes=_size(values, "after_bytes", where),
-        nth=_int(values, "nth", where, text_ok, 1),
+        nth=nth,
+        from_nth=from_nth,
         times=_int(values, "times", where, text_ok, 1),
     )
 
@@ -727,6 +757,7 @@ def spec_from_args(
     op: str | Sequence[str] | None,
     *,
     path: str | None = None,
+    allocating: bool = False,
     errno: str | None = None,
     delay: str | None = None,
     short_write: str | int | None = None,
@@ -735,14 +766,17 @@ def spec_from_args(
     seed: str | int | None = None,
     after_bytes: str | int | None = None,
     nth: str | int | None = None,
+    from_nth: str | int | None = None,
     times: str | int | None = None,
 ) -> RuleSpec:
     """Build a rule from `quotafs fault add` options (strings as argparse gives them, or
     typed values); errors name the option: `--probability: must be between 0 and 1, ...`."""
     values: dict[str, Any] = {
-        "op": op, "path": path, "errno": errno, "delay": delay, "short_write": short_write,
+        "op": op, "path": path, "allocating": True if allocating else None, "errno": errno,
+        "delay": delay, "short_write": short_write,
         "corrupt_read": True if corrupt_read else None, "probability": probability,
-        "seed": seed, "after_bytes": after_bytes, "nth": nth, "times": times,
+        "seed": seed, "after_bytes": after_bytes, "nth": nth, "from_nth": from_nth,
+        "times": times,
     }
     return _validate({k: v for k, v in values.items() if v is not None}, _Where(None, cli=True),
                      text_ok=True)
@@ -909,6 +943,7 @@ class FaultEngine:
         self._rules: list[Rule] = []
         self._live: tuple[Rule, ...] = ()  # not retired, in order: what check() scans
         self._counting: tuple[Rule, ...] = ()  # live rules with after_bytes
+        self.wants_allocation = False  # a live allocating rule: callers pass `allocating`
         self._ops_in_play: frozenset[str] = frozenset()  # ops some live rule names
         self._next_id = 1
         self.active = False  # any live rule? Callers may skip check() when False.
@@ -918,6 +953,7 @@ class FaultEngine:
         self.generation += 1
         self._live = tuple(r for r in self._rules if not r.retired)
         self._counting = tuple(r for r in self._live if r.spec.after_bytes is not None)
+        self.wants_allocation = any(r.spec.allocating for r in self._live)
         self.active = bool(self._live)
         ops: set[str] = set()
         for rule in self._live:
@@ -971,12 +1007,14 @@ class FaultEngine:
         return list(self._rules)
 
     def check(self, op: str, path: str, path2: str | None = None,
-              size: int | None = None) -> Effect | None:
+              size: int | None = None, allocating: bool | None = None) -> Effect | None:
         """Called for each request before it is served; the effect to apply, or None.
 
         op: a name from OPS; path: "/"-prefixed relative to the mount root, "/" for the
         root; path2: the second path of rename (new name) and link (new link), matched
-        as well; size: the byte count of a write (short-write rules need it).
+        as well; size: the byte count of a write (short-write rules need it);
+        allocating: whether a write newly allocates blocks (allocating rules need it: a
+        request without it never matches them).
         """
         winner: Effect | None = None
         retired = False
@@ -989,11 +1027,15 @@ class FaultEngine:
                 continue
             if spec.short_write is not None and size is not None and size <= spec.short_write:
                 continue
+            if spec.allocating and not allocating:
+                continue
             rule.matched += 1
             eligible = True
             if spec.probability is not None:
                 eligible = rule._rng.random() < spec.probability  # exactly one draw
             if spec.nth is not None and rule.matched != spec.nth:
+                eligible = False
+            if spec.from_nth is not None and rule.matched < spec.from_nth:
                 eligible = False
             if spec.after_bytes is not None and rule.written < spec.after_bytes:
                 eligible = False

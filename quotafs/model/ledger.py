@@ -34,6 +34,8 @@ class LedgerStats:
     inode_limit: int | None
     inodes_used: int
     enospc_count: int
+    peak_used: int  # the highest `used` since mount (existing content included)
+    allocating_writes: int  # write requests that newly allocated (counted by the daemon)
 
 
 class Ledger:
@@ -58,6 +60,10 @@ class Ledger:
         self.reserved = 0
         self.inodes_used = 0
         self.enospc_count = 0
+        self.peak_used = 0
+        # Write requests that newly allocated blocks: the write path increments it (the
+        # ledger cannot tell a write's charge from another's).
+        self.allocating_writes = 0
 
     @staticmethod
     def _check_limit(value: int | None, what: str) -> None:
@@ -89,6 +95,8 @@ class Ledger:
             self.enospc_count += 1
             return False
         self.used += nbytes
+        if self.used > self.peak_used:
+            self.peak_used = self.used
         return True
 
     def force_charge(self, nbytes: int) -> None:
@@ -96,6 +104,8 @@ class Ledger:
         if nbytes < 0:
             raise ValueError("charge must be >= 0")
         self.used += nbytes
+        if self.used > self.peak_used:
+            self.peak_used = self.used
 
     def credit(self, nbytes: int) -> None:
         """Give back space (truncate, unlink, rmdir)."""
@@ -130,6 +140,8 @@ class Ledger:
         """Turn a reservation into usage: the reserved pages were written."""
         self.release(nbytes)
         self.used += nbytes
+        if self.used > self.peak_used:
+            self.peak_used = self.used
 
     # -- inodes -------------------------------------------------------------------------
 
@@ -178,4 +190,6 @@ class Ledger:
             inode_limit=self.inode_limit,
             inodes_used=self.inodes_used,
             enospc_count=self.enospc_count,
+            peak_used=self.peak_used,
+            allocating_writes=self.allocating_writes,
         )

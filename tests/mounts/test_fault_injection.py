@@ -312,3 +312,45 @@ def test_rules_on_the_root_directory_and_its_entries(mount_factory: MountFactory
     assert errno_of(os.listdir, m.path) == errno.EACCES
     [event] = [e for e in m.events() if e["kind"] == "fault" and e["op"] == "create"]
     assert event["path"] == "/new"
+
+
+def test_enospc_from_the_kth_allocating_write_on(mount_factory: MountFactory) -> None:
+    """--allocating --from-nth 3: two allocating writes pass, the third and every later one
+    get ENOSPC; overwrites in place do not count and keep working; on disk: what passed."""
+    m = mount_factory(None)
+    m.add_fault("write", allocating=True, errno="ENOSPC", from_nth=3)
+    path = os.path.join(m.path, "f")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert os.pwrite(fd, b"a" * 4096, 0) == 4096  # allocating 1
+        assert os.pwrite(fd, b"b" * 4096, 0) == 4096  # overwrite: not counted
+        assert os.pwrite(fd, b"c" * 4096, 4096) == 4096  # allocating 2
+        assert errno_of(os.pwrite, fd, b"d" * 4096, 8192) == errno.ENOSPC  # 3rd: refused
+        assert os.pwrite(fd, b"e" * 100, 10) == 100  # overwrite still works
+        assert errno_of(os.pwrite, fd, b"f" * 4096, 65536) == errno.ENOSPC  # and later ones
+    finally:
+        os.close(fd)
+    with open(os.path.join(m.backing, "f"), "rb") as f:
+        assert f.read() == b"b" * 10 + b"e" * 100 + b"b" * (4096 - 110) + b"c" * 4096
+    [rule] = m.faults()
+    assert (rule["matched"], rule["fired"], rule["retired"]) == (4, 2, False)
+    assert [e["errno"] for e in m.events() if e["kind"] == "fault"] == ["ENOSPC", "ENOSPC"]
+
+
+def test_status_counts_peak_usage_and_allocating_writes(mount_factory: MountFactory) -> None:
+    m = mount_factory("1M")
+    before = m.status()
+    assert (before["peak_used"], before["allocating_writes"]) == (before["used"], 0)
+    path = os.path.join(m.path, "f")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        for i in range(3):
+            os.pwrite(fd, b"x" * 8192, i * 8192)  # three allocating writes, 2 blocks each
+        os.pwrite(fd, b"y" * 8192, 0)  # an overwrite: not counted
+    finally:
+        os.close(fd)
+    os.truncate(path, 4096)
+    after = m.status()
+    assert after["allocating_writes"] == 3
+    assert after["peak_used"] == before["used"] + 6 * 4096
+    assert after["used"] == before["used"] + 4096  # the truncate gave space back, not the peak

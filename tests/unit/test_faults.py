@@ -794,3 +794,75 @@ def test_generation_changes_with_the_live_rules() -> None:
     engine.check("read", "/f")  # fires once and retires
     assert engine.generation != g1
     assert not engine.may_match_path("/f")
+
+
+# -- from-nth and allocating (sweep --each-write: ENOSPC from the k-th allocating write) ----
+
+
+def test_from_nth_fires_on_the_nth_match_and_every_later_one() -> None:
+    engine = engine_with(spec_from_args("write", path="/db/*", errno="ENOSPC", from_nth=3))
+    results = []
+    for i in range(6):
+        engine.check("fsync", "/db/x")  # other ops do not count
+        engine.check("write", "/other")  # other paths do not count
+        results.append(engine.check("write", f"/db/{i}") is not None)
+    assert results == [False, False, True, True, True, True]
+    rule = engine.rules()[0]
+    assert (rule.matched, rule.fired, rule.retired) == (6, 4, False)
+
+
+def test_from_nth_with_times_retires_after_the_firings() -> None:
+    engine = engine_with(spec_from_args("write", errno="EIO", from_nth=2, times=2))
+    assert [engine.check("write", "/f") is not None for _ in range(5)] == \
+        [False, True, True, False, False]
+    assert not engine.active
+
+
+def test_allocating_rule_matches_only_allocating_writes() -> None:
+    engine = engine_with(spec_from_args("write", allocating=True, errno="ENOSPC", from_nth=2))
+    assert engine.wants_allocation
+    got = [engine.check("write", "/f", size=10, allocating=a) is not None
+           for a in (True, False, None, False, True, False, True)]
+    # overwrites (False) and requests that do not say (None) neither match nor count
+    assert got == [False, False, False, False, True, False, True]
+    assert engine.rules()[0].matched == 3
+
+
+def test_wants_allocation_only_while_an_allocating_rule_is_live() -> None:
+    engine = engine_with(spec_from_args("write", errno="EIO"))
+    assert not engine.wants_allocation
+    rule = engine.add(spec_from_args("write", allocating=True, errno="ENOSPC", nth=1))
+    assert engine.wants_allocation
+    engine.check("write", "/f", allocating=True)  # nth 1 fired: retired
+    assert engine.get(rule.id).retired and not engine.wants_allocation
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"op": "read", "allocating": True},
+     '--allocating: only valid with op "write" alone, got op "read"'),
+    ({"op": "write,fsync", "allocating": True},
+     '--allocating: only valid with op "write" alone, got op "write,fsync"'),
+    ({"op": "write", "nth": "2", "from_nth": "3"},
+     "options --nth and --from-nth: give one (the Nth match only, or the Nth and every "
+     "later one)"),
+    ({"op": "write", "from_nth": "0"}, "--from-nth: must be >= 1, got 0"),
+    ({"op": "write", "from_nth": "x"}, '--from-nth: must be a whole number, got "x"'),
+])
+def test_from_nth_and_allocating_errors_name_the_option(args: dict[str, Any],
+                                                        message: str) -> None:
+    op = args.pop("op")
+    with pytest.raises(QuotafsError) as info:
+        spec_from_args(op, errno="ENOSPC", **args)
+    assert str(info.value) == message
+
+
+def test_from_nth_and_allocating_in_a_rules_file_round_trip() -> None:
+    text = 'seed = 1\n[[rule]]\nop = "write"\nallocating = true\nerrno = "ENOSPC"\nfrom_nth = 4\n'
+    [spec] = load_rules_toml(text).rules
+    assert (spec.allocating, spec.from_nth) == (True, 4)
+    assert RuleSpec.from_dict(spec.to_dict()) == spec
+    assert spec.describe() == "--op write --allocating --errno ENOSPC --from-nth 4"
+    with pytest.raises(QuotafsError, match='rule 1: field "allocating": must be true'):
+        load_rules_toml('[[rule]]\nop = "write"\nallocating = 1\nerrno = "EIO"\n')
+    with pytest.raises(QuotafsError, match='rule 1: fields "nth" and "from_nth": give one'):
+        load_rules_toml('[[rule]]\nop = "write"\nnth = 1\nfrom_nth = 2\nerrno = "EIO"\n')

@@ -160,10 +160,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("quotafs.model", "quotafs.reference"),
     ("quotafs.options", "quotafs.protocol", "quotafs.statedir"),
     ("quotafs.daemon", "quotafs.client"),
-    ("quotafs.compare", "quotafs.cli", "quotafs.testing"),
+    ("quotafs.compare", "quotafs.sweeps", "quotafs.cli", "quotafs.testing"),
     ("quotafs.__main__",),  # `python -m quotafs`: the command line
 )
-_ALSO_ALLOWED = {("quotafs.cli", "quotafs.compare")}
+# sweep runs programs as compare does (compare.program); the plugin's sweep items use it.
+_ALSO_ALLOWED = {("quotafs.cli", "quotafs.compare"), ("quotafs.cli", "quotafs.sweeps"),
+                 ("quotafs.sweeps", "quotafs.compare"), ("quotafs.testing", "quotafs.sweeps")}
 
 
 def _part(module: str) -> tuple[int, str]:

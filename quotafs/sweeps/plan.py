@@ -1,0 +1,246 @@
+"""`quotafs sweep`, the pure part: which points to run after the baseline, the verdict of
+a point, and the report's typed results — no mounts, no processes.
+
+A point is one way for the disk to be full: a limit `room` bytes above the starting
+usage (`--points N`, `--every SIZE`), or ENOSPC from the k-th allocating write on
+(`--each-write`). docs/usage.md#sweep is the user's reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from quotafs.errors import ExitCode, QuotafsError
+from quotafs.units import format_size
+
+DEFAULT_POINTS = 20
+
+# Verdicts, from the best to the worst.
+OK = "ok"
+CRASHED = "crashed"  # CMD was killed by a signal; the check passed (or there is none)
+HUNG = "hung"  # CMD ran past --timeout and was killed; the check passed (or none)
+CHECK_FAILED = "check failed"  # CMD reported a failure (or crashed), its data is bad
+CHECK_FAILED_AFTER_SUCCESS = "check failed after success"  # CMD exited 0, data is bad
+VERDICTS = (OK, CRASHED, HUNG, CHECK_FAILED, CHECK_FAILED_AFTER_SUCCESS)
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How a program ended (compare.program.Outcome, without its run-time details)."""
+
+    exit_code: int | None
+    signal: str | None
+    timed_out: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def describe(self) -> str:
+        if self.timed_out:
+            return "hung"
+        if self.signal is not None:
+            return f"killed by {self.signal}"
+        return f"exit {self.exit_code}"
+
+
+def verdict(run: Ended, check: Ended | None) -> str:
+    """A point's verdict. A failed check decides (the data is what users lose), loudest
+    when CMD had exited 0; CMD exiting non-zero with a passing check is ok: it reported
+    the failure and left its data sound."""
+    if check is not None and not check.ok:
+        return CHECK_FAILED_AFTER_SUCCESS if run.ok else CHECK_FAILED
+    if run.timed_out:
+        return HUNG
+    if run.signal is not None:
+        return CRASHED
+    return OK
+
+
+# -- choosing the points ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of the sweep: the disk full `room` bytes above the starting usage, or
+    from the `nth_write`-th allocating write on (exactly one of the two is set)."""
+
+    index: int  # 1-based, in the order of the report
+    room: int | None = None
+    nth_write: int | None = None
+    fraction: float | None = None  # --points: the fraction of the way to the peak
+
+    def describe(self) -> str:
+        if self.nth_write is not None:
+            return f"ENOSPC from allocating write {self.nth_write} on"
+        return f"limit start + {self.room} bytes"
+
+
+def fractions(points: int) -> list[float]:
+    """--points N: i/N for i = 0 .. N-1. 0 is a disk already full at the start; the peak
+    itself (1) is left out, as the baseline showed that CMD fits there."""
+    return [i / points for i in range(points)]
+
+
+def _spread(items: list[Point], max_runs: int | None) -> list[Point]:
+    """At most max_runs of the items, evenly spread, the first and the last kept."""
+    if max_runs is None or len(items) <= max_runs:
+        return items
+    if max_runs == 1:
+        return items[:1]
+    last = len(items) - 1
+    picked = sorted({round(i * last / (max_runs - 1)) for i in range(max_runs)})
+    return [items[i] for i in picked]
+
+
+def _numbered(points: list[Point]) -> list[Point]:
+    return [Point(i, p.room, p.nth_write, p.fraction) for i, p in enumerate(points, start=1)]
+
+
+def choose_points(growth: int, allocating_writes: int, block_size: int, *,
+                  points: int | None = DEFAULT_POINTS, every: int | None = None,
+                  each_write: bool = False, max_runs: int | None = None) -> list[Point]:
+    """The points to run after a baseline that grew usage by `growth` bytes above the
+    start in `allocating_writes` allocating writes.
+
+    Rooms are rounded down to whole blocks (the quota charges blocks, so a limit between
+    two blocks acts as the lower one), and a room that two fractions round to is run once.
+    """
+    check_choice(points, every, each_write, max_runs)
+    chosen: list[Point] = []
+    if each_write:
+        chosen = [Point(0, nth_write=k) for k in range(1, allocating_writes + 1)]
+    else:
+        candidates: list[tuple[int, float | None]]
+        if every is not None:
+            candidates = [(k * every, None) for k in range(ceil_div(growth, every))]
+        else:
+            candidates = [(int(f * growth), f) for f in fractions(points or DEFAULT_POINTS)]
+        seen: set[int] = set()
+        for room, frac in candidates:
+            room -= room % block_size
+            if room < growth and room not in seen:
+                seen.add(room)
+                chosen.append(Point(0, room=room, fraction=frac))
+    return _numbered(_spread(chosen, max_runs))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def check_choice(points: int | None, every: int | None, each_write: bool,
+                 max_runs: int | None) -> None:
+    """The point options, checked before anything runs: one line, exit 2."""
+    given = [name for name, value in (("--points", points), ("--every", every),
+                                      ("--each-write", each_write or None))
+             if value is not None]
+    if len(given) > 1:
+        raise QuotafsError(f"{' and '.join(given)}: choose one way to pick the points",
+                           ExitCode.USAGE)
+    for name, value in (("--points", points), ("--every", every), ("--max-runs", max_runs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise QuotafsError(f"{name}: must be at least 1, got {value!r}", ExitCode.USAGE)
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The run without a limit: what CMD allocates. peak_bytes is the peak usage above
+    the starting content (start_bytes), the most CMD needed at once."""
+
+    start_bytes: int
+    peak_bytes: int
+    allocating_writes: int
+    block_size: int
+    exit_code: int | None
+    signal: str | None
+    timed_out: bool
+    check_exit_code: int | None
+    wall_s: float
+    stderr_tail: str = ""
+    check_stderr_tail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PointResult:
+    """One point's run: where the disk was full, how CMD and the check ended, the verdict."""
+
+    index: int
+    limit: int | None  # the quota during CMD (bytes), or None (an --each-write point)
+    nth_write: int | None
+    room: int | None  # limit - start_bytes
+    exit_code: int | None
+    signal: str | None
+    timed_out: bool
+    check_exit_code: int | None
+    check_signal: str | None
+    check_timed_out: bool
+    verdict: str
+    wall_s: float
+    used_bytes: int  # usage when CMD ended
+    enospc_count: int  # ENOSPCs the quota answered during CMD
+    faults_fired: int  # ENOSPCs the --each-write rule answered during CMD
+    stderr_tail: str = ""
+    check_stderr_tail: str = ""
+    daemon_log: str = ""  # what the daemon logged (warnings, errors): empty when healthy
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict != OK
+
+    @property
+    def run(self) -> Ended:
+        return Ended(self.exit_code, self.signal, self.timed_out)
+
+    @property
+    def check(self) -> Ended | None:
+        if self.check_exit_code is None and self.check_signal is None \
+                and not self.check_timed_out:
+            return None
+        return Ended(self.check_exit_code, self.check_signal, self.check_timed_out)
+
+    def where(self) -> str:
+        """Where the disk was full, in a few words: "room 12.0 KiB" or "write 3"."""
+        if self.nth_write is not None:
+            return f"allocating write {self.nth_write}"
+        return f"limit {format_size(self.limit or 0)} (start + {format_size(self.room or 0)})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """A whole sweep: the baseline, every point's result in point order, the seed."""
+
+    argv: tuple[str, ...]
+    baseline: Baseline
+    points: tuple[PointResult, ...]
+    seed: int
+    wall_s: float = 0.0
+
+    @property
+    def failures(self) -> list[PointResult]:
+        return [p for p in self.points if p.failed]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every point is ok, 1 otherwise (docs/exit-codes.md)."""
+        return int(ExitCode.FAILURE) if self.failures else int(ExitCode.OK)
+
+    def count(self, verdict_name: str) -> int:
+        return sum(p.verdict == verdict_name for p in self.points)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"argv": list(self.argv), "seed": self.seed, "wall_s": self.wall_s,
+                "baseline": self.baseline.to_dict(),
+                "points": [p.to_dict() for p in self.points],
+                "summary": {v: self.count(v) for v in VERDICTS}}

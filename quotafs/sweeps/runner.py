@@ -1,0 +1,406 @@
+"""`quotafs sweep`, the runs: the starting state, the baseline, one point, all points on
+`jobs` threads — each run on a fresh quotafs mount over a fresh copy of the starting
+state, all of it inside one temporary directory that is removed on any exit.
+
+    plan = plan_sweep(["./updater"], check="./check", setup="./make-old-version")
+    with plan:                       # the starting state and its copies live until close()
+        result = run_point(plan, 3)  # one point (a pytest item per point does this)
+    report = sweep([...], ...)       # plan + every point + close, in one call
+
+Ctrl-C and SIGTERM (as KeyboardInterrupt in the main thread) set a cancel event that
+each worker's running program sees within 0.1 s (compare.program.run_argv); each worker
+then unmounts and removes its copy, and the main thread waits for them before it
+re-raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from quotafs.client.api import QuotaMount
+from quotafs.compare.program import Outcome, Program, run_argv, run_shell
+from quotafs.errors import ExitCode, QuotafsError
+from quotafs.interrupts import signals_deferred
+from quotafs.options import MountOptions
+from quotafs.reference.tools import find_tool, last_line, run_tool
+from quotafs.sweeps.plan import (
+    Baseline,
+    Ended,
+    Point,
+    PointResult,
+    SweepReport,
+    check_choice,
+    choose_points,
+    verdict,
+)
+
+DEFAULT_TIMEOUT = 300.0
+# Mount options a sweep sets itself, or that cannot hold across its runs.
+NOT_FOR_SWEEP = {
+    "limit": "the sweep sets the limit of each run itself",
+    "backing": "each run gets a fresh copy of the starting state (use from_dir)",
+    "keep_backing": "each run's copy is removed after it",
+    "like_ext4": "it sets a limit, and the sweep sets the limit of each run itself",
+    "reserve": "a reserve needs a limit, and the baseline runs without one",
+    "rules": "the sweep's --each-write adds its own rule",
+    "rules_file": "the sweep's --each-write adds its own rule",
+    "log_file": "each run's daemon logs to a file of its own, shown when not empty",
+}
+
+Progress = Callable[[int, int, int, PointResult], None]  # done, total, failed, the last
+
+
+def _outcome(o: Outcome | None) -> Ended | None:
+    return None if o is None else Ended(o.exit_code, o.signal, o.timed_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What one run on a fresh mount gave."""
+
+    start: int
+    limit: int | None
+    run: Outcome
+    check: Outcome | None
+    used: int
+    peak: int
+    allocating_writes: int
+    enospc_count: int
+    faults_fired: int
+    block_size: int
+    daemon_log: str
+
+
+class SweepPlan:
+    """The starting state, the baseline and the points of a sweep; close() (or the end of
+    a `with` block) unmounts nothing — each run unmounts itself — but removes the starting
+    state and the temporary directory."""
+
+    def __init__(self, program: Program, options: MountOptions, root: str, start: str,
+                 seed: int) -> None:
+        self.program = program
+        self.options = options
+        self.root = root  # the sweep's temporary directory: every run's copy is below it
+        self.start = start  # the starting state, copied for each run
+        self.seed = seed
+        self.baseline: Baseline | None = None
+        self.points: list[Point] = []
+        self._closed = False
+
+    def __enter__(self) -> SweepPlan:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def run_point(self, index: int, cancel: threading.Event | None = None) -> PointResult:
+        """Run point `index` (1-based, as in `points`) and return its result."""
+        if self.baseline is None:
+            raise QuotafsError("the sweep has no baseline yet", ExitCode.USAGE)
+        if not 1 <= index <= len(self.points):
+            raise QuotafsError(f"no point {index}: the sweep has points 1 to "
+                               f"{len(self.points)}", ExitCode.USAGE)
+        point = self.points[index - 1]
+        got = _run_once(self, f"point-{index}", point, cancel)
+        check = _outcome(got.check)
+        return PointResult(
+            index=index, limit=got.limit, nth_write=point.nth_write,
+            room=None if got.limit is None else got.limit - got.start,
+            exit_code=got.run.exit_code, signal=got.run.signal, timed_out=got.run.timed_out,
+            check_exit_code=got.check.exit_code if got.check else None,
+            check_signal=got.check.signal if got.check else None,
+            check_timed_out=got.check.timed_out if got.check else False,
+            verdict=verdict(Ended(got.run.exit_code, got.run.signal, got.run.timed_out), check),
+            wall_s=got.run.wall_s, used_bytes=got.used, enospc_count=got.enospc_count,
+            faults_fired=got.faults_fired, stderr_tail=got.run.stderr_tail,
+            check_stderr_tail=got.check.stderr_tail if got.check else "",
+            daemon_log=got.daemon_log)
+
+
+def run_point(plan: SweepPlan, index: int, cancel: threading.Event | None = None) -> PointResult:
+    """One point of a plan (plan_sweep), alone: a fresh mount and copy, CMD, the check."""
+    return plan.run_point(index, cancel)
+
+
+# -- one run ------------------------------------------------------------------------------
+
+def _copy_tree(source: str, target: str) -> None:
+    """cp -a: modes, owners, times, links, xattrs and holes kept, as a copy of a real
+    directory needs (shutil.copytree fills holes and loses hard links)."""
+    result = run_tool([find_tool("cp", code=ExitCode.FAILURE), "-a", "--", source, target])
+    if result.returncode != 0:
+        raise QuotafsError(f"cannot copy the starting state {source}: {last_line(result)}",
+                           ExitCode.FAILURE)
+
+
+def _env(program: Program, mountpoint: str, name: str) -> dict[str, str]:
+    return {**os.environ, **program.extra_env, "QUOTAFS_MOUNT": mountpoint,
+            "QUOTAFS_SWEEP_RUN": name}
+
+
+def _read_log(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-4096:].strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _run_once(plan: SweepPlan, name: str, point: Point | None,
+              cancel: threading.Event | None) -> _Run:
+    """A fresh copy of the starting state on a fresh mount; the disk full as `point`
+    says (after the copy is mounted, before CMD); CMD; then room again and the check."""
+    program = plan.program
+    rundir = tempfile.mkdtemp(prefix=f"{name}-", dir=plan.root)
+    try:
+        data, mnt, log = (os.path.join(rundir, n) for n in ("data", "mnt", "daemon.log"))
+        _copy_tree(plan.start, data)
+        os.mkdir(mnt)
+        options = dataclasses.replace(plan.options, backing=data, log_file=log)
+        mount = QuotaMount.start_with(options, mnt)
+        try:
+            before = mount.status()
+            start, limit = before.used, None
+            if point is not None and point.room is not None:
+                limit = start + point.room
+                mount.set_limit(limit)
+            if point is not None and point.nth_write is not None:
+                mount.add_fault("write", allocating=True, errno="ENOSPC",
+                                from_nth=point.nth_write)
+            env = _env(program, mount.path, name)
+            run = run_argv(program.argv, mount.path, env, program.timeout, cancel=cancel)
+            after = mount.status()
+            mount.set_limit(None)
+            mount.clear_faults()
+            check = (run_shell(program.check, mount.path, env, program.timeout,
+                               cancel=cancel) if program.check is not None else None)
+        finally:
+            mount.close()
+        return _Run(start=start, limit=limit, run=run, check=check, used=after.used,
+                    peak=after.peak_used - start,
+                    allocating_writes=after.allocating_writes - before.allocating_writes,
+                    enospc_count=after.enospc_count - before.enospc_count,
+                    faults_fired=after.faults_fired, block_size=after.block_size,
+                    daemon_log=_read_log(log))
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+# -- the plan -----------------------------------------------------------------------------
+
+def _starting_state(program: Program, from_dir: str | None, root: str) -> str:
+    """workdir/start: a copy of from_dir (or an empty directory), then --setup in it."""
+    start = os.path.join(root, "start")
+    if from_dir is not None:
+        _copy_tree(from_dir, start)
+    else:
+        os.mkdir(start)
+    if program.setup is not None:
+        env = {**os.environ, **program.extra_env, "QUOTAFS_MOUNT": start,
+               "QUOTAFS_SWEEP_RUN": "setup"}
+        done = run_shell(program.setup, start, env, program.timeout)
+        if not done.ok:
+            raise QuotafsError(f"--setup {done.ended()}: "
+                               f"{_last(done.stderr_tail) or 'no output'}", ExitCode.FAILURE)
+    return start
+
+
+def _last(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _check_from(from_dir: str | None) -> str | None:
+    if from_dir is None:
+        return None
+    if not os.path.isdir(from_dir):
+        why = "does not exist" if not os.path.lexists(from_dir) else "is not a directory"
+        raise QuotafsError(f"--from {from_dir} {why}", ExitCode.USAGE)
+    return os.path.abspath(from_dir)
+
+
+def sweep_options(values: Mapping[str, Any]) -> MountOptions:
+    """The mount options of every run, checked; those a sweep sets itself are refused."""
+    for name, why in NOT_FOR_SWEEP.items():
+        if values.get(name) not in (None, False, ()):
+            raise QuotafsError(f"{name.replace('_', '-')}: not for sweep: {why}",
+                               ExitCode.USAGE)
+    return MountOptions.from_values(values)
+
+
+def _baseline(plan: SweepPlan) -> Baseline:
+    """CMD with room: what it allocates; a failure here is the user's to fix first."""
+    got = _run_once(plan, "baseline", None, None)
+    base = Baseline(start_bytes=got.start, peak_bytes=got.peak,
+                    allocating_writes=got.allocating_writes, block_size=got.block_size,
+                    exit_code=got.run.exit_code, signal=got.run.signal,
+                    timed_out=got.run.timed_out,
+                    check_exit_code=got.check.exit_code if got.check else None,
+                    wall_s=got.run.wall_s, stderr_tail=got.run.stderr_tail,
+                    check_stderr_tail=got.check.stderr_tail if got.check else "")
+    if not got.run.ok:
+        raise QuotafsError(f"the baseline run (no limit) {got.run.ended()}: "
+                           f"{_last(got.run.stderr_tail) or 'no output'}; sweep needs a "
+                           "program that works when it has room", ExitCode.FAILURE)
+    if got.check is not None and not got.check.ok:
+        raise QuotafsError(f"the check after the baseline run (no limit) "
+                           f"{got.check.ended()}: {_last(got.check.stderr_tail) or 'no output'}"
+                           "; sweep needs a check that passes when the program had room",
+                           ExitCode.FAILURE)
+    if got.peak <= 0:
+        raise QuotafsError("the baseline run allocated nothing above the starting state: "
+                           "no point at which the disk could fill", ExitCode.FAILURE)
+    return base
+
+
+def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str | None = None,
+               check: str | None = None, points: int | None = None, every: int | None = None,
+               each_write: bool = False, max_runs: int | None = None,
+               timeout: float = DEFAULT_TIMEOUT, seed: int | None = None,
+               workdir: str | None = None, env: Mapping[str, str] | None = None,
+               **mount_options: Any) -> SweepPlan:
+    """Check everything, make the starting state, run the baseline, choose the points.
+
+    argv: the program (its working directory is the mount: $QUOTAFS_MOUNT); setup: a
+    shell command run once in the empty starting directory (after from_dir is copied
+    there, if given); check: a shell command run after each run, with room again;
+    points (default 20) / every (bytes) / each_write: how the points are chosen, at most
+    max_runs of them; timeout: seconds for each command; seed: the fault engine's;
+    workdir: where the sweep's temporary directory goes (default $TMPDIR); env: added to
+    the environment; mount_options: those of `quotafs mount` that hold for every run
+    (accounting, block_size, inodes, mmap_sigbus, no_cache, debug...).
+
+    Use the plan in a `with` block (or close() it): it holds the starting state.
+    """
+    program = _program(argv, setup, check, timeout, env)
+    check_choice(points, every, each_write, max_runs)
+    source = _check_from(from_dir)
+    if seed is None:
+        seed = random.getrandbits(32)
+    options = sweep_options({**mount_options, "seed": seed})
+    if workdir is not None and not os.path.isdir(workdir):
+        raise QuotafsError(f"--workdir {workdir} is not a directory", ExitCode.USAGE)
+    root = tempfile.mkdtemp(prefix="quotafs-sweep-", dir=workdir)
+    plan = SweepPlan(program, options, root, os.path.join(root, "start"), seed)
+    try:
+        plan.start = _starting_state(program, source, root)
+        plan.baseline = base = _baseline(plan)
+        plan.points = choose_points(base.peak_bytes, base.allocating_writes, base.block_size,
+                                    points=points, every=every, each_write=each_write,
+                                    max_runs=max_runs)
+    except BaseException:
+        plan.close()
+        raise
+    return plan
+
+
+def _program(argv: Sequence[str], setup: str | None, check: str | None, timeout: float,
+             env: Mapping[str, str] | None) -> Program:
+    if isinstance(argv, str):
+        raise QuotafsError("argv: give the command as a list of words, e.g. "
+                           '["./updater", "--out", "data"]', ExitCode.USAGE)
+    if not argv:
+        raise QuotafsError("no command: give the program to sweep after --, e.g. "
+                           "quotafs sweep --check ./check -- ./updater", ExitCode.USAGE)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise QuotafsError(f"--timeout: must be a number of seconds above 0, got {timeout!r}",
+                           ExitCode.USAGE)
+    return Program(tuple(argv), setup=setup, check=check, timeout=float(timeout),
+                   extra_env=dict(env or {}))
+
+
+# -- every point --------------------------------------------------------------------------
+
+def check_jobs(jobs: int) -> None:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise QuotafsError(f"--jobs: must be at least 1, got {jobs!r}", ExitCode.USAGE)
+
+
+def run_points(plan: SweepPlan, jobs: int = 1, progress: Progress | None = None,
+               indices: Sequence[int] | None = None) -> list[PointResult]:
+    """Run the points (all, or `indices`) on `jobs` threads, each run on its own mount;
+    results in point order. KeyboardInterrupt (Ctrl-C, SIGTERM) stops every run, waits
+    until each has unmounted and removed its copy, then propagates."""
+    check_jobs(jobs)
+    todo = list(indices if indices is not None else range(1, len(plan.points) + 1))
+    todo.reverse()  # popped from the end: in point order
+    results: dict[int, PointResult] = {}
+    errors: list[BaseException] = []
+    cancel = threading.Event()
+    lock = threading.Lock()
+    total = len(todo)
+
+    def work() -> None:
+        while not cancel.is_set():
+            with lock:
+                if not todo:
+                    return
+                index = todo.pop()
+            try:
+                result = plan.run_point(index, cancel)
+            except KeyboardInterrupt:
+                return  # cancelled: the run cleaned up after itself
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)
+                cancel.set()
+                return
+            with lock:
+                results[index] = result
+                if progress is not None:
+                    progress(len(results), total,
+                             sum(r.failed for r in results.values()), result)
+
+    threads = [threading.Thread(target=work, name=f"quotafs-sweep-{n}")
+               for n in range(min(jobs, total))]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)  # a timed join: Ctrl-C reaches this thread meanwhile
+    except BaseException:
+        cancel.set()
+        with signals_deferred(reraise=False):  # the user asked to stop already
+            for thread in threads:
+                thread.join()
+        raise
+    if errors:
+        raise errors[0]
+    return [results[i] for i in sorted(results)]
+
+
+def sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str | None = None,
+          check: str | None = None, points: int | None = None, every: int | None = None,
+          each_write: bool = False, max_runs: int | None = None, jobs: int = 1,
+          timeout: float = DEFAULT_TIMEOUT, seed: int | None = None,
+          workdir: str | None = None, env: Mapping[str, str] | None = None,
+          progress: Progress | None = None, **mount_options: Any) -> SweepReport:
+    """The whole sweep: plan_sweep(...) (same arguments), every point on `jobs` parallel
+    mounts, and the report; nothing is left behind. report.exit_code is 0 when every point
+    is ok, report.failures the others."""
+    check_jobs(jobs)
+    began = time.monotonic()
+    with plan_sweep(argv, setup=setup, from_dir=from_dir, check=check, points=points,
+                    every=every, each_write=each_write, max_runs=max_runs, timeout=timeout,
+                    seed=seed, workdir=workdir, env=env, **mount_options) as plan:
+        results = run_points(plan, jobs, progress)
+        assert plan.baseline is not None
+        return SweepReport(argv=tuple(argv), baseline=plan.baseline, points=tuple(results),
+                           seed=plan.seed, wall_s=round(time.monotonic() - began, 3))
+
