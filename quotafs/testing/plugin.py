@@ -560,9 +560,13 @@ def sweep_point(request: pytest.FixtureRequest,
     return point
 
 
-def _sweep_section(item: pytest.Item) -> list[tuple[str, str]]:
+def _sweep_section(item: pytest.Item, report: pytest.TestReport) -> list[tuple[str, str]]:
+    """A failing sweep item's point, unless the failure says it already (assert_ok)."""
     point = item.stash.get(_SWEEP_POINT, None)
-    return [] if point is None else [("quotafs sweep point", point.describe())]
+    if point is None:
+        return []
+    text = point.describe()
+    return [] if text in str(report.longrepr) else [("quotafs sweep point", text)]
 
 
 # -- hooks --------------------------------------------------------------------------------
@@ -641,7 +645,7 @@ def pytest_runtest_makereport(item: pytest.Item,
                     text = f"could not read its usage: {exc}"
                 report.sections.append((f"{'quotafs' if is_quotafs else 'ext4'} {handle.path}",
                                         text))
-        report.sections += _sweep_section(item)
+        report.sections += _sweep_section(item, report)
     return report
 
 
