@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from versions import CHUNK, SIZES
+from versions import CHUNK, REPORT_SIZE, SIZES
 
 from quotafs.testing import SweepPoint
 
@@ -44,7 +44,9 @@ def sweep(updater: str, *flags: str) -> tuple[int, dict[str, Any]]:
          *flags, "--", PYTHON, str(HERE / updater)],
         capture_output=True, text=True, timeout=240)
     assert done.returncode in (0, 1), done.stderr
-    return done.returncode, json.loads(done.stdout)
+    report = json.loads(done.stdout)
+    assert [p["daemon_log"] for p in report["points"]] == [""] * len(report["points"])
+    return done.returncode, report
 
 
 def test_sweep_catches_the_careless_updater_where_the_disk_fills_mid_write() -> None:
@@ -61,7 +63,7 @@ def test_sweep_catches_the_careless_updater_where_the_disk_fills_mid_write() -> 
 
 
 def test_each_write_catches_it_at_every_write_of_the_new_version() -> None:
-    status, report = sweep("careless_update.py", "--each-write")
+    status, report = sweep("careless_update.py", "--each-write", "--jobs", "2")
     writes = report["baseline"]["allocating_writes"]
     data_writes = NEW_BYTES // CHUNK  # then the report's writes
     verdicts = {p["nth_write"]: p["verdict"] for p in report["points"]}
@@ -75,4 +77,12 @@ def test_each_write_catches_it_at_every_write_of_the_new_version() -> None:
 @pytest.mark.quotafs_sweep(cmd=[PYTHON, str(HERE / "careful_update.py")], setup=SETUP,
                            check=CHECK, points=10)
 def test_the_careful_updater_survives_every_point(sweep_point: SweepPoint) -> None:
-    sweep_point.assert_ok()
+    sweep_point.assert_ok()  # data.txt is version 1 or 2, whole
+    # Every point has less room than the update and its report need (the peak): the
+    # careful updater says what it could not do, and exits 1.
+    point = sweep_point.result
+    assert point.room is not None and point.room < NEW_BYTES + REPORT_SIZE
+    assert point.exit_code == 1
+    said = "not updated" if point.room < NEW_BYTES else "updated to version 2, but no report"
+    assert f"careful_update: {'data.txt ' if said == 'not updated' else ''}{said}" \
+        in point.stderr_tail
