@@ -46,22 +46,22 @@ def register(sub: Any) -> None:
                    help="shell command run after each run in the same directory, with room "
                         "again: exit 0 when the data is sound (an integrity check, a restart)")
     pick = p.add_mutually_exclusive_group()
-    pick.add_argument("--points", type=_count("--points"), default=None, metavar="N",
+    pick.add_argument("--points", type=_count(), default=None, metavar="N",
                       help=f"limits at i/N of the way from the starting usage to the peak, "
                            f"i = 0..N-1, rounded down to blocks (default {DEFAULT_POINTS})")
-    pick.add_argument("--every", type=_size("--every"), default=None, metavar="SIZE",
+    pick.add_argument("--every", type=_size, default=None, metavar="SIZE",
                       help="a limit every SIZE above the starting usage, up to the peak")
     pick.add_argument("--each-write", action="store_true",
                       help="ENOSPC from the k-th allocating write on, for each k = 1..W "
                            "(W: the baseline's allocating writes)")
-    p.add_argument("--max-runs", type=_count("--max-runs"), default=None, metavar="N",
+    p.add_argument("--max-runs", type=_count(), default=None, metavar="N",
                    help="run at most N points, evenly spread (the first and last kept)")
-    p.add_argument("--jobs", "-j", type=_count("--jobs"), default=1, metavar="N",
+    p.add_argument("--jobs", "-j", type=_count(), default=1, metavar="N",
                    help="points run in parallel, each on its own mount (default 1)")
     p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="S",
                    help=f"seconds for each run of CMD and of the check; a run past it is "
                         f"killed and reported hung (default {DEFAULT_TIMEOUT:g})")
-    p.add_argument("--seed", type=_count("--seed", minimum=0), default=None,
+    p.add_argument("--seed", type=_count(minimum=0), default=None,
                    help="the fault engine's seed on every mount (default: random, printed)")
     p.add_argument("--workdir", metavar="DIR",
                    help="where the sweep's temporary directory goes: the starting state and "
@@ -74,22 +74,23 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_sweep)
 
 
-def _count(name: str, minimum: int = 1) -> Any:
+def _count(minimum: int = 1) -> Any:
     def parse(text: str) -> int:
         if not text.isascii() or not text.isdigit() or int(text) < minimum:
-            raise argparse.ArgumentTypeError(f"{name}: must be a whole number >= {minimum}, "
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, "
                                              f"got {text!r}")
         return int(text)
     return parse
 
 
-def _size(name: str) -> Any:
-    def parse(text: str) -> int:
+def _size(text: str) -> int:
+    try:
         size = parse_size(text)
-        if size < 1:
-            raise argparse.ArgumentTypeError(f"{name}: must be at least 1 byte, got {text!r}")
-        return size
-    return parse
+    except QuotafsError as exc:  # raised out of parse_args, it would be a traceback
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return size
 
 
 def _seconds(text: str) -> float:
@@ -98,8 +99,7 @@ def _seconds(text: str) -> float:
     except ValueError:
         value = -1.0
     if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"--timeout: must be a number of seconds above 0, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
     return value
 
 
@@ -140,18 +140,14 @@ def _baseline_line(b: Baseline) -> str:
             f"{b.allocating_writes} allocating writes, {b.wall_s:.1f}s")
 
 
-def _ended(code: int | None, sig: str | None, hung: bool) -> str:
-    return "hung" if hung else sig if sig is not None else "-" if code is None else f"exit {code}"
-
-
 def print_report(report: SweepReport) -> None:
     print(_baseline_line(report.baseline))
     print(f"seed {report.seed}")
     print(f"{'point':>5}  {'disk full at':<34} {'CMD':<10} {'check':<10} verdict")
     for p in report.points:
-        check = _ended(p.check_exit_code, p.check_signal, p.check_timed_out)
+        check = "-" if p.check is None else p.check.describe()
         mark = "  <-- CMD said it succeeded" if p.verdict == CHECK_FAILED_AFTER_SUCCESS else ""
-        print(f"{p.index:>5}  {p.where():<34} {_ended(p.exit_code, p.signal, p.timed_out):<10} "
+        print(f"{p.index:>5}  {p.where():<34} {p.run.describe():<10} "
               f"{check:<10} {p.verdict.upper() if p.failed else p.verdict}{mark}")
     counts = ", ".join(f"{report.count(v)} {v}" for v in VERDICTS if report.count(v))
     print(f"{len(report.points)} points in {report.wall_s:.1f}s: {counts}")
@@ -176,11 +172,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                if hasattr(args, name)}
     progress = _Progress(not args.quiet)
     with sigterm_as_interrupt():
-        progress.say(f"baseline: {' '.join(argv)} with no limit")
         plan = plan_sweep(argv, setup=args.setup, from_dir=args.from_dir, check=args.check,
                           points=args.points, every=args.every, each_write=args.each_write,
                           max_runs=args.max_runs, timeout=args.timeout, seed=args.seed,
-                          workdir=args.workdir, **options)
+                          workdir=args.workdir, note=progress.say, **options)
         with plan:
             assert plan.baseline is not None
             progress.say(f"{_baseline_line(plan.baseline)}; {len(plan.points)} points, "

@@ -38,10 +38,11 @@ class Ended:
         return self.exit_code == 0
 
     def describe(self) -> str:
+        """A table cell: "exit 1", "SIGBUS" (killed by it), "hung"."""
         if self.timed_out:
             return "hung"
         if self.signal is not None:
-            return f"killed by {self.signal}"
+            return self.signal
         return f"exit {self.exit_code}"
 
 

@@ -273,6 +273,7 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
                each_write: bool = False, max_runs: int | None = None,
                timeout: float = DEFAULT_TIMEOUT, seed: int | None = None,
                workdir: str | None = None, env: Mapping[str, str] | None = None,
+               note: Callable[[str], None] | None = None,
                **mount_options: Any) -> SweepPlan:
     """Check everything, make the starting state, run the baseline, choose the points.
 
@@ -282,7 +283,8 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
     points (default 20) / every (bytes) / each_write: how the points are chosen, at most
     max_runs of them; timeout: seconds for each command; seed: the fault engine's;
     workdir: where the sweep's temporary directory goes (default $TMPDIR); env: added to
-    the environment; mount_options: those of `quotafs mount` that hold for every run
+    the environment; note: told (a line) when the baseline starts, once everything is
+    checked; mount_options: those of `quotafs mount` that hold for every run
     (accounting, block_size, inodes, mmap_sigbus, no_cache, debug...).
 
     Use the plan in a `with` block (or close() it): it holds the starting state.
@@ -299,6 +301,8 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
     plan = SweepPlan(program, options, root, os.path.join(root, "start"), seed)
     try:
         plan.start = _starting_state(program, source, root)
+        if note is not None:
+            note(f"baseline: {' '.join(argv)} with no limit")
         plan.baseline = base = _baseline(plan)
         plan.points = choose_points(base.peak_bytes, base.allocating_writes, base.block_size,
                                     points=points, every=every, each_write=each_write,
