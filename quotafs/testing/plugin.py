@@ -43,6 +43,7 @@ import pytest
 
 import quotafs
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.interrupts import sigterm_as_interrupt
 from quotafs.options import validate as validate_options
 from quotafs.units import format_size, parse_size
 
@@ -500,7 +501,8 @@ class _SweepPlans:
             options = dict(spec)
             argv = options.pop("cmd")
             try:
-                self._plans[key] = quotafs.plan_sweep(argv, **options)
+                with sigterm_as_interrupt():  # a kill cleans up as Ctrl-C does
+                    self._plans[key] = quotafs.plan_sweep(argv, **options)
             except QuotafsError as exc:
                 self._plans[key] = exc
         found = self._plans[key]
@@ -551,7 +553,8 @@ def sweep_point(request: pytest.FixtureRequest,
     if index > total:  # rooms that round to the same block are run once
         pytest.skip(f"quotafs sweep: the baseline gives {total} points only")
     try:
-        result = quotafs.run_point(plan, index)
+        with sigterm_as_interrupt():  # the point's mount and copy go, then the session ends
+            result = quotafs.run_point(plan, index)
     except QuotafsError as exc:
         raise pytest.fail.Exception(f"quotafs sweep, point {index}: {exc}",
                                     pytrace=False) from None

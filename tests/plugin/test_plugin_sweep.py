@@ -11,13 +11,18 @@ seven (less room than the 64 KiB of version 2) and at none of the last three.
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
+from quotafs.mountinfo import find_mount
 from tests.conftest import needs_fuse
 
 pytest_plugins = "pytester"
@@ -177,3 +182,41 @@ def test_a_failing_sweep_item_reports_its_point_whatever_it_asserted(
                                  "*- quotafs sweep point -*",
                                  "quotafs sweep point 2 of 2: limit 80.0 KiB (start + 48.0 KiB)",
                                  "verdict: check failed after success"])
+
+
+@needs_fuse
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_in_the_middle_of_a_sweep_leaves_nothing_behind(
+        pytester: pytest.Pytester, sig: signal.Signals) -> None:
+    tmp = pytester.path / "tmp"  # the sweep's directory and every mount point go here
+    tmp.mkdir()
+    runs = pytester.path / "runs.log"
+    # The baseline writes and ends; a point writes, says where it runs, then hangs.
+    cmd = (f"head -c 8192 /dev/zero > f; echo $QUOTAFS_MOUNT >> {runs}; "
+           '[ "$QUOTAFS_SWEEP_RUN" = baseline ] || exec sleep 60')
+    pytester.makepyfile(test_inner=textwrap.dedent(f"""
+        import pytest
+
+        @pytest.mark.quotafs_sweep(cmd=["sh", "-c", {cmd!r}], points=2)
+        def test_it(sweep_point):
+            sweep_point.assert_ok()
+        """))
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"],
+                            cwd=pytester.path, env={**os.environ, "TMPDIR": str(tmp)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (runs.exists() and len(runs.read_text().split()) == 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
+    assert "Traceback" not in output
+    mounts = runs.read_text().split()
+    assert all(find_mount(m) is None for m in mounts)
+    assert list(tmp.iterdir()) == []  # no sweep directory, copy or mount point left
