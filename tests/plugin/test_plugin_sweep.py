@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from quotafs.mountinfo import find_mount
+from quotafs.testing import FORCE_NO_FUSE_ENV
 from tests.conftest import needs_fuse
 
 pytest_plugins = "pytester"
@@ -192,7 +193,7 @@ def test_a_signal_in_the_middle_of_a_sweep_leaves_nothing_behind(
     tmp.mkdir()
     runs = pytester.path / "runs.log"
     # The baseline writes and ends; a point writes, says where it runs, then hangs.
-    cmd = (f"head -c 8192 /dev/zero > f; echo $QUOTAFS_MOUNT >> {runs}; "
+    cmd = (f"head -c 8192 /dev/zero > f; echo $QUOTAFS_MOUNT $$ >> {runs}; "
            '[ "$QUOTAFS_SWEEP_RUN" = baseline ] || exec sleep 60')
     pytester.makepyfile(test_inner=textwrap.dedent(f"""
         import pytest
@@ -206,7 +207,7 @@ def test_a_signal_in_the_middle_of_a_sweep_leaves_nothing_behind(
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not (runs.exists() and len(runs.read_text().split()) == 2):
+        while not (runs.exists() and len(runs.read_text().splitlines()) == 2):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout
             time.sleep(0.1)
         proc.send_signal(sig)
@@ -217,6 +218,20 @@ def test_a_signal_in_the_middle_of_a_sweep_leaves_nothing_behind(
             proc.wait()
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
     assert "Traceback" not in output
-    mounts = runs.read_text().split()
-    assert all(find_mount(m) is None for m in mounts)
+    (_, _), (mount, program) = [line.split() for line in runs.read_text().splitlines()]
+    assert find_mount(mount) is None
     assert list(tmp.iterdir()) == []  # no sweep directory, copy or mount point left
+    with pytest.raises(ProcessLookupError):  # the point's program was killed (and reaped)
+        os.kill(int(program), 0)
+
+
+def test_without_fuse_every_point_is_skipped_with_the_reason(pytester: pytest.Pytester,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    monkeypatch.setenv(FORCE_NO_FUSE_ENV, "1")
+    log = inner_suite(pytester, "careless_update.py", points=3)
+    result = run(pytester)
+    result.assert_outcomes(skipped=3)
+    result.stdout.fnmatch_lines([f"SKIPPED * quotafs: FUSE is not usable here: "
+                                 f"{FORCE_NO_FUSE_ENV} is set"])
+    assert not log.exists()  # no baseline either
