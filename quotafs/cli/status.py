@@ -42,6 +42,8 @@ def _status_lines(status: Status) -> list[str]:
         f"mount point:  {status['mountpoint']}",
         f"limit:        {size(status['limit'])}",
         f"used:         {size(status['used'])}",
+        f"peak used:    {size(status['peak_used'])}  ({status['allocating_writes']} "
+        "allocating writes since the mount)",
         *reserved,
         f"free:         {_free(status, size)}"
         + (f"  (for root; others: {size(status['available'])})"

@@ -66,6 +66,9 @@ def register(sub: Any) -> None:
     p.add_argument("--workdir", metavar="DIR",
                    help="where the sweep's temporary directory goes: the starting state and "
                         "each run's copy and mount point (default $TMPDIR or /tmp)")
+    p.add_argument("--as-user", metavar="USER",
+                   help="run CMD, --setup and --check as USER (name or uid; root only): "
+                        "the starting directory is USER's, the mounts let USER in")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     add_mount_options(p, only=SWEEP_MOUNT_OPTIONS)
@@ -175,7 +178,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         plan = plan_sweep(argv, setup=args.setup, from_dir=args.from_dir, check=args.check,
                           points=args.points, every=args.every, each_write=args.each_write,
                           max_runs=args.max_runs, timeout=args.timeout, seed=args.seed,
-                          workdir=args.workdir, note=progress.say, **options)
+                          workdir=args.workdir, note=progress.say, as_user=args.as_user,
+                          **options)
         with plan:
             assert plan.baseline is not None
             progress.say(f"{_baseline_line(plan.baseline)}; {len(plan.points)} points, "

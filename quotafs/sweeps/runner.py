@@ -28,9 +28,11 @@ from typing import Any
 
 from quotafs.client.api import QuotaMount
 from quotafs.compare.program import Outcome, Program, run_argv, run_shell
+from quotafs.compare.writers import passwd_entry
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import signals_deferred
 from quotafs.options import MountOptions
+from quotafs.reference.base import AS_CALLER, Launch
 from quotafs.reference.tools import find_tool, last_line, run_tool
 from quotafs.sweeps.plan import (
     Baseline,
@@ -54,13 +56,14 @@ NOT_FOR_SWEEP = {
     "rules": "the sweep's --each-write adds its own rule",
     "rules_file": "the sweep's --each-write adds its own rule",
     "log_file": "each run's daemon logs to a file of its own, shown when not empty",
+    "allow_other": "as_user sets it where it is needed",
 }
 
 Progress = Callable[[int, int, int, PointResult], None]  # done, total, failed, the last
 
 
-def _outcome(o: Outcome | None) -> Ended | None:
-    return None if o is None else Ended(o.exit_code, o.signal, o.timed_out)
+def _ended(o: Outcome) -> Ended:
+    return Ended(o.exit_code, o.signal, o.timed_out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +89,9 @@ class SweepPlan:
     state and the temporary directory."""
 
     def __init__(self, program: Program, options: MountOptions, root: str, start: str,
-                 seed: int) -> None:
+                 seed: int, launch: Launch = AS_CALLER) -> None:
         self.program = program
+        self.launch = launch  # how CMD, --setup and --check start (as_user: as that user)
         self.options = options
         self.root = root  # the sweep's temporary directory: every run's copy is below it
         self.start = start  # the starting state, copied for each run
@@ -117,7 +121,7 @@ class SweepPlan:
                                f"{len(self.points)}", ExitCode.USAGE)
         point = self.points[index - 1]
         got = _run_once(self, f"point-{index}", point, cancel)
-        check = _outcome(got.check)
+        check = _ended(got.check) if got.check is not None else None
         return PointResult(
             index=index, limit=got.limit, nth_write=point.nth_write,
             room=None if got.limit is None else got.limit - got.start,
@@ -125,7 +129,7 @@ class SweepPlan:
             check_exit_code=got.check.exit_code if got.check else None,
             check_signal=got.check.signal if got.check else None,
             check_timed_out=got.check.timed_out if got.check else False,
-            verdict=verdict(Ended(got.run.exit_code, got.run.signal, got.run.timed_out), check),
+            verdict=verdict(_ended(got.run), check),
             wall_s=got.run.wall_s, used_bytes=got.used, enospc_count=got.enospc_count,
             faults_fired=got.faults_fired, stderr_tail=got.run.stderr_tail,
             check_stderr_tail=got.check.stderr_tail if got.check else "",
@@ -167,6 +171,7 @@ def _run_once(plan: SweepPlan, name: str, point: Point | None,
     says (after the copy is mounted, before CMD); CMD; then room again and the check."""
     program = plan.program
     rundir = tempfile.mkdtemp(prefix=f"{name}-", dir=plan.root)
+    os.chmod(rundir, 0o711)  # as_user's programs pass through to the mount point
     try:
         data, mnt, log = (os.path.join(rundir, n) for n in ("data", "mnt", "daemon.log"))
         _copy_tree(plan.start, data)
@@ -183,12 +188,13 @@ def _run_once(plan: SweepPlan, name: str, point: Point | None,
                 mount.add_fault("write", allocating=True, errno="ENOSPC",
                                 from_nth=point.nth_write)
             env = _env(program, mount.path, name)
-            run = run_argv(program.argv, mount.path, env, program.timeout, cancel=cancel)
+            run = run_argv(program.argv, mount.path, env, program.timeout, plan.launch,
+                           cancel)
             after = mount.status()
             mount.set_limit(None)
             mount.clear_faults()
-            check = (run_shell(program.check, mount.path, env, program.timeout,
-                               cancel=cancel) if program.check is not None else None)
+            check = (run_shell(program.check, mount.path, env, program.timeout, plan.launch,
+                               cancel) if program.check is not None else None)
         finally:
             mount.close()
         return _Run(start=start, limit=limit, run=run, check=check, used=after.used,
@@ -203,17 +209,20 @@ def _run_once(plan: SweepPlan, name: str, point: Point | None,
 
 # -- the plan -----------------------------------------------------------------------------
 
-def _starting_state(program: Program, from_dir: str | None, root: str) -> str:
-    """workdir/start: a copy of from_dir (or an empty directory), then --setup in it."""
+def _starting_state(program: Program, from_dir: str | None, root: str, launch: Launch) -> str:
+    """workdir/start: a copy of from_dir (or an empty directory), then --setup in it.
+    With as_user, the directory itself (each run's mount root) is that user's."""
     start = os.path.join(root, "start")
     if from_dir is not None:
         _copy_tree(from_dir, start)
     else:
         os.mkdir(start)
+    if launch.user is not None:
+        entry = passwd_entry(launch.user)
+        os.chown(start, entry.pw_uid, entry.pw_gid)
     if program.setup is not None:
-        env = {**os.environ, **program.extra_env, "QUOTAFS_MOUNT": start,
-               "QUOTAFS_SWEEP_RUN": "setup"}
-        done = run_shell(program.setup, start, env, program.timeout)
+        done = run_shell(program.setup, start, _env(program, start, "setup"),
+                         program.timeout, launch)
         if not done.ok:
             raise QuotafsError(f"--setup {done.ended()}: "
                                f"{_last(done.stderr_tail) or 'no output'}", ExitCode.FAILURE)
@@ -273,7 +282,7 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
                each_write: bool = False, max_runs: int | None = None,
                timeout: float = DEFAULT_TIMEOUT, seed: int | None = None,
                workdir: str | None = None, env: Mapping[str, str] | None = None,
-               note: Callable[[str], None] | None = None,
+               note: Callable[[str], None] | None = None, as_user: str | None = None,
                **mount_options: Any) -> SweepPlan:
     """Check everything, make the starting state, run the baseline, choose the points.
 
@@ -284,7 +293,8 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
     max_runs of them; timeout: seconds for each command; seed: the fault engine's;
     workdir: where the sweep's temporary directory goes (default $TMPDIR); env: added to
     the environment; note: told (a line) when the baseline starts, once everything is
-    checked; mount_options: those of `quotafs mount` that hold for every run
+    checked; as_user: run CMD, setup and check as this user (name or uid; needs root);
+    mount_options: those of `quotafs mount` that hold for every run
     (accounting, block_size, inodes, mmap_sigbus, no_cache, debug...).
 
     Use the plan in a `with` block (or close() it): it holds the starting state.
@@ -295,22 +305,41 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
     if seed is None:
         seed = random.getrandbits(32)
     options = sweep_options({**mount_options, "seed": seed})
+    launch = _launch(as_user)
+    if as_user is not None:  # the user reaches a mount served by root
+        options = dataclasses.replace(options, allow_other=True)
     if workdir is not None and not os.path.isdir(workdir):
         raise QuotafsError(f"--workdir {workdir} is not a directory", ExitCode.USAGE)
     root = tempfile.mkdtemp(prefix="quotafs-sweep-", dir=workdir)
-    plan = SweepPlan(program, options, root, os.path.join(root, "start"), seed)
+    plan = SweepPlan(program, options, root, os.path.join(root, "start"), seed, launch)
     try:
-        plan.start = _starting_state(program, source, root)
+        os.chmod(root, 0o711)
+        plan.start = _starting_state(program, source, root, launch)
         if note is not None:
             note(f"baseline: {' '.join(argv)} with no limit")
         plan.baseline = base = _baseline(plan)
         plan.points = choose_points(base.peak_bytes, base.allocating_writes, base.block_size,
                                     points=points, every=every, each_write=each_write,
                                     max_runs=max_runs)
+        if not plan.points:  # --each-write of a program that allocates by other means
+            raise QuotafsError("the baseline run made no allocating write request (its "
+                               "space came from others, such as a growing truncate in "
+                               "apparent accounting): --each-write has no point; use "
+                               "--points or --every", ExitCode.FAILURE)
     except BaseException:
         plan.close()
         raise
     return plan
+
+
+def _launch(as_user: str | None) -> Launch:
+    if as_user is None:
+        return AS_CALLER
+    if os.geteuid() != 0:
+        raise QuotafsError("--as-user needs root (run the sweep as root, or leave it out to "
+                           "run as yourself)", ExitCode.PERMISSION)
+    passwd_entry(as_user)  # an unknown user: one line, before anything is made
+    return Launch(user=as_user)
 
 
 def _program(argv: Sequence[str], setup: str | None, check: str | None, timeout: float,
@@ -394,7 +423,8 @@ def sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str | None
           each_write: bool = False, max_runs: int | None = None, jobs: int = 1,
           timeout: float = DEFAULT_TIMEOUT, seed: int | None = None,
           workdir: str | None = None, env: Mapping[str, str] | None = None,
-          progress: Progress | None = None, **mount_options: Any) -> SweepReport:
+          progress: Progress | None = None, as_user: str | None = None,
+          **mount_options: Any) -> SweepReport:
     """The whole sweep: plan_sweep(...) (same arguments), every point on `jobs` parallel
     mounts, and the report; nothing is left behind. report.exit_code is 0 when every point
     is ok, report.failures the others."""
@@ -402,7 +432,8 @@ def sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str | None
     began = time.monotonic()
     with plan_sweep(argv, setup=setup, from_dir=from_dir, check=check, points=points,
                     every=every, each_write=each_write, max_runs=max_runs, timeout=timeout,
-                    seed=seed, workdir=workdir, env=env, **mount_options) as plan:
+                    seed=seed, workdir=workdir, env=env, as_user=as_user,
+                    **mount_options) as plan:
         results = run_points(plan, jobs, progress)
         assert plan.baseline is not None
         return SweepReport(argv=tuple(argv), baseline=plan.baseline, points=tuple(results),

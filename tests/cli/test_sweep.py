@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -326,4 +330,82 @@ def test_a_baseline_that_fails_is_one_line_and_exit_1(tmp_path: Path) -> None:
                                                     "allocated nothing above the starting "
                                                     "state: no point at which the disk could "
                                                     "fill\n")
+    # in apparent accounting a growing truncate takes space, with no write at all
+    only_truncate = sweep_cli("-q", "--each-write", "--accounting", "apparent", "--workdir",
+                              str(tmp_path), "--", "truncate", "-s", "8K", "f")
+    assert (only_truncate.returncode, only_truncate.stderr.splitlines()) == (1, [
+        "quotafs: the baseline run made no allocating write request (its space came from "
+        "others, such as a growing truncate in apparent accounting): --each-write has no "
+        "point; use --points or --every"])
     assert os.listdir(tmp_path) == []
+
+
+# -- as another user ----------------------------------------------------------------------
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root (to run as nobody) and /usr/bin/python3")
+def test_as_user_runs_setup_cmd_and_check_as_that_user() -> None:
+    nobody = pwd.getpwnam("nobody")
+    here = tempfile.mkdtemp(prefix="quotafs-sweep-test-")  # not below a 0700 pytest dir
+    try:
+        os.chmod(here, 0o755)
+        Path(here, "updater.py").write_text(UPDATER)
+        Path(here, "check.py").write_text(
+            CHECK.replace("import sys", f"import os, sys\nassert os.getuid() == "
+                                        f"{nobody.pw_uid}\nassert os.stat('data').st_uid == "
+                                        f"{nobody.pw_uid}"))
+        Path(here, "old").write_bytes(OLD)
+        for name in ("updater.py", "check.py", "old"):
+            os.chmod(os.path.join(here, name), 0o644)
+        result = sweep_cli("--json", "-q", "--as-user", "nobody", "--points", "3",
+                           "--workdir", here, "--setup", f"cp {here}/old data",
+                           "--check", f"/usr/bin/python3 {here}/check.py", "--",
+                           "/usr/bin/python3", f"{here}/updater.py", "careful")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["baseline"]["check_exit_code"] == 0
+        assert [p["verdict"] for p in report["points"]] == ["ok"] * 3
+        assert sorted(os.listdir(here)) == ["check.py", "old", "updater.py"]
+    finally:
+        shutil.rmtree(here)
+
+
+def test_as_user_unknown_is_one_line() -> None:
+    result = sweep_cli("--as-user", "no-such-user-here", "--", "true")
+    assert (result.returncode, result.stderr) == (2, "quotafs: no such user "
+                                                  "'no-such-user-here'\n")
+
+
+def test_progress_on_a_terminal_is_one_updating_line(tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "quotafs", "sweep", "--points", "2", "--workdir",
+             str(tmp_path), "--", sys.executable, "-c",
+             f"open('f', 'wb').write(b'x' * {2 * BLOCK})"],
+            stdout=subprocess.PIPE, stderr=slave, text=True, timeout=120, check=False)
+        os.close(slave)
+        slave = -1
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    shown = b"".join(chunks).decode()
+    assert result.returncode == 0, shown
+    # every update rewrites the same line (carriage return, erase line); one newline at the end
+    updates = shown.split("\r\x1b[K")
+    assert updates[0] == ""
+    expected = ["sweep: baseline: ", "sweep: baseline (no limit): exit 0",
+                "sweep: 1/2 points, 0 failed, ~", "sweep: 2/2 points, 0 failed, ~0s left"]
+    assert len(updates) == 1 + len(expected), shown
+    assert all(u.startswith(e) for u, e in zip(updates[1:], expected, strict=True)), shown
+    assert shown.count("\n") == 1 and shown.endswith("\n")

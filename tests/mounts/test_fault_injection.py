@@ -354,3 +354,8 @@ def test_status_counts_peak_usage_and_allocating_writes(mount_factory: MountFact
     assert after["allocating_writes"] == 3
     assert after["peak_used"] == before["used"] + 6 * 4096
     assert after["used"] == before["used"] + 4096  # the truncate gave space back, not the peak
+    text = subprocess.run([sys.executable, "-m", "quotafs", "status", m.path], check=True,
+                          capture_output=True, text=True, timeout=60).stdout
+    peak = after["peak_used"]
+    assert f"peak used:    {peak // 1024}.0 KiB ({peak} bytes)  (3 allocating writes since " \
+        "the mount)" in text, text

@@ -126,6 +126,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.charged = 0
         self.reserved = 0
         self.inodes = 0
+        self.peak = 0  # the highest usage seen after any step (each step moves it one way)
         self.privileged = True  # is the current caller root?
 
     def _ceiling(self) -> int | None:
@@ -199,6 +200,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.ledger.used == self.charged >= 0
         assert self.ledger.reserved == self.reserved >= 0
         assert self.ledger.inodes_used == self.inodes
+        self.peak = max(self.peak, self.charged)
+        assert self.ledger.peak_used == self.peak  # credits never lower it
         limit = self.ledger.limit if self.ledger.limit is not None else 2**63
         unallocated = max(0, limit - self.charged - self.reserved)  # df's f_bfree
         for_root = max(0, limit - 40 - self.charged - self.reserved)
