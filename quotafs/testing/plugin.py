@@ -409,7 +409,7 @@ SWEEP_TAIL_LINES = 10  # of each stderr, in a failing point's message
 _SWEEP_POINT = pytest.StashKey["SweepPoint"]()
 
 
-def _sweep_spec(node: pytest.Item | pytest.Collector | Any) -> dict[str, Any]:
+def _sweep_spec(node: pytest.Item) -> dict[str, Any]:
     """The closest @pytest.mark.quotafs_sweep's arguments, cmd as an argv list; a bad marker
     fails with one line."""
     mark = node.get_closest_marker(SWEEP_MARKER)
@@ -459,7 +459,7 @@ class SweepPoint:
 
     @property
     def verdict(self) -> str:
-        return str(self.result.verdict)
+        return self.result.verdict
 
     @property
     def ok(self) -> bool:
