@@ -21,6 +21,8 @@ Fixtures (as pyfakefs's fs, fs_class, fs_module, fs_session: one per scope):
                    inside (needed for getcwd)
   quotafs_target   the test once per target — reference (ext4_loop), quotafs, quotafs-sigbus —
                    each time with .name and .path, a fresh directory on that target
+  sweep_point      one point of a disk-full sweep (@pytest.mark.quotafs_sweep(cmd=..., check=...,
+                   points=N) makes N test items of the test, for pytest-xdist to spread)
 
 Where FUSE cannot be used the fixtures skip the test, with the reason. When a test fails, its
 report gets a section per mount it could see: usage, ENOSPC count, fault seed and the recorded
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import warnings
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
@@ -45,11 +48,12 @@ import pytest
 
 import quotafs
 from quotafs.errors import ExitCode, QuotafsError, with_doctor_hint
+from quotafs.interrupts import sigterm_as_interrupt
 from quotafs.options import validate as validate_options
 from quotafs.units import format_size, parse_size
 
 if TYPE_CHECKING:
-    from quotafs import Ext4Mount, QuotaMount, TmpfsMount
+    from quotafs import Ext4Mount, PointResult, QuotaMount, SweepPlan, TmpfsMount
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -57,11 +61,13 @@ __all__ = [
     "FORCE_NO_LOOP_ENV",
     "FORCE_NO_TMPFS_ENV",
     "MARKER",
+    "SWEEP_MARKER",
     "TARGETS",
     "OptionError",
     "QuotafsFactory",
     "QuotafsLeakWarning",
     "QuotafsTarget",
+    "SweepPoint",
     "ext4_unusable_reason",
     "fuse_unusable_reason",
     "mount_options",
@@ -476,6 +482,180 @@ def quotafs_target(request: pytest.FixtureRequest) -> Iterator[QuotafsTarget]:
     path = os.path.join(mount.path, TARGET_DIR)
     os.mkdir(path)
     yield QuotafsTarget(name, path, mount)
+# -- sweep: one test item per disk-full point ---------------------------------------------
+#
+# @pytest.mark.quotafs_sweep(cmd=..., setup=..., check=..., points=20) on a test that takes
+# the sweep_point fixture: pytest_generate_tests makes one item per point (known before any
+# run, so that every pytest-xdist worker collects the same items); the baseline runs once per
+# session (per worker under xdist), when the first item needs it; each item runs its point.
+
+SWEEP_MARKER = "quotafs_sweep"
+DEFAULT_SWEEP_POINTS = 20
+SWEEP_TAIL_LINES = 10  # of each stderr, in a failing point's message
+_SWEEP_POINT = pytest.StashKey["SweepPoint"]()
+
+
+def _sweep_spec(node: pytest.Item) -> dict[str, Any]:
+    """The closest @pytest.mark.quotafs_sweep's arguments, cmd as an argv list; a bad marker
+    fails with one line."""
+    mark = node.get_closest_marker(SWEEP_MARKER)
+    where = f"@pytest.mark.{SWEEP_MARKER} on {node.nodeid}"
+    if mark is None:
+        raise pytest.fail.Exception(
+            f"{node.nodeid}: the sweep_point fixture needs @pytest.mark.{SWEEP_MARKER}"
+            "(cmd=..., check=..., points=N)", pytrace=False)
+    if mark.args:
+        raise pytest.fail.Exception(f"{where}: takes keyword arguments only", pytrace=False)
+    spec = dict(mark.kwargs)
+    cmd = spec.get("cmd")
+    if isinstance(cmd, str):
+        cmd = shlex.split(cmd)
+    if not cmd or not all(isinstance(a, str) for a in cmd):
+        raise pytest.fail.Exception(f"{where}: cmd= is required: a command line (str) or "
+                                    "an argv list", pytrace=False)
+    spec["cmd"] = list(cmd)
+    return spec
+
+
+def _sweep_items(spec: dict[str, Any], where: str) -> int:
+    """How many items: points=N (default 20), or max_runs=N for each_write and every, whose
+    number of points only the baseline tells."""
+    if spec.get("each_write") or spec.get("every") is not None:
+        count = spec.get("max_runs")
+        if count is None:
+            raise pytest.fail.Exception(
+                f"{where}: with each_write or every, give max_runs=N: the number of test "
+                "items must be known before the baseline runs", pytrace=False)
+    else:
+        count = spec.get("points", DEFAULT_SWEEP_POINTS)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise pytest.fail.Exception(f"{where}: the number of points must be a positive "
+                                    f"integer, got {count!r}", pytrace=False)
+    return count
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """What the sweep_point fixture gives: one disk-full point of the sweep, already run."""
+
+    index: int
+    total: int  # points in the sweep
+    plan: SweepPlan
+    result: PointResult
+
+    @property
+    def verdict(self) -> str:
+        return self.result.verdict
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "ok"
+
+    def describe(self) -> str:
+        """Several lines: where the disk was full, how CMD and the check ended, the
+        verdict, and the tails of their stderr (and the daemon's log, if it said anything)."""
+        r = self.result
+        check = r.check
+        lines = [f"quotafs sweep point {self.index} of {self.total}: {r.where()}",
+                 f"CMD: {r.run.describe()}; check: "
+                 + ("none" if check is None else check.describe()),
+                 f"verdict: {r.verdict}"]
+        for title, text in (("CMD stderr", r.stderr_tail), ("check stderr", r.check_stderr_tail),
+                            ("daemon log", r.daemon_log)):
+            if text:
+                lines.append(f"{title} (tail):")
+                lines += ["  " + line for line in text.splitlines()[-SWEEP_TAIL_LINES:]]
+        return "\n".join(lines)
+
+    def assert_ok(self) -> None:
+        """Fail the test, with describe() as its message, unless the verdict is ok."""
+        if not self.ok:
+            raise pytest.fail.Exception(self.describe(), pytrace=False)
+
+
+class _SweepPlans:
+    """The session's sweep plans by marker arguments: each baseline runs once, when its
+    first item needs it; a baseline that failed is kept as its error, so every item of
+    that sweep fails with the same line without running it again."""
+
+    def __init__(self) -> None:
+        self._plans: dict[str, SweepPlan | QuotafsError] = {}
+
+    def get(self, spec: dict[str, Any]) -> SweepPlan:
+        key = repr(sorted(spec.items()))
+        if key not in self._plans:
+            options = dict(spec)
+            argv = options.pop("cmd")
+            try:
+                with sigterm_as_interrupt():  # a kill cleans up as Ctrl-C does
+                    self._plans[key] = quotafs.plan_sweep(argv, **options)
+            except QuotafsError as exc:
+                self._plans[key] = exc
+        found = self._plans[key]
+        if isinstance(found, QuotafsError):
+            if found.code == ExitCode.NO_FUSE:
+                raise pytest.skip.Exception(f"quotafs: FUSE is not usable here: {found}")
+            raise pytest.fail.Exception(f"quotafs sweep: {found}", pytrace=False)
+        return found
+
+    def close(self) -> None:
+        """Remove every plan's starting state (the points' mounts are gone already)."""
+        plans, self._plans = self._plans, {}
+        for plan in plans.values():
+            if not isinstance(plan, QuotafsError):
+                plan.close()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "sweep_point" not in metafunc.fixturenames:
+        return
+    spec = _sweep_spec(metafunc.definition)
+    count = _sweep_items(spec, f"@pytest.mark.{SWEEP_MARKER} on {metafunc.definition.nodeid}")
+    width = len(str(count))
+    numbers = range(1, count + 1)  # as the sweep's report numbers its points
+    metafunc.parametrize("sweep_point", numbers, indirect=True,
+                         ids=[f"point{i:0{width}d}" for i in numbers])
+
+
+@pytest.fixture(scope="session")
+def quotafs_sweep_plans() -> Iterator[_SweepPlans]:
+    """The sweeps' plans (baselines and starting states) of this session, or of this
+    pytest-xdist worker; removed at its end."""
+    plans = _SweepPlans()
+    yield plans
+    plans.close()
+
+
+@pytest.fixture
+def sweep_point(request: pytest.FixtureRequest,
+                quotafs_sweep_plans: _SweepPlans) -> SweepPoint:
+    """One point of the test's @pytest.mark.quotafs_sweep(...), run on a fresh mount: the
+    disk full there, then the check with room. Skipped where FUSE cannot be used."""
+    spec = _sweep_spec(request.node)
+    _skip_without_fuse()
+    plan = quotafs_sweep_plans.get(spec)
+    index: int = request.param
+    total = len(plan.points)
+    if index > total:  # rooms that round to the same block are run once
+        pytest.skip(f"quotafs sweep: the baseline gives {total} points only")
+    try:
+        with sigterm_as_interrupt():  # the point's mount and copy go, then the session ends
+            result = quotafs.run_point(plan, index)
+    except QuotafsError as exc:
+        raise pytest.fail.Exception(f"quotafs sweep, point {index}: {exc}",
+                                    pytrace=False) from None
+    point = SweepPoint(index, total, plan, result)
+    request.node.stash[_SWEEP_POINT] = point
+    return point
+
+
+def _sweep_section(item: pytest.Item, report: pytest.TestReport) -> list[tuple[str, str]]:
+    """A failing sweep item's point, unless the failure says it already (assert_ok)."""
+    point = item.stash.get(_SWEEP_POINT, None)
+    if point is None:
+        return []
+    text = point.describe()
+    return [] if text in str(report.longrepr) else [("quotafs sweep point", text)]
 
 
 # -- hooks --------------------------------------------------------------------------------
@@ -487,6 +667,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "quota_mount fixture (inodes, accounting, block_size, mmap_sigbus, seed, rules, ...); "
         "limit is also the ext4_loop fixture's free space and the tmpfs_reference fixture's "
         "size. See quotafs docs/testing.md")
+    config.addinivalue_line(
+        "markers",
+        f"{SWEEP_MARKER}(cmd=..., setup=None, check=None, points={DEFAULT_SWEEP_POINTS}, "
+        "**options): a disk-full sweep of cmd, one test item per point, for a test taking the "
+        "sweep_point fixture (options as for quotafs.plan_sweep). See quotafs docs/testing.md")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -561,6 +746,7 @@ def pytest_runtest_makereport(item: pytest.Item,
                 except Exception as exc:  # never let the report hide the test's own failure
                     text = f"could not read its usage: {exc}"
                 report.sections.append((f"{kind} {handle.path}", text))
+        report.sections += _sweep_section(item, report)
     return report
 
 

@@ -11,8 +11,9 @@ import quotafs
 from quotafs.testing import plugin
 
 # The public faces: the package's __all__, and the top-level modules users import
-# (errors and exit codes, sizes, the mount options the marker takes).
-PUBLIC_MODULES = {"quotafs.errors", "quotafs.units", "quotafs.options"}
+# (errors and exit codes, sizes, the mount options the marker takes, SIGTERM handled as
+# Ctrl-C around a sweep's runs).
+PUBLIC_MODULES = {"quotafs.errors", "quotafs.units", "quotafs.options", "quotafs.interrupts"}
 
 
 def wrong_imports(tree: ast.Module) -> list[str]:

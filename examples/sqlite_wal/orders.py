@@ -1,0 +1,93 @@
+"""The program under test: an order book in SQLite, WAL mode, fsynced commits.
+
+    python orders.py setup    create orders.db (WAL mode, empty tables): the starting state
+    python orders.py write    add BATCHES transactions of ROWS orders each; on a full disk
+                              say how many were committed and exit 1
+    python orders.py check    open the database as the next start of the program would (it
+                              recovers from the WAL), then exit 0 if `pragma integrity_check`
+                              says ok and the rows are those of whole committed
+                              transactions, 1 otherwise
+
+Every transaction inserts ROWS orders of batch b and sets progress.last_batch = b, so a
+consistent database holds batches 0..k-1, each complete, and last_batch = k-1.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+
+DB = "orders.db"
+BATCHES = 30
+ROWS = 10  # per transaction
+PAYLOAD = 1000  # bytes per order
+
+
+def connect() -> sqlite3.Connection:
+    db = sqlite3.connect(DB, isolation_level=None)  # transactions are ours: BEGIN/COMMIT
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when COMMIT returns
+    return db
+
+
+def setup() -> int:
+    db = connect()
+    db.execute("CREATE TABLE orders (batch INTEGER NOT NULL, seq INTEGER NOT NULL, "
+               "item BLOB NOT NULL, PRIMARY KEY (batch, seq))")
+    db.execute("CREATE TABLE progress (last_batch INTEGER NOT NULL)")
+    db.execute("INSERT INTO progress VALUES (-1)")
+    db.close()
+    return 0
+
+
+def write() -> int:
+    committed = 0
+    try:
+        db = connect()  # opening creates the -wal and -shm files: that may fail too
+    except sqlite3.Error as exc:
+        print(f"orders: {exc} opening {DB}, after 0 transactions", file=sys.stderr)
+        return 1
+    try:
+        for batch in range(BATCHES):
+            db.execute("BEGIN")
+            for seq in range(ROWS):
+                item = bytes([batch % 251, seq]) * (PAYLOAD // 2)
+                db.execute("INSERT INTO orders VALUES (?, ?, ?)", (batch, seq, item))
+            db.execute("UPDATE progress SET last_batch = ?", (batch,))
+            db.execute("COMMIT")
+            committed += 1
+    except sqlite3.Error as exc:
+        print(f"orders: {exc} after {committed} transactions", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    print(f"orders: {committed} transactions committed")
+    return 0
+
+
+def check() -> int:
+    db = connect()
+    try:
+        (integrity,) = db.execute("PRAGMA integrity_check").fetchone()
+        (last,) = db.execute("SELECT last_batch FROM progress").fetchone()
+        sizes = db.execute("SELECT batch, count(*) FROM orders GROUP BY batch "
+                           "ORDER BY batch").fetchall()
+    finally:
+        db.close()
+    expected = [(b, ROWS) for b in range(last + 1)]
+    if integrity != "ok":
+        print(f"check: integrity_check: {integrity}", file=sys.stderr)
+        return 1
+    if sizes != expected:
+        print(f"check: last_batch {last} but the batches and their rows are {sizes}",
+              file=sys.stderr)
+        return 1
+    print(f"check: ok, {last + 1} transactions", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    commands = {"setup": setup, "write": write, "check": check}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        sys.exit("usage: orders.py setup|write|check")
+    sys.exit(commands[sys.argv[1]]())
