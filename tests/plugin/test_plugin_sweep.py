@@ -235,7 +235,7 @@ def test_without_fuse_every_point_is_skipped_with_the_reason(pytester: pytest.Py
     result = run(pytester)
     result.assert_outcomes(skipped=3)
     result.stdout.fnmatch_lines([f"SKIPPED * quotafs: FUSE is not usable here: "
-                                 f"{FORCE_NO_FUSE_ENV} is set"])
+                                 f"{FORCE_NO_FUSE_ENV} is set (run `quotafs doctor`)"])
     assert not log.exists()  # no baseline either
 
 
