@@ -401,3 +401,42 @@ async def test_statfs_without_a_limit_is_the_backings(make_fs: FsFactory) -> Non
     st = await fs.statfs()
     backing = os.statvfs(fs.backing)
     assert st.f_blocks == backing.f_blocks * backing.f_frsize // BLOCK
+
+
+# -- the error boundary of the write path's handlers (inline, not the decorator) ---------
+
+
+async def test_write_fsync_getxattr_answer_errno_and_eio_for_a_bug(
+        fs: InProcessFS, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    f = await fs.create("/f")
+    ro = await fs.open("/f", os.O_RDONLY)
+    with pytest.raises(OSError) as exc:  # the backing's own errno (an OSError inside)
+        await fs.write(ro, 0, b"x")
+    assert exc.value.errno == errno.EBADF
+    ops = fs.ops
+    for request, args in ((ops.write, (987654, 0, b"x")), (ops.fsync, (987654, False)),
+                          (ops.getxattr, (987654, b"security.capability", fs.ctx))):
+        with pytest.raises(pyfuse3.FUSEError) as fuse_exc:  # no such handle or inode
+            await request(*args)
+        assert fuse_exc.value.errno in (errno.EBADF, errno.ESTALE)
+
+    def bug(*args: object) -> int:
+        raise ZeroDivisionError
+
+    monkeypatch.setattr(ops, "_write", bug)
+    monkeypatch.setattr(ops, "_getxattr", bug)
+    monkeypatch.setattr(os, "fsync", bug)
+    for call in (fs.write(f, 0, b"x"), fs.fsync(f),
+                 ops.getxattr(f.inode, b"user.k", fs.ctx)):
+        with pytest.raises((OSError, pyfuse3.FUSEError)) as bug_exc:
+            await call
+        assert getattr(bug_exc.value, "errno", None) == errno.EIO
+    logged = [r.getMessage() for r in caplog.get_records("call")]
+    assert [m.split(";")[0] for m in logged] == [
+        f"unexpected error in {op}" for op in ("write", "fsync", "getxattr")]
+    caplog.clear()  # expected: the autouse check fails a test on any other
+    monkeypatch.undo()
+    assert await fs.write(f, 0, b"after") == 5  # the handlers work on
+    await fs.release(f)
+    await fs.release(ro)
