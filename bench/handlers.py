@@ -27,6 +27,7 @@ import pyfuse3
 import trio
 
 from tests.operations.conftest import new_filesystem
+from tests.operations.driver import Ctx
 
 BLOCK = 4096
 FILE_BLOCKS = 16_384  # a 64 MiB sparse file
@@ -89,6 +90,7 @@ def measure(backing: str, calls: int, rounds: int) -> dict[str, float]:
     ops: Any = fs.ops
     files = _Files(fs, backing)
     ctx = fs.ctx
+    other = Ctx(65534, 65534, os.getpid())
     buf = os.urandom(BLOCK)
     # Distinct blocks: each write of a round allocates one (a random write into a hole).
     offsets = [b * BLOCK for b in random.sample(range(FILE_BLOCKS), calls)]
@@ -108,6 +110,9 @@ def measure(backing: str, calls: int, rounds: int) -> dict[str, float]:
         "pwrite_overwrite_us": _least(rounds, calls, pwrite),
         "getxattr_capability_us": _least(rounds, calls,
                                          lambda i: _run(ops.getxattr(files.inode, cap, ctx))),
+        # Another user's write(2) on an --allow-other mount (a root daemon switches ids).
+        "getxattr_capability_other_user_us": _least(
+            rounds, calls, lambda i: _run(ops.getxattr(files.inode, cap, other))),
         "fsync_us": _least(rounds, calls, lambda i: _run(ops.fsync(files.fh, False))),
         "fsync_alone_us": _least(rounds, calls, lambda i: os.fsync(files.fd)),
     }
