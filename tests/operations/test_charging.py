@@ -120,6 +120,23 @@ async def test_a_write_of_nothing_past_the_end_charges_nothing(make_fs: FsFactor
 
 # -- what a write knows without asking the backing (Node.filled) ----------------------------
 
+async def test_overwrites_past_the_dense_start_charge_only_the_new_blocks(
+        fs: InProcessFS) -> None:
+    """A one-block overwrite of a block the node knows holds data (Node.scattered) takes
+    the overwrite path; a write that reaches one more block still charges that block."""
+    f = await fs.create("/s")
+    await fs.write(f, 5 * BLOCK, b"a" * BLOCK)  # a hole at blocks 0-4, data at 5
+    assert await usage(fs) == (BLOCK, 1)
+    await fs.write(f, 5 * BLOCK, b"b" * BLOCK)  # the same block again: nothing new
+    assert await usage(fs) == (BLOCK, 1)
+    await fs.write(f, 5 * BLOCK + 1, b"c" * BLOCK)  # block 5 and the new block 6
+    assert await usage(fs) == (2 * BLOCK, 1)
+    await assert_books_balance(fs)
+    await fs.release(f)
+    with open(os.path.join(fs.backing, "s"), "rb") as back:
+        assert back.read() == bytes(5 * BLOCK) + b"b" + b"c" * BLOCK
+
+
 
 async def test_writes_into_content_found_at_mount_charge_only_its_holes(
         make_fs: FsFactory, tmp_path: os.PathLike[str]) -> None:
