@@ -4,6 +4,10 @@ An OSError becomes the same errno (one without an errno, or an EIO from the back
 logged as a warning: a sick backing, never the caller's fault); an unexpected exception is
 logged with its traceback and answered with EIO, so the daemon never dies of one. Nothing
 else happens here: fault rules, identities and charges are the handlers' own business.
+
+The requests of every small write(2) (WRITE, GETXATTR security.capability, FSYNC) carry
+the boundary inline instead (`except Exception as exc: raise answer(op, exc)`): the
+decorator's extra coroutine costs about 0.4 µs per request, a try block nothing.
 """
 
 from __future__ import annotations
@@ -30,14 +34,20 @@ def boundary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as exc:
-            if exc.errno in (None, 0, errno.EIO):  # a sick backing, never the caller's fault
-                log.warning("%s: %s; answering EIO", op, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("unexpected error in %s; answering EIO", op)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:
+            raise answer(op, exc) from None
 
     return wrapper
+
+
+def answer(op: str, exc: Exception) -> pyfuse3.FUSEError:
+    """The FUSEError that answers request `op` which raised `exc` (logged unless it is
+    the caller's error); call it from an except clause, as it logs the traceback."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc
+    if isinstance(exc, OSError):
+        if exc.errno in (None, 0, errno.EIO):  # a sick backing, never the caller's fault
+            log.warning("%s: %s; answering EIO", op, exc)
+        return pyfuse3.FUSEError(exc.errno or errno.EIO)
+    log.exception("unexpected error in %s; answering EIO", op)
+    return pyfuse3.FUSEError(errno.EIO)

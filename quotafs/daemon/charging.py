@@ -262,9 +262,11 @@ class Charging:
         filled = node.filled
         if filled is None and first < -(-node.size // block):
             filled = self._learn_layout(handle)  # part of the write lies inside the file
-        if filled is not None and last <= filled:
+        if filled is not None and (last <= filled or (
+                last - first == 1 and node.scattered and first in node.scattered)):
             # An overwrite of blocks that hold data (most writes of a database, and every
-            # rewrite): nothing to allocate, nothing to ask the backing.
+            # rewrite; or one block past the prefix that a write filled): nothing to
+            # allocate, nothing to ask the backing.
             written, error = pwrite_whole(handle.fd, buf, off)
             return _stored(node, off, written, error)
         return self._allocating_write(handle, off, buf, max(first, filled or 0), charged)

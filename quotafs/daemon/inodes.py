@@ -36,7 +36,7 @@ def default_path_fd_budget() -> int:
     return max(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] * 3 // 4)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: the write path reads several fields
 class Node:
     """A backing inode the kernel knows (lookup count > 0) or that is still open.
 
@@ -85,7 +85,7 @@ class Node:
     quiet_below: tuple[int, int, bool] = (-1, -1, False)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Handle:
     node: Node
     fd: int

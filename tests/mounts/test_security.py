@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,7 @@ import pytest
 from quotafs.client.api import QuotaMount, mounted
 from quotafs.errors import ExitCode
 from tests.conftest import NobodyEnv, fuse_unusable_reason, raw_control
-from tests.mounts.test_posix import Err, as_user, read
+from tests.mounts.test_posix import Err, as_user, attempt, read
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or fuse_unusable_reason() is not None,
@@ -40,6 +41,9 @@ J = os.path.join
 NOBODY = 65534
 GROUP = 5001  # a group NOBODY is in only where a test says so
 EACCES, EPERM = Err("EACCES"), Err("EPERM")
+CAPABILITY = b"security.capability"
+# struct vfs_cap_data, revision 2, effective: CAP_NET_BIND_SERVICE (10) permitted.
+CAP_NET_BIND = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)
 
 
 def nobody(groups: tuple[int, ...] = ()) -> Any:
@@ -201,6 +205,40 @@ def test_xattrs_of_a_file_the_backing_refuses(setup: Setup) -> None:
     assert nobody()(os.setxattr)(path, b"user.new", b"1") == EACCES
     assert nobody()(os.removexattr)(path, b"user.secret") == EACCES
     assert os.listxattr(J(s.back, "f")) == ["user.secret"]
+
+
+def test_security_capability_is_answered_as_the_backing_answers(setup: Setup) -> None:
+    """The kernel asks for security.capability before every write(2), and the daemon
+    answers it for a file known to have none before any identity switch or check. A file
+    that has one still returns it, to root and to another user, as the backing's own
+    filesystem does; a write still takes it away as there; and the early answer opens no
+    user.* xattr the backing refuses."""
+    s = setup
+
+    def prepare(d: str) -> None:
+        for name in ("plain", "capped"):
+            make(J(d, name), 0o600)  # its write(2) asked: the daemon learnt "none"
+        os.setxattr(J(d, "capped"), CAPABILITY, CAP_NET_BIND)
+        os.setxattr(J(d, "plain"), b"user.secret", b"42")
+
+    def capabilities(d: str) -> list[Any]:
+        return [attempt(os.getxattr, J(d, n), CAPABILITY) for n in ("plain", "capped")]
+
+    def rewrite(d: str) -> None:
+        with open(J(d, "capped"), "r+b") as f:
+            f.write(b"new")
+
+    prepare(s.mnt)
+    prepare(s.ref)
+    assert capabilities(s.mnt) == capabilities(s.ref) == [Err("ENODATA"), CAP_NET_BIND]
+    assert nobody()(capabilities)(s.mnt) == nobody()(capabilities)(s.ref) \
+        == [Err("ENODATA"), CAP_NET_BIND]
+    assert nobody()(os.getxattr)(J(s.mnt, "plain"), b"user.secret") == EACCES
+    assert os.getxattr(J(s.back, "capped"), CAPABILITY) == CAP_NET_BIND
+    rewrite(s.mnt)
+    rewrite(s.ref)
+    assert capabilities(s.mnt) == capabilities(s.ref)
+    assert nobody()(capabilities)(s.mnt) == nobody()(capabilities)(s.ref)
 
 
 def test_trusted_xattrs_are_not_listed_to_other_users(setup: Setup) -> None:

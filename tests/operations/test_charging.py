@@ -120,6 +120,23 @@ async def test_a_write_of_nothing_past_the_end_charges_nothing(make_fs: FsFactor
 
 # -- what a write knows without asking the backing (Node.filled) ----------------------------
 
+async def test_overwrites_past_the_dense_start_charge_only_the_new_blocks(
+        fs: InProcessFS) -> None:
+    """A one-block overwrite of a block the node knows holds data (Node.scattered) takes
+    the overwrite path; a write that reaches one more block still charges that block."""
+    f = await fs.create("/s")
+    await fs.write(f, 5 * BLOCK, b"a" * BLOCK)  # a hole at blocks 0-4, data at 5
+    assert await usage(fs) == (BLOCK, 1)
+    await fs.write(f, 5 * BLOCK, b"b" * BLOCK)  # the same block again: nothing new
+    assert await usage(fs) == (BLOCK, 1)
+    await fs.write(f, 5 * BLOCK + 1, b"c" * BLOCK)  # block 5 and the new block 6
+    assert await usage(fs) == (2 * BLOCK, 1)
+    await assert_books_balance(fs)
+    await fs.release(f)
+    with open(os.path.join(fs.backing, "s"), "rb") as back:
+        assert back.read() == bytes(5 * BLOCK) + b"b" + b"c" * BLOCK
+
+
 
 async def test_writes_into_content_found_at_mount_charge_only_its_holes(
         make_fs: FsFactory, tmp_path: os.PathLike[str]) -> None:
@@ -401,3 +418,42 @@ async def test_statfs_without_a_limit_is_the_backings(make_fs: FsFactory) -> Non
     st = await fs.statfs()
     backing = os.statvfs(fs.backing)
     assert st.f_blocks == backing.f_blocks * backing.f_frsize // BLOCK
+
+
+# -- the error boundary of the write path's handlers (inline, not the decorator) ---------
+
+
+async def test_write_fsync_getxattr_answer_errno_and_eio_for_a_bug(
+        fs: InProcessFS, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    f = await fs.create("/f")
+    ro = await fs.open("/f", os.O_RDONLY)
+    with pytest.raises(OSError) as exc:  # the backing's own errno (an OSError inside)
+        await fs.write(ro, 0, b"x")
+    assert exc.value.errno == errno.EBADF
+    ops = fs.ops
+    for request, args in ((ops.write, (987654, 0, b"x")), (ops.fsync, (987654, False)),
+                          (ops.getxattr, (987654, b"security.capability", fs.ctx))):
+        with pytest.raises(pyfuse3.FUSEError) as fuse_exc:  # no such handle or inode
+            await request(*args)
+        assert fuse_exc.value.errno in (errno.EBADF, errno.ESTALE)
+
+    def bug(*args: object) -> int:
+        raise ZeroDivisionError
+
+    monkeypatch.setattr(ops, "_write", bug)
+    monkeypatch.setattr(ops, "_getxattr", bug)
+    monkeypatch.setattr(os, "fsync", bug)
+    for call in (fs.write(f, 0, b"x"), fs.fsync(f),
+                 ops.getxattr(f.inode, b"user.k", fs.ctx)):
+        with pytest.raises((OSError, pyfuse3.FUSEError)) as bug_exc:
+            await call
+        assert getattr(bug_exc.value, "errno", None) == errno.EIO
+    logged = [r.getMessage() for r in caplog.get_records("call")]
+    assert [m.split(";")[0] for m in logged] == [
+        f"unexpected error in {op}" for op in ("write", "fsync", "getxattr")]
+    caplog.clear()  # expected: the autouse check fails a test on any other
+    monkeypatch.undo()
+    assert await fs.write(f, 0, b"after") == 5  # the handlers work on
+    await fs.release(f)
+    await fs.release(ro)

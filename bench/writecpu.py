@@ -1,0 +1,149 @@
+"""Daemon CPU per random 4 KiB write + fsync over FUSE, A/B between source trees.
+
+    python bench/writecpu.py [--writes N] [--rounds R] [--tree NAME=DIR ...]
+
+Mounts, all on one tmpfs backing (below /dev/shm): for each tree, quotafs run from that
+tree (PYTHONPATH) with xattrs and with `--xattrs off`; and the do-nothing ceilings
+(bench/nullfs.py with and without --xattr). Each round visits every mount in turn (the
+order rotates): a fresh file, N pwrite+fsync of 4 KiB at distinct random blocks of a
+64 MiB hole ("holes"), then the same N again ("overwrite"); the daemon's utime+stime
+(/proc/PID/stat, 10 ms ticks) over each pass, per write. Prints, per mount and pass, the
+least and the median of the rounds in µs, one JSON line per mount (stdout); progress on
+stderr. Every mount is unmounted and every directory removed on any exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.system import is_mounted, unmount_retrying, wait_pid_gone
+from quotafs.interrupts import sigterm_as_interrupt
+
+REPO = Path(__file__).resolve().parent.parent
+BLOCK = 4096
+FILE_BLOCKS = 16_384  # a 64 MiB file
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Mount:
+    name: str
+    path: str
+    pid: int = 0
+    samples: dict[str, list[float]] = field(default_factory=lambda: {"holes": [], "overwrite": []})
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def _quotafs(tree: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": tree}
+    return subprocess.run([sys.executable, "-m", "quotafs", *args], env=env, check=True,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          start_new_session=True, timeout=120).stdout
+
+
+@contextlib.contextmanager
+def quotafs_mount(name: str, tree: str, base: str, extra: list[str]) -> Iterator[Mount]:
+    backing, path = os.path.join(base, name + ".backing"), os.path.join(base, name)
+    os.mkdir(backing)
+    os.mkdir(path)
+    try:
+        _quotafs(tree, "mount", "-q", "--backing", backing, *extra, path)
+        mount = Mount(name, path, int(json.loads(_quotafs(tree, "status", "--json", path))["pid"]))
+        yield mount
+    finally:
+        if is_mounted(path):
+            _quotafs(tree, "umount", path)
+
+
+@contextlib.contextmanager
+def null_mount(name: str, base: str, extra: list[str]) -> Iterator[Mount]:
+    path = os.path.join(base, name)
+    os.mkdir(path)
+    process = subprocess.Popen([sys.executable, str(REPO / "bench" / "nullfs.py"), *extra, path],
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(path):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not mount")
+            time.sleep(0.01)
+        yield Mount(name, path, process.pid)
+    finally:
+        if is_mounted(path):
+            unmount_retrying(path)
+        if not wait_pid_gone(process.pid, 30):
+            process.kill()
+        process.wait()
+
+
+def one_pass(mount: Mount, fd: int, offsets: list[int], buf: bytes) -> float:
+    before = cpu_seconds(mount.pid)
+    for off in offsets:
+        os.pwrite(fd, buf, off)
+        os.fsync(fd)
+    return (cpu_seconds(mount.pid) - before) / len(offsets) * 1e6
+
+
+def run_round(mounts: list[Mount], number: int, writes: int) -> None:
+    buf = os.urandom(BLOCK)
+    offsets = [b * BLOCK for b in random.sample(range(FILE_BLOCKS), writes)]
+    order = mounts[number % len(mounts):] + mounts[:number % len(mounts)]
+    for mount in order:
+        fd = os.open(os.path.join(mount.path, f"round-{number}"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            mount.samples["holes"].append(one_pass(mount, fd, offsets, buf))
+            mount.samples["overwrite"].append(one_pass(mount, fd, offsets, buf))
+        finally:
+            os.close(fd)
+        os.unlink(os.path.join(mount.path, f"round-{number}"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--writes", type=int, default=8192, help="writes per pass")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds (least, median)")
+    parser.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                        help="a quotafs source tree to run (default: this one)")
+    args = parser.parse_args()
+    trees = dict(t.split("=", 1) for t in args.tree) or {"quotafs": str(REPO)}
+    base = tempfile.mkdtemp(prefix="writecpu-", dir="/dev/shm")
+    try:
+        with sigterm_as_interrupt(), contextlib.ExitStack() as stack:
+            mounts = []
+            for name, tree in trees.items():
+                mounts.append(stack.enter_context(quotafs_mount(name, tree, base, [])))
+                mounts.append(stack.enter_context(
+                    quotafs_mount(name + "-noxattr", tree, base, ["--xattrs", "off"])))
+            mounts.append(stack.enter_context(null_mount("null-xattr", base, ["--xattr"])))
+            mounts.append(stack.enter_context(null_mount("null", base, [])))
+            for number in range(args.rounds):
+                print(f"round {number + 1}/{args.rounds}", file=sys.stderr, flush=True)
+                run_round(mounts, number, args.writes)
+            for mount in mounts:
+                print(json.dumps({"mount": mount.name, **{
+                    kind: [round(min(v), 1), round(statistics.median(v), 1)]
+                    for kind, v in mount.samples.items()}}))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
