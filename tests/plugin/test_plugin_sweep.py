@@ -155,7 +155,9 @@ def test_a_baseline_that_fails_errors_every_item_with_one_line(
         def test_it(sweep_point):
             sweep_point.assert_ok()
         """))
-    result = run(pytester)
+    # -rN: no short summary, whose lines pytest cuts to the terminal's width except when
+    # CI is set, so that only the errors' own reports say the message.
+    result = run(pytester, "-rN")
     result.assert_outcomes(errors=3)
     assert log.read_text().split() == ["run"]  # the baseline ran once, not once per item
     message = ("quotafs sweep: the baseline run (no limit) exit 3: no room; sweep needs a "
