@@ -78,13 +78,20 @@ class QuotaMount:
         resolved = options.resolve()  # like_ext4 and "5%" settled before anything is made
         own_mountpoint = mountpoint is None
         path = tempfile.mkdtemp(prefix="quotafs-mnt-") if mountpoint is None else mountpoint
+        made_backing: str | None = None
         try:
             path = lifecycle.check_mountpoint(path)
             lifecycle.check_fuse()
             backing_dir, private = lifecycle.prepare_backing(options.backing)
+            made_backing = backing_dir if private else None
             daemon = _start_daemon(resolved.placed(path, backing_dir, private,
                                                    die_with_parent=True))
         except BaseException:
+            # No daemon runs now (start_daemon stops one it started before it raises): the
+            # private backing it would have removed at exit is ours to remove (an interrupt
+            # between making it and starting the daemon left it behind).
+            if made_backing is not None:
+                shutil.rmtree(made_backing, ignore_errors=True)
             if own_mountpoint:
                 os.rmdir(path)
             raise
