@@ -35,11 +35,9 @@ def table(report: CommandReport) -> str:
     for run in report.runs:
         cells = _cells(run)
         if ref is not None and run is not ref:
-            if (run.exit_code, run.signal, run.timed_out) != \
-                    (ref.exit_code, ref.signal, ref.timed_out):
+            if run.cmd_key() != ref.cmd_key():
                 cells[1] = MARK + cells[1]
-            if (run.check_exit_code, run.check_signal, run.check_timed_out) != \
-                    (ref.check_exit_code, ref.check_signal, ref.check_timed_out):
+            if run.check_key() != ref.check_key():
                 cells[2] = MARK + cells[2]
         rows.append(cells)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

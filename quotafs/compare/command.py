@@ -67,10 +67,17 @@ class TargetRun:
     stderr_tail: str
     check_stderr_tail: str | None
 
+    def cmd_key(self) -> tuple[Any, ...]:
+        """How CMD ended, as two runs compare it."""
+        return (self.exit_code, self.signal, self.timed_out)
+
+    def check_key(self) -> tuple[Any, ...]:
+        """How CHECK ended, as two runs compare it."""
+        return (self.check_exit_code, self.check_signal, self.check_timed_out)
+
     def outcome_key(self) -> tuple[Any, ...]:
         """What two runs must share to count as "the same" for --expect-same."""
-        return (self.exit_code, self.signal, self.timed_out,
-                self.check_exit_code, self.check_signal, self.check_timed_out)
+        return self.cmd_key() + self.check_key()
 
 
 @dataclass(frozen=True)
@@ -268,10 +275,9 @@ def differences(runs: Sequence[TargetRun], kind: str) -> list[str]:
     for r in runs:
         if r is ref:
             continue
-        if (r.exit_code, r.signal, r.timed_out) != (ref.exit_code, ref.signal, ref.timed_out):
+        if r.cmd_key() != ref.cmd_key():
             out.append(f"{r.target}: CMD {r.ended}, {kind}: {ref.ended}")
-        if (r.check_exit_code, r.check_signal, r.check_timed_out) != \
-                (ref.check_exit_code, ref.check_signal, ref.check_timed_out):
+        if r.check_key() != ref.check_key():
             out.append(f"{r.target}: CHECK {r.check_ended}, {kind}: {ref.check_ended}")
     return out
 
