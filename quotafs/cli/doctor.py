@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from quotafs.client import doctor, machine
-from quotafs.client.machine import Executable, Facts, Trial
 from quotafs.errors import ExitCode
 from quotafs.interrupts import sigterm_as_interrupt
+
+if TYPE_CHECKING:
+    from quotafs.client import doctor
+    from quotafs.client.machine import Executable, Facts, Trial
 
 
 def register(sub: Any) -> None:
@@ -29,6 +31,8 @@ def register(sub: Any) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from quotafs.client import doctor, machine  # here: the API and references, ~50 ms
+
     with sigterm_as_interrupt():  # a SIGTERM still runs the trials' cleanup
         facts = machine.gather()
     verdicts = doctor.verdicts(facts)

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from quotafs.cli.mountopts import add_mount_options
+from quotafs.compare.program import DEFAULT_TIMEOUT
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import sigterm_as_interrupt
 from quotafs.sweeps.plan import (
@@ -20,7 +21,6 @@ from quotafs.sweeps.plan import (
     PointResult,
     SweepReport,
 )
-from quotafs.sweeps.runner import DEFAULT_TIMEOUT, plan_sweep, run_points
 from quotafs.units import format_size, parse_size
 
 # The mount flags that hold for every run of a sweep (cli/mountopts.py defines them).
@@ -174,6 +174,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in SWEEP_MOUNT_OPTIONS
                if hasattr(args, name)}
     progress = _Progress(not args.quiet)
+    from quotafs.sweeps.runner import plan_sweep, run_points  # here: mounts, references
+
     with sigterm_as_interrupt():
         plan = plan_sweep(argv, setup=args.setup, from_dir=args.from_dir, check=args.check,
                           points=args.points, every=args.every, each_write=args.each_write,

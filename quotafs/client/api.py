@@ -29,6 +29,7 @@ from typing import Any, ClassVar, TypeVar
 
 from quotafs.client import control, lifecycle
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.interrupts import signals_deferred
 from quotafs.model.faults import spec_from_args
 from quotafs.mountinfo import find_mount
 from quotafs.options import MountOptions, check_settings, check_size
@@ -82,8 +83,9 @@ class QuotaMount:
         try:
             path = lifecycle.check_mountpoint(path)
             lifecycle.check_fuse()
-            backing_dir, private = lifecycle.prepare_backing(options.backing)
-            made_backing = backing_dir if private else None
+            with signals_deferred():  # no interrupt between mkdtemp and `made_backing =`
+                backing_dir, private = lifecycle.prepare_backing(options.backing)
+                made_backing = backing_dir if private else None
             daemon = _start_daemon(resolved.placed(path, backing_dir, private,
                                                    die_with_parent=True))
         except BaseException:
@@ -144,16 +146,22 @@ class QuotaMount:
                 # One killed (SIGKILL) could not remove its control socket.
                 control.remove_stale_socket(self.path, os.geteuid())
         finally:
-            if find_mount(self.path) is not None:
-                with contextlib.suppress(Exception):
-                    lifecycle.unmount(self.path, lazy=True)
-            if find_mount(self.path) is None:  # never remove below a live mount
-                self._closed = True
-                if self._own_mountpoint:
-                    with contextlib.suppress(OSError):
-                        os.rmdir(self.path)
-                if self._own_backing:
-                    shutil.rmtree(self.backing, ignore_errors=True)
+            # Held: a Ctrl-C or SIGTERM (say, one that made this close run) landing between
+            # the two removals, or inside rmtree, left an empty backing directory behind.
+            with signals_deferred():
+                self._remove_what_start_made()
+
+    def _remove_what_start_made(self) -> None:
+        if find_mount(self.path) is not None:
+            with contextlib.suppress(Exception):
+                lifecycle.unmount(self.path, lazy=True)
+        if find_mount(self.path) is None:  # never remove below a live mount
+            self._closed = True
+            if self._own_mountpoint:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.path)
+            if self._own_backing:
+                shutil.rmtree(self.backing, ignore_errors=True)
 
     # -- controls --
 

@@ -411,24 +411,26 @@ def mount_and_unmount(allow_other: bool) -> tuple[Trial, Trial]:
     """A 1 MiB quotafs on a temp mount point, then the unmount `quotafs umount` does (as a
     regular user: the first fusermount3 on PATH). Whatever fails, the daemon is stopped,
     which detaches its mount, and the mount point and backing directory go."""
-    with tempfile.TemporaryFile() as said, _stderr_to(said.fileno()):
-        try:
-            mount = api.QuotaMount.start("1M", allow_other=allow_other)
-        except QuotafsError as exc:
-            return _failed(exc, _fuse_said(said)), Trial(False, "not tried: the mount failed")
-        except OSError as exc:  # the temp directory went away meanwhile, say
-            return Trial(False, f"cannot mount: {exc}"), Trial(False, "not tried")
+    mount: api.QuotaMount | None = None
     unmounted = Trial(True)
-    try:
+    try:  # one try from the start on: an interrupt right after it still closes the mount
+        with tempfile.TemporaryFile() as said, _stderr_to(said.fileno()):
+            try:
+                mount = api.QuotaMount.start("1M", allow_other=allow_other)
+            except QuotafsError as exc:
+                return _failed(exc, _fuse_said(said)), Trial(False, "not tried: the mount failed")
+            except OSError as exc:  # the temp directory went away meanwhile, say
+                return Trial(False, f"cannot mount: {exc}"), Trial(False, "not tried")
         try:
             lifecycle.unmount(mount.path)
         except QuotafsError as exc:
             unmounted = _failed(exc)
     finally:
-        if find_mount(mount.path) is not None:
-            mount.terminate()  # the daemon unmounts through libfuse's own fusermount3
-        with contextlib.suppress(QuotafsError):
-            mount.close()
+        if mount is not None:
+            if find_mount(mount.path) is not None:
+                mount.terminate()  # the daemon unmounts through libfuse's own fusermount3
+            with contextlib.suppress(QuotafsError):
+                mount.close()
     if find_mount(mount.path) is not None:
         unmounted = Trial(False, f"{mount.path} is still mounted: umount -l {mount.path}")
     return Trial(True), unmounted

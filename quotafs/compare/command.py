@@ -31,7 +31,6 @@ from quotafs.compare.program import (
     run_argv,
     run_shell,
 )
-from quotafs.compare.writers import passwd_entry
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import signals_deferred
 from quotafs.options import MountOptions
@@ -39,6 +38,7 @@ from quotafs.protocol import Event
 from quotafs.reference.base import KINDS, Launch, Reference
 from quotafs.reference.opener import check_kind, open_reference
 from quotafs.units import format_size, parse_size
+from quotafs.users import passwd_entry
 
 QUOTAFS_TARGETS = DEFAULT_TARGETS[1:]
 FAITHFUL = "quotafs-sigbus"  # the ext4-faithful target: --expect-same compares it

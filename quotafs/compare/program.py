@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-from quotafs.compare.writers import passwd_entry
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.reference.base import AS_CALLER, Launch
+from quotafs.users import passwd_entry
 
 TAIL_BYTES = 2048  # of stdout and stderr, kept for the report
 DEFAULT_TIMEOUT = 300.0  # seconds a program (or its setup, or its check) may run

@@ -22,13 +22,14 @@ from typing import Any
 
 from quotafs.client.api import mounted_with
 from quotafs.client.lifecycle import check_fuse
-from quotafs.compare.writers import WriterResult, bytes_on_disk, passwd_entry, run_writer
+from quotafs.compare.writers import WriterResult, bytes_on_disk, run_writer
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.options import MountOptions
 from quotafs.reference.loopext4 import open_ext4_loop
 from quotafs.reference.tmpfs import TmpfsReference, open_tmpfs
 from quotafs.reference.tools import find_tool, last_line, run_tool
 from quotafs.units import format_size
+from quotafs.users import passwd_entry
 
 TARGETS = ("ext4", "quotafs", "quotafs-sigbus")
 MMAP_TOLERANCE = 0.01  # the ext4-faithful SIGBUS must land within 1% of ext4's

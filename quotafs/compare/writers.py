@@ -36,7 +36,7 @@ from typing import Literal, NoReturn
 from quotafs import PACKAGE_PARENT
 from quotafs.errors import ExitCode, QuotafsError, errno_name
 from quotafs.units import format_size, parse_size
-from quotafs.users import passwd_entry as passwd_entry  # where compare imports it from
+from quotafs.users import passwd_entry
 
 KINDS = ("mmap", "write", "fallocate")
 Outcome = Literal["completed", "errno", "signal"]

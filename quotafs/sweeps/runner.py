@@ -28,8 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from quotafs.client.api import QuotaMount, check_fuse
-from quotafs.compare.program import Outcome, Program, run_argv, run_shell
-from quotafs.compare.writers import passwd_entry
+from quotafs.compare.program import DEFAULT_TIMEOUT, Outcome, Program, run_argv, run_shell
 from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.interrupts import signals_deferred
 from quotafs.options import MountOptions
@@ -45,8 +44,8 @@ from quotafs.sweeps.plan import (
     choose_points,
     verdict,
 )
+from quotafs.users import passwd_entry
 
-DEFAULT_TIMEOUT = 300.0
 # Mount options a sweep sets itself, or that cannot hold across its runs.
 NOT_FOR_SWEEP = {
     "limit": "the sweep sets the limit of each run itself",

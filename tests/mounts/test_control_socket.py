@@ -154,8 +154,10 @@ def _mount_point(tmp_path: Path, cleanup: list[str]) -> tuple[str, str]:
 
 
 def _mount_and_signal(mnt: str, sig: signal.Signals) -> int:
-    """Mount at `mnt` (detached), send the daemon `sig`, wait until it is gone; its pid."""
-    assert quotafs("mount", mnt).returncode == 0
+    """Mount at `mnt` (detached), send the daemon `sig`, wait until it is gone; its pid.
+    The backing directory is the test's own: one a SIGKILLed daemon made would be kept."""
+    backing = tempfile.mkdtemp(prefix="backing-", dir=os.path.dirname(mnt))
+    assert quotafs("mount", "--backing", backing, mnt).returncode == 0
     pid = _pid(mnt)
     os.kill(pid, sig)
     _wait_gone(pid)

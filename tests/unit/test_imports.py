@@ -188,3 +188,20 @@ def test_imports_go_down_the_layers() -> None:
                 continue
             wrong.append(f"{module} -> {target}")
     assert wrong == []
+
+
+def test_the_command_line_loads_the_heavy_parts_only_for_their_commands() -> None:
+    """`quotafs status` and the other quick commands start without the Python API, the
+    references, doctor's trials or the sweep engine (together about 50 ms of start-up):
+    cli/doctor.py and cli/sweep.py import them inside their commands."""
+    code = (
+        "import sys\n"
+        "from quotafs.cli.main import build_parser\n"
+        "build_parser().parse_args(['status', '/x'])\n"
+        "heavy = ('quotafs.client.api', 'quotafs.client.machine', 'quotafs.sweeps.runner',\n"
+        "         'quotafs.reference.loopext4', 'quotafs.reference.tmpfs')\n"
+        "print(' '.join(m for m in heavy if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.splitlines()[-1:] == [""], result.stdout
