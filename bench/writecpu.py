@@ -54,7 +54,10 @@ def cpu_seconds(pid: int) -> float:
 
 def _quotafs(tree: str, *args: str) -> str:
     env = {**os.environ, "PYTHONPATH": tree}
+    # cwd too: `python -m` puts the working directory first on sys.path, before PYTHONPATH,
+    # so run from elsewhere it (and the daemon it starts) would import that tree instead.
     return subprocess.run([sys.executable, "-m", "quotafs", *args], env=env, check=True,
+                          cwd=tree,
                           capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           start_new_session=True, timeout=120).stdout
 
