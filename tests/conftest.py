@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -278,6 +279,30 @@ def run_capture(cmd: list[str], timeout: float = 600,
             proc.kill()
             proc.communicate()
         raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def interrupt_when(cmd: list[str], ready: Callable[[], bool], sig: int,
+                   wait: float = 60, poll: float = 0.1, **popen: Any
+                   ) -> subprocess.CompletedProcess[str]:
+    """Start `cmd` (output captured as text; `popen` as for subprocess.Popen), send it
+    `sig` once `ready()` holds, and wait (up to a minute) for it to end. It must not end
+    by itself before then, nor take longer than `wait` seconds to get there; whatever
+    happens, it is killed and reaped before this returns or raises."""
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("stderr", subprocess.PIPE)
+    proc = subprocess.Popen(cmd, text=True, **popen)
+    try:
+        deadline = time.monotonic() + wait
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(poll)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,13 @@ import pytest
 
 from quotafs.client import doctor
 from quotafs.reference.tools import find_tool
-from tests.conftest import NOBODY, NobodyEnv, loop_ext4_unusable_reason, run_capture
+from tests.conftest import (
+    NOBODY,
+    NobodyEnv,
+    interrupt_when,
+    loop_ext4_unusable_reason,
+    run_capture,
+)
 
 ALL = list(doctor.CAPABILITIES)
 
@@ -80,24 +85,15 @@ def test_the_human_output_says_ok_per_capability(tmp_path: Path) -> None:
 @needs_root_and_everything
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_in_the_trial_mount_leaves_nothing(tmp_path: Path, sig: int) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "quotafs", "doctor"], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "TMPDIR": str(tmp_path)})
-    try:
-        deadline = time.monotonic() + 120
-        # The mount point of the trial mount (the last trial, after the references'): made
-        # just before its daemon starts, so the signal lands while it mounts (about half a
-        # second). Waiting until it is mounted lost the race to a fast trial now and then.
-        while not any(p.name.startswith("quotafs-mnt-") for p in tmp_path.iterdir()):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.005)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, (out, err)
+    # The mount point of the trial mount (the last trial, after the references'): made
+    # just before its daemon starts, so the signal lands while it mounts (about half a
+    # second). Waiting until it is mounted lost the race to a fast trial now and then.
+    result = interrupt_when(
+        [sys.executable, "-m", "quotafs", "doctor"],
+        lambda: any(p.name.startswith("quotafs-mnt-") for p in tmp_path.iterdir()), sig,
+        wait=120, poll=0.005, env={**os.environ, "TMPDIR": str(tmp_path)})
+    out, err = result.stdout, result.stderr
+    assert result.returncode == 130, (out, err)
     assert err.strip().splitlines()[-1:] == ["quotafs: interrupted"], err
     assert "Traceback" not in err
     assert os.listdir(tmp_path) == []  # mount point, backing directory: gone, nothing mounted

@@ -22,7 +22,7 @@ import pytest
 import quotafs
 from quotafs.cli.main import main
 from quotafs.errors import QuotafsError
-from tests.conftest import fuse_unusable_reason
+from tests.conftest import fuse_unusable_reason, interrupt_when
 
 pytestmark = pytest.mark.skipif(fuse_unusable_reason() is not None,
                                 reason=fuse_unusable_reason() or "")
@@ -249,23 +249,13 @@ def test_a_signal_mid_sweep_leaves_no_mount_daemon_or_copy(tmp_path: Path,
     script.write_text(SLEEPER)
     markers.mkdir()
     workdir.mkdir()
-    proc = subprocess.Popen(
+    result = interrupt_when(
         [sys.executable, "-m", "quotafs", "sweep", "--points", "4", "--jobs", "2",
          "--timeout", "300", "--workdir", str(workdir), "--check", "true", "--",
          sys.executable, str(script), str(markers)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(os.listdir(markers)) < 2:  # two points running, each on its mount
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.1)
-        proc.send_signal(signum)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
+        lambda: len(os.listdir(markers)) >= 2, signum)  # two points running, each on its mount
+    err = result.stderr
+    assert result.returncode == 130, err
     assert err.splitlines()[-1] == "quotafs: interrupted"
     runs = [(markers / name).read_text().split() for name in sorted(os.listdir(markers))]
     assert sorted(os.listdir(markers)) == ["point-1", "point-2"]

@@ -17,14 +17,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from quotafs.mountinfo import find_mount
 from quotafs.testing import FORCE_NO_FUSE_ENV
-from tests.conftest import needs_fuse
+from tests.conftest import interrupt_when, needs_fuse
 
 pytest_plugins = "pytester"
 
@@ -206,21 +205,12 @@ def test_a_signal_in_the_middle_of_a_sweep_leaves_nothing_behind(
         def test_it(sweep_point):
             sweep_point.assert_ok()
         """))
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"],
-                            cwd=pytester.path, env={**os.environ, "TMPDIR": str(tmp)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not (runs.exists() and len(runs.read_text().splitlines()) == 2):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout
-            time.sleep(0.1)
-        proc.send_signal(sig)
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
+    result = interrupt_when(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"],
+        lambda: runs.exists() and len(runs.read_text().splitlines()) == 2, sig,
+        cwd=pytester.path, env={**os.environ, "TMPDIR": str(tmp)}, stderr=subprocess.STDOUT)
+    output = result.stdout
+    assert result.returncode == pytest.ExitCode.INTERRUPTED, output
     assert "Traceback" not in output
     (_, _), (mount, program) = [line.split() for line in runs.read_text().splitlines()]
     assert find_mount(mount) is None
