@@ -371,6 +371,8 @@ class CrashSim:
             self.journal_bytes = self._journal_end = 0
             os.ftruncate(self._journal, 0)
             self._dir_synced.clear()
+            with contextlib.suppress(OSError), self._as_daemon():  # absent, or in use
+                os.rmdir(STASH, dir_fd=self._inodes.fd(self._inodes.root))
 
     # -- drop_unsynced (fault rules: a failed writeback) ----------------------------------
 
