@@ -247,6 +247,14 @@ class InProcessFS:
         await self._call(self.ops.rename, InodeT(old_parent), FileNameT(old_name),
                          InodeT(new_parent), FileNameT(new_name), FlagT(flags), self.ctx)
 
+    async def fsyncdir(self, path: str = "/") -> None:
+        """fsync(2) of a directory: opendir, fsyncdir, releasedir."""
+        fh = await self._call(self.ops.opendir, InodeT(await self.inode(path)), self.ctx)
+        try:
+            await self._call(self.ops.fsyncdir, FileHandleT(fh), False)
+        finally:
+            await self._call(self.ops.releasedir, FileHandleT(fh))
+
     async def listdir(self, path: str = "/") -> list[str]:
         """The names in a directory (without . and ..), by readdirplus requests as the
         kernel sends them: each continues at the offset the previous reply ended with."""
