@@ -6,6 +6,7 @@ fresh scan (docs/crash.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -171,14 +172,14 @@ def test_the_books_equal_a_fresh_scan_after_a_cut(mount_factory: MountFactory) -
     write(f"{p}/big", b"b" * 1_000_000)  # unsynced: goes
     os.link(f"{p}/durable", f"{p}/link2")  # unsynced link: goes
     os.unlink(f"{p}/durable-link")  # unsynced unlink: comes back
-    held = open(f"{p}/durable", "rb")
+    held = os.open(f"{p}/durable", os.O_RDONLY)
     os.unlink(f"{p}/durable")  # unlinked while open: comes back too
     assert m.usage().inodes_used == 2  # big, and durable (open, unlinked)
     try:
         m.crash()
     finally:
         with pytest.raises(OSError):
-            held.close()
+            os.close(held)
     assert sorted(os.listdir(p)) == ["durable", "durable-link"]
     assert os.stat(f"{p}/durable").st_nlink == 2
     assert_books_are_a_fresh_scan(m)
@@ -300,10 +301,8 @@ def test_concurrent_writers_leave_what_they_last_synced(crash_mount: QuotaMount)
         except OSError as exc:
             assert exc.errno == errno.EIO  # the cut
         finally:
-            try:
+            with contextlib.suppress(OSError):  # EIO once the cut came
                 os.close(fd)
-            except OSError:
-                pass
 
     threads = [threading.Thread(target=writer, args=(name,)) for name in names]
     for t in threads:
