@@ -264,6 +264,10 @@ class CrashSim:
         """unlink or rmdir `name` (the inode of `st`) so that a cut can undo it."""
         fd = self._inodes.fd(parent)
         is_dir = stat.S_ISDIR(st.st_mode)
+        rmdir = remove is os.rmdir
+        if rmdir != is_dir:  # as the syscall would answer
+            code = errno.ENOTDIR if rmdir else errno.EISDIR
+            raise OSError(code, os.strerror(code))
         if is_dir and _has_entries(fd, name, self._as_daemon):
             raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
         path = self._paths.of_entry(parent, name)
