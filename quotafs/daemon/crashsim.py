@@ -587,7 +587,9 @@ class CrashSim:
 
     async def wait_settled(self) -> None:
         """Opens wait for the last cut's invalidation: a new handle would otherwise carry
-        the writeback of pre-cut dirty pages."""
+        the writeback of pre-cut dirty pages. (Not creates: the kernel holds the
+        directory's lock over one, which invalidating an entry in it needs; and a new
+        inode has no pre-cut pages.)"""
         settled = self._settled
         if settled is not None:
             await settled.wait()
