@@ -429,6 +429,8 @@ class CrashSim:
             if seq in decision.kept:
                 if change.is_data and change.file is not None:
                     kept_bytes[change.file] = kept_bytes.get(change.file, 0) + change.length
+                elif record.stashed is not None:  # its last name stays gone: so does it
+                    gone.add(change.subjects[-1])
                 continue
             if change.is_data:
                 assert change.file is not None
