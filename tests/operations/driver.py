@@ -20,7 +20,7 @@ import contextlib
 import errno
 import json
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from stat import S_IFDIR, S_IFIFO, S_IFREG
 from typing import Any, NoReturn, TypeVar
@@ -29,6 +29,7 @@ import pyfuse3
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
 from quotafs import protocol as control
+from quotafs.daemon.crashsim import STASH
 from quotafs.daemon.kernel import Kernel
 from quotafs.model.costs import Costs, Mode, scan_backing
 
@@ -88,6 +89,7 @@ class SessionStandIns(Kernel):
     def __init__(self) -> None:
         self.groups: set[int] = set()  # every caller's supplementary groups
         self.invalidated: list[tuple[int, bytes]] = []
+        self.invalidated_inodes: list[int] = []  # a power cut's (crashsim.py)
 
     def readdir_reply(self, token: Token, name: bytes,  # type: ignore[override]
                       attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
@@ -100,6 +102,10 @@ class SessionStandIns(Kernel):
         before = len(self.invalidated)
         self.invalidated += [(parent, bytes(name)) for parent, name in entries]
         return len(self.invalidated) - before
+
+    def invalidate(self, inodes: Sequence[int], entries: Sequence[tuple[int, bytes]]) -> None:
+        self.invalidated_inodes += list(inodes)
+        self.invalidated += [(parent, bytes(name)) for parent, name in entries]
 
     def sup_groups(self, pid: int) -> set[int]:
         return set(self.groups)
@@ -242,6 +248,14 @@ class InProcessFS:
         await self._call(self.ops.rename, InodeT(old_parent), FileNameT(old_name),
                          InodeT(new_parent), FileNameT(new_name), FlagT(flags), self.ctx)
 
+    async def fsyncdir(self, path: str = "/") -> None:
+        """fsync(2) of a directory: opendir, fsyncdir, releasedir."""
+        fh = await self._call(self.ops.opendir, InodeT(await self.inode(path)), self.ctx)
+        try:
+            await self._call(self.ops.fsyncdir, FileHandleT(fh), False)
+        finally:
+            await self._call(self.ops.releasedir, FileHandleT(fh))
+
     async def listdir(self, path: str = "/") -> list[str]:
         """The names in a directory (without . and ..), by readdirplus requests as the
         kernel sends them: each continues at the offset the previous reply ended with."""
@@ -368,8 +382,13 @@ class InProcessFS:
         the backing directory says they should be (the scan the mount does); `held`: the
         bytes of files unlinked while open, which are on no name the scan could find."""
         status = await self.status()
-        used, inodes = scan_backing(self.backing, Costs(Mode(status["accounting"]),
-                                                        status["block_size"]))
+        costs = Costs(Mode(status["accounting"]), status["block_size"])
+        used, inodes = scan_backing(self.backing, costs)
+        stash = os.path.join(self.backing, os.fsdecode(STASH))
+        if os.path.isdir(stash):  # --crash-sim's removals that a cut may undo: unseen
+            stashed, stashed_inodes = scan_backing(stash, costs)
+            used -= stashed + costs.directory()
+            inodes -= stashed_inodes + 1
         return ((status["used"], status["inodes_used"], status["reserved"]),
                 (used + held, inodes, 0))
 
