@@ -21,7 +21,7 @@ from typing import Any
 
 from quotafs.daemon.inodes import TableStats
 from quotafs.errors import QuotafsError, errno_name
-from quotafs.model.faults import Effect, FaultEngine, RuleSpec
+from quotafs.model.faults import NEEDS_CRASH_SIM, Effect, FaultEngine, RuleSpec
 from quotafs.model.ledger import Ledger
 from quotafs.model.reserve import resolve_reserve
 from quotafs.options import MAX_LIMIT
@@ -89,7 +89,9 @@ class ControlChannel:
         self._record("quota", op, path, errno.ENOSPC, "ENOSPC (quota)", None, pid)
 
     def record_fault(self, op: str, path: str, effect: Effect, pid: int | None) -> None:
-        err = effect.value if effect.kind == "errno" else None
+        # A crash answers EIO: the device is gone (model/faults.Effect).
+        err = (effect.value if effect.kind == "errno"
+               else errno.EIO if effect.kind == "crash" else None)
         self._record("fault", op, path, err, effect.describe(), effect.rule_id, pid)
 
     # -- requests -------------------------------------------------------------------------
@@ -148,7 +150,11 @@ class ControlChannel:
         if name == SET:
             return self._set_limits(request)
         if name == FAULT_ADD:
-            rule = self.faults.add(RuleSpec.from_dict(request, where="rule"))
+            spec = RuleSpec.from_dict(request, where="rule")
+            if spec.needs_crash_sim and not self.info.get("crash_sim", False):
+                effect = "--crash" if spec.crash else "--drop-unsynced"
+                raise ValueError(f"{effect}: {NEEDS_CRASH_SIM}")
+            rule = self.faults.add(spec)
             return RuleAdded(rule.id, rule.effective_seed,
                              (*rule.spec.warnings(), *self._mount_warnings(rule.spec))
                              ).to_dict()
