@@ -3,11 +3,16 @@ a point, and the report's typed results — no mounts, no processes.
 
 A point is one way for the disk to be full: a limit `room` bytes above the starting
 usage (`--points N`, `--every SIZE`), or ENOSPC from the k-th allocating write on
-(`--each-write`). docs/usage.md#sweep is the user's reference.
+(`--each-write`). With `--crash-points`, a point is a power cut instead: after CMD's k-th
+durability operation (fsync, fdatasync, fsyncdir, rename), for k = 0 .. N, N the
+baseline's count; k = N is a cut at the end of CMD. docs/usage.md#sweep is the user's
+reference, docs/sweep.md#crash-points the guide.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,7 +27,10 @@ CRASHED = "crashed"  # CMD was killed by a signal; the check passed (or there is
 HUNG = "hung"  # CMD ran past --timeout and was killed; the check passed (or none)
 CHECK_FAILED = "check failed"  # CMD reported a failure (or crashed), its data is bad
 CHECK_FAILED_AFTER_SUCCESS = "check failed after success"  # CMD exited 0, data is bad
-VERDICTS = (OK, CRASHED, HUNG, CHECK_FAILED, CHECK_FAILED_AFTER_SUCCESS)
+# A crash point whose check failed: after the power cut, data the program had reported as
+# saved is gone (the check's judgement); at the end of CMD that exited 0, it is the above.
+DATA_LOST = "data lost at the cut"
+VERDICTS = (OK, CRASHED, HUNG, CHECK_FAILED, DATA_LOST, CHECK_FAILED_AFTER_SUCCESS)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,17 @@ def verdict(run: Ended, check: Ended | None) -> str:
     return OK
 
 
+def crash_verdict(run: Ended, check: Ended | None, cut_killed: bool) -> str:
+    """A crash point's verdict. The cut kills CMD (`cut_killed`): that is the point, not a
+    crash of CMD's own. A failed check is data lost at the cut, loudest when CMD had
+    exited 0 before it (the cut at the end); otherwise as verdict()."""
+    if check is not None and not check.ok:
+        return CHECK_FAILED_AFTER_SUCCESS if run.ok else DATA_LOST
+    if cut_killed:
+        return OK
+    return verdict(run, None)
+
+
 # -- choosing the points ----------------------------------------------------------------
 
 
@@ -71,8 +90,12 @@ class Point:
     room: int | None = None
     nth_write: int | None = None
     fraction: float | None = None  # --points: the fraction of the way to the peak
+    cut_after: int | None = None  # --crash-points: the cut after this many durability ops
+    cut_at_end: bool = False  # --crash-points: k = N, the cut when CMD has ended
 
     def describe(self) -> str:
+        if self.cut_after is not None:
+            return cut_where(self.cut_after, self.cut_at_end)
         if self.nth_write is not None:
             return f"ENOSPC from allocating write {self.nth_write} on"
         return f"limit start + {self.room} bytes"
@@ -96,7 +119,44 @@ def _spread(items: list[Point], max_runs: int | None) -> list[Point]:
 
 
 def _numbered(points: list[Point]) -> list[Point]:
-    return [Point(i, p.room, p.nth_write, p.fraction) for i, p in enumerate(points, start=1)]
+    return [dataclasses.replace(p, index=i) for i, p in enumerate(points, start=1)]
+
+
+def cut_where(cut_after: int, at_end: bool) -> str:
+    """Where a crash point cuts, in a few words."""
+    if at_end:
+        return f"cut at the end (after op {cut_after})" if cut_after else "cut at the end"
+    return f"cut at durability op {cut_after + 1}"
+
+
+def choose_crash_points(durability_ops: int, points: int | None, seed: int) -> list[Point]:
+    """--crash-points: a cut after the k-th durability operation for each k = 0 .. N (N =
+    the baseline's durability_ops; k = N is the end of CMD), or `points` of them: the
+    first and the last, and a choice among the others seeded by `seed` (the sweep's), so
+    that --seed repeats the sweep."""
+    if points is not None and (isinstance(points, bool) or not isinstance(points, int)
+                               or points < 1):
+        raise QuotafsError(f"--points: must be at least 1, got {points!r}", ExitCode.USAGE)
+    every = list(range(durability_ops + 1))
+    chosen = every
+    if points is not None and points < len(every):
+        rng = random.Random(f"quotafs-crash-points:{seed}")
+        if points == 1:
+            chosen = [rng.choice(every)]
+        else:
+            chosen = sorted([0, durability_ops, *rng.sample(every[1:-1], points - 2)])
+    return _numbered([Point(0, cut_after=k, cut_at_end=k == durability_ops)
+                      for k in chosen])
+
+
+def check_crash_choice(every: int | None, each_write: bool, max_runs: int | None) -> None:
+    """--crash-points picks its points itself: the disk-full ways to pick are refused."""
+    for name, value in (("--every", every), ("--each-write", each_write or None),
+                        ("--max-runs", max_runs)):
+        if value is not None:
+            raise QuotafsError(f"{name}: not with --crash-points (its points are the "
+                               "durability operations; --points N runs N of them)",
+                               ExitCode.USAGE)
 
 
 def choose_points(growth: int, allocating_writes: int, block_size: int, *,
