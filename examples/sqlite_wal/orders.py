@@ -10,10 +10,17 @@
 
 Every transaction inserts ROWS orders of batch b and sets progress.last_batch = b, so a
 consistent database holds batches 0..k-1, each complete, and last_batch = k-1.
+
+What the writer reported as committed is noted outside the database, where a power cut
+cannot reach it: one line per COMMIT that returned, in $QUOTAFS_SWEEP_NOTES/committed
+(a sweep gives each run such a directory, beside its mount, shared with the check), as
+a client would keep the acknowledgements it received. The check then also fails when a
+transaction the writer reported is missing: durability, not only consistency.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 
@@ -21,6 +28,29 @@ DB = "orders.db"
 BATCHES = 30
 ROWS = 10  # per transaction
 PAYLOAD = 1000  # bytes per order
+NOTES = "committed"  # in $QUOTAFS_SWEEP_NOTES: the batches reported committed
+
+
+def _notes() -> str | None:
+    directory = os.environ.get("QUOTAFS_SWEEP_NOTES")
+    return os.path.join(directory, NOTES) if directory else None
+
+
+def note_committed(batch: int) -> None:
+    """Report a COMMIT that returned: a line in the notes, if the sweep gave a place."""
+    path = _notes()
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(f"{batch}\n")
+
+
+def reported_committed() -> int:
+    """How many transactions the writer reported committed (0 without notes)."""
+    path = _notes()
+    if path is None or not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return len(f.read().split())
 
 
 def connect() -> sqlite3.Connection:
@@ -56,6 +86,7 @@ def write() -> int:
             db.execute("UPDATE progress SET last_batch = ?", (batch,))
             db.execute("COMMIT")
             committed += 1
+            note_committed(batch)
     except sqlite3.Error as exc:
         print(f"orders: {exc} after {committed} transactions", file=sys.stderr)
         return 1
@@ -81,6 +112,11 @@ def check() -> int:
     if sizes != expected:
         print(f"check: last_batch {last} but the batches and their rows are {sizes}",
               file=sys.stderr)
+        return 1
+    reported = reported_committed()
+    if last + 1 < reported:
+        print(f"check: the writer reported {reported} transactions committed, the "
+              f"database holds {last + 1}", file=sys.stderr)
         return 1
     print(f"check: ok, {last + 1} transactions", file=sys.stderr)
     return 0
