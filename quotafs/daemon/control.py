@@ -165,7 +165,7 @@ class ControlChannel:
             return self._set_limits(request)
         if name == FAULT_ADD:
             spec = RuleSpec.from_dict(request, where="rule")
-            if spec.needs_crash_sim and not self.info.get("crash_sim", False):
+            if spec.needs_crash_sim and self.crash is None:
                 effect = "--crash" if spec.crash else "--drop-unsynced"
                 raise ValueError(f"{effect}: {NEEDS_CRASH_SIM}")
             rule = self.faults.add(spec)

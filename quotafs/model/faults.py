@@ -27,7 +27,9 @@ Matching
     could not be shortened). An `allocating` rule (op write only) matches only write
     requests that newly allocate blocks (in apparent mode: that grow the charge); the
     caller works that out only while such a rule is live (`FaultEngine.wants_allocation`)
-    and passes it to check().
+    and passes it to check(). A drop-unsynced rule (op fsync only) matches only an fsync
+    of a file with writes not yet durable (`FaultEngine.wants_unsynced`, `unsynced`):
+    a writeback error needs something to write back, so the fsync after it succeeds.
 
 Triggers and firing
     Each matching request increments `matched` and, if the rule has a probability,
@@ -1103,6 +1105,7 @@ class FaultEngine:
         self._live: tuple[Rule, ...] = ()  # not retired, in order: what check() scans
         self._counting: tuple[Rule, ...] = ()  # live rules with after_bytes
         self.wants_allocation = False  # a live allocating rule: callers pass `allocating`
+        self.wants_unsynced = False  # a live drop-unsynced rule: callers pass `unsynced`
         self._ops_in_play: frozenset[str] = frozenset()  # ops some live rule names
         self._next_id = 1
         self.active = False  # any live rule? Callers may skip check() when False.
@@ -1113,6 +1116,7 @@ class FaultEngine:
         self._live = tuple(r for r in self._rules if not r.retired)
         self._counting = tuple(r for r in self._live if r.spec.after_bytes is not None)
         self.wants_allocation = any(r.spec.allocating for r in self._live)
+        self.wants_unsynced = any(r.spec.drop_unsynced for r in self._live)
         self.active = bool(self._live)
         ops: set[str] = set()
         for rule in self._live:
@@ -1166,14 +1170,17 @@ class FaultEngine:
         return list(self._rules)
 
     def check(self, op: str, path: str, path2: str | None = None,
-              size: int | None = None, allocating: bool | None = None) -> Effect | None:
+              size: int | None = None, allocating: bool | None = None,
+              unsynced: bool | None = None) -> Effect | None:
         """Called for each request before it is served; the effect to apply, or None.
 
         op: a name from OPS; path: "/"-prefixed relative to the mount root, "/" for the
         root; path2: the second path of rename (new name) and link (new link), matched
         as well; size: the byte count of a write (short-write rules need it);
         allocating: whether a write newly allocates blocks (allocating rules need it: a
-        request without it never matches them).
+        request without it never matches them); unsynced: whether an fsync's file has
+        writes not yet durable (drop-unsynced rules need it: a writeback error needs
+        something to write back, so the fsync after one succeeds).
         """
         winner: Effect | None = None
         retired = False
@@ -1187,6 +1194,8 @@ class FaultEngine:
             if spec.short_write is not None and size is not None and size <= spec.short_write:
                 continue
             if spec.allocating and not allocating:
+                continue
+            if spec.drop_unsynced and not unsynced:
                 continue
             rule.matched += 1
             eligible = True

@@ -255,8 +255,15 @@ def test_crash_defaults_to_posix_and_describes_itself() -> None:
 def test_drop_unsynced_is_an_fsync_errno() -> None:
     spec = spec_from_args("fsync", errno="EIO", drop_unsynced=True, times=1)
     assert spec.needs_crash_sim and spec.warnings() == []
-    effect = engine_with(spec).check("fsync", "/db/wal")
+    engine = engine_with(spec_from_args("fsync", errno="EIO", drop_unsynced=True))
+    assert engine.wants_unsynced
+    # Nothing to write back, no writeback error: such fsyncs are not even matched.
+    assert engine.check("fsync", "/db/wal") is None
+    assert engine.check("fsync", "/db/wal", unsynced=False) is None
+    assert engine.rules()[0].matched == 0
+    effect = engine.check("fsync", "/db/wal", unsynced=True)
     assert effect == Effect("errno", errno.EIO, "r1", drop_unsynced=True)
+    assert not engine_with(spec_from_args("fsync", errno="EIO")).wants_unsynced
     assert effect.describe() == "errno EIO, unsynced writes dropped"
     assert spec.describe() == "--op fsync --errno EIO --drop-unsynced --times 1"
     assert not spec_from_args("fsync", errno="EIO").needs_crash_sim
