@@ -211,6 +211,10 @@ class QuotaMount:
         `model` ("posix" or "ext4") does not keep is lost, open files answer EIO."""
         return control.crash(self.path, model, torn, keep_fraction, seed)
 
+    def last_crash(self) -> CrashReport | None:
+        """The last power cut's report, a --crash fault rule's too; None before any."""
+        return control.last_crash(self.path)
+
     def is_alive(self) -> bool:
         return self._process is None or self._process.poll() is None
 

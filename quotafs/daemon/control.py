@@ -28,6 +28,7 @@ from quotafs.model.reserve import resolve_reserve
 from quotafs.options import MAX_LIMIT
 from quotafs.protocol import (
     CRASH,
+    CRASH_LAST,
     CRASH_MODELS,
     EVENTS,
     FAULT_ADD,
@@ -77,6 +78,7 @@ class ControlChannel:
         self._statistics = statistics
         self._forget_cached = forget_cached
         self.getxattr_requests: Callable[[], int] = lambda: 0  # the handlers' count
+        self.last_crash: CrashReport | None = None  # the last cut's (request crash.last)
         self.crash: CrashSim | None = None  # --crash-sim's recorder (the handlers')
 
     # -- events ---------------------------------------------------------------------------
@@ -95,6 +97,7 @@ class ControlChannel:
 
     def record_crash(self, report: CrashReport) -> None:
         """A power cut (--crash-sim), from `quotafs crash` or a fault rule."""
+        self.last_crash = report
         kept = f", keep {report.keep_fraction:g}" if report.keep_fraction else ""
         self._record("crash", "crash", "/", None,
                      f"crash {report.model}{' torn' if report.torn else ''}{kept}: "
@@ -185,6 +188,8 @@ class ControlChannel:
             return {"entries": self._forget_cached()}
         if name == CRASH:
             return self._crash(request)
+        if name == CRASH_LAST:
+            return {"report": None if self.last_crash is None else self.last_crash.to_dict()}
         raise ValueError(f"unknown control request {name!r}")
 
     def _crash(self, request: dict[str, Any]) -> dict[str, Any]:

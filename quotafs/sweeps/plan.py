@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from quotafs.errors import ExitCode, QuotafsError
+from quotafs.protocol import CRASH_MODELS, LostItem
 from quotafs.units import format_size
 
 DEFAULT_POINTS = 20
@@ -68,9 +69,11 @@ def verdict(run: Ended, check: Ended | None) -> str:
 
 
 def crash_verdict(run: Ended, check: Ended | None, cut_killed: bool) -> str:
-    """A crash point's verdict. The cut kills CMD (`cut_killed`): that is the point, not a
-    crash of CMD's own. A failed check is data lost at the cut, loudest when CMD had
-    exited 0 before it (the cut at the end); otherwise as verdict()."""
+    """A crash point's verdict. `cut_killed`: the cut came while CMD ran, so CMD ended
+    with it however it did (killed by the sweep, or by the dead device's EIO or SIGBUS
+    first) — the point, not a failure of CMD's own; only the check counts then. A failed
+    check is data lost at the cut, loudest when CMD exited 0 (the cut at its end, or a
+    CMD that ignored the dead device's errors); a CMD that crashed or hung before the cut is judged as verdict() does."""
     if check is not None and not check.ok:
         return CHECK_FAILED_AFTER_SUCCESS if run.ok else DATA_LOST
     if cut_killed:
@@ -149,6 +152,22 @@ def choose_crash_points(durability_ops: int, points: int | None, seed: int) -> l
                       for k in chosen])
 
 
+@dataclass(frozen=True)
+class CrashPlan:
+    """How a crash sweep cuts: the model and torn writes, as `quotafs crash` takes them."""
+
+    model: str = "posix"
+    torn: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model not in CRASH_MODELS:
+            raise QuotafsError(f"--model: must be {' or '.join(CRASH_MODELS)}, got "
+                               f"{self.model!r}", ExitCode.USAGE)
+        if not isinstance(self.torn, bool):
+            raise QuotafsError(f"--torn: must be True or False, got {self.torn!r}",
+                               ExitCode.USAGE)
+
+
 def check_crash_choice(every: int | None, each_write: bool, max_runs: int | None) -> None:
     """--crash-points picks its points itself: the disk-full ways to pick are refused."""
     for name, value in (("--every", every), ("--each-write", each_write or None),
@@ -225,6 +244,7 @@ class Baseline:
     wall_s: float
     stderr_tail: str = ""
     check_stderr_tail: str = ""
+    durability_ops: int = 0  # fsync, fdatasync, fsyncdir, renames (--crash-points)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -252,6 +272,14 @@ class PointResult:
     stderr_tail: str = ""
     check_stderr_tail: str = ""
     daemon_log: str = ""  # what the daemon logged (warnings, errors): empty when healthy
+    # --crash-points: the cut after this many durability ops (None: a disk-full point),
+    # at the end of CMD or not; whether it killed CMD; what it lost (CrashReport's).
+    cut_after: int | None = None
+    cut_at_end: bool = False
+    cut_killed: bool = False  # the cut came while CMD ran: CMD ended with it
+    lost: tuple[LostItem, ...] = ()
+    lost_bytes: int = 0
+    lost_names: int = 0
 
     @property
     def failed(self) -> bool:
@@ -269,10 +297,30 @@ class PointResult:
         return Ended(self.check_exit_code, self.check_signal, self.check_timed_out)
 
     def where(self) -> str:
-        """Where the disk was full, in a few words: "room 12.0 KiB" or "write 3"."""
+        """Where the disk was full, in a few words: "room 12.0 KiB" or "write 3"; where
+        the power was cut: "cut at durability op 3"."""
+        if self.cut_after is not None:
+            return cut_where(self.cut_after, self.cut_at_end)
         if self.nth_write is not None:
             return f"allocating write {self.nth_write}"
         return f"limit {format_size(self.limit or 0)} (start + {format_size(self.room or 0)})"
+
+    def cmd_ended(self) -> str:
+        """The CMD cell of the report: "cut" when the sweep killed it at the cut, else how
+        it ended ("SIGBUS (cut)": the dead device ended it first)."""
+        if self.cut_killed and self.signal == "SIGKILL":
+            return "cut"
+        return self.run.describe() + (" (cut)" if self.cut_killed else "")
+
+    def lost_summary(self) -> str:
+        """What the cut lost, in a few words ("" for a disk-full point)."""
+        if self.cut_after is None:
+            return ""
+        if not self.lost:
+            return "nothing lost"
+        kinds = sorted({item.kind for item in self.lost})
+        return (f"lost {format_size(self.lost_bytes)}, {self.lost_names} names "
+                f"({', '.join(kinds)})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -287,6 +335,7 @@ class SweepReport:
     points: tuple[PointResult, ...]
     seed: int
     wall_s: float = 0.0
+    crash: CrashPlan | None = None  # a --crash-points sweep: how it cut
 
     @property
     def failures(self) -> list[PointResult]:
@@ -302,6 +351,9 @@ class SweepReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"argv": list(self.argv), "seed": self.seed, "wall_s": self.wall_s,
+                "crash_points": self.crash is not None,
+                "model": self.crash.model if self.crash else None,
+                "torn": self.crash.torn if self.crash else False,
                 "baseline": self.baseline.to_dict(),
                 "points": [p.to_dict() for p in self.points],
                 "summary": {v: self.count(v) for v in VERDICTS}}

@@ -197,6 +197,8 @@ CUT = Ended(None, "SIGKILL", False)  # killed by the sweep at the cut
     (KILLED, EXIT0, False, CRASHED),  # a signal of its own, before the cut
     (TIMED_OUT, EXIT0, False, HUNG),
     (CUT, None, True, OK),
+    (KILLED, EXIT0, True, OK),  # the dead device ended it first (SQLite's -shm: SIGBUS)
+    (EXIT0, EXIT1, True, CHECK_FAILED_AFTER_SUCCESS),  # it exited 0 despite the cut's EIO
 ])
 def test_crash_verdicts(run: Ended, check: Ended | None, cut_killed: bool,
                         expected: str) -> None:
