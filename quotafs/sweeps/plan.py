@@ -73,7 +73,8 @@ def crash_verdict(run: Ended, check: Ended | None, cut_killed: bool) -> str:
     with it however it did (killed by the sweep, or by the dead device's EIO or SIGBUS
     first) — the point, not a failure of CMD's own; only the check counts then. A failed
     check is data lost at the cut, loudest when CMD exited 0 (the cut at its end, or a
-    CMD that ignored the dead device's errors); a CMD that crashed or hung before the cut is judged as verdict() does."""
+    CMD that ignored the dead device's errors); a CMD that crashed or hung before the
+    cut is judged as verdict() does."""
     if check is not None and not check.ok:
         return CHECK_FAILED_AFTER_SUCCESS if run.ok else DATA_LOST
     if cut_killed:
