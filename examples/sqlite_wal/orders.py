@@ -118,7 +118,8 @@ def check() -> int:
         print(f"check: the writer reported {reported} transactions committed, the "
               f"database holds {last + 1}", file=sys.stderr)
         return 1
-    print(f"check: ok, {last + 1} transactions", file=sys.stderr)
+    print(f"check: ok, {last + 1} transactions, {reported} reported committed",
+          file=sys.stderr)
     return 0
 
 
