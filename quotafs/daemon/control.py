@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import errno
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -46,6 +47,8 @@ from quotafs.protocol import (
     Status,
     reply_line,
 )
+
+log = logging.getLogger(__name__)
 
 EVENT_RING_SIZE = 1000
 _XATTR_OPS = {"getxattr", "setxattr", "listxattr", "removexattr"}
@@ -214,7 +217,11 @@ class ControlChannel:
                                  or not 0 <= seed < 2**64):
             raise ValueError(f"crash: seed must be a whole number from 0 to 2^64-1, "
                              f"got {seed!r}")
-        return self.crash.cut(model, torn, float(fraction), seed).to_dict()
+        try:
+            return self.crash.cut(model, torn, float(fraction), seed).to_dict()
+        except OSError as exc:  # the backing failed under the revert: say so, stay up
+            log.exception("the power cut failed")
+            raise Refused(exc.errno or errno.EIO, f"the cut failed: {exc}") from None
 
     async def settle(self) -> None:
         """After a request: what it left for the kernel to drop (a cut's caches)."""

@@ -179,7 +179,7 @@ class CrashSim:
         return self._save(node, "write", off, size, node.size)
 
     def before_truncate(self, node: Node, size: int) -> None:
-        old = node.size
+        old = os.fstat(self._inodes.fd(node)).st_size  # a closed file's node may be stale
         if size != old:
             self._save(node, "truncate", min(size, old), max(0, old - size), old)
 
@@ -264,6 +264,10 @@ class CrashSim:
         """unlink or rmdir `name` (the inode of `st`) so that a cut can undo it."""
         fd = self._inodes.fd(parent)
         is_dir = stat.S_ISDIR(st.st_mode)
+        rmdir = remove is os.rmdir
+        if rmdir != is_dir:  # as the syscall would answer
+            code = errno.ENOTDIR if rmdir else errno.EISDIR
+            raise OSError(code, os.strerror(code))
         if is_dir and _has_entries(fd, name, self._as_daemon):
             raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
         path = self._paths.of_entry(parent, name)
@@ -336,8 +340,15 @@ class CrashSim:
         self._dir_synced[node.key] = self._next()
         self._committed = self._seq
         durable = decide_posix_names(self._log, self._dir_synced)
+        freed: list[Key] = []
         for seq in durable:
-            self._forget(self._log.pop(seq), durable=True)
+            record = self._log.pop(seq)
+            if record.stashed is not None:  # its last name is gone for good: the removed
+                freed.append(record.change.subjects[-1])  # inode, or the one replaced
+            self._forget(record, durable=True)
+        for key in freed:  # nothing can bring their data back: let the inodes go
+            for seq in [s for s, r in self._log.items() if r.change.file == key]:
+                self._forget(self._log.pop(seq))
 
     def checkpoint(self) -> None:
         """Everything recorded becomes durable."""
@@ -367,10 +378,14 @@ class CrashSim:
         if record.stashed is not None and durable:
             stash = os.path.join(os.fsencode(self._backing), STASH)
             _remove_tree(os.path.join(stash, record.stashed))
+            with contextlib.suppress(OSError):  # the last one stashed: the stash goes
+                os.rmdir(stash)
         if not self._log:
             self.journal_bytes = self._journal_end = 0
             os.ftruncate(self._journal, 0)
             self._dir_synced.clear()
+            with contextlib.suppress(OSError), self._as_daemon():  # absent, or in use
+                os.rmdir(STASH, dir_fd=self._inodes.fd(self._inodes.root))
 
     # -- drop_unsynced (fault rules: a failed writeback) ----------------------------------
 
@@ -567,6 +582,12 @@ class CrashSim:
         finally:
             if settled is not None:
                 settled.set()
+
+    def settle_soon(self) -> None:
+        """settle() in a task of its own: for a cut made inside a request (a fault
+        rule's), whose own pages the kernel may hold locked until it is answered."""
+        if self._pending is not None:
+            trio.lowlevel.spawn_system_task(self.settle)
 
     async def wait_settled(self) -> None:
         """Opens wait for the last cut's invalidation: a new handle would otherwise carry
