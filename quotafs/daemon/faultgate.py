@@ -14,7 +14,7 @@ corrupt-read) to the handler, which applies them; None otherwise. With --crash-s
 (`crash`, the mount's CrashSim) it also acts on the two durability effects: a crash cuts
 the power before the request is carried out (CrashSim.cut, synchronous, so atomic with
 respect to every request) and answers EIO, the device being gone; the kernel's caches
-are dropped (CrashSim.settle) once that answer is sent, and new opens wait for it. An
+are dropped once that answer is sent (CrashSim.settle_soon), and new opens wait for it. An
 errno with drop-unsynced first reverts the file's unsynced writes (CrashSim.drop_unsynced),
 as ext4 does after a failed writeback; such a rule matches only an fsync of a file that
 has unsynced writes, so the next fsync, with nothing left to write back, returns 0.
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +102,6 @@ NOT_FAULT_OPS: dict[str, str] = {
 }
 
 Subject = tuple[Node | None, bytes | None]  # (node, None) or (directory, name)
-log = logging.getLogger("quotafs.daemon")
 
 
 class FaultGate:
@@ -160,15 +158,8 @@ class FaultGate:
         if self.crash is None or cut is None:  # the control channel refuses such rules
             raise pyfuse3.FUSEError(errno.EIO)
         self.crash.cut(cut.model, cut.torn, cut.keep_fraction, cut.seed)
-        trio.lowlevel.spawn_system_task(self._settle)
+        self.crash.settle_soon()
         raise pyfuse3.FUSEError(errno.EIO)
-
-    async def _settle(self) -> None:
-        assert self.crash is not None
-        try:
-            await self.crash.settle()
-        except Exception:  # a system task's exception would end the daemon
-            log.exception("crash-sim: dropping the kernel's caches after a cut failed")
 
     def _subjects(self, kind: Subjects, args: tuple[Any, ...]) -> list[Subject] | None:
         """What a request names: a node, or an entry (a directory node and a name); two for
