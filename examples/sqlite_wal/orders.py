@@ -3,6 +3,10 @@
     python orders.py setup    create orders.db (WAL mode, empty tables): the starting state
     python orders.py write    add BATCHES transactions of ROWS orders each; on a full disk
                               say how many were committed and exit 1
+    python orders.py write NORMAL   the same with `synchronous=NORMAL`, which in WAL mode
+                              fsyncs only at checkpoints: consistent after a power cut,
+                              but not durable (SQLite's documentation says so) — what a
+                              crash sweep catches
     python orders.py check    open the database as the next start of the program would (it
                               recovers from the WAL), then exit 0 if `pragma integrity_check`
                               says ok and the rows are those of whole committed
@@ -53,10 +57,13 @@ def reported_committed() -> int:
         return len(f.read().split())
 
 
-def connect() -> sqlite3.Connection:
+SYNCHRONOUS = ("FULL", "NORMAL")  # FULL: a commit is on disk when COMMIT returns
+
+
+def connect(synchronous: str = "FULL") -> sqlite3.Connection:
     db = sqlite3.connect(DB, isolation_level=None)  # transactions are ours: BEGIN/COMMIT
     db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when COMMIT returns
+    db.execute(f"PRAGMA synchronous={synchronous}")
     return db
 
 
@@ -70,10 +77,10 @@ def setup() -> int:
     return 0
 
 
-def write() -> int:
+def write(synchronous: str = "FULL") -> int:
     committed = 0
     try:
-        db = connect()  # opening creates the -wal and -shm files: that may fail too
+        db = connect(synchronous)  # opening creates the -wal and -shm files: that may fail too
     except sqlite3.Error as exc:
         print(f"orders: {exc} opening {DB}, after 0 transactions", file=sys.stderr)
         return 1
@@ -125,6 +132,9 @@ def check() -> int:
 
 if __name__ == "__main__":
     commands = {"setup": setup, "write": write, "check": check}
-    if len(sys.argv) != 2 or sys.argv[1] not in commands:
-        sys.exit("usage: orders.py setup|write|check")
+    if not ((len(sys.argv) == 2 and sys.argv[1] in commands)
+            or (len(sys.argv) == 3 and sys.argv[1] == "write" and sys.argv[2] in SYNCHRONOUS)):
+        sys.exit("usage: orders.py setup|write [FULL|NORMAL]|check")
+    if len(sys.argv) == 3:
+        sys.exit(write(sys.argv[2]))
     sys.exit(commands[sys.argv[1]]())

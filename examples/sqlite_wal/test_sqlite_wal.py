@@ -15,6 +15,7 @@ each item compares what orders.py said it had committed with what the check foun
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 from orders import BATCHES
 
+import quotafs
 from quotafs.testing import SweepPoint
 
 HERE = Path(__file__).resolve().parent
@@ -90,3 +92,30 @@ def test_no_power_cut_loses_a_committed_transaction_ext4(sweep_point: SweepPoint
                            crash_points=True, model="posix", points=6, seed=2026)
 def test_no_power_cut_loses_a_committed_transaction_posix(sweep_point: SweepPoint) -> None:
     assert_reported_transactions_survived(sweep_point)
+
+
+@pytest.mark.parametrize("model", ["posix", "ext4"])
+def test_synchronous_normal_loses_reported_transactions_at_the_checkpoint_cut(
+        model: str, tmp_path: Path) -> None:
+    # synchronous=NORMAL in WAL mode fsyncs at checkpoints only (SQLite's documentation:
+    # "a transaction committed in WAL mode with synchronous=NORMAL might roll back
+    # following a power loss"). The sweep finds the cut: the checkpoint's fsync of the
+    # WAL at close, when all 30 transactions were reported and none is on disk.
+    try:
+        quotafs.check_fuse()
+    except quotafs.QuotafsError as exc:
+        pytest.skip(f"FUSE is not usable here: {exc}")
+    report = quotafs.sweep([PYTHON, str(ORDERS), "write", "NORMAL"], setup=SETUP,
+                           check=CHECK, crash_points=True, model=model, seed=7,
+                           workdir=str(tmp_path))
+    lost = [p for p in report.points if p.verdict == "data lost at the cut"]
+    assert lost, [(p.cut_after, p.verdict) for p in report.points]
+    for point in lost:
+        assert not point.cut_at_end and point.cut_killed
+        assert (f"check: the writer reported {BATCHES} transactions committed, the "
+                "database holds 0") in point.check_stderr_tail
+        assert any(item.path == "/orders.db-wal" and item.kind == "data"
+                   for item in point.lost)
+    assert report.points[-1].cut_at_end and report.points[-1].verdict == "ok"
+    assert report.exit_code == 1
+    assert os.listdir(tmp_path) == []
