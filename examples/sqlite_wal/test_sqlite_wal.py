@@ -24,6 +24,7 @@ import pytest
 from orders import BATCHES
 
 import quotafs
+from quotafs.errors import QuotafsError
 from quotafs.testing import SweepPoint
 
 HERE = Path(__file__).resolve().parent
@@ -103,7 +104,7 @@ def test_synchronous_normal_loses_reported_transactions_at_the_checkpoint_cut(
     # WAL at close, when all 30 transactions were reported and none is on disk.
     try:
         quotafs.check_fuse()
-    except quotafs.QuotafsError as exc:
+    except QuotafsError as exc:
         pytest.skip(f"FUSE is not usable here: {exc}")
     report = quotafs.sweep([PYTHON, str(ORDERS), "write", "NORMAL"], setup=SETUP,
                            check=CHECK, crash_points=True, model=model, seed=7,
