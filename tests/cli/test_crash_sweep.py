@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.cli.test_sweep import sweep_cli
 from tests.conftest import fuse_unusable_reason
 
 pytestmark = pytest.mark.skipif(fuse_unusable_reason() is not None,
@@ -80,11 +80,6 @@ def scripts(tmp_path: Path) -> dict[str, str]:
     workdir.mkdir()
     return {"saver": str(tmp_path / "saver.py"),
             "check": f"{sys.executable} {tmp_path / 'check.py'}", "workdir": str(workdir)}
-
-
-def sweep_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "quotafs", "sweep", *args],
-                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def crash_sweep(scripts: dict[str, str], mode: str, *options: str) -> dict[str, Any]:

@@ -14,45 +14,16 @@ import pytest
 
 from quotafs import QuotaMount
 from quotafs.errors import ExitCode, QuotafsError
-from quotafs.model.costs import Costs, Mode, scan_backing
 from quotafs.options import MountOptions
 from tests.conftest import MountFactory
-
-
-def write(path: str, data: bytes, sync: bool = False, mode: str = "wb") -> None:
-    with open(path, mode) as f:
-        f.write(data)
-        f.flush()
-        if sync:
-            os.fsync(f.fileno())
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def errno_of(fn: object, *args: object) -> int:
-    try:
-        fn(*args)  # type: ignore[operator]
-    except OSError as exc:
-        return exc.errno or 0
-    return 0
+from tests.mounts.test_crash_sim import assert_books_are_a_fresh_scan, fsync_dir, write
+from tests.mounts.test_fault_injection import errno_of
 
 
 def close_dead(fd: int) -> None:
     """Close a handle from before a cut: its flush answers EIO (the device is gone), the
     descriptor is closed all the same."""
     assert errno_of(os.close, fd) == errno.EIO
-
-
-def assert_books_are_a_fresh_scan(m: QuotaMount) -> None:
-    status = m.status()
-    used, inodes = scan_backing(m.backing, Costs(Mode(status.accounting), status.block_size))
-    assert (status.used, status.inodes_used) == (used, inodes)
 
 
 @pytest.fixture
