@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quotafs.errors import ExitCode, QuotafsError
-from quotafs.model.faults import RuleSpec, load_rules_file
+from quotafs.model.faults import NEEDS_CRASH_SIM, RuleSpec, load_rules_file
 from quotafs.model.reserve import resolve_reserve
 from quotafs.reference.ext4geometry import like_ext4_settings
 from quotafs.units import MAX_SIZE, parse_size
@@ -262,6 +262,10 @@ class MountOptions:
             _flag(name)(getattr(self, name))
         if not isinstance(self.mountpoint, str):
             raise _fail(f"mountpoint must be a path, got {_show(self.mountpoint)}")
+        if not self.crash_sim:
+            for i, rule in enumerate(self.rules, start=1):
+                if rule.needs_crash_sim:  # what the control channel refuses too
+                    raise _fail(f"rule {i} ({rule.describe()}): {NEEDS_CRASH_SIM}")
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> MountOptions:

@@ -14,6 +14,8 @@ One JSON line each way: {"request": NAME, "args": {...}} in, then either
     fault.clear {"id": ID|null} -> {"cleared": N}
     forget                     -> {"entries": N} (for tests: drop the kernel's entries)
     crash {model, torn, keep_fraction, seed} -> CrashReport (a power cut; --crash-sim only)
+    crash.last                 -> {"report": CrashReport|null}: the last cut's, whoever
+                                  made it (a --crash fault rule, for the crash sweep)
 
 Every document is a frozen dataclass whose JSON object has the keys of its fields (tuples
 as lists): `to_dict()` gives exactly what the daemon sends, and the command line's --json
@@ -43,7 +45,8 @@ FAULT_ADD = "fault.add"
 FAULT_CLEAR = "fault.clear"
 FORGET = "forget"
 CRASH = "crash"
-REQUESTS = (STATUS, EVENTS, FAULTS, SET, FAULT_ADD, FAULT_CLEAR, FORGET, CRASH)
+CRASH_LAST = "crash.last"
+REQUESTS = (STATUS, EVENTS, FAULTS, SET, FAULT_ADD, FAULT_CLEAR, FORGET, CRASH, CRASH_LAST)
 PUBLIC = (STATUS,)  # the rest show paths and pids, or change the mount
 
 # An event's path is cut here (with a marker), so one pathological name cannot make the

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from quotafs.client.control import add_rule, clear_rules, event_line, list_rules, read_events
-from quotafs.model.faults import Rule, spec_from_args
+from quotafs.model.faults import CRASH_MODELS, Rule, spec_from_args
 
 # -- commands -----------------------------------------------------------------------------
 
@@ -21,6 +21,10 @@ def cmd_fault_add(args: argparse.Namespace) -> int:
     spec = spec_from_args(args.op, path=args.path, allocating=args.allocating,
                           errno=args.errno, delay=args.delay,
                           short_write=args.short_write, corrupt_read=args.corrupt_read,
+                          crash=args.crash, crash_model=args.crash_model,
+                          crash_torn=args.crash_torn,
+                          crash_keep_fraction=args.crash_keep_fraction,
+                          drop_unsynced=args.drop_unsynced,
                           probability=args.probability, seed=args.seed,
                           after_bytes=args.after_bytes, nth=args.nth,
                           from_nth=args.from_nth, times=args.times)
@@ -91,6 +95,23 @@ def register(sub: Any) -> None:
     effect.add_argument("--short-write", help="write at most this many bytes (op write)")
     effect.add_argument("--corrupt-read", action="store_true",
                         help="flip one bit in the data returned (op read)")
+    effect.add_argument("--crash", action="store_true",
+                        help="cut the power at the matched request, before it is carried "
+                             "out; it answers EIO (a mount with --crash-sim; see "
+                             "docs/faults.md)")
+    a.add_argument("--crash-model", choices=CRASH_MODELS, default=None,
+                   help="with --crash: what survives the cut, as `quotafs crash --model` "
+                        "(default posix)")
+    a.add_argument("--crash-torn", action="store_true",
+                   help="with --crash: each file's last unsynced write survives as a "
+                        "seeded, sector-granular prefix")
+    a.add_argument("--crash-keep-fraction", metavar="P",
+                   help="with --crash: a seeded share P in [0, 1] of the unsynced writes "
+                        "survives, as background writeback would have left it")
+    a.add_argument("--drop-unsynced", action="store_true",
+                   help="with --errno on op fsync: the file's unsynced writes are dropped "
+                        "too, and the next fsync succeeds (ext4 after a writeback error; a "
+                        "mount with --crash-sim)")
     a.add_argument("--probability", help="fire with probability P in [0, 1]")
     a.add_argument("--seed", help="this rule's random seed (default: from the mount seed)")
     a.add_argument("--after-bytes", help="fire only once this much was written (to the "

@@ -13,8 +13,10 @@ from quotafs.cli.mountopts import add_mount_options
 from quotafs.compare.program import DEFAULT_TIMEOUT
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import sigterm_as_interrupt
+from quotafs.protocol import CRASH_MODELS
 from quotafs.sweeps.plan import (
     CHECK_FAILED_AFTER_SUCCESS,
+    DATA_LOST,
     DEFAULT_POINTS,
     VERDICTS,
     Baseline,
@@ -54,6 +56,17 @@ def register(sub: Any) -> None:
     pick.add_argument("--each-write", action="store_true",
                       help="ENOSPC from the k-th allocating write on, for each k = 1..W "
                            "(W: the baseline's allocating writes)")
+    p.add_argument("--crash-points", action="store_true",
+                   help="power cuts instead of a full disk: each run is cut after CMD's "
+                        "k-th durability operation (fsync, fdatasync, fsyncdir, rename), "
+                        "k = 0..N from the baseline; with --points N, N of them (seeded); "
+                        "mounts with --crash-sim. See docs/sweep.md#crash-points")
+    p.add_argument("--model", choices=CRASH_MODELS, default=None,
+                   help="with --crash-points: what survives a cut, as `quotafs crash "
+                        "--model` (default posix)")
+    p.add_argument("--torn", action="store_true",
+                   help="with --crash-points: each file's last unsynced write survives as "
+                        "a seeded, sector-granular prefix")
     p.add_argument("--max-runs", type=_count(), default=None, metavar="N",
                    help="run at most N points, evenly spread (the first and last kept)")
     p.add_argument("--jobs", "-j", type=_count(), default=1, metavar="N",
@@ -136,24 +149,34 @@ class _Progress:
 
 # -- the report ---------------------------------------------------------------------------
 
-def _baseline_line(b: Baseline) -> str:
+def _baseline_line(b: Baseline, crash: bool = False) -> str:
     return (f"baseline (no limit): exit {b.exit_code}, check "
             f"{'none' if b.check_exit_code is None else f'exit {b.check_exit_code}'}; "
             f"start {format_size(b.start_bytes)}, peak +{format_size(b.peak_bytes)}, "
-            f"{b.allocating_writes} allocating writes, {b.wall_s:.1f}s")
+            f"{b.allocating_writes} allocating writes, "
+            + (f"{b.durability_ops} durability ops, " if crash else "")
+            + f"{b.wall_s:.1f}s")
 
 
 def print_report(report: SweepReport) -> None:
-    print(_baseline_line(report.baseline))
-    print(f"seed {report.seed}")
-    print(f"{'point':>5}  {'disk full at':<34} {'CMD':<10} {'check':<10} verdict")
+    print(_baseline_line(report.baseline, report.crash is not None))
+    crash = report.crash
+    print(f"seed {report.seed}" + (f", model {crash.model}{' torn' if crash.torn else ''}"
+                                   if crash else ""))
+    where = "power cut" if crash else "disk full at"
+    print(f"{'point':>5}  {where:<34} {'CMD':<10} {'check':<10} verdict")
     for p in report.points:
         check = "-" if p.check is None else p.check.describe()
         mark = "  <-- CMD said it succeeded" if p.verdict == CHECK_FAILED_AFTER_SUCCESS else ""
-        print(f"{p.index:>5}  {p.where():<34} {p.run.describe():<10} "
-              f"{check:<10} {p.verdict.upper() if p.failed else p.verdict}{mark}")
+        what = f"  ({p.lost_summary()})" if crash else ""
+        print(f"{p.index:>5}  {p.where():<34} {p.cmd_ended():<10} "
+              f"{check:<10} {p.verdict.upper() if p.failed else p.verdict}{mark}{what}")
     counts = ", ".join(f"{report.count(v)} {v}" for v in VERDICTS if report.count(v))
     print(f"{len(report.points)} points in {report.wall_s:.1f}s: {counts}")
+    lost = [p for p in report.points if p.verdict == DATA_LOST]
+    if lost:
+        print(f"DATA LOST AT THE CUT at {len(lost)} point(s) (points "
+              f"{', '.join(str(p.index) for p in lost)}): the check failed after the cut")
     worst = [p for p in report.points if p.verdict == CHECK_FAILED_AFTER_SUCCESS]
     if worst:
         print(f"DATA LOST AFTER REPORTED SUCCESS at {len(worst)} point(s) (points "
@@ -181,10 +204,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                           points=args.points, every=args.every, each_write=args.each_write,
                           max_runs=args.max_runs, timeout=args.timeout, seed=args.seed,
                           workdir=args.workdir, note=progress.say, as_user=args.as_user,
+                          crash_points=args.crash_points, model=args.model, torn=args.torn,
                           **options)
         with plan:
             assert plan.baseline is not None
-            progress.say(f"{_baseline_line(plan.baseline)}; {len(plan.points)} points, "
+            progress.say(f"{_baseline_line(plan.baseline, plan.crash is not None)}; "
+                         f"{len(plan.points)} points, "
                          f"seed {plan.seed}")
             progress.began = time.monotonic()
             try:
@@ -193,7 +218,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 progress.end()
             report = SweepReport(argv=tuple(argv), baseline=plan.baseline,
                                  points=tuple(results), seed=plan.seed,
-                                 wall_s=round(time.monotonic() - progress.began, 3))
+                                 wall_s=round(time.monotonic() - progress.began, 3),
+                                 crash=plan.crash)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

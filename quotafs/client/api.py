@@ -191,7 +191,10 @@ class QuotaMount:
         """Add a fault rule, e.g. add_fault("fsync", errno="EIO", times=1); returns its id.
 
         Keywords as `quotafs fault add`: path, errno, delay, short_write, corrupt_read,
-        allocating, probability, seed, after_bytes, nth, from_nth, times.
+        crash (with crash_model "posix"|"ext4", crash_torn, crash_keep_fraction),
+        drop_unsynced (with errno, op "fsync"), allocating, probability, seed,
+        after_bytes, nth, from_nth, times. A crash or drop_unsynced rule on a mount
+        without crash_sim=True: QuotafsError (ExitCode.USAGE).
         """
         return control.add_rule(self.path, spec_from_args(op, **trigger_and_effect)).id
 
@@ -207,6 +210,10 @@ class QuotaMount:
         """A power cut (a mount started with crash_sim=True; docs/crash.md): everything
         `model` ("posix" or "ext4") does not keep is lost, open files answer EIO."""
         return control.crash(self.path, model, torn, keep_fraction, seed)
+
+    def last_crash(self) -> CrashReport | None:
+        """The last power cut's report, a --crash fault rule's too; None before any."""
+        return control.last_crash(self.path)
 
     def is_alive(self) -> bool:
         return self._process is None or self._process.poll() is None

@@ -22,6 +22,7 @@ from quotafs.model.faults import RuleSpec
 from quotafs.mountinfo import find_mount
 from quotafs.protocol import (
     CRASH,
+    CRASH_LAST,
     EVENTS,
     FAULT_ADD,
     FAULT_CLEAR,
@@ -137,6 +138,13 @@ def crash(mountpoint: str, model: str = "posix", torn: bool = False,
     is reverted; returns once the daemon has reverted it and the kernel forgot it."""
     return CrashReport.from_dict(request(mountpoint, CRASH, {
         "model": model, "torn": torn, "keep_fraction": keep_fraction, "seed": seed}))
+
+
+def last_crash(mountpoint: str) -> CrashReport | None:
+    """The last power cut's report (a --crash fault rule's too), or None: no cut yet."""
+    found = request(mountpoint, CRASH_LAST)
+    report = found.get("report") if isinstance(found, dict) else None
+    return None if report is None else CrashReport.from_dict(report)
 
 
 def event_line(e: Event) -> str:

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -51,6 +51,7 @@ class Outcome:
     wall_s: float
     stdout_tail: str = ""
     stderr_tail: str = ""
+    stopped: bool = False  # killed (SIGKILL) because run_argv's `stop` said so
 
     @property
     def ok(self) -> bool:
@@ -121,33 +122,44 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 CANCEL_POLL_S = 0.1  # how soon a run in a worker thread sees its `cancel` event
+STOP_POLL_S = 0.01  # how often `stop` is asked (a crash sweep's cut: power is gone)
+
+
+class _Stop(Exception):
+    """`stop` said the program must be killed now."""
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float,
-          cancel: threading.Event | None) -> int:
+          cancel: threading.Event | None, stop: Callable[[], bool] | None = None) -> int:
     """proc.wait(timeout), and KeyboardInterrupt as soon as `cancel` is set: signals reach
-    the main thread only, so a sweep's worker threads are told this way."""
-    if cancel is None:
+    the main thread only, so a sweep's worker threads are told this way; _Stop as soon
+    as `stop()` is true."""
+    if cancel is None and stop is None:
         return proc.wait(timeout=timeout)
+    poll = STOP_POLL_S if stop is not None else CANCEL_POLL_S
     deadline = time.monotonic() + timeout
     while True:
-        if cancel.is_set():
+        if cancel is not None and cancel.is_set():
             raise KeyboardInterrupt("cancelled")
+        if stop is not None and stop():
+            raise _Stop
         left = deadline - time.monotonic()
         if left <= 0:
             raise subprocess.TimeoutExpired(proc.args, timeout)
         try:
-            return proc.wait(timeout=min(left, CANCEL_POLL_S))
+            return proc.wait(timeout=min(left, poll))
         except subprocess.TimeoutExpired:
             continue
 
 
 def run_argv(argv: Sequence[str], cwd: str, env: Mapping[str, str], timeout: float,
-             launch: Launch = AS_CALLER, cancel: threading.Event | None = None) -> Outcome:
+             launch: Launch = AS_CALLER, cancel: threading.Event | None = None,
+             stop: Callable[[], bool] | None = None) -> Outcome:
     """Run argv in `cwd` until it ends or `timeout` seconds pass (then it is killed, with
     everything in its process group, and reported as hung). Ctrl-C or SIGTERM raised here
     while it runs kill it the same way before they propagate; so does setting `cancel`
-    (from another thread), which raises KeyboardInterrupt here."""
+    (from another thread), which raises KeyboardInterrupt here. `stop`, asked every
+    STOP_POLL_S while it runs, kills it the same way when true (Outcome.stopped)."""
     full_env = _user_env(dict(env), launch.user)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.monotonic()
@@ -156,12 +168,16 @@ def run_argv(argv: Sequence[str], cwd: str, env: Mapping[str, str], timeout: flo
         except OSError as exc:
             raise QuotafsError(f"cannot run {argv[0]}: {exc.strerror}", ExitCode.USAGE) \
                 from None
-        timed_out = False
+        timed_out = stopped = False
         try:
             try:
-                returncode = _wait(proc, timeout, cancel)
+                returncode = _wait(proc, timeout, cancel, stop)
             except subprocess.TimeoutExpired:
                 timed_out = True
+                _kill_group(proc)
+                returncode = proc.wait()
+            except _Stop:
+                stopped = True
                 _kill_group(proc)
                 returncode = proc.wait()
         except BaseException:
@@ -175,7 +191,7 @@ def run_argv(argv: Sequence[str], cwd: str, env: Mapping[str, str], timeout: flo
             exit_code=None if timed_out or returncode < 0 else returncode,
             signal=signal_name(-returncode) if returncode < 0 and not timed_out else None,
             timed_out=timed_out, wall_s=round(wall, 3),
-            stdout_tail=_tail(out), stderr_tail=_tail(err))
+            stdout_tail=_tail(out), stderr_tail=_tail(err), stopped=stopped)
 
 
 def run_shell(command: str, cwd: str, env: Mapping[str, str], timeout: float,

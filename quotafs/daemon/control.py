@@ -23,12 +23,13 @@ from typing import Any
 from quotafs.daemon.crashsim import CrashSim
 from quotafs.daemon.inodes import TableStats
 from quotafs.errors import QuotafsError, errno_name
-from quotafs.model.faults import Effect, FaultEngine, RuleSpec
+from quotafs.model.faults import NEEDS_CRASH_SIM, Effect, FaultEngine, RuleSpec
 from quotafs.model.ledger import Ledger
 from quotafs.model.reserve import resolve_reserve
 from quotafs.options import MAX_LIMIT
 from quotafs.protocol import (
     CRASH,
+    CRASH_LAST,
     CRASH_MODELS,
     EVENTS,
     FAULT_ADD,
@@ -80,6 +81,7 @@ class ControlChannel:
         self._statistics = statistics
         self._forget_cached = forget_cached
         self.getxattr_requests: Callable[[], int] = lambda: 0  # the handlers' count
+        self.last_crash: CrashReport | None = None  # the last cut's (request crash.last)
         self.crash: CrashSim | None = None  # --crash-sim's recorder (the handlers')
 
     # -- events ---------------------------------------------------------------------------
@@ -98,6 +100,7 @@ class ControlChannel:
 
     def record_crash(self, report: CrashReport) -> None:
         """A power cut (--crash-sim), from `quotafs crash` or a fault rule."""
+        self.last_crash = report
         kept = f", keep {report.keep_fraction:g}" if report.keep_fraction else ""
         self._record("crash", "crash", "/", None,
                      f"crash {report.model}{' torn' if report.torn else ''}{kept}: "
@@ -105,7 +108,9 @@ class ControlChannel:
                      None, None)
 
     def record_fault(self, op: str, path: str, effect: Effect, pid: int | None) -> None:
-        err = effect.value if effect.kind == "errno" else None
+        # A crash answers EIO: the device is gone (model/faults.Effect).
+        err = (effect.value if effect.kind == "errno"
+               else errno.EIO if effect.kind == "crash" else None)
         self._record("fault", op, path, err, effect.describe(), effect.rule_id, pid)
 
     # -- requests -------------------------------------------------------------------------
@@ -165,7 +170,11 @@ class ControlChannel:
         if name == SET:
             return self._set_limits(request)
         if name == FAULT_ADD:
-            rule = self.faults.add(RuleSpec.from_dict(request, where="rule"))
+            spec = RuleSpec.from_dict(request, where="rule")
+            if spec.needs_crash_sim and self.crash is None:
+                effect = "--crash" if spec.crash else "--drop-unsynced"
+                raise ValueError(f"{effect}: {NEEDS_CRASH_SIM}")
+            rule = self.faults.add(spec)
             return RuleAdded(rule.id, rule.effective_seed,
                              (*rule.spec.warnings(), *self._mount_warnings(rule.spec))
                              ).to_dict()
@@ -182,6 +191,8 @@ class ControlChannel:
             return {"entries": self._forget_cached()}
         if name == CRASH:
             return self._crash(request)
+        if name == CRASH_LAST:
+            return {"report": None if self.last_crash is None else self.last_crash.to_dict()}
         raise ValueError(f"unknown control request {name!r}")
 
     def _crash(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -395,6 +395,10 @@ class CrashSim:
 
     # -- drop_unsynced (fault rules: a failed writeback) ----------------------------------
 
+    def has_unsynced(self, node: Node) -> bool:
+        """Does `node` have recorded writes not yet durable (what writeback would write)?"""
+        return node.key in self._files
+
     def drop_unsynced(self, node: Node) -> int:
         """Revert `node`'s unsynced writes to its last sync, as ext4 does after a failed
         writeback; the bytes dropped. The kernel's page cache may still hold them, as it

@@ -10,7 +10,14 @@ handler is in neither, or when the table and OPS (or the plausible-errno table) 
 
 check() answers a delay by sleeping (other requests are served meanwhile), an errno by
 raising it, and returns the effects that change a request's body (short-write,
-corrupt-read) to the handler, which applies them; None otherwise.
+corrupt-read) to the handler, which applies them; None otherwise. With --crash-sim
+(`crash`, the mount's CrashSim) it also acts on the two durability effects: a crash cuts
+the power before the request is carried out (CrashSim.cut, synchronous, so atomic with
+respect to every request) and answers EIO, the device being gone; the kernel's caches
+are dropped once that answer is sent (CrashSim.settle_soon), and new opens wait for it. An
+errno with drop-unsynced first reverts the file's unsynced writes (CrashSim.drop_unsynced),
+as ext4 does after a failed writeback; such a rule matches only an fsync of a file that
+has unsynced writes, so the next fsync, with nothing left to write back, returns 0.
 
 Nodes remember that no live rule can match them or their entries (Node.quiet,
 quiet_below, valid for a (rules, names) generation pair): an idle rule costs a lookup.
@@ -19,6 +26,7 @@ quiet_below, valid for a (rules, names) generation pair): an idle rule costs a l
 from __future__ import annotations
 
 import enum
+import errno
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +34,7 @@ import pyfuse3
 import trio
 
 from quotafs.daemon.control import ControlChannel
+from quotafs.daemon.crashsim import CrashSim
 from quotafs.daemon.inodes import InodeTable, Node
 from quotafs.daemon.paths import Paths
 from quotafs.model.faults import Effect, FaultEngine
@@ -102,6 +111,7 @@ class FaultGate:
         self._inodes = inodes
         self._paths = paths
         self._events = events
+        self.crash: CrashSim | None = None  # the mount's, with --crash-sim (operations.py)
 
     async def check(self, op: FaultOp, *args: Any, size: int | None = None,
                     allocating: bool | None = None,
@@ -120,7 +130,11 @@ class FaultGate:
         if all(self._quiet(node, below=name is not None) for node, name in subjects):
             return None
         path, *others = [self._paths.of_entry(node, name) for node, name in subjects]
-        effect = faults.check(op.name, path, others[0] if others else None, size, allocating)
+        node = subjects[0][0] if subjects[0][1] is None else None
+        unsynced = (self.crash.has_unsynced(node) if faults.wants_unsynced
+                    and self.crash is not None and node is not None else None)
+        effect = faults.check(op.name, path, others[0] if others else None, size, allocating,
+                              unsynced)
         if effect is None:
             return None
         if self._events is not None:
@@ -130,8 +144,22 @@ class FaultGate:
             await trio.sleep(effect.seconds)  # other requests are served meanwhile
             return None
         if effect.kind == "errno":
+            if effect.drop_unsynced and self.crash is not None and node is not None:
+                self.crash.drop_unsynced(node)
             raise pyfuse3.FUSEError(effect.value)
+        if effect.kind == "crash":
+            self._cut(effect)
         return effect  # the handler's body applies it, without awaiting in between
+
+    def _cut(self, effect: Effect) -> None:
+        """A crash rule fired: the power cut, then EIO for this request. The caches are
+        dropped once its answer is out (the kernel may hold this very inode's lock)."""
+        cut = effect.cut
+        if self.crash is None or cut is None:  # the control channel refuses such rules
+            raise pyfuse3.FUSEError(errno.EIO)
+        self.crash.cut(cut.model, cut.torn, cut.keep_fraction, cut.seed)
+        self.crash.settle_soon()
+        raise pyfuse3.FUSEError(errno.EIO)
 
     def _subjects(self, kind: Subjects, args: tuple[Any, ...]) -> list[Subject] | None:
         """What a request names: a node, or an entry (a directory node and a name); two for

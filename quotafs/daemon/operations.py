@@ -111,6 +111,7 @@ class QuotaFS(pyfuse3.Operations):
             self.crash = CrashSim(paths.backing, inodes, ledger, self.costs, paths, kernel,
                                   faults.seed, control.record_crash,
                                   self.charging.forget_kept, self.rights.as_daemon)
+            self.gate.crash = self.crash  # --crash and --drop-unsynced rules act through it
 
     # -- helpers the handlers share -------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Fault rules: (op, path, triggers) -> errno / delay / short write / corrupt read — pure.
+"""Fault rules: (op, path, triggers) -> errno / delay / short write / corrupt read / crash — pure.
 
 No FUSE and no syscalls here: the FUSE handlers ask `FaultEngine.check(op, path)` before
 doing the real work and apply the `Effect` it returns; the write handler reports what
@@ -7,7 +7,8 @@ reference; this docstring is the implementer's.
 
 Rules
     A `RuleSpec` is a validated, immutable description: ops, an optional path glob,
-    exactly one effect and any number of triggers. Every way in — CLI options
+    exactly one effect (with its modifiers: a crash's model, torn and keep fraction;
+    drop-unsynced on an fsync errno) and any number of triggers. Every way in — CLI options
     (`spec_from_args`), TOML rule files (`load_rules_toml`), control-channel dicts
     (`RuleSpec.from_dict`) — goes through one validator, so the three accept the same
     rules and word their errors the same way. Errors are QuotafsError(USAGE), one line,
@@ -26,7 +27,9 @@ Matching
     could not be shortened). An `allocating` rule (op write only) matches only write
     requests that newly allocate blocks (in apparent mode: that grow the charge); the
     caller works that out only while such a rule is live (`FaultEngine.wants_allocation`)
-    and passes it to check().
+    and passes it to check(). A drop-unsynced rule (op fsync only) matches only an fsync
+    of a file with writes not yet durable (`FaultEngine.wants_unsynced`, `unsynced`):
+    a writeback error needs something to write back, so the fsync after it succeeds.
 
 Triggers and firing
     Each matching request increments `matched` and, if the rule has a probability,
@@ -70,9 +73,11 @@ from quotafs.units import parse_size
 
 __all__ = [
     "ALL_OPS",
+    "CRASH_MODELS",
     "EFFECT_KEYS",
     "OPS",
     "PLAUSIBLE_ERRNOS",
+    "CrashCut",
     "Effect",
     "EffectKind",
     "FaultEngine",
@@ -100,12 +105,21 @@ OPS: tuple[str, ...] = (
 ALL_OPS = "all"
 _OP_SET = frozenset(OPS)
 
-EffectKind = Literal["errno", "delay", "short_write", "corrupt_read"]
+EffectKind = Literal["errno", "delay", "short_write", "corrupt_read", "crash"]
 EFFECT_KEYS: tuple[EffectKind, ...] = get_args(EffectKind)
 TRIGGER_KEYS = ("probability", "seed", "after_bytes", "nth", "from_nth", "times")
 # Conditions narrow what a rule matches (beyond op and path).
 CONDITION_KEYS = ("allocating",)
-SPEC_KEYS = ("op", "path", *CONDITION_KEYS, *EFFECT_KEYS, *TRIGGER_KEYS)
+# Modifiers refine an effect: how a crash cuts (crash only); an fsync errno that also
+# drops the file's unsynced writes, as ext4 does after a failed writeback (errno only).
+MODIFIER_KEYS = ("crash_model", "crash_torn", "crash_keep_fraction", "drop_unsynced")
+SPEC_KEYS = ("op", "path", *CONDITION_KEYS, *EFFECT_KEYS, *MODIFIER_KEYS, *TRIGGER_KEYS)
+CRASH_MODELS = ("posix", "ext4")  # as protocol.CRASH_MODELS and `quotafs crash --model`
+DEFAULT_CRASH_MODEL = "posix"
+# What only a mount with --crash-sim can do (the daemon refuses such rules elsewhere).
+NEEDS_CRASH_SIM = ("the mount is not mounted with --crash-sim (only then does it record "
+                   "what is durable)")
+DROP_UNSYNCED_OPS = ("fsync",)  # fsync(2) and fdatasync(2): FUSE sends both as FSYNC
 # Keys Rule.to_dict() adds to the spec's; RuleSpec.from_dict(..., allow_status=True) skips them.
 STATUS_KEYS = ("id", "effective_seed", "matched", "fired", "shadowed", "retired", "written",
                "warnings")
@@ -120,6 +134,26 @@ _SEED_BITS = 32
 
 
 @dataclass(frozen=True, slots=True)
+class CrashCut:
+    """How a crash rule cuts the power: the arguments of the mount's CrashSim.cut (and of
+    `quotafs crash`), the seed drawn per firing from the rule's generator."""
+
+    model: str = DEFAULT_CRASH_MODEL
+    torn: bool = False
+    keep_fraction: float = 0.0
+    seed: int = 0
+
+    def describe(self) -> str:
+        """"crash posix", "crash ext4 torn keep 0.25" (the seed is in the event's rule)."""
+        words = ["crash", self.model]
+        if self.torn:
+            words.append("torn")
+        if self.keep_fraction:
+            words.append(f"keep {self.keep_fraction:g}")
+        return " ".join(words)
+
+
+@dataclass(frozen=True, slots=True)
 class Effect:
     """What a fired rule asks the handler to do.
 
@@ -128,11 +162,16 @@ class Effect:
     delay        microseconds: await trio.sleep(effect.seconds), then serve the request
     short_write  bytes: write only buf[:value] and return value (< len(buf) if check got size)
     corrupt_read a token: serve the read, then return effect.corrupt(data)
+    crash        the cut's seed: cut the power (effect.cut says how), answer EIO
+    errno with drop_unsynced: revert the file's unsynced writes to its last sync, then
+                 raise the errno (ext4 after a failed writeback; the next fsync succeeds)
     """
 
     kind: EffectKind
     value: int
     rule_id: str
+    cut: CrashCut | None = None  # crash effects only
+    drop_unsynced: bool = False  # errno effects on fsync only
 
     @property
     def seconds(self) -> float:
@@ -146,9 +185,13 @@ class Effect:
         return flip_one_bit(data, random.Random(self.value))
 
     def describe(self) -> str:
-        """One short human phrase, e.g. "errno EIO", "delay 200ms", "short-write 4096"."""
+        """One short human phrase, e.g. "errno EIO", "delay 200ms", "short-write 4096",
+        "crash ext4", "errno EIO, unsynced writes dropped"."""
         if self.kind == "errno":
-            return f"errno {errno_name(self.value)}"
+            dropped = ", unsynced writes dropped" if self.drop_unsynced else ""
+            return f"errno {errno_name(self.value)}{dropped}"
+        if self.cut is not None:
+            return self.cut.describe()
         if self.kind == "delay":
             return f"delay {format_duration(self.value)}"
         if self.kind == "short_write":
@@ -425,6 +468,8 @@ class RuleSpec:
 
     ops is a tuple of names from OPS in OPS order, or ("all",). errno is the errno name
     (upper case, as given: EWOULDBLOCK stays EWOULDBLOCK); delay_us microseconds.
+    crash_model, crash_torn and crash_keep_fraction are set with crash only (the model
+    then always, "posix" by default); drop_unsynced with an errno on op fsync only.
     """
 
     ops: tuple[str, ...]
@@ -434,6 +479,11 @@ class RuleSpec:
     delay_us: int | None = None
     short_write: int | None = None
     corrupt_read: bool = False
+    crash: bool = False
+    crash_model: str | None = None
+    crash_torn: bool = False
+    crash_keep_fraction: float | None = None
+    drop_unsynced: bool = False
     probability: float | None = None
     seed: int | None = None
     after_bytes: int | None = None
@@ -449,11 +499,24 @@ class RuleSpec:
             return "delay"
         if self.short_write is not None:
             return "short_write"
+        if self.crash:
+            return "crash"
         return "corrupt_read"
 
     @property
+    def needs_crash_sim(self) -> bool:
+        """A crash or drop-unsynced rule: only a --crash-sim mount can act on it."""
+        return self.crash or self.drop_unsynced
+
+    def crash_cut(self, seed: int) -> CrashCut:
+        """The cut a crash rule makes when it fires, with that firing's seed."""
+        return CrashCut(self.crash_model or DEFAULT_CRASH_MODEL, self.crash_torn,
+                        self.crash_keep_fraction or 0.0, seed)
+
+    @property
     def effect_value(self) -> int:
-        """The Effect.value this rule produces (corrupt_read: 0, tokens come per firing)."""
+        """The Effect.value this rule produces (corrupt_read, crash: 0, tokens and seeds
+        come per firing)."""
         if self.errno is not None:
             return int(getattr(errno_mod, self.errno))
         if self.delay_us is not None:
@@ -490,6 +553,15 @@ class RuleSpec:
             out["short_write"] = self.short_write
         if self.corrupt_read:
             out["corrupt_read"] = True
+        if self.crash:
+            out["crash"] = True
+            out["crash_model"] = self.crash_model
+        if self.crash_torn:
+            out["crash_torn"] = True
+        if self.crash_keep_fraction is not None:
+            out["crash_keep_fraction"] = self.crash_keep_fraction
+        if self.drop_unsynced:
+            out["drop_unsynced"] = True
         for key in TRIGGER_KEYS:
             value = getattr(self, key)
             if value is not None:
@@ -522,6 +594,14 @@ class RuleSpec:
             words += ["--short-write", str(self.short_write)]
         if self.corrupt_read:
             words.append("--corrupt-read")
+        if self.crash:
+            words += ["--crash", "--crash-model", self.crash_model or DEFAULT_CRASH_MODEL]
+        if self.crash_torn:
+            words.append("--crash-torn")
+        if self.crash_keep_fraction is not None:
+            words += ["--crash-keep-fraction", str(self.crash_keep_fraction)]
+        if self.drop_unsynced:
+            words.append("--drop-unsynced")
         for key in TRIGGER_KEYS:
             value = getattr(self, key)
             if value is not None:
@@ -659,7 +739,7 @@ def _validate(values: Mapping[str, Any], where: _Where, *, text_ok: bool = False
         flags = [f"--{k.replace('_', '-')}" if where.cli else f'"{k}"' for k in given]
         both = ("options " if where.cli else "fields ") + " and ".join(flags)
         raise where.error(None, f"{both}: a rule has exactly one effect (errno, delay, "
-                                "short_write or corrupt_read)")
+                                "short_write, corrupt_read or crash)")
     effect = given[0]
 
     errno_name: str | None = None
@@ -694,7 +774,7 @@ def _validate(values: Mapping[str, Any], where: _Where, *, text_ok: bool = False
         if ops != ("write",):
             raise where.error("short_write", 'only valid with op "write" alone, got op '
                                              f'"{",".join(ops)}"')
-    else:
+    elif effect == "corrupt_read":
         if value is not True:
             raise where.error("corrupt_read", f"must be true (leave it out for no "
                                               f"corruption), got {_show(value)}")
@@ -702,6 +782,12 @@ def _validate(values: Mapping[str, Any], where: _Where, *, text_ok: bool = False
         if ops != ("read",):
             raise where.error("corrupt_read", 'only valid with op "read" alone, got op '
                                               f'"{",".join(ops)}"')
+    elif value is not True:
+        raise where.error("crash", f"must be true (leave it out for no crash), got "
+                                   f"{_show(value)}")
+    crash = effect == "crash"
+    crash_model, crash_torn, keep = _crash_modifiers(values, where, crash, text_ok)
+    drop_unsynced = _drop_unsynced(values, where, ops, effect)
 
     allocating = values.get("allocating", False)
     if allocating is not False:
@@ -719,22 +805,7 @@ def _validate(values: Mapping[str, Any], where: _Where, *, text_ok: bool = False
         raise where.error(None, f"{both}: give one (the Nth match only, or the Nth and "
                                 "every later one)")
 
-    probability = values.get("probability")
-    if probability is not None:
-        if text_ok and isinstance(probability, str):
-            try:
-                if not probability.isascii():
-                    raise ValueError(probability)  # float() takes other scripts' digits
-                probability = float(probability)
-            except ValueError:
-                raise where.error("probability", "must be a number between 0 and 1, got "
-                                                 f"{_show(probability)}") from None
-        if isinstance(probability, bool) or not isinstance(probability, int | float):
-            raise where.error("probability", "must be a number between 0 and 1, got "
-                                             f"{_show(probability)}")
-        if not 0 <= probability <= 1:  # also refuses NaN
-            raise where.error("probability", f"must be between 0 and 1, got {probability}")
-        probability = float(probability)
+    probability = _fraction(values, "probability", where, text_ok)
 
     return RuleSpec(
         ops=ops,
@@ -744,6 +815,11 @@ def _validate(values: Mapping[str, Any], where: _Where, *, text_ok: bool = False
         delay_us=delay_us,
         short_write=short_write,
         corrupt_read=corrupt_read,
+        crash=crash,
+        crash_model=crash_model,
+        crash_torn=crash_torn,
+        crash_keep_fraction=keep,
+        drop_unsynced=drop_unsynced,
         probability=probability,
         seed=_int(values, "seed", where, text_ok, 0, MAX_SEED),
         after_bytes=_size(values, "after_bytes", where),
@@ -751,6 +827,70 @@ def _validate(values: Mapping[str, Any], where: _Where, *, text_ok: bool = False
         from_nth=from_nth,
         times=_int(values, "times", where, text_ok, 1),
     )
+
+
+def _flag(values: Mapping[str, Any], key: str, where: _Where, meaning: str) -> bool:
+    """An optional true-only field: absent or false is False (a CLI flag not given)."""
+    value = values.get(key, False)
+    if value is False:
+        return False
+    if value is not True:
+        raise where.error(key, f"must be true (leave it out {meaning}), got {_show(value)}")
+    return True
+
+
+def _fraction(values: Mapping[str, Any], key: str, where: _Where,
+              text_ok: bool) -> float | None:
+    """A number in [0, 1] (a probability, a keep fraction); text from the CLI."""
+    value = values.get(key)
+    if value is None:
+        return None
+    if text_ok and isinstance(value, str):
+        try:
+            if not value.isascii():
+                raise ValueError(value)  # float() takes other scripts' digits
+            value = float(value)
+        except ValueError:
+            raise where.error(key, "must be a number between 0 and 1, got "
+                                   f"{_show(value)}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise where.error(key, f"must be a number between 0 and 1, got {_show(value)}")
+    if not 0 <= value <= 1:  # also refuses NaN
+        raise where.error(key, f"must be between 0 and 1, got {value}")
+    return float(value)
+
+
+def _crash_modifiers(values: Mapping[str, Any], where: _Where, crash: bool,
+                     text_ok: bool) -> tuple[str | None, bool, float | None]:
+    """crash_model (default posix), crash_torn, crash_keep_fraction: with crash only."""
+    given = [key for key in MODIFIER_KEYS[:3] if values.get(key) not in (None, False)]
+    if given and not crash:
+        raise where.error(given[0], f"only valid with {where.name('crash')} (it says how "
+                                    "the power cut is made)")
+    if not crash:
+        return None, False, None
+    model = values.get("crash_model", DEFAULT_CRASH_MODEL)
+    if not isinstance(model, str) or model.strip().lower() not in CRASH_MODELS:
+        raise where.error("crash_model", f"must be {' or '.join(CRASH_MODELS)}, got "
+                                         f"{_show(model)}")
+    torn = _flag(values, "crash_torn", where, "to revert unsynced writes whole")
+    return model.strip().lower(), torn, _fraction(values, "crash_keep_fraction", where,
+                                                  text_ok)
+
+
+def _drop_unsynced(values: Mapping[str, Any], where: _Where, ops: tuple[str, ...],
+                   effect: str) -> bool:
+    """drop_unsynced: an fsync (or fdatasync) errno that also drops the file's unsynced
+    writes; refused with another effect or another op."""
+    if not _flag(values, "drop_unsynced", where, "to keep the unsynced writes"):
+        return False
+    if effect != "errno":
+        raise where.error("drop_unsynced", f"needs {where.name('errno')}: the error the "
+                                           "failed fsync answers, e.g. EIO")
+    if ops != DROP_UNSYNCED_OPS:
+        raise where.error("drop_unsynced", 'only valid with op "fsync" alone (fsync and '
+                                           f'fdatasync), got op "{",".join(ops)}"')
+    return True
 
 
 def spec_from_args(
@@ -762,6 +902,11 @@ def spec_from_args(
     delay: str | None = None,
     short_write: str | int | None = None,
     corrupt_read: bool = False,
+    crash: bool = False,
+    crash_model: str | None = None,
+    crash_torn: bool = False,
+    crash_keep_fraction: str | float | None = None,
+    drop_unsynced: bool = False,
     probability: str | float | None = None,
     seed: str | int | None = None,
     after_bytes: str | int | None = None,
@@ -774,7 +919,10 @@ def spec_from_args(
     values: dict[str, Any] = {
         "op": op, "path": path, "allocating": True if allocating else None, "errno": errno,
         "delay": delay, "short_write": short_write,
-        "corrupt_read": True if corrupt_read else None, "probability": probability,
+        "corrupt_read": True if corrupt_read else None, "crash": True if crash else None,
+        "crash_model": crash_model, "crash_torn": True if crash_torn else None,
+        "crash_keep_fraction": crash_keep_fraction,
+        "drop_unsynced": True if drop_unsynced else None, "probability": probability,
         "seed": seed, "after_bytes": after_bytes, "nth": nth, "from_nth": from_nth,
         "times": times,
     }
@@ -866,7 +1014,7 @@ def _derive_seed(seed: int, salt: str) -> int:
 class Rule:
     """A rule in an engine: its spec, id, counters and random generators."""
 
-    __slots__ = ("_corrupt_rng", "_ops", "_prefix", "_regex", "_rng", "effective_seed",
+    __slots__ = ("_ops", "_prefix", "_regex", "_rng", "_token_rng", "effective_seed",
                  "fired", "id", "matched", "retired", "shadowed", "spec", "written")
 
     def __init__(self, rule_id: str, spec: RuleSpec, effective_seed: int) -> None:
@@ -879,10 +1027,23 @@ class Rule:
         self.retired = False  # can never fire again (times used up, nth passed)
         self.written = 0  # bytes counted toward after_bytes since the rule was added
         self._rng = random.Random(effective_seed)
-        self._corrupt_rng = random.Random(_derive_seed(effective_seed, "corrupt"))
+        # Per-firing values: corrupt-read's bit position, a crash's seed.
+        self._token_rng = random.Random(_derive_seed(effective_seed,
+                                                     "crash" if spec.crash else "corrupt"))
         self._ops: frozenset[str] | None = None if spec.ops == (ALL_OPS,) else frozenset(spec.ops)
         self._regex = compile_glob(spec.path) if spec.path is not None else None
         self._prefix = _literal_prefix(spec.path)
+
+    def effect(self) -> Effect:
+        """The effect of one firing (drawing its token or seed)."""
+        spec = self.spec
+        if spec.corrupt_read:
+            return Effect("corrupt_read", self._token_rng.getrandbits(64), self.id)
+        if spec.crash:
+            seed = self._token_rng.getrandbits(_SEED_BITS)
+            return Effect("crash", seed, self.id, cut=spec.crash_cut(seed))
+        return Effect(spec.effect, spec.effect_value, self.id,
+                      drop_unsynced=spec.drop_unsynced)
 
     def _path_matches(self, path: str) -> bool:
         assert self._regex is not None
@@ -944,6 +1105,7 @@ class FaultEngine:
         self._live: tuple[Rule, ...] = ()  # not retired, in order: what check() scans
         self._counting: tuple[Rule, ...] = ()  # live rules with after_bytes
         self.wants_allocation = False  # a live allocating rule: callers pass `allocating`
+        self.wants_unsynced = False  # a live drop-unsynced rule: callers pass `unsynced`
         self._ops_in_play: frozenset[str] = frozenset()  # ops some live rule names
         self._next_id = 1
         self.active = False  # any live rule? Callers may skip check() when False.
@@ -954,6 +1116,7 @@ class FaultEngine:
         self._live = tuple(r for r in self._rules if not r.retired)
         self._counting = tuple(r for r in self._live if r.spec.after_bytes is not None)
         self.wants_allocation = any(r.spec.allocating for r in self._live)
+        self.wants_unsynced = any(r.spec.drop_unsynced for r in self._live)
         self.active = bool(self._live)
         ops: set[str] = set()
         for rule in self._live:
@@ -1007,14 +1170,17 @@ class FaultEngine:
         return list(self._rules)
 
     def check(self, op: str, path: str, path2: str | None = None,
-              size: int | None = None, allocating: bool | None = None) -> Effect | None:
+              size: int | None = None, allocating: bool | None = None,
+              unsynced: bool | None = None) -> Effect | None:
         """Called for each request before it is served; the effect to apply, or None.
 
         op: a name from OPS; path: "/"-prefixed relative to the mount root, "/" for the
         root; path2: the second path of rename (new name) and link (new link), matched
         as well; size: the byte count of a write (short-write rules need it);
         allocating: whether a write newly allocates blocks (allocating rules need it: a
-        request without it never matches them).
+        request without it never matches them); unsynced: whether an fsync's file has
+        writes not yet durable (drop-unsynced rules need it: a writeback error needs
+        something to write back, so the fsync after one succeeds).
         """
         winner: Effect | None = None
         retired = False
@@ -1029,6 +1195,8 @@ class FaultEngine:
                 continue
             if spec.allocating and not allocating:
                 continue
+            if spec.drop_unsynced and not unsynced:
+                continue
             rule.matched += 1
             eligible = True
             if spec.probability is not None:
@@ -1042,9 +1210,7 @@ class FaultEngine:
             if eligible:
                 if winner is None:
                     rule.fired += 1
-                    value = (rule._corrupt_rng.getrandbits(64) if spec.corrupt_read
-                             else spec.effect_value)
-                    winner = Effect(spec.effect, value, rule.id)
+                    winner = rule.effect()
                 else:
                     rule.shadowed += 1
             if ((spec.times is not None and rule.fired >= spec.times)

@@ -7,6 +7,14 @@ state, all of it inside one temporary directory that is removed on any exit.
         result = run_point(plan, 3)  # one point (a pytest item per point does this)
     report = sweep([...], ...)       # plan + every point + close, in one call
 
+A crash sweep (crash_points=True) runs every mount with --crash-sim; a point adds a
+--crash rule on its (k+1)-th durability request (fsync, fsyncdir, rename: what Status
+durability_ops counts), watches for the cut while CMD runs (every STOP_POLL_S), kills CMD
+with its process group once it happened (the power is gone), or cuts at CMD's end if it
+never came; then the check runs on the post-crash state. Every run has a directory of
+notes outside its mount ($QUOTAFS_SWEEP_NOTES), which no cut touches: where a program
+writes down what it reported as saved, for its check to compare.
+
 Ctrl-C and SIGTERM (as KeyboardInterrupt in the main thread) set a cancel event that
 each worker's running program sees within 0.1 s (compare.program.run_argv); each worker
 then unmounts and removes its copy, and the main thread waits for them before it
@@ -32,16 +40,21 @@ from quotafs.compare.program import DEFAULT_TIMEOUT, Outcome, Program, run_argv,
 from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.interrupts import signals_deferred
 from quotafs.options import MountOptions
+from quotafs.protocol import CrashReport
 from quotafs.reference.base import AS_CALLER, Launch
 from quotafs.reference.tools import find_tool, last_line, run_tool
 from quotafs.sweeps.plan import (
     Baseline,
+    CrashPlan,
     Ended,
     Point,
     PointResult,
     SweepReport,
     check_choice,
+    check_crash_choice,
+    choose_crash_points,
     choose_points,
+    crash_verdict,
     verdict,
 )
 from quotafs.users import passwd_entry
@@ -58,6 +71,10 @@ NOT_FOR_SWEEP = {
     "log_file": "each run's daemon logs to a file of its own, shown when not empty",
     "allow_other": "as_user sets it where it is needed",
 }
+# The requests a crash sweep counts (Status.durability_ops) and cuts at: fault rules name
+# fsync and fdatasync both "fsync".
+DURABILITY_OPS = ["fsync", "fsyncdir", "rename"]
+NOTES = "notes"  # each run's directory of notes, beside its mount: $QUOTAFS_SWEEP_NOTES
 
 Progress = Callable[[int, int, int, PointResult], None]  # done, total, failed, the last
 
@@ -81,6 +98,9 @@ class _Run:
     faults_fired: int
     block_size: int
     daemon_log: str
+    durability_ops: int = 0
+    cut: CrashReport | None = None  # the crash point's power cut
+    cut_in_run: bool = False  # it came while CMD ran (the rule's), not after CMD ended
 
 
 class SweepPlan:
@@ -89,8 +109,9 @@ class SweepPlan:
     state and the temporary directory."""
 
     def __init__(self, program: Program, options: MountOptions, root: str, start: str,
-                 seed: int, launch: Launch = AS_CALLER) -> None:
+                 seed: int, launch: Launch = AS_CALLER, crash: CrashPlan | None = None) -> None:
         self.program = program
+        self.crash = crash  # a crash sweep: how its points cut (None: disk-full points)
         self.launch = launch  # how CMD, --setup and --check start (as_user: as that user)
         self.options = options
         self.root = root  # the sweep's temporary directory: every run's copy is below it
@@ -122,6 +143,11 @@ class SweepPlan:
         point = self.points[index - 1]
         got = _run_once(self, f"point-{index}", point, cancel)
         check = _ended(got.check) if got.check is not None else None
+        cut = got.cut
+        if point.cut_after is not None:
+            judged = crash_verdict(_ended(got.run), check, got.cut_in_run)
+        else:
+            judged = verdict(_ended(got.run), check)
         return PointResult(
             index=index, limit=got.limit, nth_write=point.nth_write,
             room=None if got.limit is None else got.limit - got.start,
@@ -129,11 +155,14 @@ class SweepPlan:
             check_exit_code=got.check.exit_code if got.check else None,
             check_signal=got.check.signal if got.check else None,
             check_timed_out=got.check.timed_out if got.check else False,
-            verdict=verdict(_ended(got.run), check),
+            verdict=judged,
             wall_s=got.run.wall_s, used_bytes=got.used, enospc_count=got.enospc_count,
             faults_fired=got.faults_fired, stderr_tail=got.run.stderr_tail,
             check_stderr_tail=got.check.stderr_tail if got.check else "",
-            daemon_log=got.daemon_log)
+            daemon_log=got.daemon_log, cut_after=point.cut_after,
+            cut_at_end=point.cut_at_end, cut_killed=got.cut_in_run,
+            lost=cut.lost if cut else (), lost_bytes=cut.lost_bytes if cut else 0,
+            lost_names=cut.lost_names if cut else 0)
 
 
 def run_point(plan: SweepPlan, index: int, cancel: threading.Event | None = None) -> PointResult:
@@ -152,9 +181,41 @@ def _copy_tree(source: str, target: str) -> None:
                            ExitCode.FAILURE)
 
 
-def _env(program: Program, mountpoint: str, name: str) -> dict[str, str]:
-    return {**os.environ, **program.extra_env, "QUOTAFS_MOUNT": mountpoint,
-            "QUOTAFS_SWEEP_RUN": name}
+def _env(program: Program, mountpoint: str, name: str,
+         notes: str | None = None) -> dict[str, str]:
+    env = {**os.environ, **program.extra_env, "QUOTAFS_MOUNT": mountpoint,
+           "QUOTAFS_SWEEP_RUN": name}
+    if notes is not None:
+        env["QUOTAFS_SWEEP_NOTES"] = notes
+    return env
+
+
+def _notes_dir(rundir: str, launch: Launch) -> str:
+    """The run's notes directory, outside its mount (a cut never reaches it), CMD's and
+    its check's: as_user's, if given."""
+    notes = os.path.join(rundir, NOTES)
+    os.mkdir(notes, 0o700)
+    if launch.user is not None:
+        entry = passwd_entry(launch.user)
+        os.chown(notes, entry.pw_uid, entry.pw_gid)
+    return notes
+
+
+def _arm_cut(mount: QuotaMount, point: Point | None, crash: CrashPlan | None) -> None:
+    """A crash point: the cut on its (k+1)-th durability request."""
+    if crash is not None and point is not None and point.cut_after is not None:
+        mount.add_fault(DURABILITY_OPS, crash=True, crash_model=crash.model,
+                        crash_torn=crash.torn, nth=point.cut_after + 1)
+
+
+def _finish_cut(mount: QuotaMount, point: Point | None, crash: CrashPlan | None,
+                seed: int) -> CrashReport | None:
+    """After CMD of a crash point: the rule's cut, or (CMD ended first) the cut now."""
+    if crash is None or point is None or point.cut_after is None:
+        return None
+    if mount.status().crashes:
+        return mount.last_crash()
+    return mount.crash(crash.model, crash.torn, seed=seed)
 
 
 def _read_log(path: str) -> str:
@@ -176,6 +237,7 @@ def _run_once(plan: SweepPlan, name: str, point: Point | None,
         data, mnt, log = (os.path.join(rundir, n) for n in ("data", "mnt", "daemon.log"))
         _copy_tree(plan.start, data)
         os.mkdir(mnt)
+        notes = _notes_dir(rundir, plan.launch)
         options = dataclasses.replace(plan.options, backing=data, log_file=log)
         mount = QuotaMount.start_with(options, mnt)
         try:
@@ -187,9 +249,14 @@ def _run_once(plan: SweepPlan, name: str, point: Point | None,
             if point is not None and point.nth_write is not None:
                 mount.add_fault("write", allocating=True, errno="ENOSPC",
                                 from_nth=point.nth_write)
-            env = _env(program, mount.path, name)
+            _arm_cut(mount, point, plan.crash)
+            env = _env(program, mount.path, name, notes)
+            cutting = plan.crash is not None and point is not None
             run = run_argv(program.argv, mount.path, env, program.timeout, plan.launch,
-                           cancel)
+                           cancel, stop=(lambda: mount.status().crashes > 0) if cutting
+                           else None)
+            cut_in_run = cutting and mount.status().crashes > 0
+            cut = _finish_cut(mount, point, plan.crash, plan.seed)
             after = mount.status()
             mount.set_limit(None)
             mount.clear_faults()
@@ -202,7 +269,9 @@ def _run_once(plan: SweepPlan, name: str, point: Point | None,
                     allocating_writes=after.allocating_writes - before.allocating_writes,
                     enospc_count=after.enospc_count - before.enospc_count,
                     faults_fired=after.faults_fired, block_size=after.block_size,
-                    daemon_log=_read_log(log))
+                    daemon_log=_read_log(log),
+                    durability_ops=after.durability_ops - before.durability_ops, cut=cut,
+                    cut_in_run=cut_in_run)
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
 
@@ -274,7 +343,8 @@ def _baseline(plan: SweepPlan) -> Baseline:
                     timed_out=got.run.timed_out,
                     check_exit_code=got.check.exit_code if got.check else None,
                     wall_s=got.run.wall_s, stderr_tail=got.run.stderr_tail,
-                    check_stderr_tail=got.check.stderr_tail if got.check else "")
+                    check_stderr_tail=got.check.stderr_tail if got.check else "",
+                    durability_ops=got.durability_ops)
     if not got.run.ok:
         raise QuotafsError(f"the baseline run (no limit) {got.run.ended()}: "
                            f"{_last(got.run.stderr_tail) or 'no output'}; sweep needs a "
@@ -284,7 +354,7 @@ def _baseline(plan: SweepPlan) -> Baseline:
                            f"{got.check.ended()}: {_last(got.check.stderr_tail) or 'no output'}"
                            "; sweep needs a check that passes when the program had room",
                            ExitCode.FAILURE)
-    if got.peak <= 0:
+    if got.peak <= 0 and plan.crash is None:  # a crash sweep cuts what it wrote, or not
         raise QuotafsError("the baseline run allocated nothing above the starting state: "
                            "no point at which the disk could fill", ExitCode.FAILURE)
     return base
@@ -296,6 +366,7 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
                timeout: float = DEFAULT_TIMEOUT, seed: int | None = None,
                workdir: str | None = None, env: Mapping[str, str] | None = None,
                note: Callable[[str], None] | None = None, as_user: str | None = None,
+               crash_points: bool = False, model: str | None = None, torn: bool = False,
                **mount_options: Any) -> SweepPlan:
     """Check everything, make the starting state, run the baseline, choose the points.
 
@@ -308,12 +379,19 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
     the environment; note: told (a line) when the baseline starts, once everything is
     checked; as_user: run CMD, setup and check as this user (name or uid; needs root);
     mount_options: those of `quotafs mount` that hold for every run
-    (accounting, block_size, inodes, mmap_sigbus, no_cache, debug...).
+    (accounting, block_size, inodes, mmap_sigbus, no_cache, debug...);
+    crash_points: a crash sweep instead (every mount with crash_sim): a power cut after
+    CMD's k-th durability operation for k = 0 .. N (points: N of them, seeded), cut as
+    `quotafs crash --model model --torn` would (model "posix" by default, or "ext4").
 
     Use the plan in a `with` block (or close() it): it holds the starting state.
     """
     program = _program(argv, setup, check, timeout, env)
-    check_choice(points, every, each_write, max_runs)
+    crash = _crash_plan(crash_points, model, torn, every, each_write, max_runs)
+    if crash is not None:
+        mount_options = {**mount_options, "crash_sim": True}
+    else:
+        check_choice(points, every, each_write, max_runs)
     source = _check_from(from_dir)
     if seed is None:
         seed = random.getrandbits(32)
@@ -325,7 +403,8 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
         raise QuotafsError(f"--workdir {workdir} is not a directory", ExitCode.USAGE)
     check_fuse()  # before --setup and the baseline run
     root = tempfile.mkdtemp(prefix="quotafs-sweep-", dir=workdir)
-    plan = SweepPlan(program, options, root, os.path.join(root, "start"), seed, launch)
+    plan = SweepPlan(program, options, root, os.path.join(root, "start"), seed, launch,
+                     crash)
     try:
         os.chmod(root, 0o711)
         plan.start = _starting_state(program, source, root, launch)
@@ -333,9 +412,12 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
         if note is not None:
             note(f"baseline: {printable(shlex.join(argv))} with no limit")
         plan.baseline = base = _baseline(plan)
-        plan.points = choose_points(base.peak_bytes, base.allocating_writes, base.block_size,
-                                    points=points, every=every, each_write=each_write,
-                                    max_runs=max_runs)
+        if crash is not None:
+            plan.points = choose_crash_points(base.durability_ops, points, seed)
+        else:
+            plan.points = choose_points(base.peak_bytes, base.allocating_writes,
+                                        base.block_size, points=points, every=every,
+                                        each_write=each_write, max_runs=max_runs)
         if not plan.points:  # --each-write of a program that allocates by other means
             raise QuotafsError("the baseline run made no allocating write request (its "
                                "space came from others, such as a growing truncate in "
@@ -345,6 +427,20 @@ def plan_sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str |
         plan.close()
         raise
     return plan
+
+
+def _crash_plan(crash_points: bool, model: str | None, torn: bool, every: int | None,
+                each_write: bool, max_runs: int | None) -> CrashPlan | None:
+    """The crash sweep's settings, checked; None for a disk-full sweep (which refuses
+    --model and --torn)."""
+    if not crash_points:
+        for name, value in (("--model", model), ("--torn", torn or None)):
+            if value is not None:
+                raise QuotafsError(f"{name}: only with --crash-points (how its power cuts "
+                                   "are made)", ExitCode.USAGE)
+        return None
+    check_crash_choice(every, each_write, max_runs)
+    return CrashPlan(model or "posix", torn)
 
 
 def _launch(as_user: str | None) -> Launch:
@@ -451,9 +547,9 @@ def sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str | None
           workdir: str | None = None, env: Mapping[str, str] | None = None,
           progress: Progress | None = None, as_user: str | None = None,
           **mount_options: Any) -> SweepReport:
-    """The whole sweep: plan_sweep(...) (same arguments), every point on `jobs` parallel
-    mounts, and the report; nothing is left behind. report.exit_code is 0 when every point
-    is ok, report.failures the others."""
+    """The whole sweep: plan_sweep(...) (same arguments, crash_points, model and torn
+    among them), every point on `jobs` parallel mounts, and the report; nothing is left
+    behind. report.exit_code is 0 when every point is ok, report.failures the others."""
     check_jobs(jobs)
     began = time.monotonic()
     with plan_sweep(argv, setup=setup, from_dir=from_dir, check=check, points=points,
@@ -463,5 +559,6 @@ def sweep(argv: Sequence[str], *, setup: str | None = None, from_dir: str | None
         results = run_points(plan, jobs, progress)
         assert plan.baseline is not None
         return SweepReport(argv=tuple(argv), baseline=plan.baseline, points=tuple(results),
-                           seed=plan.seed, wall_s=round(time.monotonic() - began, 3))
+                           seed=plan.seed, wall_s=round(time.monotonic() - began, 3),
+                           crash=plan.crash)
 

@@ -22,7 +22,8 @@ Fixtures (as pyfakefs's fs, fs_class, fs_module, fs_session: one per scope):
   quotafs_target   the test once per target — reference (ext4_loop), quotafs, quotafs-sigbus —
                    each time with .name and .path, a fresh directory on that target
   sweep_point      one point of a disk-full sweep (@pytest.mark.quotafs_sweep(cmd=..., check=...,
-                   points=N) makes N test items of the test, for pytest-xdist to spread)
+                   points=N) makes N test items of the test, for pytest-xdist to spread),
+                   or of a crash sweep (crash_points=True: a power cut per item)
 
 Where FUSE cannot be used the fixtures skip the test, with the reason. When a test fails, its
 report gets a section per mount it could see: usage, ENOSPC count, fault seed and the recorded
@@ -515,6 +516,8 @@ def _sweep_spec(node: pytest.Item) -> dict[str, Any]:
         raise pytest.fail.Exception(f"{where}: cmd= is required: a command line (str) or "
                                     "an argv list", pytrace=False)
     spec["cmd"] = list(cmd)
+    if spec.get("crash_points"):  # all N+1 cuts would outnumber the items: N of them
+        spec.setdefault("points", DEFAULT_SWEEP_POINTS)
     return spec
 
 
@@ -537,7 +540,8 @@ def _sweep_items(spec: dict[str, Any], where: str) -> int:
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """What the sweep_point fixture gives: one disk-full point of the sweep, already run."""
+    """What the sweep_point fixture gives: one point of the sweep (a disk-full point, or
+    with crash_points=True a power cut), already run."""
 
     index: int
     total: int  # points in the sweep
@@ -558,9 +562,13 @@ class SweepPoint:
         r = self.result
         check = r.check
         lines = [f"quotafs sweep point {self.index} of {self.total}: {r.where()}",
-                 f"CMD: {r.run.describe()}; check: "
+                 f"CMD: {r.cmd_ended()}; check: "
                  + ("none" if check is None else check.describe()),
                  f"verdict: {r.verdict}"]
+        if r.cut_after is not None:
+            lines.insert(1, f"the cut: {r.lost_summary()}"
+                         + "".join(f"\n  {item.kind} {item.path} ({item.bytes} bytes)"
+                                   for item in r.lost[:SWEEP_TAIL_LINES]))
         for title, text in (("CMD stderr", r.stderr_tail), ("check stderr", r.check_stderr_tail),
                             ("daemon log", r.daemon_log)):
             if text:
@@ -671,8 +679,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"{SWEEP_MARKER}(cmd=..., setup=None, check=None, points={DEFAULT_SWEEP_POINTS}, "
-        "**options): a disk-full sweep of cmd, one test item per point, for a test taking the "
-        "sweep_point fixture (options as for quotafs.plan_sweep). See quotafs docs/testing.md")
+        "**options): a disk-full sweep of cmd (with crash_points=True: a power cut after each "
+        "durability operation, model='posix'|'ext4', torn=True), one test item per point, "
+        "for a test taking the sweep_point fixture (options as for quotafs.plan_sweep). See "
+        "quotafs docs/testing.md")
 
 
 @pytest.hookimpl(tryfirst=True)

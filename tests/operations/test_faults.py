@@ -151,3 +151,54 @@ async def test_rules_given_at_mount(make_fs: FsFactory) -> None:
     fs = make_fs("1M", rules=[{"op": ["create"], "errno": "ENOSPC"}], seed=7)
     assert await write_errno(fs, "/a") == errno.ENOSPC
     assert (await fs.status())["seed"] == 7
+
+
+# -- durability effects (--crash-sim) -----------------------------------------------------
+
+
+async def test_a_crash_rule_cuts_before_the_request_and_answers_eio(
+        make_fs: FsFactory) -> None:
+    cfs = make_fs("4M", crash_sim=True)
+    await cfs.write_file("/a", b"a" * 4096)
+    f = await cfs.open("/a")
+    await cfs.fsync(f)
+    await cfs.fsyncdir("/")
+    await cfs.add_fault(op=["write"], crash=True, crash_model="ext4", nth=2)
+    assert await cfs.write(f, 4096, b"1" * 4096) == 4096  # unsynced: lost at the cut
+    with pytest.raises(OSError) as info:
+        await cfs.write(f, 8192, b"2" * 4096)  # the cut, before it is carried out
+    assert info.value.errno == errno.EIO
+    with pytest.raises(OSError):  # close(2): the flush is EIO, the release goes through
+        await cfs.release(f)
+    assert cfs.ops.inodes.statistics().open_handles == 0
+    assert os.path.getsize(os.path.join(cfs.backing, "a")) == 4096
+    status = await cfs.status()
+    assert (status["crashes"], status["faults_fired"]) == (1, 1)
+    assert (await cfs.books())[0] == (await cfs.books())[1]
+
+
+async def test_drop_unsynced_reverts_the_file_and_matches_only_files_with_unsynced_writes(
+        make_fs: FsFactory) -> None:
+    cfs = make_fs("4M", crash_sim=True)
+    await cfs.add_fault(op=["fsync"], errno="EIO", drop_unsynced=True)
+    f = await cfs.create("/wal")
+    await cfs.fsyncdir("/")
+    await cfs.fsync(f)  # nothing unsynced: the rule does not even match
+    await cfs.write(f, 0, b"s" * 100)
+    with pytest.raises(OSError) as info:
+        await cfs.fsync(f)
+    assert info.value.errno == errno.EIO
+    assert os.path.getsize(os.path.join(cfs.backing, "wal")) == 0  # dropped
+    await cfs.fsync(f)  # the next fsync: 0
+    await cfs.release(f)
+    [rule] = (await cfs.control("faults", {}))["rules"]
+    assert (rule["matched"], rule["fired"]) == (1, 1)
+
+
+async def test_durability_rules_are_refused_without_crash_sim(fs: InProcessFS) -> None:
+    for rule in ({"op": ["write"], "crash": True},
+                 {"op": ["fsync"], "errno": "EIO", "drop_unsynced": True}):
+        with pytest.raises(OSError) as info:
+            await fs.add_fault(**rule)
+        assert info.value.errno == errno.EINVAL
+    assert (await fs.status())["fault_rules"] == 0

@@ -245,3 +245,75 @@ def test_each_write_items_past_the_baselines_writes_are_skipped(
     result.stdout.fnmatch_lines(["*quotafs sweep point 8 of 12: allocating write 8",
                                  "SKIPPED [[]2[]] *: quotafs sweep: the baseline gives 12 "
                                  "points only"])
+
+
+# -- crash points ---------------------------------------------------------------------------
+
+# Writes `data` and reports it saved (in $QUOTAFS_SWEEP_NOTES) before its fsync, the
+# careless order; with "careful", after. Its durability ops: the directory's fsync, the
+# file's: 3 crash points (k = 0, 1, 2). The careless one loses reported data at k = 1.
+SAVER = """
+import os, sys
+fd = os.open("data", os.O_WRONLY | os.O_CREAT, 0o644)
+d = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+os.fsync(d)
+os.write(fd, b"x" * 5000)
+note = lambda: open(os.path.join(os.environ["QUOTAFS_SWEEP_NOTES"], "saved"), "w").close()
+if sys.argv[1] == "careless":
+    note()
+try:
+    os.fsync(fd)
+except OSError as exc:
+    sys.exit(f"saver: {exc}")
+if sys.argv[1] == "careful":
+    note()
+"""
+SAVER_CHECK = """
+import os, sys
+if os.path.exists(os.path.join(os.environ["QUOTAFS_SWEEP_NOTES"], "saved")):
+    size = os.path.getsize("data") if os.path.exists("data") else -1
+    sys.exit(0 if size == 5000 else f"check: reported saved, data has {size} bytes")
+"""
+
+
+def crash_suite(pytester: pytest.Pytester, mode: str) -> None:
+    saver, check = pytester.path / "saver.py", pytester.path / "check.py"
+    saver.write_text(SAVER)
+    check.write_text(SAVER_CHECK)
+    pytester.makepyfile(test_inner=textwrap.dedent(f"""
+        import sys
+        import pytest
+
+        @pytest.mark.quotafs_sweep(cmd=[sys.executable, {str(saver)!r}, {mode!r}],
+                                   check={f"{sys.executable} {check}"!r},
+                                   crash_points=True, model="ext4", points=4)
+        def test_save(sweep_point):
+            sweep_point.assert_ok()
+        """))
+
+
+@needs_fuse
+def test_crash_points_make_one_item_per_cut_and_say_what_the_cut_lost(
+        pytester: pytest.Pytester) -> None:
+    crash_suite(pytester, "careless")
+    result = run(pytester)
+    assert outcomes(result) == {"FAILED": ["point2"], "PASSED": ["point1", "point3"]}
+    result.assert_outcomes(passed=2, failed=1, skipped=1)  # 3 cuts for 4 items
+    result.stdout.fnmatch_lines([
+        "*quotafs sweep point 2 of 3: cut at durability op 2",
+        "the cut: lost 4.9 KiB, 0 names (data, size)",
+        "  data /data (5000 bytes)",
+        "  size /data (*",
+        "CMD: *; check: exit 1",
+        "verdict: data lost at the cut",
+        "check stderr (tail):",
+        "  check: reported saved, data has 0 bytes",
+    ])
+    assert "Traceback" not in result.stdout.str()
+
+
+@needs_fuse
+def test_a_careful_saver_passes_every_crash_point(pytester: pytest.Pytester) -> None:
+    crash_suite(pytester, "careful")
+    result = run(pytester)
+    assert outcomes(result) == {"PASSED": ["point1", "point2", "point3"]}

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.model.faults import (
     OPS,
+    CrashCut,
     Effect,
     FaultEngine,
     RuleSpec,
@@ -206,6 +207,114 @@ def test_corrupt_read_flips_one_bit_deterministically() -> None:
     assert corruptions(3) == first
     assert corruptions(4) != first
     assert len(set(first)) > 1  # each firing picks its own position
+
+
+# -- crash and drop-unsynced --------------------------------------------------------------
+
+
+def test_crash_rule_gives_a_cut_with_a_seed_per_firing() -> None:
+    spec = spec_from_args("write", path="/db/*", nth=3, crash=True, crash_model="ext4",
+                          crash_torn=True)
+    assert (spec.effect, spec.crash_model, spec.crash_torn) == ("crash", "ext4", True)
+    assert spec.needs_crash_sim
+    engine = engine_with(spec)
+    effects = [engine.check("write", "/db/orders") for _ in range(4)]
+    assert effects[:2] == [None, None] and effects[3] is None  # the 3rd match only
+    cut = effects[2]
+    assert cut is not None and cut.kind == "crash"
+    assert cut.cut == CrashCut("ext4", True, 0.0, cut.value)
+    assert cut.describe() == "crash ext4 torn"
+    # The cut's seed is the rule's: the same rule seed gives the same cut.
+    again = engine_with(spec_from_args("write", path="/db/*", nth=3, crash=True,
+                                       crash_model="ext4", crash_torn=True,
+                                       seed=engine.rules()[0].effective_seed), seed=99)
+    assert [again.check("write", "/db/orders") for _ in range(3)][2] == cut
+
+
+def test_crash_seeds_differ_per_firing_and_per_seed() -> None:
+    def seeds(seed: int) -> list[int]:
+        engine = engine_with(spec_from_args("fsync", crash=True, seed=seed))
+        return [e.value for e in (engine.check("fsync", "/f") for _ in range(5)) if e]
+
+    first = seeds(7)
+    assert len(first) == 5 and len(set(first)) == 5
+    assert seeds(7) == first and seeds(8) != first
+    assert all(0 <= s < 2**32 for s in first)
+
+
+def test_crash_defaults_to_posix_and_describes_itself() -> None:
+    spec = spec_from_args("rename", crash=True, crash_keep_fraction="0.25")
+    assert spec.to_dict() == {"op": ["rename"], "crash": True, "crash_model": "posix",
+                              "crash_keep_fraction": 0.25}
+    assert spec.describe() == "--op rename --crash --crash-model posix --crash-keep-fraction 0.25"
+    assert spec.crash_cut(5).describe() == "crash posix keep 0.25"
+    rules = load_rules_toml('[[rule]]\nop = "fsync"\ncrash = true\ncrash_model = "ext4"\n')
+    assert rules.rules[0] == spec_from_args("fsync", crash=True, crash_model="ext4")
+
+
+def test_drop_unsynced_is_an_fsync_errno() -> None:
+    spec = spec_from_args("fsync", errno="EIO", drop_unsynced=True, times=1)
+    assert spec.needs_crash_sim and spec.warnings() == []
+    engine = engine_with(spec_from_args("fsync", errno="EIO", drop_unsynced=True))
+    assert engine.wants_unsynced
+    # Nothing to write back, no writeback error: such fsyncs are not even matched.
+    assert engine.check("fsync", "/db/wal") is None
+    assert engine.check("fsync", "/db/wal", unsynced=False) is None
+    assert engine.rules()[0].matched == 0
+    effect = engine.check("fsync", "/db/wal", unsynced=True)
+    assert effect == Effect("errno", errno.EIO, "r1", drop_unsynced=True)
+    assert not engine_with(spec_from_args("fsync", errno="EIO")).wants_unsynced
+    assert effect.describe() == "errno EIO, unsynced writes dropped"
+    assert spec.describe() == "--op fsync --errno EIO --drop-unsynced --times 1"
+    assert not spec_from_args("fsync", errno="EIO").needs_crash_sim
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"op": "write", "errno": "EIO", "drop_unsynced": True},
+     '--drop-unsynced: only valid with op "fsync" alone (fsync and fdatasync), got op "write"'),
+    ({"op": "fsync,fsyncdir", "errno": "EIO", "drop_unsynced": True},
+     '--drop-unsynced: only valid with op "fsync" alone'),
+    ({"op": "fsync", "delay": "1s", "drop_unsynced": True},
+     "--drop-unsynced: needs --errno: the error the failed fsync answers, e.g. EIO"),
+    ({"op": "fsync", "crash": True, "drop_unsynced": True}, "--drop-unsynced: needs --errno"),
+    ({"op": "fsync", "errno": "EIO", "crash_torn": True},
+     "--crash-torn: only valid with --crash"),
+    ({"op": "fsync", "errno": "EIO", "crash_model": "ext4"},
+     "--crash-model: only valid with --crash"),
+    ({"op": "fsync", "crash": True, "crash_model": "xfs"},
+     '--crash-model: must be posix or ext4, got "xfs"'),
+    ({"op": "fsync", "crash": True, "crash_keep_fraction": "1.5"},
+     "--crash-keep-fraction: must be between 0 and 1, got 1.5"),
+    ({"op": "fsync", "crash": True, "crash_keep_fraction": "half"},
+     '--crash-keep-fraction: must be a number between 0 and 1, got "half"'),
+    ({"op": "fsync", "crash": True, "errno": "EIO"},
+     "options --errno and --crash: a rule has exactly one effect"),
+])
+def test_crash_and_drop_unsynced_mistakes_are_one_line(kwargs: dict[str, Any],
+                                                       message: str) -> None:
+    op = kwargs.pop("op")
+    with pytest.raises(QuotafsError) as info:
+        spec_from_args(op, **kwargs)
+    assert str(info.value).startswith(message), str(info.value)
+    assert info.value.code == ExitCode.USAGE
+
+
+@pytest.mark.parametrize(("rule", "message"), [
+    ('op = "fsync"\ncrash = false', 'rule 1: field "crash": must be true'),
+    ('op = "fsync"\ncrash = true\ncrash_torn = 1', 'rule 1: field "crash_torn": must be true'),
+    ('op = "fsync"\ncrash = true\ncrash_model = 2',
+     'rule 1: field "crash_model": must be posix or ext4, got 2'),
+    ('op = "fsync"\nerrno = "EIO"\ndrop_unsynced = "yes"',
+     'rule 1: field "drop_unsynced": must be true'),
+    ('op = "fsync"\ndelay = "1s"\ndrop_unsynced = true',
+     'rule 1: field "drop_unsynced": needs field "errno"'),
+    ('op = "write"\nerrno = "EIO"\ncrash_keep_fraction = 0.5',
+     'rule 1: field "crash_keep_fraction": only valid with field "crash"'),
+])
+def test_crash_fields_in_rules_files_name_rule_and_field(rule: str, message: str) -> None:
+    with pytest.raises(QuotafsError) as info:
+        load_rules_toml(f"[[rule]]\n{rule}\n")
+    assert str(info.value).startswith(message), str(info.value)
 
 
 def test_corrupt_read_only_with_read_alone_and_must_be_true() -> None:
@@ -515,7 +624,7 @@ def test_add_revalidates_hand_built_specs() -> None:
 # -- serialisation ------------------------------------------------------------------------
 
 _valid_spec_args = st.fixed_dictionaries(
-    {"op": st.sampled_from(["write", "read", "fsync,flush", "all"])},
+    {"op": st.sampled_from(["write", "read", "fsync,flush", "fsync", "all"])},
     optional={
         "path": st.sampled_from(["/logs/*.log", "*.wal", "/a/**/b", "/"]),
         "probability": st.floats(min_value=0, max_value=1),
@@ -536,6 +645,13 @@ def valid_specs(draw: st.DrawFn) -> RuleSpec:
         effects.append({"short_write": draw(st.integers(min_value=1, max_value=2**31))})
     if args["op"] == "read":
         effects.append({"corrupt_read": True})
+    crash: dict[str, Any] = {"crash": True}
+    crash.update(draw(st.fixed_dictionaries({}, optional={
+        "crash_model": st.sampled_from(["posix", "ext4"]), "crash_torn": st.just(True),
+        "crash_keep_fraction": st.floats(min_value=0, max_value=1)})))
+    effects.append(crash)
+    if args["op"] == "fsync":
+        effects.append({"errno": "EIO", "drop_unsynced": True})
     return spec_from_args(**args, **draw(st.sampled_from(effects)))
 
 
@@ -545,13 +661,16 @@ def test_spec_dict_round_trip(spec: RuleSpec) -> None:
     assert RuleSpec.from_dict(data) == spec
 
 
+FLAGS = ("corrupt_read", "crash", "crash_torn", "drop_unsynced")  # options with no value
+
+
 @given(valid_specs())
 def test_describe_round_trips_through_cli_options(spec: RuleSpec) -> None:
     words = shlex.split(spec.describe())
     kwargs: dict[str, Any] = {}
     while words:
         option = words.pop(0).removeprefix("--").replace("-", "_")
-        kwargs[option] = True if option == "corrupt_read" else words.pop(0)
+        kwargs[option] = True if option in FLAGS else words.pop(0)
     assert spec_from_args(**kwargs) == spec
 
 

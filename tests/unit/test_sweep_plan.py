@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -11,13 +12,17 @@ from quotafs.sweeps.plan import (
     CHECK_FAILED,
     CHECK_FAILED_AFTER_SUCCESS,
     CRASHED,
+    DATA_LOST,
     HUNG,
     OK,
     Baseline,
     Ended,
     PointResult,
     SweepReport,
+    check_crash_choice,
+    choose_crash_points,
     choose_points,
+    crash_verdict,
     fractions,
     verdict,
 )
@@ -132,3 +137,69 @@ def test_points_and_ends_describe_themselves() -> None:
     assert nth.describe() == "ENOSPC from allocating write 2 on"
     assert [e.describe() for e in (EXIT0, EXIT1, KILLED, TIMED_OUT)] == [
         "exit 0", "exit 1", "SIGSEGV", "hung"]
+
+
+# -- crash points -------------------------------------------------------------------------
+
+
+def test_crash_points_are_every_cut_from_none_to_the_end() -> None:
+    points = choose_crash_points(4, None, seed=1)
+    assert [(p.index, p.cut_after, p.cut_at_end) for p in points] == \
+        [(1, 0, False), (2, 1, False), (3, 2, False), (4, 3, False), (5, 4, True)]
+    assert all(p.room is None and p.nth_write is None for p in points)
+    assert [p.describe() for p in points[:2]] == ["cut at durability op 1",
+                                                  "cut at durability op 2"]
+    assert points[-1].describe() == "cut at the end (after op 4)"
+    # A program that never syncs has one point: the cut when it has ended.
+    (only,) = choose_crash_points(0, None, seed=1)
+    assert (only.cut_after, only.cut_at_end, only.describe()) == (0, True, "cut at the end")
+    # --points N at least N+1 runs them all.
+    assert choose_crash_points(4, 5, seed=1) == points == choose_crash_points(4, 50, seed=1)
+
+
+def test_some_crash_points_keep_the_first_and_last_and_a_seeded_choice() -> None:
+    chosen = [p.cut_after for p in choose_crash_points(100, 6, seed=7)]
+    assert len(chosen) == 6 and len(set(chosen)) == 6 and chosen == sorted(chosen)
+    assert chosen[0] == 0 and chosen[-1] == 100
+    assert chosen == [p.cut_after for p in choose_crash_points(100, 6, seed=7)]
+    others = {tuple(p.cut_after for p in choose_crash_points(100, 6, seed=s))
+              for s in range(10)}
+    assert len(others) > 5  # the seed chooses
+    (one,) = choose_crash_points(100, 1, seed=7)
+    assert one.index == 1 and 0 <= (one.cut_after or 0) <= 100
+    with pytest.raises(QuotafsError, match="--points: must be at least 1, got 0"):
+        choose_crash_points(3, 0, seed=1)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"every": 4096}, "--every: not with --crash-points"),
+    ({"each_write": True}, "--each-write: not with --crash-points"),
+    ({"max_runs": 3}, "--max-runs: not with --crash-points"),
+])
+def test_crash_points_refuse_the_disk_full_ways_to_pick(flags: dict[str, Any],
+                                                        message: str) -> None:
+    args: dict[str, Any] = {"every": None, "each_write": False, "max_runs": None, **flags}
+    with pytest.raises(QuotafsError, match=message) as info:
+        check_crash_choice(**args)
+    assert info.value.code == ExitCode.USAGE
+
+
+CUT = Ended(None, "SIGKILL", False)  # killed by the sweep at the cut
+
+
+@pytest.mark.parametrize(("run", "check", "cut_killed", "expected"), [
+    (CUT, EXIT0, True, OK),  # cut mid-run, the data it reported as saved is there
+    (CUT, EXIT1, True, DATA_LOST),
+    (EXIT1, EXIT0, False, OK),  # the cut's EIO made it stop by itself, data sound
+    (EXIT1, EXIT1, False, DATA_LOST),
+    (EXIT0, EXIT1, False, CHECK_FAILED_AFTER_SUCCESS),  # the cut at its end
+    (EXIT0, EXIT0, False, OK),
+    (KILLED, EXIT0, False, CRASHED),  # a signal of its own, before the cut
+    (TIMED_OUT, EXIT0, False, HUNG),
+    (CUT, None, True, OK),
+    (KILLED, EXIT0, True, OK),  # the dead device ended it first (SQLite's -shm: SIGBUS)
+    (EXIT0, EXIT1, True, CHECK_FAILED_AFTER_SUCCESS),  # it exited 0 despite the cut's EIO
+])
+def test_crash_verdicts(run: Ended, check: Ended | None, cut_killed: bool,
+                        expected: str) -> None:
+    assert crash_verdict(run, check, cut_killed) == expected
