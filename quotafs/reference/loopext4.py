@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import signals_deferred
 from quotafs.mountinfo import find_mount
+from quotafs.reference.shutdown import shutdown
 from quotafs.reference.tools import find_tool, last_line, run_tool
 from quotafs.units import format_size
 from quotafs.unmounting import unmount_failure, unmount_retrying
@@ -62,6 +63,27 @@ class Ext4Loop:
     def quotafs_options(self) -> dict[str, int]:
         """limit and reserve of a quotafs with this ext4's room for root and for others."""
         return {"limit": self.write_capacity_hint, "reserve": self.root_reserve_bytes}
+
+    def power_cut(self) -> None:
+        """Cut the power: FS_IOC_SHUTDOWN without a log flush (what was not committed to
+        the journal is gone), unmount, mount the same device again (the journal replayed),
+        so the mount point shows the post-crash state. Descriptors opened before stay dead
+        (EIO): close them first, or the unmount finds the mount busy and this fails."""
+        tools = _find_tools()
+        shutdown(self.mountpoint)
+        # Never lazily: a detached superblock still alive would be mounted again as it is,
+        # shut down, instead of being read back from the device.
+        with signals_deferred():
+            busy = unmount_retrying(os.path.realpath(self.mountpoint),
+                                    functools.partial(_umount_once, tools), lazy=False)
+            if busy is not None:
+                raise QuotafsError(f"cannot remount {self.mountpoint} after the power cut: "
+                                   f"{busy} (a descriptor opened before it is still open)",
+                                   ExitCode.LOOP)
+            proc = run_tool([tools.mount, self.device, self.mountpoint])
+        if proc.returncode != 0:
+            raise QuotafsError(f"mount {self.device} {self.mountpoint} after the power cut "
+                               f"failed: {last_line(proc)}", ExitCode.LOOP)
 
     def cleanup_commands(self) -> list[str]:
         """Shell commands that remove what keep=True left behind."""
