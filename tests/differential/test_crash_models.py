@@ -167,6 +167,49 @@ def test_the_issues_measurement_against_both_models(ext4: Ext4Loop,
     assert posix == {"a": real["a"]}
 
 
+# What real ext4 does in the cases that decide a model (docs/crash.md, "Against real
+# ext4"): the sizes after the cut. Every case starts with a = 100 B, fsynced, name durable.
+SYNCED_A: list[Op] = [Write("a", 0, 100, 1), Fsync("a"), FsyncDir("")]
+FACTS: dict[str, tuple[list[Op], dict[str, int]]] = {
+    # Only a journal commit makes a name durable, and an fsync commits only when the file
+    # has something to commit: a clean file's fsync (or an in-place overwrite's
+    # fdatasync) leaves an earlier create uncommitted.
+    "fsync of a clean file commits nothing": (
+        [*SYNCED_A, Write("b", 0, 10, 2), Fsync("a")], {"a": 100}),
+    "fdatasync of a clean file commits nothing": (
+        [*SYNCED_A, Write("b", 0, 10, 2), Fsync("a", data_only=True)], {"a": 100}),
+    "fdatasync of an in-place overwrite commits nothing": (
+        [*SYNCED_A, Write("b", 0, 10, 2), Write("a", 0, 10, 3), Fsync("a", data_only=True)],
+        {"a": 100}),
+    # (An in-place overwrite's fsync commits only if the coarse clock ticked since the
+    # last write changed the mtime: nothing a model can predict, so no case here.)
+    "fsync of an appended file commits every earlier name": (
+        [*SYNCED_A, Write("b", 0, 10, 2), Write("a", None, 10, 3), Fsync("a")],
+        {"a": 110, "b": 0}),
+    "fdatasync of an appended file commits every earlier name": (
+        [*SYNCED_A, Write("b", 0, 10, 2), Write("a", None, 10, 3), Fsync("a", data_only=True)],
+        {"a": 110, "b": 0}),
+    # auto_da_alloc: replacing a file by rename, or truncating it to 0 and writing it,
+    # starts the new data's writeback at once; the next commit waits for it (data=ordered).
+    "rename over a file writes the new data back (auto_da_alloc)": (
+        [*SYNCED_A, Write("t", 0, 50, 2), Rename("t", "a"), Write("z", 0, 10, 3), Fsync("z")],
+        {"a": 50, "z": 10}),
+    "truncate to 0 and rewrite writes the new data back (auto_da_alloc)": (
+        [*SYNCED_A, Truncate("a", 0), Write("a", 0, 50, 2), Write("z", 0, 10, 3),
+         Fsync("z")], {"a": 50, "z": 10}),
+    "an unsynced rename is undone": (
+        [*SYNCED_A, Rename("a", "b")], {"a": 100}),
+}
+
+
+@pytest.mark.parametrize("case", FACTS)
+def test_real_ext4_facts(ext4: Ext4Loop, case: str) -> None:
+    ops, sizes = FACTS[case]
+    _, outcomes, real = real_cut(ext4, ops)
+    assert outcomes == [None] * len(ops)
+    assert {path: len(data) for path, data in real.items()} == sizes
+
+
 @pytest.mark.timeout(600)
 @SETTINGS
 @given(ops=SEQUENCES)
