@@ -18,7 +18,7 @@ EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.is_dir()
 
 
 # The last line of each example's run, where it does not depend on who runs it.
-SUMMARIES = {"atomic_update": "12 passed", "sqlite_wal": "10 passed"}
+SUMMARIES = {"atomic_update": "12 passed", "sqlite_wal": "10 passed", "crash_config": "5 passed"}
 
 
 def test_there_are_examples() -> None:
