@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -130,7 +131,9 @@ def real_cut(ext4: Ext4Loop, ops: list[Op]) -> tuple[Oracle, list[str | None], T
     root = _fresh_dir(ext4.mountpoint)
     oracle, outcomes = _run(root, ops)
     ext4.power_cut()
-    return oracle, outcomes, read_tree(root)
+    tree = read_tree(root)
+    shutil.rmtree(root)  # the image's inodes last for a few hundred runs only
+    return oracle, outcomes, tree
 
 
 @pytest.fixture(scope="module")
