@@ -195,6 +195,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "fsname": check_fsname,
     "debug": _flag("debug"),
     "xattrs": check_on_off("xattrs"),
+    "crash_sim": _flag("crash_sim"),
 }
 OPTION_NAMES = tuple(CHECKS)  # what a user may give (rules_file is read into rules)
 SETTABLE = ("limit", "inodes", "reserve")  # what `quotafs set` changes on a live mount
@@ -247,6 +248,7 @@ class MountOptions:
     fsname: str = "quotafs"
     debug: bool = False
     xattrs: bool = True  # False: no xattrs, ACLs (ENOSYS), no GETXATTR before each write
+    crash_sim: bool = False  # record what is durable, for `quotafs crash` (docs/crash.md)
     # Where and how the mount is started: set by the starter with placed(), not options.
     mountpoint: str = ""
     private_backing: bool = False  # the backing directory was made for this mount

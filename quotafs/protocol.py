@@ -13,6 +13,7 @@ One JSON line each way: {"request": NAME, "args": {...}} in, then either
     fault.add RULE             -> RuleAdded
     fault.clear {"id": ID|null} -> {"cleared": N}
     forget                     -> {"entries": N} (for tests: drop the kernel's entries)
+    crash {model, torn, keep_fraction, seed} -> CrashReport (a power cut; --crash-sim only)
 
 Every document is a frozen dataclass whose JSON object has the keys of its fields (tuples
 as lists): `to_dict()` gives exactly what the daemon sends, and the command line's --json
@@ -41,7 +42,8 @@ SET = "set"
 FAULT_ADD = "fault.add"
 FAULT_CLEAR = "fault.clear"
 FORGET = "forget"
-REQUESTS = (STATUS, EVENTS, FAULTS, SET, FAULT_ADD, FAULT_CLEAR, FORGET)
+CRASH = "crash"
+REQUESTS = (STATUS, EVENTS, FAULTS, SET, FAULT_ADD, FAULT_CLEAR, FORGET, CRASH)
 PUBLIC = (STATUS,)  # the rest show paths and pids, or change the mount
 
 # An event's path is cut here (with a marker), so one pathological name cannot make the
@@ -204,6 +206,12 @@ class Status(Document):
     # later additions (defaults: an older daemon's document lacks them)
     xattrs: bool = True  # False: mounted with --xattrs off
     getxattr_requests: int = 0  # GETXATTR requests the kernel sent (one a write with xattrs)
+    crash_sim: bool = False  # mounted with --crash-sim (docs/crash.md)
+    durability_ops: int = 0  # fsync, fdatasync, fsyncdir and renames seen (--crash-sim)
+    crashes: int = 0  # power cuts so far
+    crash_journal_bytes: int = 0  # old contents saved to undo unsynced writes
+    crash_journal_entries: int = 0  # recorded changes not yet durable
+    crash_forced_syncs: int = 0  # times the journal's bound made everything durable
 
     def usage(self) -> Usage:
         return Usage(self.limit, self.used, self.reserved, self.free, self.root_reserve,
@@ -223,6 +231,50 @@ class Event(Document):
     effect: str  # "ENOSPC (quota)", "errno EIO", "delay 200ms", "short-write 4096", ...
     rule: str | None  # the fault rule that fired
     pid: int | None  # the caller, where FUSE tells it (not for read/write/flush/fsync)
+
+
+LOST_KINDS = ("data", "size", "created", "removed", "renamed", "torn", "kept")
+CRASH_MODELS = ("posix", "ext4")
+
+
+@dataclass(frozen=True, eq=False)
+class LostItem(Document):
+    """One thing a power cut reverted (or, for "torn" and "kept", let survive in part):
+    kind is one of LOST_KINDS (docs/crash.md says what each means)."""
+
+    path: str
+    kind: str
+    bytes: int
+
+
+@dataclass(frozen=True, eq=False)
+class CrashReport(Document):
+    """The outcome of request "crash" (`quotafs crash --json`, QuotaMount.crash)."""
+
+    model: str  # "posix" or "ext4"
+    torn: bool
+    keep_fraction: float
+    seed: int  # the seed the cut's random choices used
+    lost: tuple[LostItem, ...]
+    lost_bytes: int  # bytes of unsynced writes reverted (torn writes: the part cut off)
+    lost_names: int  # namespace changes undone (created, removed, renamed)
+    crashes: int  # power cuts of this mount so far, this one included
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        if not isinstance(data, Mapping) or not isinstance(data.get("lost"), list):
+            raise ProtocolError(cls._what(), "no list of lost items")
+        fields: dict[str, Any] = dict(data)
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in fields]
+        if missing:
+            raise ProtocolError(cls._what(), "no " + ", ".join(missing))
+        fields["lost"] = tuple(LostItem.from_dict(item) for item in data["lost"])
+        return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["lost"] = [item.to_dict() for item in self.lost]
+        return out
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from quotafs import __version__
-from quotafs.cli import compare, doctor, fault, mount, run, status, sweep
+from quotafs.cli import compare, crash, doctor, fault, mount, run, status, sweep
 from quotafs.client import lifecycle
 from quotafs.errors import ExitCode, QuotafsError, printable
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"quotafs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    for command in (mount, status, run, fault, compare, sweep, doctor):
+    for command in (mount, status, run, fault, crash, compare, sweep, doctor):
         command.register(sub)
     return parser
 

@@ -63,6 +63,10 @@ def add_mount_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                    help="extended attributes and ACLs (default on); off answers them "
                         "'Operation not supported', which spares a request before every "
                         "write (see docs/usage.md)")
+    p.add_argument("--crash-sim", action="store_true",
+                   help="record what is durable (fsync, fdatasync, fsyncdir), so that "
+                        "`quotafs crash` can cut the power and lose the rest (see "
+                        "docs/crash.md; default off: no cost)")
 
 
 class _Only:

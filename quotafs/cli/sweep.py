@@ -25,7 +25,7 @@ from quotafs.units import format_size, parse_size
 
 # The mount flags that hold for every run of a sweep (cli/mountopts.py defines them).
 SWEEP_MOUNT_OPTIONS = ("accounting", "block_size", "inodes", "mmap_sigbus", "no_cache",
-                       "debug")
+                       "debug", "crash_sim")
 
 
 def register(sub: Any) -> None:

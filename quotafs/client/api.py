@@ -33,7 +33,7 @@ from quotafs.interrupts import signals_deferred
 from quotafs.model.faults import spec_from_args
 from quotafs.mountinfo import find_mount
 from quotafs.options import MountOptions, check_settings, check_size
-from quotafs.protocol import Event, Limits, RuleStatus, Status, Usage
+from quotafs.protocol import CrashReport, Event, Limits, RuleStatus, Status, Usage
 from quotafs.reference import loopext4, tmpfs
 from quotafs.reference.loopext4 import Ext4Loop
 from quotafs.reference.tmpfs import TmpfsReference
@@ -202,6 +202,12 @@ class QuotaMount:
     def clear_faults(self, rule_id: str | None = None) -> int:
         return control.clear_rules(self.path, rule_id)
 
+    def crash(self, model: str = "posix", torn: bool = False, keep_fraction: float = 0.0,
+              seed: int | None = None) -> CrashReport:
+        """A power cut (a mount started with crash_sim=True; docs/crash.md): everything
+        `model` ("posix" or "ext4") does not keep is lost, open files answer EIO."""
+        return control.crash(self.path, model, torn, keep_fraction, seed)
+
     def is_alive(self) -> bool:
         return self._process is None or self._process.poll() is None
 
@@ -249,6 +255,10 @@ class TrioControls:
 
     async def events(self, after: int = 0) -> list[Event]:
         return await self._call(self._mount.events, after)
+
+    async def crash(self, model: str = "posix", torn: bool = False,
+                    keep_fraction: float = 0.0, seed: int | None = None) -> CrashReport:
+        return await self._call(self._mount.crash, model, torn, keep_fraction, seed)
 
 
 # The daemon dies with "its parent" (PR_SET_PDEATHSIG), and for the kernel the parent is
@@ -331,7 +341,8 @@ def mounted(limit: SizeLike = None, backing: str | None = None,
     that only root may use; default 0), like_ext4 (a size: a default mkfs.ext4's room
     for that image), accounting, block_size,
     mmap_sigbus, allow_other, no_cache, keep_backing, fsname, debug, xattrs (False: as
-    --xattrs off), seed, rules (a list of rule dicts as in a rules file), rules_file; and
+    --xattrs off), crash_sim (True: QuotaMount.crash cuts the power), seed, rules (a
+    list of rule dicts as in a rules file), rules_file; and
     log_file, a file the daemon appends
     its log to (warnings and errors; everything with debug) instead of the caller's stderr.
     They are checked (quotafs.options.MountOptions) before anything is made: a bad one

@@ -21,12 +21,14 @@ from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.model.faults import RuleSpec
 from quotafs.mountinfo import find_mount
 from quotafs.protocol import (
+    CRASH,
     EVENTS,
     FAULT_ADD,
     FAULT_CLEAR,
     FAULTS,
     SET,
     STATUS,
+    CrashReport,
     Event,
     FaultListing,
     Limits,
@@ -127,6 +129,14 @@ def read_events(mountpoint: str, after: int = 0) -> list[Event]:
     if not isinstance(events, list):
         raise ProtocolError("events reply", "no list of events")
     return [Event.from_dict(e) for e in events]
+
+
+def crash(mountpoint: str, model: str = "posix", torn: bool = False,
+          keep_fraction: float = 0.0, seed: int | None = None) -> CrashReport:
+    """A power cut of a --crash-sim mount (docs/crash.md): what the model does not keep
+    is reverted; returns once the daemon has reverted it and the kernel forgot it."""
+    return CrashReport.from_dict(request(mountpoint, CRASH, {
+        "model": model, "torn": torn, "keep_fraction": keep_fraction, "seed": seed}))
 
 
 def event_line(e: Event) -> str:

@@ -146,6 +146,10 @@ class Charging:
         with self._as_daemon():
             return opener()
 
+    def forget_kept(self) -> None:
+        """After a power cut the ledger is a fresh scan: no kept charge holds any more."""
+        self._kept.clear()
+
     def keep_charge(self, node: Node) -> None:
         """The node is dropped: keep its charge if measuring it again would not give it."""
         if (node.charged is None or node.kind != stat.S_IFREG

@@ -14,11 +14,13 @@ from __future__ import annotations
 import collections
 import errno
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from quotafs.daemon.crashsim import CrashSim
 from quotafs.daemon.inodes import TableStats
 from quotafs.errors import QuotafsError, errno_name
 from quotafs.model.faults import Effect, FaultEngine, RuleSpec
@@ -26,6 +28,8 @@ from quotafs.model.ledger import Ledger
 from quotafs.model.reserve import resolve_reserve
 from quotafs.options import MAX_LIMIT
 from quotafs.protocol import (
+    CRASH,
+    CRASH_MODELS,
     EVENTS,
     FAULT_ADD,
     FAULT_CLEAR,
@@ -35,12 +39,15 @@ from quotafs.protocol import (
     PUBLIC,
     SET,
     STATUS,
+    CrashReport,
     Event,
     Limits,
     RuleAdded,
     Status,
     reply_line,
 )
+
+log = logging.getLogger(__name__)
 
 EVENT_RING_SIZE = 1000
 _XATTR_OPS = {"getxattr", "setxattr", "listxattr", "removexattr"}
@@ -73,6 +80,7 @@ class ControlChannel:
         self._statistics = statistics
         self._forget_cached = forget_cached
         self.getxattr_requests: Callable[[], int] = lambda: 0  # the handlers' count
+        self.crash: CrashSim | None = None  # --crash-sim's recorder (the handlers')
 
     # -- events ---------------------------------------------------------------------------
 
@@ -88,6 +96,14 @@ class ControlChannel:
     def record_quota_hit(self, op: str, path: str, pid: int | None = None) -> None:
         self._record("quota", op, path, errno.ENOSPC, "ENOSPC (quota)", None, pid)
 
+    def record_crash(self, report: CrashReport) -> None:
+        """A power cut (--crash-sim), from `quotafs crash` or a fault rule."""
+        kept = f", keep {report.keep_fraction:g}" if report.keep_fraction else ""
+        self._record("crash", "crash", "/", None,
+                     f"crash {report.model}{' torn' if report.torn else ''}{kept}: "
+                     f"{report.lost_bytes} bytes, {report.lost_names} names lost",
+                     None, None)
+
     def record_fault(self, op: str, path: str, effect: Effect, pid: int | None) -> None:
         err = effect.value if effect.kind == "errno" else None
         self._record("fault", op, path, err, effect.describe(), effect.rule_id, pid)
@@ -101,7 +117,8 @@ class ControlChannel:
                                "events_recorded": self._next_seq - 1, "seed": faults.seed,
                                "fault_rules": faults.rules, "fault_rules_active": faults.active,
                                "faults_fired": faults.fired,
-                               "getxattr_requests": self.getxattr_requests()})
+                               "getxattr_requests": self.getxattr_requests(),
+                               **(self.crash.statistics() if self.crash else {})})
 
     def events_after(self, seq: int) -> dict[str, Any]:
         return {"events": [e.to_dict() for e in self.events if e.seq > seq]}
@@ -163,7 +180,42 @@ class ControlChannel:
             return {"cleared": 1}
         if name == FORGET:
             return {"entries": self._forget_cached()}
+        if name == CRASH:
+            return self._crash(request)
         raise ValueError(f"unknown control request {name!r}")
+
+    def _crash(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.crash is None:
+            raise ValueError(f"{self.info.get('mountpoint', 'the mount')} is not mounted "
+                             "with --crash-sim")
+        unknown = set(request) - {"model", "torn", "keep_fraction", "seed"}
+        if unknown:
+            raise ValueError(f"crash: unknown arguments: {', '.join(sorted(unknown))}")
+        model, torn = request.get("model", "posix"), request.get("torn", False)
+        fraction, seed = request.get("keep_fraction", 0.0), request.get("seed")
+        if model not in CRASH_MODELS:
+            raise ValueError(f"crash: model must be one of {', '.join(CRASH_MODELS)}, "
+                             f"got {model!r}")
+        if not isinstance(torn, bool):
+            raise ValueError("crash: torn must be true or false")
+        if (isinstance(fraction, bool) or not isinstance(fraction, int | float)
+                or not 0.0 <= fraction <= 1.0):
+            raise ValueError(f"crash: keep_fraction must be a number from 0 to 1, "
+                             f"got {fraction!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not 0 <= seed < 2**64):
+            raise ValueError(f"crash: seed must be a whole number from 0 to 2^64-1, "
+                             f"got {seed!r}")
+        try:
+            return self.crash.cut(model, torn, float(fraction), seed).to_dict()
+        except OSError as exc:  # the backing failed under the revert: say so, stay up
+            log.exception("the power cut failed")
+            raise Refused(exc.errno or errno.EIO, f"the cut failed: {exc}") from None
+
+    async def settle(self) -> None:
+        """After a request: what it left for the kernel to drop (a cut's caches)."""
+        if self.crash is not None:
+            await self.crash.settle()
 
     def _mount_warnings(self, spec: RuleSpec) -> list[str]:
         """Doubts about a rule on this mount in particular."""

@@ -95,6 +95,7 @@ class Handle:
     # get no RequestContext, so the opener decides (root, uid 0, as ext4's default resuid;
     # mmap writeback: the newest mapping's handle).
     privileged: bool = True
+    sync: bool = False  # opened O_SYNC/O_DSYNC: every write durable (crashsim.py)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ class InodeTable:
         self.nodes: dict[int, Node] = {}
         self.by_key: dict[Key, Node] = {}
         self.handles: dict[int, Handle] = {}
+        # Handles opened before a power cut (--crash-sim): EIO until released.
+        self.dead: dict[int, Handle] = {}
         self._next_inode = _SPARE_INODES_START
         self._next_fh = 1
         # Bumped whenever a known node's name or parent changes (rename, a name seen
@@ -145,7 +148,8 @@ class InodeTable:
         try:
             return self.handles[fh]
         except KeyError:
-            raise pyfuse3.FUSEError(errno.EBADF) from None
+            dead = fh in self.dead  # only here: the live path pays nothing for it
+            raise pyfuse3.FUSEError(errno.EIO if dead else errno.EBADF) from None
 
     def node_of_handle(self, fh: int) -> Node | None:
         handle = self.handles.get(fh)
@@ -237,14 +241,20 @@ class InodeTable:
         fh = self._next_fh
         self._next_fh += 1
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        self.handles[fh] = Handle(node, fd, writable, privileged=privileged)
+        self.handles[fh] = Handle(node, fd, writable, privileged=privileged,
+                                  sync=bool(flags & os.O_DSYNC))
         node.open_count += 1
         return fh
 
     def pop_handle(self, fh: int) -> Handle:
-        handle = self.handles.pop(fh)
+        handle = self.handles.pop(fh, None) or self.dead.pop(fh)
         handle.node.open_count -= 1
         return handle
+
+    def kill_handles(self) -> None:
+        """A power cut: every open handle is dead (EIO) until it is released."""
+        self.dead.update(self.handles)
+        self.handles.clear()
 
     # -- O_PATH descriptors ---------------------------------------------------------------
 

@@ -12,7 +12,8 @@ directly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Sequence
 
 import pyfuse3
 from pyfuse3 import FileNameT, InodeT
@@ -34,6 +35,19 @@ class Kernel:
             pyfuse3.invalidate_entry_async(InodeT(parent), FileNameT(name), ignore_enoent=True)
             count += 1
         return count
+
+    def invalidate(self, inodes: Sequence[int], entries: Sequence[tuple[int, bytes]]) -> None:
+        """Drop the kernel's cached attributes and pages of `inodes` and its cached
+        (parent inode, name) `entries`, synchronously: call it from a thread other than the
+        loop's, which must answer what the kernel asks meanwhile (writeback). Twice for the
+        pages: a dirty mmap page whose writeback failed is clean on the second pass."""
+        for _ in range(2):
+            for inode in inodes:
+                with contextlib.suppress(OSError):  # forgotten meanwhile
+                    pyfuse3.invalidate_inode(InodeT(inode), attr_only=False)
+        for parent, name in entries:
+            with contextlib.suppress(OSError):  # not cached (ENOENT)
+                pyfuse3.invalidate_entry(InodeT(parent), FileNameT(name))
 
     def sup_groups(self, pid: int) -> set[int]:
         """The supplementary groups of the calling process `pid` (raises if it is gone)."""

@@ -50,7 +50,9 @@ def _handler(channel: ControlChannel) -> Callable[[trio.SocketStream], Awaitable
                 with trio.move_on_after(IDLE_TIMEOUT):
                     line = await _read_line(stream)
                     if line is not None and not _hung_up(stream.socket.fileno()):
-                        await stream.send_all(channel.answer(line, uid))
+                        reply = channel.answer(line, uid)
+                        await channel.settle()  # a cut's reply once the kernel forgot
+                        await stream.send_all(reply)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 log.debug("control connection ended: %s", exc)  # the client went away
     return answer

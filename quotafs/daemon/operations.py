@@ -34,6 +34,7 @@ from quotafs.daemon.access import Access
 from quotafs.daemon.boundary import answer, boundary
 from quotafs.daemon.charging import Charging
 from quotafs.daemon.control import ControlChannel
+from quotafs.daemon.crashsim import STASH, CrashSim
 from quotafs.daemon.faultgate import FaultGate, Op
 from quotafs.daemon.inodes import Handle, InodeTable, Node
 from quotafs.daemon.kernel import Kernel
@@ -70,6 +71,7 @@ class HandlerSettings:
     entry_timeout: float = CACHE_TIMEOUT
     keep_cache: bool = True
     xattrs: bool = True  # False: every xattr request is ENOSYS (--xattrs off)
+    crash_sim: bool = False  # record what is durable for power cuts (crashsim.py)
 
 
 class QuotaFS(pyfuse3.Operations):
@@ -103,6 +105,12 @@ class QuotaFS(pyfuse3.Operations):
         self._write = self.charging.write
         # Apparent sizes charge holes already (up to st_size): nothing to reserve.
         self._reserve_reads = options.mmap_sigbus and self.costs.blocks
+        # --crash-sim: None without it, and every handler tests only that.
+        self.crash: CrashSim | None = None
+        if options.crash_sim:
+            self.crash = CrashSim(paths.backing, inodes, ledger, self.costs, paths, kernel,
+                                  faults.seed, control.record_crash,
+                                  self.charging.forget_kept, self.rights.as_daemon)
 
     # -- helpers the handlers share -------------------------------------------------------
 
@@ -157,6 +165,8 @@ class QuotaFS(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if self.faults.active:
             await self.gate.check(Op.LOOKUP, parent_inode, name, ctx=ctx)
+        if self.crash is not None and name == STASH and parent_inode == pyfuse3.ROOT_INODE:
+            return self._no_entry()  # the stash of removals a cut may undo
         with self.rights.as_caller(ctx):
             parent = self.inodes.node(parent_inode)
             self.rights.check_search(parent)
@@ -214,6 +224,8 @@ class QuotaFS(pyfuse3.Operations):
                  privileged: bool) -> pyfuse3.EntryAttributes:
         is_link = node.kind == stat.S_IFLNK
         if fields.update_size:
+            if self.crash is not None:
+                self.crash.before_truncate(node, attr.st_size)
             self.charging.truncate(node, attr.st_size, handle, privileged)
         if fields.update_mode and not is_link:
             self._chmod(node, stat.S_IMODE(attr.st_mode))
@@ -278,7 +290,10 @@ class QuotaFS(pyfuse3.Operations):
             self.rights.check_add(parent)
             with self.charging.new_inode("mknod", parent, ctx.uid == 0, name=name):
                 os.mknod(name, mode & ~ctx.umask, rdev, dir_fd=self.inodes.fd(parent))
-            return self._lookup_entry(parent, name)[1]
+            node, entry = self._lookup_entry(parent, name)
+            if self.crash is not None:
+                self.crash.created(parent, name, self.inodes.stat(node))
+            return entry
 
     @boundary
     async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
@@ -311,6 +326,8 @@ class QuotaFS(pyfuse3.Operations):
             make(self.inodes.fd(parent))
         node, entry = self._lookup_entry(parent, name)
         node.charged = cost
+        if self.crash is not None:
+            self.crash.created(parent, name, self.inodes.stat(node))
         return entry
 
     @boundary
@@ -325,6 +342,8 @@ class QuotaFS(pyfuse3.Operations):
             # Hard links share the inode's blocks: no charge, no new inode.
             os.link(self.inodes.proc(node), new_name, dst_dir_fd=self.inodes.fd(parent),
                     follow_symlinks=True)
+            if self.crash is not None:
+                self.crash.linked(parent, new_name, self.inodes.stat(node))
             return self._lookup_entry(parent, new_name)[1]
 
     @boundary
@@ -351,7 +370,10 @@ class QuotaFS(pyfuse3.Operations):
         """unlink or rmdir `name`; a last name gives the inode's charge back."""
         st = os.stat(name, dir_fd=self.inodes.fd(parent), follow_symlinks=False)
         node, charge = self.charging.losing_name(parent, name, st)
-        remove(name, dir_fd=self.inodes.fd(parent))
+        if self.crash is not None:
+            self.crash.remove(parent, name, st, remove)  # undoable until durable
+        else:
+            remove(name, dir_fd=self.inodes.fd(parent))
         if stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1:  # rmdir only removes directories
             self.charging.forget_charge(node, st, charge)
 
@@ -382,6 +404,7 @@ class QuotaFS(pyfuse3.Operations):
         moved = os.stat(name_old, dir_fd=inodes.fd(old_parent), follow_symlinks=False)
         moved_node = inodes.by_key.get((moved.st_dev, moved.st_ino))
         other_node = None  # RENAME_EXCHANGE: the inode that moves the other way
+        other: os.stat_result | None = None
         if flags & pyfuse3.RENAME_EXCHANGE:
             other = os.stat(name_new, dir_fd=inodes.fd(new_parent), follow_symlinks=False)
             other_node = inodes.by_key.get((other.st_dev, other.st_ino))
@@ -391,6 +414,37 @@ class QuotaFS(pyfuse3.Operations):
             else:
                 replaced_node, replaced_charge = self.charging.losing_name(
                     new_parent, name_new, replaced)
+        crash = self.crash
+        kept: tuple[bytes | None, int] = (None, -1)
+        if crash is not None:
+            if flags & _RENAME_WHITEOUT:
+                crash.checkpoint()  # not undoable: everything before it is durable
+            elif replaced is not None and not flags & pyfuse3.RENAME_NOREPLACE:
+                kept = crash.stash_replaced(new_parent, name_new, moved, replaced)
+        try:
+            self._rename_syscall(old_parent, name_old, new_parent, name_new, flags,
+                                 privileged)
+        except BaseException:
+            if crash is not None:
+                crash.unstash(new_parent, name_new, kept)
+            raise
+        if crash is not None and not flags & _RENAME_WHITEOUT:
+            subjects = tuple(k for k in (
+                (moved.st_dev, moved.st_ino),
+                (other.st_dev, other.st_ino) if other is not None else None,
+                (replaced.st_dev, replaced.st_ino) if replaced is not None else None)
+                if k is not None)
+            crash.renamed(old_parent, name_old, new_parent, name_new, subjects, kept,
+                          bool(flags & pyfuse3.RENAME_EXCHANGE))
+        inodes.moved(moved_node, new_parent, name_new)
+        inodes.moved(other_node, old_parent, name_old)
+        inodes.renamed()
+        if replaced is not None and (stat.S_ISDIR(replaced.st_mode) or replaced.st_nlink <= 1):
+            self.charging.forget_charge(replaced_node, replaced, replaced_charge)
+
+    def _rename_syscall(self, old_parent: Node, name_old: bytes, new_parent: Node,
+                        name_new: bytes, flags: int, privileged: bool) -> None:
+        inodes = self.inodes
         if flags & _RENAME_WHITEOUT:
             # The old name becomes a whiteout: a new inode (a 0:0 character device).
             with self.charging.new_inode("rename", old_parent, privileged, name=name_old):
@@ -402,11 +456,6 @@ class QuotaFS(pyfuse3.Operations):
         else:
             os.rename(name_old, name_new, src_dir_fd=inodes.fd(old_parent),
                       dst_dir_fd=inodes.fd(new_parent))
-        inodes.moved(moved_node, new_parent, name_new)
-        inodes.moved(other_node, old_parent, name_old)
-        inodes.renamed()
-        if replaced is not None and (stat.S_ISDIR(replaced.st_mode) or replaced.st_nlink <= 1):
-            self.charging.forget_charge(replaced_node, replaced, replaced_charge)
 
     # -- files ----------------------------------------------------------------------------
 
@@ -425,6 +474,8 @@ class QuotaFS(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if self.faults.active:
             await self.gate.check(Op.OPEN, inode, ctx=ctx)
+        if self.crash is not None:
+            await self.crash.wait_settled()
         with self.rights.as_caller(ctx):
             return self._open_node(self.inodes.node(inode), flags, ctx.uid == 0)
 
@@ -437,6 +488,8 @@ class QuotaFS(pyfuse3.Operations):
                 node.size = os.fstat(fd).st_size
                 node.filled, node.scattered = None, None
             if flags & os.O_TRUNC and node.size:
+                if self.crash is not None:
+                    self.crash.before_truncate(node, 0)
                 self.charging.truncate(node, 0, self.inodes.handles[fh], privileged)
         except BaseException:
             self._close_handle(fh)
@@ -449,6 +502,8 @@ class QuotaFS(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         if self.faults.active:
             await self.gate.check(Op.CREATE, parent_inode, name, ctx=ctx)
+        if self.crash is not None:
+            await self.crash.wait_settled()
         with self.rights.as_caller(ctx):
             parent = self.inodes.node(parent_inode)
             self.rights.check_add(parent)
@@ -489,6 +544,8 @@ class QuotaFS(pyfuse3.Operations):
         node.lookups += 1
         node.charged = 0
         node.filled, node.scattered = 0, set()  # new and empty: every block is known
+        if self.crash is not None:
+            self.crash.created(parent, name, st)
         fh = self.inodes.new_handle(node, fd, flags, privileged)
         return self._file_info(fh, node), self._attrs(node, st)
 
@@ -517,6 +574,8 @@ class QuotaFS(pyfuse3.Operations):
                 if effect is not None:  # a short write: store only the first bytes
                     buf = buf[:effect.value]
             handle = self.inodes.handle(fh)
+            if self.crash is not None and buf:
+                return self._recorded_write(handle, off, buf)
             # pwrite(2) of nothing changes nothing, so nothing is charged: the kernel never
             # sends an empty WRITE, but a short-write rule of 0 bytes and in-process callers do.
             written = self._write(handle, off, buf) if buf else 0
@@ -525,6 +584,19 @@ class QuotaFS(pyfuse3.Operations):
             return written
         except Exception as exc:
             raise answer("write", exc) from None
+
+    def _recorded_write(self, handle: Handle, off: int, buf: bytes) -> int:
+        """write() with --crash-sim: the old contents saved first (crashsim.py)."""
+        assert self.crash is not None
+        seq = self.crash.before_write(handle, off, len(buf))
+        try:
+            written = self._write(handle, off, buf)
+        except pyfuse3.FUSEError:  # refused whole (the quota): nothing changed
+            self.crash.cancel(seq)
+            raise
+        if self.faults.active and self.faults.counting:
+            self.gate.note_written(handle.node, written)
+        return written
 
     @boundary
     async def flush(self, fh: FileHandleT) -> None:
@@ -537,11 +609,13 @@ class QuotaFS(pyfuse3.Operations):
         try:
             if self.faults.active:
                 await self.gate.check(Op.FSYNC, fh)
-            fd = self.inodes.handle(fh).fd
+            handle = self.inodes.handle(fh)
             if datasync:
-                os.fdatasync(fd)
+                os.fdatasync(handle.fd)
             else:
-                os.fsync(fd)
+                os.fsync(handle.fd)
+            if self.crash is not None:
+                self.crash.synced_file(handle.node)
         except Exception as exc:
             raise answer("fsync", exc) from None
 
@@ -582,6 +656,8 @@ class QuotaFS(pyfuse3.Operations):
                               *sorted(os.fsencode(n) for n in os.listdir(handle.fd))]
         entries: list[bytes] = handle.entries
         parent = handle.node
+        if self.crash is not None and parent is self.inodes.root and STASH in entries:
+            entries.remove(STASH)
         reply = self.kernel.readdir_reply
         for index in range(start_id, len(entries)):
             name = entries[index]
@@ -619,7 +695,10 @@ class QuotaFS(pyfuse3.Operations):
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         if self.faults.active:
             await self.gate.check(Op.FSYNCDIR, fh)
-        os.fsync(self.inodes.handle(fh).fd)
+        handle = self.inodes.handle(fh)
+        os.fsync(handle.fd)
+        if self.crash is not None:
+            self.crash.synced_dir(handle.node)
 
     @boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

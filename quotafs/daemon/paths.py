@@ -13,6 +13,11 @@ from quotafs.daemon.inodes import InodeTable, Node
 
 
 class Paths:
+    @property
+    def backing(self) -> str:
+        """The backing directory, resolved."""
+        return self._backing_real
+
     def __init__(self, inodes: InodeTable, backing: str) -> None:
         self._inodes = inodes
         self._backing_real = os.path.realpath(backing)

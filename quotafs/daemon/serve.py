@@ -24,6 +24,7 @@ import trio
 from quotafs import __version__, controlsocket
 from quotafs.daemon import listener, syscalls
 from quotafs.daemon.control import ControlChannel
+from quotafs.daemon.crashsim import CrashSim
 from quotafs.daemon.inodes import InodeTable, default_path_fd_budget
 from quotafs.daemon.kernel import Kernel
 from quotafs.daemon.operations import CACHE_TIMEOUT, HandlerSettings, QuotaFS
@@ -81,6 +82,8 @@ def build_filesystem(config: MountOptions, kernel: Kernel | None = None) -> Quot
     ledger = Ledger(config.limit, config.inodes, config.reserve_bytes,
                     config.kept_back_bytes)
     backing = config.backing_dir
+    if config.crash_sim:
+        CrashSim.clear_stash(backing)
     try:
         existing_bytes, existing_inodes = scan_backing(backing, costs)
     except OSError as exc:  # e.g. a dead FUSE mount inside it (ENOTCONN), or EACCES
@@ -120,10 +123,11 @@ def build_filesystem(config: MountOptions, kernel: Kernel | None = None) -> Quot
                       entry_timeout=0.0 if config.no_cache or config.allow_other
                       else CACHE_TIMEOUT,
                       keep_cache=not (config.no_cache or config.mmap_sigbus),
-                      xattrs=config.xattrs)
+                      xattrs=config.xattrs, crash_sim=config.crash_sim)
     fs = QuotaFS(inodes, ledger, options, control, faults, session, identity,
                  Paths(inodes, backing))
     control.getxattr_requests = lambda: fs.getxattr_requests
+    control.crash = fs.crash
     return fs
 
 
@@ -229,6 +233,8 @@ def run(config: MountOptions, ready_fd: int | None = None) -> int:
     finally:
         _release(config, control)
         pyfuse3.close(unmount=True)
+        if fs.crash is not None:  # unmounted cleanly or not: what was written stays
+            fs.crash.close()
         if clean:  # a detached mount's record, written by the command that started us
             forget_record(config.mountpoint, pid=os.getpid())
             drop_log_if_empty(config.mountpoint, sys.stderr.fileno())

@@ -160,6 +160,13 @@ class Ledger:
             raise ValueError("no inode to remove")
         self.inodes_used -= 1
 
+    def recount(self, used: int, inodes: int) -> None:
+        """After a power cut (daemon/crashsim.py): usage and inodes are a fresh scan's,
+        and nothing is reserved (every handle that held a reservation is dead)."""
+        if used < 0 or inodes < 0:
+            raise ValueError("a recount cannot be negative")
+        self.used, self.inodes_used, self.reserved = used, inodes, 0
+
     # -- runtime control ----------------------------------------------------------------
 
     def set_limit(self, limit: int | None, root_reserve: int | None = None) -> None:

@@ -20,7 +20,7 @@ import contextlib
 import errno
 import json
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from stat import S_IFDIR, S_IFIFO, S_IFREG
 from typing import Any, NoReturn, TypeVar
@@ -88,6 +88,7 @@ class SessionStandIns(Kernel):
     def __init__(self) -> None:
         self.groups: set[int] = set()  # every caller's supplementary groups
         self.invalidated: list[tuple[int, bytes]] = []
+        self.invalidated_inodes: list[int] = []  # a power cut's (crashsim.py)
 
     def readdir_reply(self, token: Token, name: bytes,  # type: ignore[override]
                       attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
@@ -100,6 +101,10 @@ class SessionStandIns(Kernel):
         before = len(self.invalidated)
         self.invalidated += [(parent, bytes(name)) for parent, name in entries]
         return len(self.invalidated) - before
+
+    def invalidate(self, inodes: Sequence[int], entries: Sequence[tuple[int, bytes]]) -> None:
+        self.invalidated_inodes += list(inodes)
+        self.invalidated += [(parent, bytes(name)) for parent, name in entries]
 
     def sup_groups(self, pid: int) -> set[int]:
         return set(self.groups)
@@ -241,6 +246,14 @@ class InProcessFS:
         new_parent, new_name = await self._victim(new, must_exist=False)
         await self._call(self.ops.rename, InodeT(old_parent), FileNameT(old_name),
                          InodeT(new_parent), FileNameT(new_name), FlagT(flags), self.ctx)
+
+    async def fsyncdir(self, path: str = "/") -> None:
+        """fsync(2) of a directory: opendir, fsyncdir, releasedir."""
+        fh = await self._call(self.ops.opendir, InodeT(await self.inode(path)), self.ctx)
+        try:
+            await self._call(self.ops.fsyncdir, FileHandleT(fh), False)
+        finally:
+            await self._call(self.ops.releasedir, FileHandleT(fh))
 
     async def listdir(self, path: str = "/") -> list[str]:
         """The names in a directory (without . and ..), by readdirplus requests as the

@@ -48,6 +48,7 @@ TABLE: dict[str, tuple[tuple[Any, Any], tuple[Any, str]]] = {
     "debug": ((True, True), (1, "debug must be True or False, got 1")),
     "xattrs": (("off", False), ("maybe", "xattrs must be 'on' or 'off' (or True/False), "
                                          "got 'maybe'")),
+    "crash_sim": ((True, True), ("on", "crash_sim must be True or False, got 'on'")),
 }
 # The mount flag of each option whose bad value argv can carry (flags without a value
 # cannot be wrong; a path cannot hold NUL).

@@ -1,0 +1,671 @@
+"""--crash-sim: what is not durable yet is recorded, and a power cut reverts it.
+
+One `CrashSim` per mount (None without --crash-sim: the handlers test `is None` and pay
+nothing more). It keeps only what a revert needs, in issue order:
+
+- before a write or truncate that is not durable at once (O_SYNC/O_DSYNC handles are),
+  the file's old size and the old contents of the range it replaces, saved to a journal
+  file (an unnamed O_TMPFILE in the backing directory: never in memory, never in the
+  tree); appends save nothing but the size;
+- namespace changes (create, mknod, mkdir, symlink, link, unlink, rmdir, rename) with
+  what undoing them takes: a removed or replaced inode is moved into the stash directory
+  (STASH in the backing root, which lookup, readdir, the ledger and scans never see), or,
+  if other names keep it, held by an O_PATH descriptor, so that a cut can give it back.
+
+fsync/fdatasync drop a file's recorded data (durable), fsyncdir the namespace changes
+posix keeps (model/durability.posix_kept: their stashed inodes are deleted for real), and
+both mark an ext4 journal commit. Past JOURNAL_MAX_BYTES saved or JOURNAL_MAX_ENTRIES
+changes, everything becomes durable at once (a forced sync, as writeback and ext4's
+5-second commits would have done; counted in the status).
+
+`cut()` asks model/durability.decide what survives, reverts the rest newest first in the
+backing directory, kills every open handle (EIO to all but release), recounts the ledger
+from a fresh scan and leaves the kernel's caches to be dropped by `settle()`, which the
+caller awaits off the handler (pyfuse3's invalidations may wait for requests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import random
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import trio
+
+from quotafs.daemon import syscalls
+from quotafs.daemon.inodes import Handle, InodeTable, Key, Node
+from quotafs.daemon.kernel import Kernel
+from quotafs.daemon.paths import Paths
+from quotafs.model.costs import Costs, scan_backing
+from quotafs.model.durability import Change, Syncs, decide
+from quotafs.model.ledger import Ledger
+from quotafs.protocol import CrashReport, LostItem
+
+log = logging.getLogger(__name__)
+
+STASH = b".quotafs-crash-stash"
+JOURNAL_MAX_BYTES = 256 << 20
+JOURNAL_MAX_ENTRIES = 1 << 20
+_CHUNK = 1 << 20
+
+
+@dataclass
+class _File:
+    """A file with recorded data changes: a descriptor to revert them through."""
+
+    fd: int
+    path: str
+    changes: int = 0
+
+
+@dataclass
+class _Record:
+    """One recorded change: `change` for the decisions, the rest for its undo."""
+
+    change: Change
+    path: str
+    # data: the file's size before it, and its old bytes [offset, offset+saved) at
+    # journal offset `at`
+    old_size: int = 0
+    saved: int = 0
+    at: int = 0
+    # namespace: (directory key, name) pairs; what it removed, stashed or held
+    names: tuple[tuple[Key, bytes], ...] = ()
+    stashed: bytes | None = None  # a name in STASH
+    held: int = -1  # an O_PATH descriptor of an inode other names keep
+    is_dir: bool = False
+    exchange: bool = False
+
+
+@dataclass
+class _Pending:
+    """What the kernel must drop after a cut: node inode numbers, (parent, name) entries."""
+
+    inodes: list[int] = field(default_factory=list)
+    entries: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+class CrashSim:
+    def __init__(self, backing: str, inodes: InodeTable, ledger: Ledger, costs: Costs,
+                 paths: Paths, kernel: Kernel, seed: int,
+                 on_cut: Callable[[CrashReport], None],
+                 recount: Callable[[], None],
+                 as_daemon: Callable[[], Any]) -> None:
+        self._backing = backing
+        self._inodes = inodes
+        self._ledger = ledger
+        self._costs = costs
+        self._paths = paths
+        self._kernel = kernel
+        self._seeds = random.Random(seed)
+        self._on_cut = on_cut
+        self._recount = recount  # the handlers' own books (charges, reservations)
+        self._as_daemon = as_daemon
+        self._seq = 0
+        self._log: dict[int, _Record] = {}
+        self._files: dict[Key, _File] = {}
+        self._dirs: dict[Key, list[int]] = {}  # key -> [O_PATH fd, references]
+        self._dir_synced: dict[Key, int] = {}
+        self._committed = 0
+        self._journal = os.open(backing, os.O_TMPFILE | os.O_RDWR, 0o600)
+        self._journal_end = 0
+        self.journal_bytes = 0
+        self.durability_ops = 0
+        self.crashes = 0
+        self.forced_syncs = 0
+        self._pending: _Pending | None = None
+        self._settled: trio.Event | None = None
+
+    # -- status ---------------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, int | bool]:
+        return {"crash_sim": True, "durability_ops": self.durability_ops,
+                "crashes": self.crashes, "crash_journal_bytes": self.journal_bytes,
+                "crash_journal_entries": len(self._log),
+                "crash_forced_syncs": self.forced_syncs}
+
+    def close(self) -> None:
+        """At unmount everything is durable: the stash goes, the journal with it."""
+        self.checkpoint()
+        os.close(self._journal)
+
+    @staticmethod
+    def clear_stash(backing: str) -> None:
+        """A stash a killed daemon left (before the mount's scan): its changes never
+        happened for the next mount, which starts from a clean cut's state."""
+        path = os.path.join(os.fsencode(backing), STASH)
+        if os.path.lexists(path):
+            _remove_tree(path)
+
+    # -- recording: data ------------------------------------------------------------------
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _file(self, node: Node) -> _File | None:
+        entry = self._files.get(node.key)
+        if entry is None:
+            try:
+                with self._as_daemon():
+                    fd = os.open(self._inodes.proc(node), os.O_RDWR)
+            except OSError as exc:  # cannot revert it: its changes count as durable
+                log.debug("crash-sim: %s not recorded: %s", self._paths.of(node), exc)
+                return None
+            entry = self._files[node.key] = _File(fd, self._paths.of(node))
+        return entry
+
+    def _room(self, nbytes: int) -> bool:
+        """Room in the journal for `nbytes` more (after a forced sync if need be)."""
+        if (self._journal_end + nbytes > JOURNAL_MAX_BYTES
+                or len(self._log) >= JOURNAL_MAX_ENTRIES):
+            self.checkpoint()
+            self.forced_syncs += 1
+        return self._journal_end + nbytes <= JOURNAL_MAX_BYTES
+
+    def before_write(self, handle: Handle, off: int, size: int) -> int:
+        """Record a write of `size` bytes at `off` about to be made; its seq (0: none)."""
+        node = handle.node
+        if handle.sync:  # O_SYNC/O_DSYNC: durable as it is written (and a commit)
+            self._synced(node)
+            return 0
+        return self._save(node, "write", off, size, node.size)
+
+    def before_truncate(self, node: Node, size: int) -> None:
+        old = os.fstat(self._inodes.fd(node)).st_size  # a closed file's node may be stale
+        if size != old:
+            self._save(node, "truncate", min(size, old), max(0, old - size), old)
+
+    def _save(self, node: Node, kind: str, off: int, size: int, old_size: int) -> int:
+        keep = max(0, min(off + size, old_size) - off)  # old bytes it replaces
+        if not self._room(keep):
+            return 0
+        entry = self._file(node)
+        if entry is None:
+            return 0
+        at = self._journal_end
+        _copy(entry.fd, off, keep, self._journal, at)
+        self._journal_end += keep
+        self.journal_bytes += keep
+        seq = self._next()
+        self._log[seq] = _Record(Change(seq, kind, file=node.key, offset=off,
+                                        length=size if kind == "write" else 0),
+                                 entry.path, old_size=old_size, saved=keep, at=at)
+        entry.changes += 1
+        return seq
+
+    def cancel(self, seq: int) -> None:
+        """The recorded write was refused before any byte was written."""
+        record = self._log.pop(seq, None)
+        if record is not None:
+            self._forget(record)
+
+    def synced_file(self, node: Node) -> None:
+        """fsync/fdatasync of `node` succeeded: its data is durable, and ext4 commits."""
+        self.durability_ops += 1
+        self._synced(node)
+
+    def _synced(self, node: Node) -> None:
+        self.commit()
+        if node.key in self._files:
+            for seq in [s for s, r in self._log.items() if r.change.file == node.key]:
+                self._forget(self._log.pop(seq))
+
+    def commit(self) -> None:
+        self._committed = self._next()
+
+    # -- recording: names -----------------------------------------------------------------
+
+    def _dir(self, node: Node) -> Key:
+        entry = self._dirs.get(node.key)
+        if entry is None:
+            self._dirs[node.key] = [os.dup(self._inodes.fd(node)), 1]
+        else:
+            entry[1] += 1
+        return node.key
+
+    def _dir_fd(self, key: Key) -> int:
+        return self._dirs[key][0]
+
+    def _stash_fd(self) -> int:
+        root = self._inodes.fd(self._inodes.root)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(STASH, 0o700, dir_fd=root)
+        return os.open(STASH, os.O_PATH | os.O_DIRECTORY, dir_fd=root)
+
+    def _record_names(self, kind: str, path: str, names: list[tuple[Node, bytes]],
+                      subjects: tuple[Key, ...], **undo: Any) -> None:
+        if not self._room(0):
+            return
+        seq = self._next()
+        pairs = tuple((self._dir(parent), name) for parent, name in names)
+        dirs = tuple(dict.fromkeys(key for key, _ in pairs))
+        self._log[seq] = _Record(Change(seq, kind, dirs=dirs, subjects=subjects), path,
+                                 names=pairs, **undo)
+
+    def created(self, parent: Node, name: bytes, st: os.stat_result) -> None:
+        """A create, mknod, mkdir or symlink made `name`."""
+        self._record_names("create", self._paths.of_entry(parent, name), [(parent, name)],
+                           ((st.st_dev, st.st_ino),), is_dir=stat.S_ISDIR(st.st_mode))
+
+    def linked(self, parent: Node, name: bytes, st: os.stat_result) -> None:
+        self._record_names("link", self._paths.of_entry(parent, name), [(parent, name)],
+                           ((st.st_dev, st.st_ino),))
+
+    def remove(self, parent: Node, name: bytes, st: os.stat_result,
+               remove: Callable[..., None]) -> None:
+        """unlink or rmdir `name` (the inode of `st`) so that a cut can undo it."""
+        fd = self._inodes.fd(parent)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if is_dir and _has_entries(fd, name, self._as_daemon):
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
+        path = self._paths.of_entry(parent, name)
+        key = (st.st_dev, st.st_ino)
+        if not is_dir and st.st_nlink > 1:  # other names keep the inode: hold it
+            held = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=fd)
+            try:
+                remove(name, dir_fd=fd)
+            except BaseException:
+                os.close(held)
+                raise
+            self._record_names("remove", path, [(parent, name)], (key,), held=held)
+            return
+        stashed = self._stash(fd, name)
+        self._record_names("remove", path, [(parent, name)], (key,), stashed=stashed,
+                           is_dir=is_dir)
+
+    def _stash(self, dir_fd: int, name: bytes) -> bytes:
+        stashed = str(self._seq + 1).encode() + b"-" + os.urandom(4).hex().encode()
+        with self._as_daemon():
+            stash = self._stash_fd()
+            try:
+                os.rename(name, stashed, src_dir_fd=dir_fd, dst_dir_fd=stash)
+            finally:
+                os.close(stash)
+        return stashed
+
+    def stash_replaced(self, parent: Node, name: bytes, moved: os.stat_result,
+                       replaced: os.stat_result) -> tuple[bytes | None, int]:
+        """Before a rename over `name`: keep the inode it replaces for a cut. (a name in
+        the stash it was moved to, or -1; or None and an O_PATH descriptor of it)."""
+        fd = self._inodes.fd(parent)
+        if stat.S_ISDIR(replaced.st_mode):
+            if not stat.S_ISDIR(moved.st_mode) or _has_entries(fd, name, self._as_daemon):
+                return None, -1  # the rename fails (ENOTDIR, ENOTEMPTY) as it would
+            return self._stash(fd, name), -1
+        if stat.S_ISDIR(moved.st_mode):
+            return None, -1  # EISDIR from the rename itself
+        if replaced.st_nlink > 1:
+            return None, os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=fd)
+        return self._stash(fd, name), -1
+
+    def unstash(self, parent: Node, name: bytes, kept: tuple[bytes | None, int]) -> None:
+        """The rename failed after stash_replaced: put the replaced inode back."""
+        stashed, held = kept
+        if held >= 0:
+            os.close(held)
+        if stashed is not None:
+            with self._as_daemon():
+                stash = self._stash_fd()
+                try:
+                    os.rename(stashed, name, src_dir_fd=stash,
+                              dst_dir_fd=self._inodes.fd(parent))
+                finally:
+                    os.close(stash)
+
+    def renamed(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
+                subjects: tuple[Key, ...], kept: tuple[bytes | None, int],
+                exchange: bool) -> None:
+        self.durability_ops += 1
+        path = (f"{self._paths.of_entry(new_parent, new_name)} -> "
+                f"{self._paths.of_entry(old_parent, old_name)}")
+        self._record_names("rename", path, [(old_parent, old_name), (new_parent, new_name)],
+                           subjects, stashed=kept[0], held=kept[1], exchange=exchange)
+
+    def synced_dir(self, node: Node) -> None:
+        """fsyncdir of `node` succeeded: posix keeps the changes of its entries (and all
+        they build on); ext4 commits."""
+        self.durability_ops += 1
+        self._dir_synced[node.key] = self._next()
+        self._committed = self._seq
+        durable = decide_posix_names(self._log, self._dir_synced)
+        freed: list[Key] = []
+        for seq in durable:
+            record = self._log.pop(seq)
+            if record.stashed is not None:  # its last name is gone for good: the removed
+                freed.append(record.change.subjects[-1])  # inode, or the one replaced
+            self._forget(record, durable=True)
+        for key in freed:  # nothing can bring their data back: let the inodes go
+            for seq in [s for s, r in self._log.items() if r.change.file == key]:
+                self._forget(self._log.pop(seq))
+
+    def checkpoint(self) -> None:
+        """Everything recorded becomes durable."""
+        for seq in list(self._log):
+            self._forget(self._log.pop(seq), durable=True)
+        self._dir_synced.clear()
+        self.commit()
+
+    def _forget(self, record: _Record, durable: bool = False) -> None:
+        """A record leaves the log: its references go; a durable removal is made real."""
+        change = record.change
+        if change.is_data and change.file is not None:
+            self.journal_bytes -= record.saved
+            entry = self._files[change.file]
+            entry.changes -= 1
+            if not entry.changes:
+                os.close(entry.fd)
+                del self._files[change.file]
+        for key, _ in record.names:
+            ref = self._dirs[key]
+            ref[1] -= 1
+            if not ref[1]:
+                os.close(ref[0])
+                del self._dirs[key]
+        if record.held >= 0:
+            os.close(record.held)
+        if record.stashed is not None and durable:
+            stash = os.path.join(os.fsencode(self._backing), STASH)
+            _remove_tree(os.path.join(stash, record.stashed))
+            with contextlib.suppress(OSError):  # the last one stashed: the stash goes
+                os.rmdir(stash)
+        if not self._log:
+            self.journal_bytes = self._journal_end = 0
+            os.ftruncate(self._journal, 0)
+            self._dir_synced.clear()
+            with contextlib.suppress(OSError), self._as_daemon():  # absent, or in use
+                os.rmdir(STASH, dir_fd=self._inodes.fd(self._inodes.root))
+
+    # -- drop_unsynced (fault rules: a failed writeback) ----------------------------------
+
+    def drop_unsynced(self, node: Node) -> int:
+        """Revert `node`'s unsynced writes to its last sync, as ext4 does after a failed
+        writeback; the bytes dropped. The kernel's page cache may still hold them, as it
+        does on ext4 (the pages are clean)."""
+        dropped = 0
+        for seq in [s for s in reversed(self._log) if self._log[s].change.file == node.key]:
+            record = self._log.pop(seq)
+            dropped += record.change.length
+            self._undo_data(record)
+            self._forget(record)
+        if dropped or node.key in self._files:
+            node.size = os.fstat(self._inodes.fd(node)).st_size
+            node.filled, node.scattered = None, None
+            node.charged = None
+        return dropped
+
+    # -- the cut --------------------------------------------------------------------------
+
+    def cut(self, model: str, torn: bool, keep_fraction: float,
+            seed: int | None) -> CrashReport:
+        """A power cut: revert what `model` does not keep (synchronously: atomic with
+        respect to every request), kill every handle, recount."""
+        seed = self._seeds.getrandbits(32) if seed is None else seed
+        records = self._log
+        decision = decide([r.change for r in records.values()],
+                          Syncs(self._dir_synced, self._committed), model, torn=torn,
+                          keep_fraction=keep_fraction, rng=random.Random(seed))
+        lost: list[LostItem] = []
+        pending = _Pending()
+        reverted: dict[Key, int] = {}
+        kept_bytes: dict[Key, int] = {}
+        tears: list[tuple[_Record, bytes]] = []
+        gone: set[Key] = set()
+        sizes = {key: os.fstat(f.fd).st_size for key, f in self._files.items()}
+        for seq in reversed(list(records)):
+            record = records[seq]
+            change = record.change
+            if seq in decision.kept:
+                if change.is_data and change.file is not None:
+                    kept_bytes[change.file] = kept_bytes.get(change.file, 0) + change.length
+                continue
+            if change.is_data:
+                assert change.file is not None
+                if seq in decision.torn:
+                    data = os.pread(self._files[change.file].fd, decision.torn[seq],
+                                    change.offset)
+                    tears.append((record, data))
+                reverted[change.file] = reverted.get(change.file, 0) + change.length
+                self._undo_data(record)
+            else:
+                item = self._undo_name(record, pending)
+                if item is not None:
+                    lost.append(item)
+                if change.kind == "create":
+                    gone.update(change.subjects)
+        for record, data in tears:
+            os.pwrite(self._files[record.change.file].fd, data,  # type: ignore[index]
+                      record.change.offset)
+        lost = self._data_items(sizes, reverted, kept_bytes, tears, gone) + lost
+        self._clear_after_cut(records, decision.kept)
+        self._reset_books(pending)
+        self.crashes += 1
+        report = CrashReport(model, torn, keep_fraction, seed, tuple(lost),
+                             lost_bytes=sum(i.bytes for i in lost if i.kind == "data"),
+                             lost_names=sum(1 for i in lost
+                                            if i.kind in ("created", "removed", "renamed")),
+                             crashes=self.crashes)
+        self._pending = pending
+        self._settled = trio.Event() if _in_trio() else None
+        self._on_cut(report)
+        return report
+
+    def _data_items(self, sizes: dict[Key, int], reverted: dict[Key, int],
+                    kept: dict[Key, int], tears: list[tuple[_Record, bytes]],
+                    gone: set[Key]) -> list[LostItem]:
+        torn = {r.change.file: len(data) for r, data in tears}
+        items: list[LostItem] = []
+        for key, entry in self._files.items():
+            if key in gone:
+                continue
+            if key in kept:
+                items.append(LostItem(entry.path, "kept", kept[key]))
+            if key in torn:
+                items.append(LostItem(entry.path, "torn", torn[key]))
+            if key in reverted:
+                items.append(LostItem(entry.path, "data",
+                                      max(0, reverted[key] - torn.get(key, 0))))
+            size = os.fstat(entry.fd).st_size
+            if size != sizes[key]:
+                items.append(LostItem(entry.path, "size", abs(sizes[key] - size)))
+        return items
+
+    def _undo_data(self, record: _Record) -> None:
+        change = record.change
+        assert change.file is not None
+        fd = self._files[change.file].fd
+        if record.saved:
+            _copy(self._journal, record.at, record.saved, fd, change.offset)
+        os.ftruncate(fd, record.old_size)
+
+    def _undo_name(self, record: _Record, pending: _Pending) -> LostItem | None:
+        """Undo one namespace change; what was lost (None: nothing could be undone)."""
+        change = record.change
+        for key, name in record.names:
+            known = self._inodes.by_key.get(key)
+            if known is not None:
+                pending.entries.append((known.inode, name))
+        (dir_key, name), *rest = record.names
+        fd = self._dir_fd(dir_key)
+        try:
+            with self._as_daemon():
+                if change.kind in ("create", "link"):
+                    if _names(fd, name, change.subjects[0]):
+                        (_remove_entry if not record.is_dir else _remove_dir)(fd, name)
+                    return LostItem(record.path, "created", 0)
+                if change.kind == "remove":
+                    self._restore(fd, name, record)
+                    return LostItem(record.path, "removed", 0)
+                new_key, new_name = rest[0]
+                new_fd = self._dir_fd(new_key)
+                if record.exchange:
+                    syscalls.renameat2(new_fd, new_name, fd, name, _RENAME_EXCHANGE)
+                else:
+                    os.rename(new_name, name, src_dir_fd=new_fd, dst_dir_fd=fd)
+                    self._restore(new_fd, new_name, record)
+                return LostItem(record.path, "renamed", 0)
+        except OSError as exc:  # a state no model allows would follow: say so, go on
+            log.warning("crash: could not undo %s of %s: %s", change.kind, record.path, exc)
+            return None
+
+    def _restore(self, dir_fd: int, name: bytes, record: _Record) -> None:
+        """Give back the inode a removal or a rename-over took from `name`."""
+        if record.held >= 0:
+            os.link(f"/proc/self/fd/{record.held}", name, dst_dir_fd=dir_fd,
+                    follow_symlinks=True)
+        elif record.stashed is not None:
+            stash = os.path.join(os.fsencode(self._backing), STASH, record.stashed)
+            os.rename(stash, name, dst_dir_fd=dir_fd)
+            record.stashed = None
+
+    def _clear_after_cut(self, records: dict[int, _Record], kept: frozenset[int]) -> None:
+        for seq in list(records):
+            self._forget(records.pop(seq), durable=seq in kept)
+        self._dir_synced.clear()
+        self._committed = 0
+        stash = os.path.join(os.fsencode(self._backing), STASH)
+        if os.path.lexists(stash):
+            _remove_tree(stash)  # what is left: removals the model kept
+
+    def _reset_books(self, pending: _Pending) -> None:
+        """Every handle dies; the nodes forget what they knew; the ledger is a fresh scan."""
+        inodes = self._inodes
+        inodes.kill_handles()
+        for node in list(inodes.nodes.values()):
+            pending.inodes.append(node.inode)
+            node.reserved.clear()
+            node.orphaned = False
+            node.filled, node.scattered = None, None
+            try:
+                st = inodes.stat(node)
+            except (OSError, pyfuse3.FUSEError):  # gone, its descriptor closed
+                node.charged = None
+                continue
+            alive = st.st_nlink > 0 or node is inodes.root
+            node.charged = None if alive else 0
+            if node.kind == stat.S_IFREG:
+                node.size = st.st_size
+            if alive and node.key not in inodes.by_key:
+                inodes.by_key[node.key] = node  # a removal undone: its inode is named again
+            elif not alive:
+                inodes.freed(node)
+        inodes.renamed()
+        self._recount()
+        used, count = scan_backing(self._backing, self._costs)
+        self._ledger.recount(used, count)
+
+    async def settle(self) -> None:
+        """Drop from the kernel's caches what the last cut reverted: attributes, pages and
+        names. Off the trio thread, while the loop answers what the kernel asks meanwhile
+        (writeback of dirty mmap pages through dead handles: EIO)."""
+        pending, self._pending = self._pending, None
+        settled, self._settled = self._settled, None
+        try:
+            if pending is not None:
+                await trio.to_thread.run_sync(self._kernel.invalidate, pending.inodes,
+                                              pending.entries)
+        finally:
+            if settled is not None:
+                settled.set()
+
+    def settle_soon(self) -> None:
+        """settle() in a task of its own: for a cut made inside a request (a fault
+        rule's), whose own pages the kernel may hold locked until it is answered."""
+        if self._pending is not None:
+            trio.lowlevel.spawn_system_task(self.settle)
+
+    async def wait_settled(self) -> None:
+        """Opens wait for the last cut's invalidation: a new handle would otherwise carry
+        the writeback of pre-cut dirty pages."""
+        settled = self._settled
+        if settled is not None:
+            await settled.wait()
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def decide_posix_names(log_: dict[int, _Record], dir_synced: dict[Key, int]) -> list[int]:
+    """The recorded namespace changes posix keeps now (durable for every model)."""
+    from quotafs.model.durability import posix_kept
+
+    return sorted(posix_kept([r.change for r in log_.values()], Syncs(dir_synced, 0)))
+
+
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _copy(src: int, src_off: int, size: int, dst: int, dst_off: int) -> None:
+    done = 0
+    while done < size:
+        chunk = os.pread(src, min(_CHUNK, size - done), src_off + done)
+        if not chunk:  # the source is shorter (a hole at its end reads as nothing)
+            chunk = bytes(min(_CHUNK, size - done))
+        os.pwrite(dst, chunk, dst_off + done)
+        done += len(chunk)
+
+
+def _names(dir_fd: int, name: bytes, key: Key) -> bool:
+    """Does `name` in the directory still name the inode `key`?"""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == key
+
+
+def _has_entries(dir_fd: int, name: bytes, as_daemon: Callable[[], Any]) -> bool:
+    with as_daemon():
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        return bool(os.listdir(fd))
+    finally:
+        os.close(fd)
+
+
+def _remove_entry(dir_fd: int, name: bytes) -> None:
+    os.unlink(name, dir_fd=dir_fd)
+
+
+def _remove_dir(dir_fd: int, name: bytes) -> None:
+    """A directory whose creation is undone: what is left in it was made after it (and
+    kept by no model without it), so it goes too."""
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        for entry in _entries(fd):
+            if entry.is_dir(follow_symlinks=False):
+                _remove_dir(fd, os.fsencode(entry.name))
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def _entries(fd: int) -> Iterator[os.DirEntry[str]]:
+    with os.scandir(fd) as it:
+        yield from list(it)
+
+
+def _remove_tree(path: bytes) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        parent, name = os.path.split(path)
+        fd = os.open(parent, os.O_PATH | os.O_DIRECTORY)
+        try:
+            _remove_dir(fd, name)
+        finally:
+            os.close(fd)
+    else:
+        os.unlink(path)

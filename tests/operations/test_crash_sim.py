@@ -1,0 +1,140 @@
+"""--crash-sim driven in-process (quotafs/daemon/crashsim.py): recording, the journal's
+bound, the undo of renames over existing names and of removals, drop_unsynced, and the
+control request's checks. The real-mount side is tests/mounts/test_crash_sim.py."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from quotafs.daemon import crashsim
+from quotafs.protocol import CRASH
+from tests.operations.driver import FsFactory, InProcessFS, SessionStandIns
+
+
+@pytest.fixture
+def cfs(make_fs: FsFactory) -> InProcessFS:
+    return make_fs("4M", crash_sim=True)
+
+
+def backing(fs: InProcessFS, name: str) -> bytes:
+    with open(os.path.join(fs.backing, name), "rb") as f:
+        return f.read()
+
+
+async def cut(fs: InProcessFS, **args: object) -> dict[str, object]:
+    return await fs.control(CRASH, dict(args))
+
+
+async def test_a_rename_over_an_old_file_is_undone_with_the_old_inode(
+        cfs: InProcessFS) -> None:
+    await cfs.write_file("/config", b"one")
+    f = await cfs.open("/config")
+    await cfs.fsync(f)
+    await cfs.release(f)
+    await cfs.fsyncdir("/")
+    old_ino = os.stat(os.path.join(cfs.backing, "config")).st_ino
+    await cfs.write_file("/config.tmp", b"two")
+    await cfs.rename("/config.tmp", "/config")
+    assert await cfs.listdir("/") == ["config"]  # the stash never shows
+    report = await cut(cfs, model="posix")
+    assert backing(cfs, "config") == b"one"
+    assert os.stat(os.path.join(cfs.backing, "config")).st_ino == old_ino
+    assert sorted(os.listdir(cfs.backing)) == ["config"]
+    assert {(i["path"], i["kind"]) for i in report["lost"]} >= {
+        ("/config -> /config.tmp", "renamed"), ("/config.tmp", "created")}
+    assert (await cfs.books())[0] == (await cfs.books())[1]
+
+
+async def test_rmdir_of_a_non_empty_directory_still_fails(cfs: InProcessFS) -> None:
+    await cfs.mkdir("/d")
+    await cfs.write_file("/d/x", b"x")
+    with pytest.raises(OSError) as info:
+        await cfs.rmdir("/d")
+    assert info.value.errno == errno.ENOTEMPTY
+    await cfs.unlink("/d/x")
+    await cfs.rmdir("/d")
+    assert await cfs.listdir("/") == []
+
+
+async def test_fsyncdir_makes_removals_real(cfs: InProcessFS) -> None:
+    await cfs.write_file("/f", b"f" * 5000)
+    await cfs.fsyncdir("/")
+    await cfs.unlink("/f")
+    assert os.listdir(cfs.backing) == [crashsim.STASH.decode()]
+    await cfs.fsyncdir("/")
+    assert os.listdir(cfs.backing) == []
+    assert (await cfs.status())["crash_journal_entries"] == 0
+
+
+async def test_the_journal_bound_forces_a_sync(cfs: InProcessFS,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(crashsim, "JOURNAL_MAX_BYTES", 10_000)
+    await cfs.write_file("/f", b"a" * 8192)
+    await cfs.fsyncdir("/")
+    f = await cfs.open("/f")
+    await cfs.fsync(f)
+    await cfs.write(f, 0, b"b" * 8192)  # saves 8192 old bytes
+    status = await cfs.status()
+    assert (status["crash_journal_bytes"], status["crash_forced_syncs"]) == (8192, 0)
+    await cfs.write(f, 0, b"c" * 4096)  # 4096 more would pass the bound
+    status = await cfs.status()
+    assert status["crash_forced_syncs"] == 1 and status["crash_journal_bytes"] == 4096
+    await cfs.release(f)
+    await cut(cfs)
+    assert backing(cfs, "f") == b"b" * 8192  # what the forced sync made durable stays
+
+
+async def test_drop_unsynced_reverts_one_file_to_its_last_sync(cfs: InProcessFS) -> None:
+    await cfs.write_file("/a", b"a" * 100)
+    await cfs.write_file("/b", b"b" * 100)
+    a = await cfs.open("/a")
+    await cfs.fsync(a)
+    await cfs.write(a, 100, b"A" * 50)
+    await cfs.write(a, 0, b"Z")
+    node = cfs.ops.inodes.handle(a.fh).node
+    assert cfs.ops.crash.drop_unsynced(node) == 51
+    assert backing(cfs, "a") == b"a" * 100
+    assert backing(cfs, "b") == b"b" * 100  # another file's unsynced data is untouched
+    await cfs.fsync(a)  # the next fsync succeeds: nothing left to sync
+    await cfs.release(a)
+    assert (await cfs.books())[0] == (await cfs.books())[1]
+
+
+async def test_a_cut_kills_handles_and_leaves_the_kernel_to_forget(
+        cfs: InProcessFS, session_stand_ins: SessionStandIns) -> None:
+    await cfs.write_file("/f", b"x")
+    f = await cfs.open("/f")
+    await cut(cfs, model="ext4")
+    with pytest.raises(OSError) as info:
+        await cfs.read(f, 0, 1)
+    assert info.value.errno == errno.EIO
+    with pytest.raises(OSError):  # close(2): the flush is EIO, the release goes through
+        await cfs.release(f)
+    assert cfs.ops.inodes.statistics().open_handles == 0 and not cfs.ops.inodes.dead
+    await cfs.ops.control.settle()
+    assert {f.inode, 1} <= set(session_stand_ins.invalidated_inodes)  # and the root
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    ({"model": "zfs"}, "model must be one of posix, ext4"),
+    ({"keep_fraction": 1.5}, "keep_fraction must be a number from 0 to 1"),
+    ({"torn": "yes"}, "torn must be true or false"),
+    ({"seed": -1}, "seed must be a whole number"),
+    ({"when": 1}, "unknown arguments: when"),
+])
+async def test_bad_crash_arguments_are_refused(cfs: InProcessFS, args: dict[str, object],
+                                               words: str) -> None:
+    with pytest.raises(OSError) as info:
+        await cut(cfs, **args)
+    assert info.value.errno == errno.EINVAL and words in str(info.value)
+
+
+async def test_without_crash_sim_the_request_is_refused(fs: InProcessFS) -> None:
+    with pytest.raises(OSError) as info:
+        await cut(fs)
+    assert info.value.errno == errno.EINVAL and "not mounted with --crash-sim" in str(
+        info.value)
+    assert (await fs.status())["crash_sim"] is False
