@@ -213,11 +213,15 @@ class Oracle:
     entries: dict[str, dict[str, int | None]] = field(default_factory=lambda: {"": {}})
     durable: dict[str, dict[str, int | None]] = field(default_factory=lambda: {"": {}})
     ever: dict[str, set[int]] = field(default_factory=dict)  # path -> inodes it named
-    unsynced_namespace: bool = False  # a namespace change since the last fsync of anything
+    clock: int = 0  # operations that succeeded
+    dir_synced_at: dict[str, int] = field(default_factory=dict)
+    # path -> (when, from which directory) of a rename across directories that bound it
+    moved_from: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def apply(self, op: Op, failed: str | None) -> None:
         if failed is not None:
             return
+        self.clock += 1
         match op:
             case Write(path, offset, length, seed):
                 node = self._inode(path, create=True)
@@ -233,11 +237,14 @@ class Oracle:
                 node.synced = len(node.versions) - 1
             case FsyncDir(path):
                 self.durable[path] = dict(self.entries[path])
+                self.dir_synced_at[path] = self.clock
             case Rename(src, dst) if self._lookup(src) != self._lookup(dst):
                 number = self._lookup(src)
                 self._unbind(dst)
                 self._unbind(src)
                 self._bind(dst, number)
+                if self._split(src)[0] != self._split(dst)[0]:
+                    self.moved_from[dst] = (self.clock, self._split(src)[0])
             case Unlink(path):
                 self._unbind(path)
             case Mkdir(path):
@@ -267,6 +274,7 @@ class Oracle:
     def _bind(self, path: str, number: int | None) -> None:
         parent, name = self._split(path)
         self.entries[parent][name] = number
+        self.moved_from.pop(path, None)
         if number is not None:
             self.ever.setdefault(path, set()).add(number)
 
@@ -278,7 +286,10 @@ class Oracle:
         """What no crash may lose: the names of each directory's last fsynced entries that
         still name the same thing (a change since may or may not have reached the disk),
         below a directory whose own name is durable so; for a file synced at least once,
-        its inode (contents: its last synced version or a later one), else None (any)."""
+        its inode (contents: its last synced version or a later one), else None (any).
+        A rename across directories counts as durable once both were fsynced after it:
+        one operation, made durable as a whole (what the posix model keeps; fsync(2)
+        speaks only of "the entry in the directory", so this reading is the stricter)."""
         out: dict[str, Inode | str | None] = {}
 
         def walk(directory: str) -> None:
@@ -286,6 +297,9 @@ class Oracle:
                 path = f"{directory}/{name}" if directory else name
                 if name not in self.entries[directory] or \
                         self.entries[directory][name] != number:
+                    continue
+                when, source = self.moved_from.get(path, (0, directory))
+                if self.dir_synced_at.get(source, 0) <= when:
                     continue
                 if number is None:
                     out[path] = DIR

@@ -70,3 +70,10 @@ def test_compare_allows_later_contents_and_counts_them() -> None:
     found = compare({"a": old, "b": b""}, {"a": old[:10]}, oracle)
     assert found.missing == ["a: kept 600 B, real ext4 has 10 B",
                              "b: kept 0 B, real ext4 has missing"]
+
+
+def test_a_rename_across_directories_needs_both_synced() -> None:
+    ops: list[Op] = [Mkdir("d"), FsyncDir(""), Write("d/b", 0, 10, 1), Fsync("d/b"),
+                     FsyncDir("d"), Rename("d/b", "a"), FsyncDir("")]
+    assert set(_oracle(*ops).guaranteed()) == {"d"}  # d's removal of b not synced
+    assert set(_oracle(*ops, FsyncDir("d")).guaranteed()) == {"d", "a"}
