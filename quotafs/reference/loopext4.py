@@ -66,20 +66,31 @@ class Ext4Loop:
 
     def power_cut(self) -> None:
         """Cut the power: FS_IOC_SHUTDOWN without a log flush (what was not committed to
-        the journal is gone), unmount, mount the same device again (the journal replayed),
-        so the mount point shows the post-crash state. Descriptors opened before stay dead
-        (EIO): close them first, or the unmount finds the mount busy and this fails."""
+        the journal is gone), unmount, and mount the image again through a new loop
+        device (the journal replayed), so the mount point shows the post-crash state.
+        Descriptors opened before stay dead (EIO): close them first, or the unmount finds
+        the mount busy and this fails.
+
+        A new device, because the old one's superblock may outlive our unmount: a mount
+        namespace made while it was mounted (unshare -m, the tmpfs reference's) holds a
+        copy of the mount, and mounting the same device again would hand back that live,
+        shut-down superblock with the pre-cut state in its caches."""
         tools = _find_tools()
         shutdown(self.mountpoint)
-        # Never lazily: a detached superblock still alive would be mounted again as it is,
-        # shut down, instead of being read back from the device.
-        with signals_deferred():
+        with signals_deferred():  # teardown finds every device by `losetup -j IMAGE`
             busy = unmount_retrying(os.path.realpath(self.mountpoint),
                                     functools.partial(_umount_once, tools), lazy=False)
             if busy is not None:
                 raise QuotafsError(f"cannot remount {self.mountpoint} after the power cut: "
                                    f"{busy} (a descriptor opened before it is still open)",
                                    ExitCode.LOOP)
+            # Still held elsewhere, the old device is detached once released (autoclear).
+            run_tool([tools.losetup, "-d", self.device])
+            proc = run_tool([tools.losetup, "--find", "--show", self.image])
+            if proc.returncode != 0:
+                raise QuotafsError(f"no free loop device after the power cut: "
+                                   f"{last_line(proc)}", ExitCode.LOOP)
+            object.__setattr__(self, "device", proc.stdout.strip())  # the one field that moves
             proc = run_tool([tools.mount, self.device, self.mountpoint])
         if proc.returncode != 0:
             raise QuotafsError(f"mount {self.device} {self.mountpoint} after the power cut "

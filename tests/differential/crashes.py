@@ -310,6 +310,19 @@ class Oracle:
         walk("")
         return out
 
+    def names(self) -> set[str]:
+        """Every path bound at the moment of the cut (directories too)."""
+        out: set[str] = set()
+
+        def walk(directory: str) -> None:
+            for name, number in self.entries[directory].items():
+                path = f"{directory}/{name}" if directory else name
+                out.add(path)
+                if number is None:
+                    walk(path)
+        walk("")
+        return out
+
     def later_versions(self, path: str) -> list[bytes]:
         """Every version since its last sync of every file that was ever at `path`: what
         writeback (or auto_da_alloc) may have made durable without being asked."""
@@ -341,15 +354,22 @@ class Comparison:
     matched: int = 0
     more_data: int = 0  # real ext4 kept later writes of a file (writeback, auto_da_alloc)
     more_names: int = 0  # real ext4 kept a name the model dropped (a journal commit)
+    restored: int = 0  # a name gone before the cut that the model brought back (posix)
 
 
-def compare(kept: Tree, real: Tree, oracle: Oracle) -> Comparison:
+def compare(kept: Tree, real: Tree, oracle: Oracle, restores: bool = False) -> Comparison:
     """Everything `kept` keeps must be in `real`: each name, of the same kind, and each
-    file with the same contents — or with later contents of it (allowed, counted)."""
+    file with the same contents — or with later contents of it (allowed, counted).
+    `restores`: a name the model brought back (gone before the cut: an unlink or rename
+    it undid) may be missing from `real`, whose journal may have committed that change
+    (the posix model undoes more than ext4 does); counted."""
     out = Comparison()
+    before = oracle.names() if restores else set()
     for path, value in sorted(kept.items()):
         got = real.get(path)
-        if got == value:
+        if restores and path not in before and got != value:
+            out.restored += 1
+        elif got == value:
             out.matched += 1
         elif (isinstance(value, bytes) and isinstance(got, bytes)
               and mixes(got, [value, *oracle.later_versions(path)])):

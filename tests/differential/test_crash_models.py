@@ -245,10 +245,13 @@ class Totals:
         into.matched += found.matched
         into.more_data += found.more_data
         into.more_names += found.more_names
+        into.restored += found.restored
 
     def line(self, seconds: float) -> str:
         parts = [f"{m} model: {c.matched:,} names as real ext4, real kept more in "
                  f"{c.more_data:,} files and {c.more_names:,} names"
+                 + (f", {c.restored:,} undone changes real ext4 had committed"
+                    if m == "posix" else "")
                  for m, c in self.by_model.items()]
         return (f"crash models vs real ext4 (shutdown ioctl): {self.examples} examples, "
                 f"{self.ops:,} ops; " + "; ".join(parts) + f"; {seconds:.1f}s")
@@ -271,7 +274,7 @@ def test_models_against_real_ext4(ext4: Ext4Loop, quota: QuotaMount,
             if got != outcomes:
                 problems.append(f"quotafs ({model}) answered {got}, ext4 {outcomes}")
                 continue
-            found = compare(tree, real, oracle)
+            found = compare(tree, real, oracle, restores=model == "posix")
             problems += [f"{model} model keeps what the real cut lost: {m}"
                          for m in found.missing]
             if model == "posix":

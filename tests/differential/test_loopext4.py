@@ -308,3 +308,21 @@ def test_shutdown_ioctl_number_is_the_kernels(ext4: Ext4Loop) -> None:
     with pytest.raises(OSError) as info:
         _write(os.path.join(ext4.mountpoint, "after"), b"x", sync=False)
     assert info.value.errno == errno.EIO
+
+
+def test_power_cut_while_another_namespace_holds_the_mount(ext4: Ext4Loop) -> None:
+    """A mount namespace made while the ext4 is mounted keeps its superblock alive after
+    our unmount; mounting the same device again would hand back that shut-down
+    superblock, pre-cut state and all. The cut mounts a new loop device instead."""
+    holder = subprocess.Popen(["unshare", "-m", "sleep", "60"])
+    try:
+        time.sleep(0.3)  # the namespace's copy of the mount table exists
+        _write(os.path.join(ext4.mountpoint, "unsynced"), b"x", sync=False)
+        before = ext4.device
+        ext4.power_cut()
+        assert ext4.device != before
+        assert sorted(os.listdir(ext4.mountpoint)) == ["lost+found"]
+        _write(os.path.join(ext4.mountpoint, "after"), b"y", sync=True)  # alive
+    finally:
+        holder.kill()
+        holder.wait()
