@@ -214,6 +214,7 @@ class Oracle:
     durable: dict[str, dict[str, int | None]] = field(default_factory=lambda: {"": {}})
     ever: dict[str, set[int]] = field(default_factory=dict)  # path -> inodes it named
     clock: int = 0  # operations that succeeded
+    touched: dict[str, set[str]] = field(default_factory=dict)  # names changed since fsync
     dir_synced_at: dict[str, int] = field(default_factory=dict)
     # path -> (when, from which directory) of a rename across directories that bound it
     moved_from: dict[str, tuple[int, str]] = field(default_factory=dict)
@@ -238,6 +239,7 @@ class Oracle:
             case FsyncDir(path):
                 self.durable[path] = dict(self.entries[path])
                 self.dir_synced_at[path] = self.clock
+                self.touched.pop(path, None)
             case Rename(src, dst) if self._lookup(src) != self._lookup(dst):
                 number = self._lookup(src)
                 self._unbind(dst)
@@ -274,6 +276,7 @@ class Oracle:
     def _bind(self, path: str, number: int | None) -> None:
         parent, name = self._split(path)
         self.entries[parent][name] = number
+        self.touched.setdefault(parent, set()).add(name)
         self.moved_from.pop(path, None)
         if number is not None:
             self.ever.setdefault(path, set()).add(number)
@@ -281,6 +284,7 @@ class Oracle:
     def _unbind(self, path: str) -> None:
         parent, name = self._split(path)
         self.entries[parent].pop(name, None)
+        self.touched.setdefault(parent, set()).add(name)
 
     def guaranteed(self) -> dict[str, Inode | str | None]:
         """What no crash may lose: the names of each directory's last fsynced entries that
@@ -295,8 +299,7 @@ class Oracle:
         def walk(directory: str) -> None:
             for name, number in self.durable[directory].items():
                 path = f"{directory}/{name}" if directory else name
-                if name not in self.entries[directory] or \
-                        self.entries[directory][name] != number:
+                if not self.stable(path):
                     continue
                 when, source = self.moved_from.get(path, (0, directory))
                 if self.dir_synced_at.get(source, 0) <= when:
@@ -310,18 +313,13 @@ class Oracle:
         walk("")
         return out
 
-    def names(self) -> set[str]:
-        """Every path bound at the moment of the cut (directories too)."""
-        out: set[str] = set()
-
-        def walk(directory: str) -> None:
-            for name, number in self.entries[directory].items():
-                path = f"{directory}/{name}" if directory else name
-                out.add(path)
-                if number is None:
-                    walk(path)
-        walk("")
-        return out
+    def stable(self, path: str) -> bool:
+        """`path` names what its directory's last fsync made durable, untouched since
+        (not even unbound and bound again)."""
+        parent, name = self._split(path)
+        return (name in self.durable.get(parent, {}) and name in self.entries[parent]
+                and name not in self.touched.get(parent, set())
+                and self.entries[parent][name] == self.durable[parent][name])
 
     def later_versions(self, path: str) -> list[bytes]:
         """Every version since its last sync of every file that was ever at `path`: what
@@ -360,14 +358,14 @@ class Comparison:
 def compare(kept: Tree, real: Tree, oracle: Oracle, restores: bool = False) -> Comparison:
     """Everything `kept` keeps must be in `real`: each name, of the same kind, and each
     file with the same contents — or with later contents of it (allowed, counted).
-    `restores`: a name the model brought back (gone before the cut: an unlink or rename
-    it undid) may be missing from `real`, whose journal may have committed that change
-    (the posix model undoes more than ext4 does); counted."""
+    `restores`: a name the model kept or brought back though it changed since its
+    directory's fsync (an unlink, rename or link the model undid) may differ in `real`,
+    whose journal may have committed the change (the posix model undoes more than ext4
+    does); counted."""
     out = Comparison()
-    before = oracle.names() if restores else set()
     for path, value in sorted(kept.items()):
         got = real.get(path)
-        if restores and path not in before and got != value:
+        if restores and not oracle.stable(path) and got != value:
             out.restored += 1
         elif got == value:
             out.matched += 1
