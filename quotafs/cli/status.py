@@ -57,6 +57,9 @@ def _status_lines(status: Status) -> list[str]:
         f"accounting:   {status['accounting']}, block size {status['block_size']}",
         f"mmap sigbus:  {'on' if status['mmap_sigbus'] else 'off'}",
         f"xattrs:       {'on' if status['xattrs'] else 'off (--xattrs off)'}",
+        *([f"crash sim:    on, {status['crash_journal_entries']} changes not durable "
+           f"({size(status['crash_journal_bytes'])} saved), {status['crashes']} cuts, "
+           f"{status['durability_ops']} durability ops"] if status["crash_sim"] else []),
         f"ENOSPC:       {status['enospc_count']} answered",
         f"backing:      {status['backing']}"
         + (" (private)" if status["private_backing"] else ""),

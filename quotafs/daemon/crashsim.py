@@ -32,6 +32,7 @@ import logging
 import os
 import random
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ from quotafs.daemon import syscalls
 from quotafs.daemon.inodes import Handle, InodeTable, Key, Node
 from quotafs.daemon.kernel import Kernel
 from quotafs.daemon.paths import Paths
+from quotafs.errors import ExitCode, QuotafsError
 from quotafs.model.costs import Costs, scan_backing
 from quotafs.model.durability import Change, Syncs, decide
 from quotafs.model.ledger import Ledger
@@ -118,7 +120,7 @@ class CrashSim:
         # commit: ext4's fsync of a regular file commits only for one of them (measured:
         # docs/crash.md).
         self._uncommitted: set[Key] = set()
-        self._journal = os.open(backing, os.O_TMPFILE | os.O_RDWR, 0o600)
+        self._journal = _journal_file(backing)
         self._journal_end = 0
         self.journal_bytes = 0
         self.durability_ops = 0
@@ -137,8 +139,12 @@ class CrashSim:
 
     def close(self) -> None:
         """At unmount everything is durable: the stash goes, the journal with it."""
-        self.checkpoint()
-        os.close(self._journal)
+        try:
+            self.checkpoint()
+        except OSError as exc:  # the next --crash-sim mount removes what is left
+            log.warning("crash-sim: the stash of %s was not removed: %s", self._backing, exc)
+        finally:
+            os.close(self._journal)
 
     @staticmethod
     def clear_stash(backing: str) -> None:
@@ -273,6 +279,10 @@ class CrashSim:
         """unlink or rmdir `name` (the inode of `st`) so that a cut can undo it."""
         fd = self._inodes.fd(parent)
         is_dir = stat.S_ISDIR(st.st_mode)
+        rmdir = remove is os.rmdir
+        if rmdir != is_dir:  # as the syscall would answer
+            code = errno.ENOTDIR if rmdir else errno.EISDIR
+            raise OSError(code, os.strerror(code))
         if is_dir and _has_entries(fd, name, self._as_daemon):
             raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
         path = self._paths.of_entry(parent, name)
@@ -437,6 +447,8 @@ class CrashSim:
             if seq in decision.kept:
                 if change.is_data and change.file is not None:
                     kept_bytes[change.file] = kept_bytes.get(change.file, 0) + change.length
+                elif record.stashed is not None:  # its last name stays gone: so does it
+                    gone.add(change.subjects[-1])
                 continue
             if change.is_data:
                 assert change.file is not None
@@ -596,7 +608,9 @@ class CrashSim:
 
     async def wait_settled(self) -> None:
         """Opens wait for the last cut's invalidation: a new handle would otherwise carry
-        the writeback of pre-cut dirty pages."""
+        the writeback of pre-cut dirty pages. (Not creates: the kernel holds the
+        directory's lock over one, which invalidating an entry in it needs; and a new
+        inode has no pre-cut pages.)"""
         settled = self._settled
         if settled is not None:
             await settled.wait()
@@ -610,6 +624,22 @@ def decide_posix_names(log_: dict[int, _Record], dir_synced: dict[Key, int]) -> 
     from quotafs.model.durability import posix_kept
 
     return sorted(posix_kept([r.change for r in log_.values()], Syncs(dir_synced, 0)))
+
+
+def _journal_file(backing: str) -> int:
+    """An unnamed file on the backing filesystem: O_TMPFILE, or one made and unlinked at
+    once where the filesystem has no O_TMPFILE (before any request: nothing sees it)."""
+    try:
+        return os.open(backing, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except OSError:
+        pass
+    try:
+        fd, path = tempfile.mkstemp(prefix=".quotafs-crash-journal-", dir=backing)
+        os.unlink(path)
+        return fd
+    except OSError as exc:
+        raise QuotafsError(f"--crash-sim: cannot make its journal in {backing}: "
+                           f"{exc.strerror}", ExitCode.BACKING) from None
 
 
 def _in_trio() -> bool:

@@ -1,10 +1,11 @@
 """The seam between the handlers and the FUSE session: every call into pyfuse3's session.
 
 QuotaFS never calls a pyfuse3 *session* function (one that needs a mounted, running
-pyfuse3: readdir_reply, invalidate_entry_async, get_sup_groups) directly; it calls the
-`Kernel` object it was built with. `Kernel` (this module) forwards to pyfuse3. An
+pyfuse3: readdir_reply, invalidate_entry_async, get_sup_groups, and after a power cut
+invalidate_inode/invalidate_entry) directly; it calls the `Kernel` object it was built
+with. `Kernel` (this module) forwards to pyfuse3. An
 in-process test layer, which calls the handlers without /dev/fuse, passes its own object
-with the same three methods (`build_filesystem(config, kernel=...)`), e.g. one whose
+with the same methods (`build_filesystem(config, kernel=...)`), e.g. one whose
 readdir_reply collects the entries into the token it was handed. pyfuse3's plain data
 types (EntryAttributes, FileInfo, StatvfsData, FUSEError) need no session and are used
 directly.

@@ -502,8 +502,6 @@ class QuotaFS(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         if self.faults.active:
             await self.gate.check(Op.CREATE, parent_inode, name, ctx=ctx)
-        if self.crash is not None:
-            await self.crash.wait_settled()
         with self.rights.as_caller(ctx):
             parent = self.inodes.node(parent_inode)
             self.rights.check_add(parent)

@@ -293,7 +293,8 @@ def _quota_mount(request: pytest.FixtureRequest) -> Iterator[QuotaMount]:
 
 class QuotafsFactory:
     """quotafs_factory(limit="100M", **options) -> a new live QuotaMount; options as for
-    quotafs.mounted() (inodes, accounting, block_size, mmap_sigbus, seed, rules, ...).
+    quotafs.mounted() (inodes, accounting, block_size, mmap_sigbus, crash_sim, seed, rules,
+    ...).
     Every mount it made is unmounted when its scope (the test, by default) ends."""
 
     def __init__(self, request: pytest.FixtureRequest) -> None:

@@ -73,3 +73,15 @@ def test_bad_keep_fraction(mount_factory: MountFactory, fraction: str) -> None:
 def test_bad_model_and_seed(mount_factory: MountFactory, args: list[str], words: str) -> None:
     m = mount_factory("1M", crash_sim=True)
     assert_one_line_error(quotafs("crash", m.path, *args), ExitCode.USAGE, words)
+
+
+def test_status_shows_the_crash_sim(mount_factory: MountFactory) -> None:
+    m = mount_factory("4M", crash_sim=True)
+    with open(os.path.join(m.path, "f"), "wb") as f:
+        f.write(b"x")
+    result = quotafs("status", m.path)
+    assert result.returncode == 0, result.stderr
+    assert ("crash sim:    on, 2 changes not durable (0 B (0 bytes) saved), 0 cuts, "
+            "0 durability ops") in result.stdout.splitlines()
+    plain = quotafs("status", mount_factory("1M").path)
+    assert "crash sim" not in plain.stdout

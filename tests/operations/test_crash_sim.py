@@ -138,3 +138,40 @@ async def test_without_crash_sim_the_request_is_refused(fs: InProcessFS) -> None
     assert info.value.errno == errno.EINVAL and "not mounted with --crash-sim" in str(
         info.value)
     assert (await fs.status())["crash_sim"] is False
+
+
+async def test_writes_through_an_o_dsync_handle_are_durable(cfs: InProcessFS) -> None:
+    await cfs.write_file("/f", b"")
+    await cfs.fsyncdir("/")
+    f = await cfs.open("/f", os.O_RDWR | os.O_DSYNC)
+    await cfs.write(f, 0, b"synced")
+    await cfs.release(f)
+    assert (await cfs.status())["crash_journal_entries"] == 0
+    await cut(cfs)
+    assert backing(cfs, "f") == b"synced"
+
+
+async def test_a_stash_left_by_a_killed_daemon_goes_at_the_next_mount(
+        make_fs: FsFactory, tmp_path: object) -> None:
+    first = make_fs("4M", crash_sim=True)
+    await first.write_file("/f", b"f")
+    await first.fsyncdir("/")
+    await first.unlink("/f")  # not durable: stashed
+    assert os.listdir(first.backing) == [crashsim.STASH.decode()]
+    await first.close()  # as a SIGKILL: nobody cleans up
+    again = make_fs("4M", backing=first.backing, crash_sim=True)
+    assert os.listdir(again.backing) == []
+    assert (await again.books())[0] == (await again.books())[1]
+
+
+async def test_ext4_keeps_an_unlink_a_later_fsync_committed(cfs: InProcessFS) -> None:
+    await cfs.write_file("/old", b"o")
+    await cfs.write_file("/other", b"")
+    await cfs.fsyncdir("/")
+    await cfs.unlink("/old")
+    other = await cfs.open("/other")
+    await cfs.fsync(other)  # ext4: commits the unlink; posix would undo it
+    await cfs.release(other)
+    report = await cut(cfs, model="ext4")
+    assert sorted(os.listdir(cfs.backing)) == ["other"]
+    assert report["lost"] == []

@@ -1,12 +1,14 @@
 """A Hypothesis state machine over the in-process QuotaFS: any sequence of requests a
 program could make (names that do and do not exist, files and directories mixed up, open
 files unlinked or renamed over, limits lowered below usage, the kernel forgetting inodes,
-remounts), in both accountings, with after EVERY step:
+remounts; with --crash-sim, directory fsyncs and power cuts of both models), in both
+accountings, with after EVERY step:
 
 - the ledger's used bytes and inodes equal a fresh scan of the backing directory
   (scan_backing, the mount scan itself and the scan `assert_healthy` compares a live
   mount's ledger with), plus the blocks of unlinked files that are still open;
-- used never grows past the limit (a limit lowered below usage only stops growth);
+- used never grows past the limit (a limit lowered below usage, or removals a cut
+  undid, only stop growth);
 - statfs says what the ledger says; no request is answered EIO (an unexpected error).
 """
 
@@ -32,6 +34,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from quotafs.daemon.crashsim import STASH
 from quotafs.model.costs import Costs, Mode
 from tests.operations.driver import FsFactory, InProcessFS, OpenFile, run_now
 
@@ -113,9 +116,10 @@ class OperationsMachine(RuleBasedStateMachine):
     # -- the mount -----------------------------------------------------------------------------
 
     @initialize(accounting=st.sampled_from(["blocks", "apparent"]), limit=LIMITS,
-                inodes=INODE_LIMITS)
-    def mount(self, accounting: str, limit: int | None, inodes: int | None) -> None:
-        self.config = {"accounting": accounting, "inodes": inodes}
+                inodes=INODE_LIMITS, crash_sim=st.booleans())
+    def mount(self, accounting: str, limit: int | None, inodes: int | None,
+              crash_sim: bool) -> None:
+        self.config = {"accounting": accounting, "inodes": inodes, "crash_sim": crash_sim}
         self.costs = Costs(Mode(accounting), BLOCK)
         self.fs = self.make_fs(limit, **self.config)
 
@@ -137,6 +141,30 @@ class OperationsMachine(RuleBasedStateMachine):
         limit = self.run(self.fs.status)["limit"]
         self.run(self.fs.close)
         self.fs = self.make_fs(limit, backing=self.fs.backing, **self.config)
+
+    @precondition(lambda self: self.config.get("crash_sim"))
+    @rule(model=st.sampled_from(["posix", "ext4"]), torn=st.booleans(),
+          keep=st.sampled_from([0.0, 0.5, 1.0]), seed=st.integers(0, 99))
+    def crash(self, model: str, torn: bool, keep: float, seed: int) -> None:
+        """A power cut: then every handle answers EIO until released."""
+        type(self).steps += 1
+        self.run(self.fs.control, "crash",
+                 {"model": model, "torn": torn, "keep_fraction": keep, "seed": seed})
+        for f in self.handles:
+            try:
+                self.run(self.fs.release, f)
+            except OSError as exc:  # the flush of a dead handle
+                assert exc.errno == errno.EIO
+            os.close(self.probes.pop(f.fh))
+        self.handles.clear()
+        # Removals undone come back whatever the limit: like a lowered limit, usage may
+        # then stand above it, and only growth from there is refused.
+        self.used_before = max(self.used_before, self.run(self.fs.status)["used"])
+
+    @precondition(lambda self: self.config.get("crash_sim"))
+    @rule(path=st.sampled_from(["/", "/d", "/d/e"]))
+    def fsyncdir(self, path: str) -> None:
+        self.attempt(self.fs.fsyncdir, path)
 
     @rule()
     def forget_all(self) -> None:
@@ -241,9 +269,13 @@ class OperationsMachine(RuleBasedStateMachine):
     def held_by_open_unlinked_files(self) -> int:
         """What the blocks of files unlinked while open cost (each inode once)."""
         seen: dict[tuple[int, int], int] = {}
+        stash = os.path.join(self.fs.backing, os.fsdecode(STASH))
+        stashed = ({(e.stat(follow_symlinks=False).st_dev, e.inode())
+                    for e in os.scandir(stash)}
+                   if os.path.isdir(stash) else set())  # --crash-sim's unlinked inodes
         for fd in self.probes.values():
             st = os.fstat(fd)
-            if st.st_nlink == 0:
+            if st.st_nlink == 0 or (st.st_dev, st.st_ino) in stashed:
                 seen[(st.st_dev, st.st_ino)] = self.costs.open_file(fd, st.st_size)
         return sum(seen.values())
 

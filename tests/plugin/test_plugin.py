@@ -711,3 +711,26 @@ def test_ext4_loop_fixture_rejects_a_size_ext4_cannot_have(pytester: pytest.Pyte
     result.assert_outcomes(errors=1)
     assert re.search(r"^ext4_loop: the ext4 reference needs at least 1\.0 MiB free; the "
                      r"quotafs marker asks for 100\.0 KiB$", result.stdout.str(), re.M)
+
+
+def test_the_marker_takes_crash_sim(pytester: pytest.Pytester) -> None:
+    pytester.makeini(STRICT_INI)
+    result = run_mounting(pytester, """
+        import os
+        import pytest
+
+        @pytest.mark.quotafs(limit="1M", crash_sim=True)
+        def test_cut(quota_mount):
+            with open(os.path.join(quota_mount.path, "unsynced"), "wb") as f:
+                f.write(b"x" * 100)
+            report = quota_mount.crash(model="ext4")
+            assert report.lost_names == 1 and report.crashes == 1  # no commit: gone
+            assert not os.path.exists(os.path.join(quota_mount.path, "unsynced"))
+            assert quota_mount.status().crash_sim
+
+        @pytest.mark.quotafs(limit="1M", crash_sim="yes")
+        def test_bad_value(quota_mount):
+            pass
+    """)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*crash_sim must be True or False, got 'yes'*"])
