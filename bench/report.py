@@ -47,8 +47,8 @@ class Comparison:
     ratio: float
     ratio_min: float
     ratio_max: float
-    goal: float
-    meets: bool
+    goal: float | None  # None: a cost measured, with no goal
+    meets: bool | None
 
 
 def _spread(values: Sequence[float]) -> float:
@@ -100,7 +100,8 @@ def summarise(samples: dict[tuple[str, str], list[Sample | None]],
 
 
 def compare(samples: dict[tuple[str, str], list[Sample | None]], target: str, baseline: str,
-            workloads: Sequence[Workload]) -> list[Comparison]:
+            workloads: Sequence[Workload],
+            goal: float | None = QUOTA_COST_GOAL) -> list[Comparison]:
     out: list[Comparison] = []
     for w in workloads:
         pairs = zip(samples.get((target, w.name), []), samples.get((baseline, w.name), []),
@@ -110,7 +111,7 @@ def compare(samples: dict[tuple[str, str], list[Sample | None]], target: str, ba
         if ratios:
             med = statistics.median(ratios)
             out.append(Comparison(target, baseline, w.name, med, min(ratios), max(ratios),
-                                  QUOTA_COST_GOAL, med >= QUOTA_COST_GOAL))
+                                  goal, None if goal is None else med >= goal))
     return out
 
 
@@ -162,7 +163,8 @@ def comparison_rows(comparisons: Sequence[Comparison],
                     workloads: Sequence[Workload]) -> list[list[str]]:
     titles = {w.name: w.title for w in workloads}
     return [[titles[c.workload], f"{c.target} / {c.baseline}",
-             f"{c.ratio:.3f} [{c.ratio_min:.2f}-{c.ratio_max:.2f}]", f"≥ {c.goal:.2f}",
+             f"{c.ratio:.3f} [{c.ratio_min:.2f}-{c.ratio_max:.2f}]",
+             "—" if c.goal is None else f"≥ {c.goal:.2f}",
              _verdict(c.meets)] for c in comparisons]
 
 

@@ -54,6 +54,7 @@ from bench.targets import (
     Target,
     TargetUnavailable,
     check_passthrough_argv,
+    crash_sim_support,
     fault_support,
     fetch_passthrough_example,
     null_target,
@@ -95,13 +96,16 @@ TARGETS = {
                     "each of these samples",
     "quotafs-nocache": "quotafs with the quota and --no-cache (no kernel caching: what the "
                        "cache levers are worth)",
+    "quotafs-crashsim": "quotafs with the quota and --crash-sim (recording what is durable: "
+                        "what crash simulation costs)",
 }
 
 
 WORKLOADS: dict[str, Workload] = {**BLOCK_WORKLOADS, **{w.name: w for w in APP_WORKLOADS}}
 
 VARIANTS = ("quotafs-nolimit", "quotafs-rule")  # settings of the quotafs target's daemon
-QUOTAFS_EXTRA = {"quotafs-nocache": ["--no-cache"], "quotafs-noxattr": ["--xattrs", "off"]}
+QUOTAFS_EXTRA = {"quotafs-nocache": ["--no-cache"], "quotafs-noxattr": ["--xattrs", "off"],
+                 "quotafs-crashsim": ["--crash-sim"]}
 NO_DATA = "skipped: reads return zeros here, and this program reads back what it wrote"
 
 
@@ -283,6 +287,8 @@ class Bench:
                         name, TARGETS[name], base, None if name == "quotafs-nolimit" else limit,
                         rule=shlex.split(self.args.rule) if name == "quotafs-rule" else None))
                 else:
+                    if name == "quotafs-crashsim" and (reason := crash_sim_support()):
+                        raise TargetUnavailable(reason)
                     out.append(QuotafsTarget(name, TARGETS[name], ext4.subdir(f"backing-{name}"),
                                              ext4.mountpoint_for(name), limit,
                                              extra=QUOTAFS_EXTRA.get(name)))
@@ -570,6 +576,9 @@ def _main(args: argparse.Namespace) -> int:
             if other in names:
                 comparisons += report.compare(bench.samples, other, "quotafs-nolimit",
                                               bench.workloads)
+    if {"quotafs-crashsim", "quotafs"} <= set(names):  # a cost to show, no goal to meet
+        comparisons += report.compare(bench.samples, "quotafs-crashsim", "quotafs",
+                                      bench.workloads, goal=None)
     document = bench.document(results, comparisons)
     machine = document["machine"]
     print(f"\nquotafs benchmark, {document['date']}: {bench.rounds} round(s), engine "

@@ -192,6 +192,13 @@ def _quotafs(*args: str, timeout: float = 120.0,
     return result
 
 
+def crash_sim_support() -> str | None:
+    """None if `quotafs mount` has --crash-sim, else why the crashsim target is skipped."""
+    if "--crash-sim" not in _quotafs("mount", "--help", check=False).stdout:
+        return "skipped: `quotafs mount --crash-sim` does not exist yet in this quotafs"
+    return None
+
+
 def fault_support() -> str | None:
     """None if `quotafs fault add` exists, else why the rule target is skipped."""
     result = _quotafs("fault", "add", "--help", check=False)

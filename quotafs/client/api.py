@@ -488,6 +488,12 @@ class Ext4Mount:
     def is_alive(self) -> bool:
         return os.path.ismount(self.path)
 
+    def power_cut(self) -> None:
+        """A real power cut: ext4's shutdown ioctl without a log flush, then unmount and
+        mount again, so `.path` shows what survived (the reference of QuotaMount.crash;
+        see docs/crash.md). Close every descriptor on it first."""
+        self.loop.power_cut()
+
 
 @contextlib.contextmanager
 def ext4_loop(free: int | str | None, workdir: str | None = None,

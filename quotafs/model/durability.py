@@ -8,8 +8,10 @@ reverts the rest, newest first. docs/crash.md describes the models:
   changes then, so every data change here is unsynced and lost); a namespace change once
   every directory it changed was fsynced after it, and every earlier change it builds
   on (one that touched one of the same directories or inodes) is kept too.
-- ext4: as data=ordered: any fsync, fdatasync or fsyncdir commits the journal, so every
-  namespace change issued before the last commit is kept; data as under posix.
+- ext4: as data=ordered: every fsyncdir, and an fsync or fdatasync of a file with a
+  journalled change since the last commit (a size, a name: the recorder tracks them),
+  commits the journal, so every namespace change issued before the last commit is kept;
+  data as under posix. (Measured: the fsync of a clean file commits nothing on ext4.)
 
 `keep_fraction` lets a seeded share of each file's unsynced data changes survive, as a
 prefix in issue order (what writeback of them in order would have left); `torn` lets each
@@ -55,8 +57,8 @@ class Change:
 @dataclass(frozen=True)
 class Syncs:
     """What was made durable: each directory's last fsyncdir, the last journal commit
-    (any fsync, fdatasync or fsyncdir: ext4's), as the sequence number then current (a
-    change with a lower seq came before it)."""
+    (ext4's: any fsyncdir, an fsync or fdatasync of a file with uncommitted changes), as
+    the sequence number then current (a change with a lower seq came before it)."""
 
     dir_synced: Mapping[Key, int] = field(default_factory=dict)
     committed: int = 0

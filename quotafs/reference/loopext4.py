@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import signals_deferred
 from quotafs.mountinfo import find_mount
+from quotafs.reference.shutdown import shutdown
 from quotafs.reference.tools import find_tool, last_line, run_tool
 from quotafs.units import format_size
 from quotafs.unmounting import unmount_failure, unmount_retrying
@@ -62,6 +63,38 @@ class Ext4Loop:
     def quotafs_options(self) -> dict[str, int]:
         """limit and reserve of a quotafs with this ext4's room for root and for others."""
         return {"limit": self.write_capacity_hint, "reserve": self.root_reserve_bytes}
+
+    def power_cut(self) -> None:
+        """Cut the power: FS_IOC_SHUTDOWN without a log flush (what was not committed to
+        the journal is gone), unmount, and mount the image again through a new loop
+        device (the journal replayed), so the mount point shows the post-crash state.
+        Descriptors opened before stay dead (EIO): close them first, or the unmount finds
+        the mount busy and this fails.
+
+        A new device, because the old one's superblock may outlive our unmount: a mount
+        namespace made while it was mounted (unshare -m, the tmpfs reference's) holds a
+        copy of the mount, and mounting the same device again would hand back that live,
+        shut-down superblock with the pre-cut state in its caches."""
+        tools = _find_tools()
+        shutdown(self.mountpoint)
+        with signals_deferred():  # teardown finds every device by `losetup -j IMAGE`
+            busy = unmount_retrying(os.path.realpath(self.mountpoint),
+                                    functools.partial(_umount_once, tools), lazy=False)
+            if busy is not None:
+                raise QuotafsError(f"cannot remount {self.mountpoint} after the power cut: "
+                                   f"{busy} (a descriptor opened before it is still open)",
+                                   ExitCode.LOOP)
+            # Still held elsewhere, the old device is detached once released (autoclear).
+            run_tool([tools.losetup, "-d", self.device])
+            proc = run_tool([tools.losetup, "--find", "--show", self.image])
+            if proc.returncode != 0:
+                raise QuotafsError(f"no free loop device after the power cut: "
+                                   f"{last_line(proc)}", ExitCode.LOOP)
+            object.__setattr__(self, "device", proc.stdout.strip())  # the one field that moves
+            proc = run_tool([tools.mount, self.device, self.mountpoint])
+        if proc.returncode != 0:
+            raise QuotafsError(f"mount {self.device} {self.mountpoint} after the power cut "
+                               f"failed: {last_line(proc)}", ExitCode.LOOP)
 
     def cleanup_commands(self) -> list[str]:
         """Shell commands that remove what keep=True left behind."""

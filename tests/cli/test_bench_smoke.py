@@ -52,7 +52,8 @@ def test_smoke_run_reports_every_target_and_workload(tmp_path: Path) -> None:
     targets = {t["name"]: t for t in data["targets"]}
     assert set(targets) == {"native", "pyfuse3-passthrough", "pyfuse3-null",
                             "pyfuse3-null-xattr", "pyfuse3-mem-xattr", "quotafs-nolimit",
-                            "quotafs", "quotafs-rule", "quotafs-nocache", "quotafs-noxattr"}
+                            "quotafs", "quotafs-rule", "quotafs-nocache", "quotafs-noxattr",
+                            "quotafs-crashsim"}
     for name, target in targets.items():
         if target["status"] != "ok":
             assert name not in ALWAYS, f"{name} skipped: {target['note']}"
@@ -81,6 +82,11 @@ def test_smoke_run_reports_every_target_and_workload(tmp_path: Path) -> None:
         assert {("quotafs-rule", w) for w in workloads} <= baselines
     assert {("quotafs", w) for w in workloads} <= {
         (c["target"], c["workload"]) for c in data["comparisons"]}
+    if targets["quotafs-crashsim"]["status"] == "ok":  # its cost against quotafs, no goal
+        crashsim = [c for c in data["comparisons"] if c["target"] == "quotafs-crashsim"]
+        assert {c["workload"] for c in crashsim} == workloads
+        assert {(c["baseline"], c["goal"], c["meets"]) for c in crashsim} == {
+            ("quotafs", None, None)}
     for c in data["comparisons"]:
         assert math.isfinite(c["ratio"]) and c["ratio"] > 0
 

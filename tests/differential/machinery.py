@@ -69,7 +69,8 @@ __all__ = [
     "Close", "Create", "Difference", "Differential", "DifferentialError", "Fsync",
     "HandleFsync", "HandleTruncate", "HandleWrite", "Layout", "Link", "Mkdir", "MmapWrite",
     "Op", "Open", "Rename", "Result", "Rmdir", "Statvfs", "Step", "Target", "Tolerance",
-    "Truncate", "Unlink", "Write", "pattern", "run_mmap_child", "syncfs", "wait_until",
+    "Truncate", "Unlink", "Write", "image_workdir", "pattern", "run_mmap_child", "syncfs",
+    "wait_until",
 ]
 
 
@@ -314,6 +315,17 @@ def _space_failure(op: Op, r: Result) -> bool:
 
 
 # -- targets ------------------------------------------------------------------------------
+
+def image_workdir() -> str | None:
+    """Where to put a loop-ext4's image: on tmpfs when there is one, so journal commits (at
+    every ENOSPC retry, every syncfs, every fsync) are memory copies, not disk flushes."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK):
+        st = os.statvfs(shm)
+        if st.f_bavail * st.f_frsize > 64 * 1024 * 1024:
+            return shm
+    return None
+
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -58,6 +58,7 @@ from tests.differential.machinery import (
     Truncate,
     Unlink,
     Write,
+    image_workdir,
     wait_until,
 )
 
@@ -76,17 +77,6 @@ SLOTS = (0, 1)
 
 
 pytestmark = needs_fuse_and_loop_ext4
-
-
-def _workdir() -> str | None:
-    """The image on tmpfs when there is one: journal commits (at every ENOSPC retry and
-    every syncfs) are then memory copies, not disk flushes."""
-    shm = "/dev/shm"
-    if os.path.isdir(shm) and os.access(shm, os.W_OK):
-        st = os.statvfs(shm)
-        if st.f_bavail * st.f_frsize > 64 * MiB:
-            return shm
-    return None
 
 
 def _settle(mount: QuotaMount) -> Callable[[int], None]:
@@ -112,7 +102,7 @@ def open_pair(free: int = FREE, **options: Any) -> Iterator[Pair]:
     use of it, wrapped in a Differential (ext4 the reference)."""
     with contextlib.ExitStack() as stack:
         try:
-            ext4 = stack.enter_context(open_ext4_loop(free, workdir=_workdir()))
+            ext4 = stack.enter_context(open_ext4_loop(free, workdir=image_workdir()))
         except QuotafsError as exc:
             pytest.skip(f"no loop-ext4 here: {exc}")
         quota = stack.enter_context(mounted(limit=ext4.write_capacity_hint, **options))

@@ -3,6 +3,7 @@ ext4 (root only; skipped with the reason when loop devices can't be used)."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -18,6 +19,7 @@ import quotafs.reference.loopext4 as loopext4
 from quotafs.compare.writers import bytes_on_disk, run_writer
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.reference.loopext4 import Ext4Loop, open_ext4_loop
+from quotafs.reference.shutdown import FS_IOC_SHUTDOWN, shutdown
 
 M = 1024 * 1024
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -231,3 +233,96 @@ def test_sigbus_is_not_caught_even_with_faulthandler_on(ext4: Ext4Loop) -> None:
     assert proc.stderr == ""  # no "Fatal Python error" dump
     assert proc.stdout.splitlines()[-1].startswith("ack ")
     assert not os.path.exists(os.path.join(ext4.mountpoint, "core"))
+
+
+# --- the power cut (FS_IOC_SHUTDOWN without log flush, then remount) --------------------------
+
+
+def _write(path: str, data: bytes, sync: bool, append: bool = False) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o644)
+    try:
+        assert os.write(fd, data) == len(data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_power_cut_keeps_what_the_journal_committed(ext4: Ext4Loop) -> None:
+    """The issue's measurement: a = 10,000 bytes fsynced, then 5,000 appended unsynced;
+    b created and written, never synced; c created, written and fsynced after b. After the
+    cut: a has its 10,000 bytes, b exists (c's fsync committed its name) with size 0
+    (its data was never written back), c has its 100 bytes."""
+    a, b, c = (os.path.join(ext4.mountpoint, n) for n in "abc")
+    _write(a, b"A" * 10_000, sync=True)
+    _write(a, b"a" * 5_000, sync=False, append=True)
+    _write(b, b"B" * 100, sync=False)
+    _write(c, b"C" * 100, sync=True)
+    assert os.path.getsize(a) == 15_000
+    ext4.power_cut()
+    assert _mounted_at(ext4.mountpoint)
+    assert Path(a).read_bytes() == b"A" * 10_000
+    assert Path(b).read_bytes() == b""
+    assert Path(c).read_bytes() == b"C" * 100
+    # The remounted filesystem is alive: it takes writes again, and another cut.
+    _write(b, b"b" * 50, sync=True)
+    ext4.power_cut()
+    assert Path(b).read_bytes() == b"b" * 50
+
+
+def test_power_cut_loses_an_uncommitted_name(ext4: Ext4Loop) -> None:
+    """Nothing synced after the create: the name itself is gone (the running transaction
+    was thrown away, not committed, as FS_GOING_FLAGS_NOLOGFLUSH promises)."""
+    path = os.path.join(ext4.mountpoint, "new")
+    _write(path, b"x" * 100, sync=False)
+    ext4.power_cut()
+    assert not os.path.exists(path)
+    assert sorted(os.listdir(ext4.mountpoint)) == ["lost+found"]
+
+
+def test_power_cut_with_a_descriptor_open_fails_clearly_and_tears_down(
+        needs_loop: None, tmp_path: Path) -> None:
+    """A descriptor held across the cut keeps the mount busy: one clear error (no lazy
+    unmount, whose live superblock would come back shut down), and teardown still removes
+    the mount, the loop device and the image."""
+    with pytest.raises(QuotafsError) as info, \
+            open_ext4_loop(16 * M, workdir=str(tmp_path)) as loop:
+        fd = os.open(os.path.join(loop.mountpoint, "held"), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            loop.power_cut()
+        finally:
+            with pytest.raises(OSError):  # the dead device answers EIO
+                os.write(fd, b"x")
+            os.close(fd)
+    assert info.value.code == ExitCode.LOOP
+    assert "after the power cut" in str(info.value) and "still open" in str(info.value)
+    _assert_gone(loop)
+
+
+def test_shutdown_ioctl_number_is_the_kernels(ext4: Ext4Loop) -> None:
+    """_IOR('X', 125, __u32) is what this kernel's ext4 answers (a wrong number is ENOTTY):
+    after it, requests on the mount fail with EIO."""
+    assert FS_IOC_SHUTDOWN == 0x8004587D
+    shutdown(ext4.mountpoint)
+    with pytest.raises(OSError) as info:
+        _write(os.path.join(ext4.mountpoint, "after"), b"x", sync=False)
+    assert info.value.errno == errno.EIO
+
+
+def test_power_cut_while_another_namespace_holds_the_mount(ext4: Ext4Loop) -> None:
+    """A mount namespace made while the ext4 is mounted keeps its superblock alive after
+    our unmount; mounting the same device again would hand back that shut-down
+    superblock, pre-cut state and all. The cut mounts a new loop device instead."""
+    holder = subprocess.Popen(["unshare", "-m", "sleep", "60"])
+    try:
+        time.sleep(0.3)  # the namespace's copy of the mount table exists
+        _write(os.path.join(ext4.mountpoint, "unsynced"), b"x", sync=False)
+        before = ext4.device
+        ext4.power_cut()
+        assert ext4.device != before
+        assert sorted(os.listdir(ext4.mountpoint)) == ["lost+found"]
+        _write(os.path.join(ext4.mountpoint, "after"), b"y", sync=True)  # alive
+    finally:
+        holder.kill()
+        holder.wait()

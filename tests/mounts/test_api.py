@@ -197,6 +197,11 @@ def test_ext4_loop_has_quotamounts_shape(tmp_path: Any) -> None:
             assert info.value.code == ExitCode.USAGE
             assert "the ext4 reference is a real filesystem" in str(info.value)
         assert ref.faults() == [] and ref.events() == [] and ref.clear_faults() == 0
+        with open(os.path.join(ref.path, "g"), "wb") as f:  # never synced: lost at the cut
+            f.write(b"y" * 1000)
+        ref.power_cut()
+        assert sorted(os.listdir(ref.path)) == ["f", "lost+found"] and ref.is_alive()
+        assert os.path.getsize(os.path.join(ref.path, "f")) == M
         mountpoint, image = ref.path, ref.loop.image
     assert not os.path.ismount(mountpoint)
     assert not os.path.exists(image)

@@ -170,8 +170,24 @@ async def test_ext4_keeps_an_unlink_a_later_fsync_committed(cfs: InProcessFS) ->
     await cfs.fsyncdir("/")
     await cfs.unlink("/old")
     other = await cfs.open("/other")
+    await cfs.write(other, 0, b"x")  # a size change: its fsync commits (on ext4 too)
     await cfs.fsync(other)  # ext4: commits the unlink; posix would undo it
     await cfs.release(other)
     report = await cut(cfs, model="ext4")
     assert sorted(os.listdir(cfs.backing)) == ["other"]
     assert report["lost"] == []
+
+
+async def test_ext4_fsync_of_a_clean_file_commits_nothing(cfs: InProcessFS) -> None:
+    """As real ext4 (docs/crash.md, "Against real ext4"): a file with no size or name
+    change since the last commit has nothing to commit, so its fsync leaves an earlier
+    unlink uncommitted, and the cut undoes it."""
+    await cfs.write_file("/old", b"o")
+    await cfs.write_file("/other", b"")
+    await cfs.fsyncdir("/")
+    await cfs.unlink("/old")
+    other = await cfs.open("/other")
+    await cfs.fsync(other)
+    await cfs.release(other)
+    await cut(cfs, model="ext4")
+    assert sorted(os.listdir(cfs.backing)) == ["old", "other"]

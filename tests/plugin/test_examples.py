@@ -19,7 +19,7 @@ EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.is_dir()
 
 
 # The last line of each example's run, where it does not depend on who runs it.
-SUMMARIES = {"atomic_update": "12 passed"}
+SUMMARIES = {"atomic_update": "12 passed", "crash_config": "5 passed"}
 # sqlite_wal: 10 disk-full points, 2 synchronous=NORMAL sweeps, 6 posix cuts, and 40 items
 # of ext4 cuts, of which the baseline's count (one per fsync of this SQLite: 35 cuts with
 # 3.x of 2026) run and the rest skip, saying so.
