@@ -26,7 +26,6 @@ caller awaits off the handler (pyfuse3's invalidations may wait for requests).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -53,6 +52,9 @@ from quotafs.protocol import CrashReport, LostItem
 log = logging.getLogger(__name__)
 
 STASH = b".quotafs-crash-stash"
+# The mark of a stash quotafs made (a file in it, owned by the daemon): only a marked stash
+# is ever removed; a user's tree of that name makes the --crash-sim mount refuse.
+STASH_MARK = b".quotafs-stash-mark"
 JOURNAL_MAX_BYTES = 256 << 20
 JOURNAL_MAX_ENTRIES = 1 << 20
 _CHUNK = 1 << 20
@@ -110,6 +112,7 @@ class CrashSim:
         self._on_cut = on_cut
         self._recount = recount  # the handlers' own books (charges, reservations)
         self._as_daemon = as_daemon
+        self._stash_dir = _make_stash(inodes.fd(inodes.root))  # kept: used for every stash op
         self._seq = 0
         self._log: dict[int, _Record] = {}
         self._files: dict[Key, _File] = {}
@@ -141,18 +144,40 @@ class CrashSim:
         """At unmount everything is durable: the stash goes, the journal with it."""
         try:
             self.checkpoint()
+            with self._as_daemon():
+                _drop_stash(self._inodes.fd(self._inodes.root), self._stash_dir)
         except OSError as exc:  # the next --crash-sim mount removes what is left
             log.warning("crash-sim: the stash of %s was not removed: %s", self._backing, exc)
         finally:
+            os.close(self._stash_dir)
             os.close(self._journal)
 
     @staticmethod
     def clear_stash(backing: str) -> None:
-        """A stash a killed daemon left (before the mount's scan): its changes never
-        happened for the next mount, which starts from a clean cut's state."""
-        path = os.path.join(os.fsencode(backing), STASH)
-        if os.path.lexists(path):
-            _remove_tree(path)
+        """A stash a killed daemon left (before the mount's scan). Nothing is reverted:
+        the removals it holds become permanent (its inodes are deleted) and the data
+        written since the last sync stays, as after an unmount. Only a stash quotafs
+        marked goes; any other entry of that name refuses the mount (exit 4)."""
+        root = os.open(backing, os.O_PATH | os.O_DIRECTORY)
+        try:
+            try:
+                fd = os.open(STASH, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+            except FileNotFoundError:
+                return
+            except OSError:  # a symlink (ELOOP), a file (ENOTDIR): not ours
+                fd = -1
+            try:
+                if fd < 0 or not _is_marked(fd):
+                    raise QuotafsError(
+                        f"--crash-sim: {os.path.join(backing, os.fsdecode(STASH))} is not a "
+                        f"stash quotafs made: move it away (a --crash-sim mount keeps that "
+                        f"name)", ExitCode.BACKING)
+                _drop_stash(root, fd)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        finally:
+            os.close(root)
 
     # -- recording: data ------------------------------------------------------------------
 
@@ -176,7 +201,7 @@ class CrashSim:
         """Room in the journal for `nbytes` more (after a forced sync if need be)."""
         if (self._journal_end + nbytes > JOURNAL_MAX_BYTES
                 or len(self._log) >= JOURNAL_MAX_ENTRIES):
-            self.checkpoint()
+            self.checkpoint()  # as the daemon (the stash is its own), whoever asked
             self.forced_syncs += 1
         return self._journal_end + nbytes <= JOURNAL_MAX_BYTES
 
@@ -248,16 +273,16 @@ class CrashSim:
     def _dir_fd(self, key: Key) -> int:
         return self._dirs[key][0]
 
-    def _stash_fd(self) -> int:
-        root = self._inodes.fd(self._inodes.root)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(STASH, 0o700, dir_fd=root)
-        return os.open(STASH, os.O_PATH | os.O_DIRECTORY, dir_fd=root)
+    def before_name(self, parent: Node, name: bytes) -> None:
+        """Before a create, mknod, mkdir, symlink, link or rename makes `name`: the stash's
+        name at the root is refused (it is the daemon's), and the log has room for the
+        change (a forced sync now, before the change, never after it)."""
+        if name == STASH and parent is self._inodes.root:
+            raise OSError(errno.EPERM, "the name of --crash-sim's stash")
+        self._room(0)
 
     def _record_names(self, kind: str, path: str, names: list[tuple[Node, bytes]],
                       subjects: tuple[Key, ...], **undo: Any) -> None:
-        if not self._room(0):
-            return
         seq = self._next()
         pairs = tuple((self._dir(parent), name) for parent, name in names)
         dirs = tuple(dict.fromkeys(key for key, _ in pairs))
@@ -285,6 +310,7 @@ class CrashSim:
             raise OSError(code, os.strerror(code))
         if is_dir and _has_entries(fd, name, self._as_daemon):
             raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
+        self._room(0)  # before the removal: a forced sync cannot fail it once made
         path = self._paths.of_entry(parent, name)
         key = (st.st_dev, st.st_ino)
         if not is_dir and st.st_nlink > 1:  # other names keep the inode: hold it
@@ -303,11 +329,7 @@ class CrashSim:
     def _stash(self, dir_fd: int, name: bytes) -> bytes:
         stashed = str(self._seq + 1).encode() + b"-" + os.urandom(4).hex().encode()
         with self._as_daemon():
-            stash = self._stash_fd()
-            try:
-                os.rename(name, stashed, src_dir_fd=dir_fd, dst_dir_fd=stash)
-            finally:
-                os.close(stash)
+            os.rename(name, stashed, src_dir_fd=dir_fd, dst_dir_fd=self._stash_dir)
         return stashed
 
     def stash_replaced(self, parent: Node, name: bytes, moved: os.stat_result,
@@ -332,12 +354,8 @@ class CrashSim:
             os.close(held)
         if stashed is not None:
             with self._as_daemon():
-                stash = self._stash_fd()
-                try:
-                    os.rename(stashed, name, src_dir_fd=stash,
-                              dst_dir_fd=self._inodes.fd(parent))
-                finally:
-                    os.close(stash)
+                os.rename(stashed, name, src_dir_fd=self._stash_dir,
+                          dst_dir_fd=self._inodes.fd(parent))
 
     def renamed(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
                 subjects: tuple[Key, ...], kept: tuple[bytes | None, int],
@@ -360,10 +378,10 @@ class CrashSim:
         durable = decide_posix_names(self._log, self._dir_synced)
         freed: list[Key] = []
         for seq in durable:
-            record = self._log.pop(seq)
+            record = self._log[seq]
             if record.stashed is not None:  # its last name is gone for good: the removed
                 freed.append(record.change.subjects[-1])  # inode, or the one replaced
-            self._forget(record, durable=True)
+            self._make_durable(seq)
         for key in freed:  # nothing can bring their data back: let the inodes go
             for seq in [s for s, r in self._log.items() if r.change.file == key]:
                 self._forget(self._log.pop(seq))
@@ -371,12 +389,22 @@ class CrashSim:
     def checkpoint(self) -> None:
         """Everything recorded becomes durable."""
         for seq in list(self._log):
-            self._forget(self._log.pop(seq), durable=True)
+            self._make_durable(seq)
         self._dir_synced.clear()
         self.commit()
 
-    def _forget(self, record: _Record, durable: bool = False) -> None:
-        """A record leaves the log: its references go; a durable removal is made real."""
+    def _make_durable(self, seq: int) -> None:
+        """The change `seq` is durable: a removal is made real (as the daemon: the stash is
+        its own), and only then does the record leave the log (kept if that fails)."""
+        record = self._log[seq]
+        if record.stashed is not None:
+            with self._as_daemon():
+                _remove_at(self._stash_dir, record.stashed)
+            record.stashed = None
+        self._forget(self._log.pop(seq))
+
+    def _forget(self, record: _Record) -> None:
+        """A record leaves the log: its references go (a removal it stashed stays)."""
         change = record.change
         if change.is_data and change.file is not None:
             self.journal_bytes -= record.saved
@@ -393,17 +421,10 @@ class CrashSim:
                 del self._dirs[key]
         if record.held >= 0:
             os.close(record.held)
-        if record.stashed is not None and durable:
-            stash = os.path.join(os.fsencode(self._backing), STASH)
-            _remove_tree(os.path.join(stash, record.stashed))
-            with contextlib.suppress(OSError):  # the last one stashed: the stash goes
-                os.rmdir(stash)
         if not self._log:
             self.journal_bytes = self._journal_end = 0
             os.ftruncate(self._journal, 0)
             self._dir_synced.clear()
-            with contextlib.suppress(OSError), self._as_daemon():  # absent, or in use
-                os.rmdir(STASH, dir_fd=self._inodes.fd(self._inodes.root))
 
     # -- drop_unsynced (fault rules: a failed writeback) ----------------------------------
 
@@ -549,19 +570,17 @@ class CrashSim:
             os.link(f"/proc/self/fd/{record.held}", name, dst_dir_fd=dir_fd,
                     follow_symlinks=True)
         elif record.stashed is not None:
-            stash = os.path.join(os.fsencode(self._backing), STASH, record.stashed)
-            os.rename(stash, name, dst_dir_fd=dir_fd)
+            os.rename(record.stashed, name, src_dir_fd=self._stash_dir, dst_dir_fd=dir_fd)
             record.stashed = None
 
     def _clear_after_cut(self, records: dict[int, _Record], kept: frozenset[int]) -> None:
         for seq in list(records):
-            self._forget(records.pop(seq), durable=seq in kept)
+            self._forget(records.pop(seq))
         self._dir_synced.clear()
         self._committed = 0
         self._uncommitted.clear()  # all on disk now
-        stash = os.path.join(os.fsencode(self._backing), STASH)
-        if os.path.lexists(stash):
-            _remove_tree(stash)  # what is left: removals the model kept
+        with self._as_daemon():
+            _clear_stash(self._stash_dir)  # what is left: removals the model kept
 
     def _reset_books(self, pending: _Pending) -> None:
         """Every handle dies; the nodes forget what they knew; the ledger is a fresh scan."""
@@ -588,7 +607,10 @@ class CrashSim:
         inodes.renamed()
         self._recount()
         used, count = scan_backing(self._backing, self._costs)
-        self._ledger.recount(used, count)
+        stashed, stashed_count = scan_backing(f"/proc/self/fd/{self._stash_dir}", self._costs)
+        # the stash (its mark now) is the daemon's, unseen as at the mount's scan
+        self._ledger.recount(used - stashed - self._costs.directory(),
+                             count - stashed_count - 1)
 
     async def settle(self) -> None:
         """Drop from the kernel's caches what the last cut reverted: attributes, pages and
@@ -706,13 +728,62 @@ def _entries(fd: int) -> Iterator[os.DirEntry[str]]:
         yield from list(it)
 
 
-def _remove_tree(path: bytes) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        parent, name = os.path.split(path)
-        fd = os.open(parent, os.O_PATH | os.O_DIRECTORY)
-        try:
-            _remove_dir(fd, name)
-        finally:
-            os.close(fd)
-    else:
-        os.unlink(path)
+def _remove_at(dir_fd: int, name: bytes) -> None:
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    (_remove_dir if stat.S_ISDIR(st.st_mode) else _remove_entry)(dir_fd, name)
+
+
+# -- the stash: made once per mount, by the daemon, and marked as its own ----------------
+
+def _make_stash(root: int) -> int:
+    """The stash, made at the mount's root (0700, the daemon's, marked): a descriptor of it
+    that every stash operation goes through, never its name. (clear_stash ran first.)"""
+    try:
+        os.mkdir(STASH, 0o700, dir_fd=root)
+        fd = os.open(STASH, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+    except OSError as exc:
+        raise QuotafsError(f"--crash-sim: cannot make its stash {os.fsdecode(STASH)} in the "
+                           f"backing directory: {exc.strerror}", ExitCode.BACKING) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():  # swapped between the mkdir and the open
+            raise QuotafsError(f"--crash-sim: {os.fsdecode(STASH)} in the backing directory "
+                               f"is not the daemon's", ExitCode.BACKING)
+        os.fchmod(fd, 0o700)
+        os.close(os.open(STASH_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o600, dir_fd=fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _is_marked(fd: int) -> bool:
+    """Is the directory `fd` a stash quotafs made: the daemon's, 0700, with its mark?"""
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700:
+        return False
+    try:
+        mark = os.stat(STASH_MARK, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(mark.st_mode) and mark.st_uid == os.geteuid()
+
+
+def _clear_stash(fd: int) -> None:
+    """Everything in the stash `fd` goes but its mark."""
+    for entry in _entries(fd):
+        name = os.fsencode(entry.name)
+        if name != STASH_MARK:
+            _remove_at(fd, name)
+
+
+def _drop_stash(root: int, fd: int) -> None:
+    """The stash `fd` is emptied and leaves the root, if the name there is still it."""
+    here = os.stat(STASH, dir_fd=root, follow_symlinks=False)
+    st = os.fstat(fd)
+    if (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
+        return
+    _clear_stash(fd)
+    os.unlink(STASH_MARK, dir_fd=fd)
+    os.rmdir(STASH, dir_fd=root)

@@ -289,6 +289,8 @@ class QuotaFS(pyfuse3.Operations):
         with self.rights.as_caller(ctx):
             parent = self.inodes.node(parent_inode)
             self.rights.check_add(parent)
+            if self.crash is not None:
+                self.crash.before_name(parent, name)
             with self.charging.new_inode("mknod", parent, ctx.uid == 0, name=name):
                 os.mknod(name, mode & ~ctx.umask, rdev, dir_fd=self.inodes.fd(parent))
             node, entry = self._lookup_entry(parent, name)
@@ -323,6 +325,8 @@ class QuotaFS(pyfuse3.Operations):
                    make: Callable[[int], None]) -> pyfuse3.EntryAttributes:
         """Make `name` in `parent` (make(directory's fd)), its inode and cost charged first
         and given back if that fails."""
+        if self.crash is not None:
+            self.crash.before_name(parent, name)
         with self.charging.new_inode(op, parent, ctx.uid == 0, cost, name):
             make(self.inodes.fd(parent))
         node, entry = self._lookup_entry(parent, name)
@@ -340,6 +344,8 @@ class QuotaFS(pyfuse3.Operations):
             node = self.inodes.node(inode)
             parent = self.inodes.node(new_parent_inode)
             self.rights.check_link(node, parent)
+            if self.crash is not None:
+                self.crash.before_name(parent, new_name)
             # Hard links share the inode's blocks: no charge, no new inode.
             os.link(self.inodes.proc(node), new_name, dst_dir_fd=self.inodes.fd(parent),
                     follow_symlinks=True)
@@ -394,6 +400,8 @@ class QuotaFS(pyfuse3.Operations):
     def _rename(self, old_parent: Node, name_old: bytes, new_parent: Node, name_new: bytes,
                 flags: int, privileged: bool) -> None:
         inodes = self.inodes
+        if self.crash is not None:
+            self.crash.before_name(new_parent, name_new)
         replaced: os.stat_result | None = None
         if not flags & pyfuse3.RENAME_EXCHANGE:
             try:
@@ -512,6 +520,8 @@ class QuotaFS(pyfuse3.Operations):
                 ctx: pyfuse3.RequestContext
                 ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         privileged = ctx.uid == 0
+        if self.crash is not None:
+            self.crash.before_name(parent, name)
         self.charging.add_inode("create", parent, name)
         open_flags = (flags & ~(os.O_TRUNC | os.O_APPEND | os.O_DIRECT)) | os.O_CREAT | os.O_EXCL
         try:
