@@ -11,7 +11,7 @@ import pytest
 
 from quotafs.daemon import crashsim
 from quotafs.protocol import CRASH
-from tests.operations.driver import FsFactory, InProcessFS, SessionStandIns
+from tests.operations.driver import Ctx, FsFactory, InProcessFS, SessionStandIns
 
 
 @pytest.fixture
@@ -200,3 +200,26 @@ async def test_ext4_fsync_of_a_clean_file_commits_nothing(cfs: InProcessFS) -> N
     await cfs.release(other)
     await cut(cfs, model="ext4")
     assert backing_names(cfs) == ["old", "other"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: another user's request")
+async def test_a_forced_sync_in_another_users_request_removes_the_stashed_as_the_daemon(
+        cfs: InProcessFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The forced sync (the log at its bound) made in a request of uid 65534 removes what
+    # the root-owned 0700 stash holds: as the daemon, before that user's create is done.
+    monkeypatch.setattr(crashsim, "JOURNAL_MAX_ENTRIES", 3)
+    os.chmod(cfs.backing, 0o1777)
+    await cfs.write_file("/a", b"a")  # create + write: 2 records
+    await cfs.unlink("/a")  # 3: stashed
+    assert backing_names(cfs, stashed=True) == []
+    root = cfs.ctx
+    cfs.ctx = Ctx(uid=65534, gid=65534, pid=os.getpid())
+    await cfs.write_file("/n", b"n")  # the forced sync comes first: no EACCES
+    cfs.ctx = root
+    status = await cfs.status()
+    assert status["crash_forced_syncs"] == 1
+    assert backing_names(cfs) == ["n"]  # a's removal made real, nothing left stashed
+    assert os.stat(os.path.join(cfs.backing, "n")).st_uid == 65534
+    await cut(cfs, model="posix")  # n was never synced; a's removal is durable
+    assert backing_names(cfs) == []
+    assert (await cfs.books())[0] == (await cfs.books())[1]
