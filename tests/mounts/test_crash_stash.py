@@ -9,7 +9,8 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -31,8 +32,8 @@ NOBODY = 65534
 EPERM = Err("EPERM")
 
 
-def nobody(fn: object) -> object:
-    return as_user(NOBODY, NOBODY, (), umask=0o022)(fn)  # type: ignore[arg-type]
+def nobody(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return as_user(NOBODY, NOBODY, (), umask=0o022)(fn)
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def test_a_user_cannot_take_the_stash_name_to_read_what_root_removes(base: str) 
         m.crash(model="posix")  # the removal is undone from the stash, for root only
         with open(J(m.path, "private", "s")) as f:
             assert f.read() == "victim secret"
-        assert nobody(lambda p: open(p).read())(J(m.path, "private", "s")) == Err("EACCES")
+        assert nobody(read_text)(J(m.path, "private", "s")) == Err("EACCES")
         assert m.is_alive()
 
 
@@ -170,6 +171,11 @@ def test_the_stash_is_made_at_mount_and_gone_at_unmount(base: str) -> None:
         assert os.listdir(J(backing, NAME)) == [os.fsdecode(STASH_MARK)]
         assert_books_are_a_fresh_scan(m)  # the stash is no part of the quota
     assert os.listdir(backing) == ["f"]
+
+
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def fsync_dir(path: str) -> None:
