@@ -26,6 +26,7 @@ caller awaits off the handler (pyfuse3's invalidations may wait for requests).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -398,7 +399,7 @@ class CrashSim:
         its own), and only then does the record leave the log (kept if that fails)."""
         record = self._log[seq]
         if record.stashed is not None:
-            with self._as_daemon():
+            with self._as_daemon(), contextlib.suppress(FileNotFoundError):  # gone already
                 _remove_at(self._stash_dir, record.stashed)
             record.stashed = None
         self._forget(self._log.pop(seq))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -14,12 +15,13 @@ from typing import Any
 
 import pytest
 
+from quotafs.client import lifecycle
 from quotafs.client.api import mounted
 from quotafs.daemon.crashsim import STASH, STASH_MARK
 from quotafs.errors import ExitCode
 from tests.conftest import MountFactory, fuse_unusable_reason
 from tests.mounts.test_crash_sim import assert_books_are_a_fresh_scan
-from tests.mounts.test_lifecycle2 import assert_one_line, quotafs
+from tests.mounts.test_lifecycle2 import _pid, assert_one_line, quotafs
 from tests.mounts.test_posix import Err, as_user, attempt
 
 pytestmark = pytest.mark.skipif(
@@ -184,3 +186,33 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def test_a_killed_daemons_stash_goes_at_the_next_crash_sim_mount(base: str) -> None:
+    backing, mnt = J(base, "b"), J(base, "mnt")
+    os.mkdir(mnt)
+    assert quotafs("mount", "--crash-sim", "--limit", "16M", "--backing", backing,
+                   mnt).returncode == 0
+    try:
+        pid = _pid(mnt)
+        for name in ("gone", "kept"):
+            with open(J(mnt, name), "w") as f:
+                f.write(name)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_dir(mnt)
+        os.unlink(J(mnt, "gone"))  # not durable: in the stash
+        os.kill(pid, signal.SIGKILL)
+        assert lifecycle.wait_for_exit(pid, 20)
+    finally:
+        quotafs("umount", mnt)
+    assert not os.path.ismount(mnt)
+    assert sorted(os.listdir(backing)) == [NAME, "kept"]  # the stash, marked, left behind
+    with mounted(limit="16M", backing=backing, crash_sim=True) as again:
+        # nothing reverted: the removal is permanent, the rest as it was
+        assert os.listdir(again.path) == ["kept"]
+        assert os.listdir(J(backing, NAME)) == [os.fsdecode(STASH_MARK)]
+        assert_books_are_a_fresh_scan(again)
+        again.crash(model="posix")
+        assert os.listdir(again.path) == ["kept"]
+    assert os.listdir(backing) == ["kept"]
