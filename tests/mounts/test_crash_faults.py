@@ -164,11 +164,17 @@ def test_crash_revive_on_the_command_line(crash_mount: QuotaMount) -> None:
     m.add_fault("fsyncdir", crash=True)
     assert errno_of(fsync_dir, m.path) == errno.EIO
 
-    def revive(*options: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "quotafs", "crash", m.path, "--revive",
-                               *options], capture_output=True, text=True, timeout=60,
-                              check=False)
+    def quotafs(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "quotafs", *argv], capture_output=True,
+                              text=True, timeout=60, check=False)
 
+    def revive(*options: str) -> subprocess.CompletedProcess[str]:
+        return quotafs("crash", m.path, "--revive", *options)
+
+    shown = quotafs("status", m.path)
+    assert shown.returncode == 0, shown.stderr
+    assert ("device:       DOWN since a --crash rule's cut: every request answers EIO "
+            "(quotafs crash --revive)") in shown.stdout.splitlines()
     done = revive("--json")
     assert (done.returncode, json.loads(done.stdout), done.stderr) == (
         0, {"revived": True}, "")
@@ -179,6 +185,15 @@ def test_crash_revive_on_the_command_line(crash_mount: QuotaMount) -> None:
     assert done.stderr == ("quotafs: --revive cuts nothing: it takes no --torn, "
                            "--keep-fraction or --seed\n")
     os.listdir(m.path)  # up again
+    assert "DOWN" not in quotafs("status", m.path).stdout
+
+
+def test_revive_needs_crash_sim(mount_factory: MountFactory) -> None:
+    m = mount_factory("1M")
+    done = subprocess.run([sys.executable, "-m", "quotafs", "crash", m.path, "--revive"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == ExitCode.USAGE
+    assert done.stderr == f"quotafs: {m.path} is not mounted with --crash-sim\n"
 
 
 def test_the_crash_seed_comes_from_the_rule(mount_factory: MountFactory) -> None:
