@@ -137,11 +137,13 @@ def _wait_group_gone(pgid: int, timeout: float = GROUP_GONE_S) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    """Is some process of group `pgid` alive (not a zombie)? (/proc: pgrp is the 5th
+    field of stat, after the parenthesised name.)"""
+    with os.scandir("/proc") as entries:
+        pids = [e.name for e in entries if e.name.isdigit()]
+    for pid in pids:
         try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
+            with open(f"/proc/{pid}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):  # gone meanwhile
             continue
