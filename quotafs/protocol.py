@@ -16,6 +16,8 @@ One JSON line each way: {"request": NAME, "args": {...}} in, then either
     crash {model, torn, keep_fraction, seed} -> CrashReport (a power cut; --crash-sim only)
     crash.last                 -> {"report": CrashReport|null}: the last cut's, whoever
                                   made it (a --crash fault rule, for the crash sweep)
+    crash.revive               -> {"revived": BOOL}: a --crash rule's cut left the device
+                                  down (EIO to every request); bring it back (BOOL: it was down)
 
 Every document is a frozen dataclass whose JSON object has the keys of its fields (tuples
 as lists): `to_dict()` gives exactly what the daemon sends, and the command line's --json
@@ -46,7 +48,9 @@ FAULT_CLEAR = "fault.clear"
 FORGET = "forget"
 CRASH = "crash"
 CRASH_LAST = "crash.last"
-REQUESTS = (STATUS, EVENTS, FAULTS, SET, FAULT_ADD, FAULT_CLEAR, FORGET, CRASH, CRASH_LAST)
+CRASH_REVIVE = "crash.revive"
+REQUESTS = (STATUS, EVENTS, FAULTS, SET, FAULT_ADD, FAULT_CLEAR, FORGET, CRASH, CRASH_LAST,
+            CRASH_REVIVE)
 PUBLIC = (STATUS,)  # the rest show paths and pids, or change the mount
 
 # An event's path is cut here (with a marker), so one pathological name cannot make the
@@ -215,6 +219,7 @@ class Status(Document):
     crash_journal_bytes: int = 0  # old contents saved to undo unsynced writes
     crash_journal_entries: int = 0  # recorded changes not yet durable
     crash_forced_syncs: int = 0  # times the journal's bound made everything durable
+    crash_down: bool = False  # a --crash rule's cut left the device down (crash --revive)
 
     def usage(self) -> Usage:
         return Usage(self.limit, self.used, self.reserved, self.free, self.root_reserve,

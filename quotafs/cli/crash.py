@@ -32,6 +32,9 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", default=None,
                    help="seed of the cut's random choices (default: the mount's seed "
                         "stream; printed)")
+    p.add_argument("--revive", action="store_true",
+                   help="no cut: bring back a device a --crash fault rule's cut left down "
+                        "(every request answers EIO until then)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_crash)
 
@@ -62,6 +65,11 @@ def report_lines(report: CrashReport) -> list[str]:
 
 
 def cmd_crash(args: argparse.Namespace) -> int:
+    if args.revive:
+        if args.torn or args.seed is not None or args.keep_fraction != "0":
+            raise QuotafsError("--revive cuts nothing: it takes no --torn, --keep-fraction "
+                               "or --seed", ExitCode.USAGE)
+        return _revive(args)
     fraction = _fraction(args.keep_fraction)
     seed = check_count("--seed", args.seed, 2**64 - 1)
     report = control.crash(args.mountpoint, args.model, args.torn, fraction, seed)
@@ -69,4 +77,14 @@ def cmd_crash(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:
         print("\n".join(report_lines(report)))
+    return 0
+
+
+def _revive(args: argparse.Namespace) -> int:
+    revived = control.revive(args.mountpoint)
+    if args.json:
+        print(json.dumps({"revived": revived}, sort_keys=True))
+    else:
+        print(f"{printable(args.mountpoint)}: revived" if revived
+              else f"{printable(args.mountpoint)}: was not down")
     return 0

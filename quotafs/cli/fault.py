@@ -97,7 +97,8 @@ def register(sub: Any) -> None:
                         help="flip one bit in the data returned (op read)")
     effect.add_argument("--crash", action="store_true",
                         help="cut the power at the matched request, before it is carried "
-                             "out; it answers EIO (a mount with --crash-sim; see "
+                             "out; it and every later request answer EIO until `quotafs "
+                             "crash MOUNT --revive` (a mount with --crash-sim; see "
                              "docs/faults.md)")
     a.add_argument("--crash-model", choices=CRASH_MODELS, default=None,
                    help="with --crash: what survives the cut, as `quotafs crash --model` "

@@ -60,6 +60,8 @@ def _status_lines(status: Status) -> list[str]:
         *([f"crash sim:    on, {status['crash_journal_entries']} changes not durable "
            f"({size(status['crash_journal_bytes'])} saved), {status['crashes']} cuts, "
            f"{status['durability_ops']} durability ops"] if status["crash_sim"] else []),
+        *(["device:       DOWN since a --crash rule's cut: every request answers EIO "
+           "(quotafs crash --revive)"] if status.get("crash_down") else []),
         f"ENOSPC:       {status['enospc_count']} answered",
         f"backing:      {status['backing']}"
         + (" (private)" if status["private_backing"] else ""),

@@ -211,6 +211,11 @@ class QuotaMount:
         `model` ("posix" or "ext4") does not keep is lost, open files answer EIO."""
         return control.crash(self.path, model, torn, keep_fraction, seed)
 
+    def revive(self) -> bool:
+        """After a --crash rule's cut the device stays down (every request answers EIO,
+        docs/crash.md): bring it back; True if it was down."""
+        return control.revive(self.path)
+
     def last_crash(self) -> CrashReport | None:
         """The last power cut's report, a --crash fault rule's too; None before any."""
         return control.last_crash(self.path)
@@ -266,6 +271,9 @@ class TrioControls:
     async def crash(self, model: str = "posix", torn: bool = False,
                     keep_fraction: float = 0.0, seed: int | None = None) -> CrashReport:
         return await self._call(self._mount.crash, model, torn, keep_fraction, seed)
+
+    async def revive(self) -> bool:
+        return await self._call(self._mount.revive)
 
 
 # The daemon dies with "its parent" (PR_SET_PDEATHSIG), and for the kernel the parent is

@@ -23,6 +23,7 @@ from quotafs.mountinfo import find_mount
 from quotafs.protocol import (
     CRASH,
     CRASH_LAST,
+    CRASH_REVIVE,
     EVENTS,
     FAULT_ADD,
     FAULT_CLEAR,
@@ -145,6 +146,13 @@ def last_crash(mountpoint: str) -> CrashReport | None:
     found = request(mountpoint, CRASH_LAST)
     report = found.get("report") if isinstance(found, dict) else None
     return None if report is None else CrashReport.from_dict(report)
+
+
+def revive(mountpoint: str) -> bool:
+    """Bring back a --crash-sim mount whose device a --crash rule's cut left down (EIO to
+    every request); True if it was down."""
+    found = request(mountpoint, CRASH_REVIVE)
+    return bool(found.get("revived")) if isinstance(found, dict) else False
 
 
 def event_line(e: Event) -> str:

@@ -123,6 +123,33 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 CANCEL_POLL_S = 0.1  # how soon a run in a worker thread sees its `cancel` event
 STOP_POLL_S = 0.01  # how often `stop` is asked (a crash sweep's cut: power is gone)
+GROUP_GONE_S = 5.0  # how long a killed group may take to go (its requests answered)
+
+
+def _wait_group_gone(pgid: int, timeout: float = GROUP_GONE_S) -> None:
+    """Wait (at most `timeout`) until no live process is left in the killed group: a
+    member stuck in a request ends only once it is answered, so afterwards nothing of
+    the program can still reach the mount (a crash sweep revives it next). Zombies do
+    not count: they make no requests."""
+    deadline = time.monotonic() + timeout
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(STOP_POLL_S)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Is some process of group `pgid` alive (not a zombie)? (/proc: pgrp is the 5th
+    field of stat, after the parenthesised name.)"""
+    with os.scandir("/proc") as entries:
+        pids = [e.name for e in entries if e.name.isdigit()]
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
 
 
 class _Stop(Exception):
@@ -159,7 +186,8 @@ def run_argv(argv: Sequence[str], cwd: str, env: Mapping[str, str], timeout: flo
     everything in its process group, and reported as hung). Ctrl-C or SIGTERM raised here
     while it runs kill it the same way before they propagate; so does setting `cancel`
     (from another thread), which raises KeyboardInterrupt here. `stop`, asked every
-    STOP_POLL_S while it runs, kills it the same way when true (Outcome.stopped)."""
+    STOP_POLL_S while it runs, kills it the same way when true (Outcome.stopped); with
+    `stop`, run_argv returns only once no process of the group is left (GROUP_GONE_S)."""
     full_env = _user_env(dict(env), launch.user)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.monotonic()
@@ -186,6 +214,8 @@ def run_argv(argv: Sequence[str], cwd: str, env: Mapping[str, str], timeout: flo
             raise
         finally:
             _kill_group(proc)  # whatever it left running in its group would hold the mount
+            if stop is not None:  # a crash sweep: all of it gone before the revive
+                _wait_group_gone(proc.pid)
         wall = time.monotonic() - start
         return Outcome(
             exit_code=None if timed_out or returncode < 0 else returncode,

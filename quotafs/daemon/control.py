@@ -31,6 +31,7 @@ from quotafs.protocol import (
     CRASH,
     CRASH_LAST,
     CRASH_MODELS,
+    CRASH_REVIVE,
     EVENTS,
     FAULT_ADD,
     FAULT_CLEAR,
@@ -123,7 +124,8 @@ class ControlChannel:
                                "fault_rules": faults.rules, "fault_rules_active": faults.active,
                                "faults_fired": faults.fired,
                                "getxattr_requests": self.getxattr_requests(),
-                               **(self.crash.statistics() if self.crash else {})})
+                               **(self.crash.statistics() if self.crash else {}),
+                               "crash_down": self.faults.down})
 
     def events_after(self, seq: int) -> dict[str, Any]:
         return {"events": [e.to_dict() for e in self.events if e.seq > seq]}
@@ -193,6 +195,11 @@ class ControlChannel:
             return self._crash(request)
         if name == CRASH_LAST:
             return {"report": None if self.last_crash is None else self.last_crash.to_dict()}
+        if name == CRASH_REVIVE:
+            if self.crash is None:
+                raise ValueError(f"{self.info.get('mountpoint', 'the mount')} is not "
+                                 "mounted with --crash-sim")
+            return {"revived": self.faults.set_down(False)}
         raise ValueError(f"unknown control request {name!r}")
 
     def _crash(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,11 @@ corrupt-read) to the handler, which applies them; None otherwise. With --crash-s
 (`crash`, the mount's CrashSim) it also acts on the two durability effects: a crash cuts
 the power before the request is carried out (CrashSim.cut, synchronous, so atomic with
 respect to every request) and answers EIO, the device being gone; the kernel's caches
-are dropped once that answer is sent (CrashSim.settle_soon), and new opens wait for it. An
+are dropped once that answer is sent (CrashSim.settle_soon), and new opens wait for it.
+The cut leaves the device down (FaultEngine.down) until the control request crash.revive:
+every request answers EIO but the few _refuse_down lets through, and a request that
+slept in a delay rule across a cut answers EIO too, so nothing a program does after the
+cut lands in the post-crash state. An
 errno with drop-unsynced first reverts the file's unsynced writes (CrashSim.drop_unsynced),
 as ext4 does after a failed writeback; such a rule matches only an fsync of a file that
 has unsynced writes, so the next fsync, with nothing left to write back, returns 0.
@@ -121,6 +125,9 @@ class FaultGate:
         while FaultEngine.wants_allocation; `ctx`: the caller, for the event). See the
         module docstring."""
         faults = self._faults
+        if faults.down:
+            self._refuse_down(op, args)
+            return None
         if not faults.concerns(op.name):
             return None
         subjects = self._subjects(op.subjects, args)
@@ -141,7 +148,10 @@ class FaultGate:
             self._events.record_fault(op.name, path, effect,
                                       ctx.pid if ctx is not None else None)
         if effect.kind == "delay":
+            cuts = self.crash.crashes if self.crash is not None else 0
             await trio.sleep(effect.seconds)  # other requests are served meanwhile
+            if self.crash is not None and (faults.down or self.crash.crashes != cuts):
+                raise pyfuse3.FUSEError(errno.EIO)  # in flight at a cut: it never landed
             return None
         if effect.kind == "errno":
             if effect.drop_unsynced and self.crash is not None and node is not None:
@@ -158,7 +168,19 @@ class FaultGate:
         if self.crash is None or cut is None:  # the control channel refuses such rules
             raise pyfuse3.FUSEError(errno.EIO)
         self.crash.cut(cut.model, cut.torn, cut.keep_fraction, cut.seed)
+        self._faults.set_down(True)  # until revived: nothing after the cut may land
         self.crash.settle_soon()
+        raise pyfuse3.FUSEError(errno.EIO)
+
+    def _refuse_down(self, op: FaultOp, args: tuple[Any, ...]) -> None:
+        """The device is down (a --crash rule's cut, not yet revived): EIO, except what
+        keeps the mount usable for unmount and tools that look at it (the control
+        channel is a socket, not a request): the root's attributes, statfs, and releasing
+        handles (their table entries must go)."""
+        if op is Op.RELEASE or op is Op.STATFS:
+            return
+        if op is Op.GETATTR and args[0] == pyfuse3.ROOT_INODE:
+            return
         raise pyfuse3.FUSEError(errno.EIO)
 
     def _subjects(self, kind: Subjects, args: tuple[Any, ...]) -> list[Subject] | None:

@@ -485,6 +485,8 @@ class QuotaFS(pyfuse3.Operations):
             await self.gate.check(Op.OPEN, inode, ctx=ctx)
         if self.crash is not None:
             await self.crash.wait_settled()
+            if self.faults.down:  # a rule's cut came while it waited
+                raise pyfuse3.FUSEError(errno.EIO)
         with self.rights.as_caller(ctx):
             return self._open_node(self.inodes.node(inode), flags, ctx.uid == 0)
 

@@ -1109,6 +1109,9 @@ class FaultEngine:
         self._ops_in_play: frozenset[str] = frozenset()  # ops some live rule names
         self._next_id = 1
         self.active = False  # any live rule? Callers may skip check() when False.
+        # The device is gone: a --crash rule's cut left it down until revived (set_down).
+        # Callers that skip check() while not `active` still see it: it makes them active.
+        self.down = False
         self.generation = 0  # changes whenever the live rules do: callers' caches expire
 
     def _refresh(self) -> None:
@@ -1117,11 +1120,18 @@ class FaultEngine:
         self._counting = tuple(r for r in self._live if r.spec.after_bytes is not None)
         self.wants_allocation = any(r.spec.allocating for r in self._live)
         self.wants_unsynced = any(r.spec.drop_unsynced for r in self._live)
-        self.active = bool(self._live)
+        self.active = bool(self._live) or self.down
         ops: set[str] = set()
         for rule in self._live:
             ops.update(OPS if rule._ops is None else rule._ops)
         self._ops_in_play = frozenset(ops)
+
+    def set_down(self, down: bool) -> bool:
+        """The device goes down (a --crash rule's cut: every request answers EIO until
+        revived) or comes back; returns whether it was down."""
+        was, self.down = self.down, down
+        self._refresh()
+        return was
 
     def add(self, spec: RuleSpec) -> Rule:
         """Append a rule (validated again, so a hand-built RuleSpec cannot slip through)."""

@@ -10,10 +10,11 @@ state, all of it inside one temporary directory that is removed on any exit.
 A crash sweep (crash_points=True) runs every mount with --crash-sim; a point adds a
 --crash rule on its (k+1)-th durability request (fsync, fsyncdir, rename: what Status
 durability_ops counts), watches for the cut while CMD runs (every STOP_POLL_S), kills CMD
-with its process group once it happened (the power is gone), or cuts at CMD's end if it
-never came; then the check runs on the post-crash state. Every run has a directory of
-notes outside its mount ($QUOTAFS_SWEEP_NOTES), which no cut touches: where a program
-writes down what it reported as saved, for its check to compare.
+with its process group once it happened (the power is gone; the cut left the device
+down, EIO to every request, so nothing CMD does after it lands), revives the device, or
+cuts at CMD's end if it never came; then the check runs on the post-crash state. Every
+run has a directory of notes outside its mount ($QUOTAFS_SWEEP_NOTES), which no cut
+touches: where a program writes down what it reported as saved, for its check to compare.
 
 Ctrl-C and SIGTERM (as KeyboardInterrupt in the main thread) set a cancel event that
 each worker's running program sees within 0.1 s (compare.program.run_argv); each worker
@@ -210,10 +211,13 @@ def _arm_cut(mount: QuotaMount, point: Point | None, crash: CrashPlan | None) ->
 
 def _finish_cut(mount: QuotaMount, point: Point | None, crash: CrashPlan | None,
                 seed: int) -> CrashReport | None:
-    """After CMD of a crash point: the rule's cut, or (CMD ended first) the cut now."""
+    """After CMD of a crash point (its process group gone): the rule's cut, which left
+    the device down so that nothing CMD did after it landed, and the device back; or
+    (CMD ended first) the cut now."""
     if crash is None or point is None or point.cut_after is None:
         return None
     if mount.status().crashes:
+        mount.revive()
         return mount.last_crash()
     return mount.crash(crash.model, crash.torn, seed=seed)
 

@@ -144,6 +144,38 @@ def test_the_cut_kills_a_program_that_ignores_the_dead_device(
     assert cut["verdict"] == "ok"
 
 
+# A program that goes on after the dead device's first EIO: what it writes and makes
+# durable after the cut must not be in the post-crash state (the reviewer's case).
+AFTER_THE_CUT = """
+import os
+fd = os.open("data", os.O_WRONLY | os.O_CREAT, 0o644)
+os.write(fd, b"d" * 100)
+try:
+    os.fsync(fd)
+except OSError:
+    try:
+        late = os.open("written-after-the-cut", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(late, b"x" * 100)
+        os.fsync(late)
+        d = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(d)
+    except OSError:
+        pass
+"""
+
+
+def test_nothing_the_program_does_after_the_cut_survives_it(
+        scripts: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "after.py").write_text(AFTER_THE_CUT)
+    for _ in range(3):  # a race lost once in a while would show here
+        report = crash_sweep({**scripts, "saver": str(tmp_path / "after.py"),
+                              "check": "test ! -e written-after-the-cut"}, "-")
+        assert [(p["cut_after"], p["cut_at_end"]) for p in report["points"]] == [
+            (0, False), (1, True)]
+        assert [p["verdict"] for p in report["points"]] == ["ok", "ok"]
+        assert report["points"][0]["cut_killed"]
+
+
 def test_points_n_runs_a_seeded_choice_first_and_last_kept(scripts: dict[str, str]) -> None:
     first = crash_sweep(scripts, "careful", "--points", "3", "--seed", "11")
     again = crash_sweep(scripts, "careful", "--points", "3", "--seed", "11")

@@ -16,7 +16,7 @@ import pytest
 from quotafs.compare.program import check_reachable, run_argv, run_shell
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.reference.base import Launch
-from tests.conftest import needs_root
+from tests.conftest import MountFactory, needs_root
 
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
@@ -136,3 +136,27 @@ def test_a_user_who_cannot_reach_the_workdir_is_refused(tmp_path: Path) -> None:
     assert caught.value.code == ExitCode.USAGE and "cannot enter" in str(caught.value)
     with pytest.raises(QuotafsError, match="no such user"):
         check_reachable("no-such-user-here", str(tmp_path))
+
+
+def test_a_stopped_program_returns_only_once_its_group_is_gone(
+        tmp_path: Path, mount_factory: MountFactory, survivors: list[int]) -> None:
+    # A crash sweep revives the device right after run_argv: a member of the program's
+    # group still waiting in a request (here a delayed open) must have been answered and
+    # gone by then, or what it does next could land after the revive.
+    m = mount_factory("1M")
+    with open(f"{m.path}/slow", "w"):
+        pass
+    m.add_fault("open", path="/slow", delay="2s")
+    child = tmp_path / "child"
+    out = run_argv(["/bin/sh", "-c", f"cat slow >/dev/null & echo $! > {child}; wait"],
+                   m.path, ENV, timeout=60,
+                   stop=lambda: any(e.kind == "fault" for e in m.events()))
+    assert out.stopped
+    pid = int(child.read_text())
+    survivors.append(pid)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("Z", "gone"), "a member of the stopped group was still running"

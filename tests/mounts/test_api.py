@@ -229,3 +229,26 @@ async def test_trio_controls() -> None:
         assert fired["rule"] == rule
         assert (await m.trio.faults())[0]["retired"] is True
         assert await m.trio.clear_faults() == 1
+
+
+async def test_trio_crash_and_revive() -> None:
+    import errno
+
+    import trio
+
+    async with open_quota_mount(limit="1M", crash_sim=True) as m:
+        await m.trio.add_fault("mkdir", crash=True, times=1)
+
+        def mkdir(name: str) -> int:
+            try:
+                os.mkdir(os.path.join(m.path, name))
+            except OSError as exc:
+                return exc.errno or 0
+            return 0
+
+        assert await trio.to_thread.run_sync(mkdir, "a") == errno.EIO  # the cut
+        assert await trio.to_thread.run_sync(mkdir, "b") == errno.EIO  # down
+        assert await m.trio.revive() is True
+        assert await trio.to_thread.run_sync(mkdir, "c") == 0
+        assert sorted(os.listdir(m.path)) == ["c"]
+        assert (await m.trio.crash()).crashes == 2

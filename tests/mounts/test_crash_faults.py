@@ -6,9 +6,12 @@ returns 0. Both need --crash-sim, and are refused without it with one line."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -44,10 +47,12 @@ def test_crash_cuts_at_the_nth_write_before_it_is_carried_out(crash_mount: Quota
     finally:
         close_dead(fd)
     assert os.path.getsize(f"{m.backing}/a") == 8192
+    assert errno_of(os.open, f"{m.path}/a", os.O_RDONLY) == errno.EIO  # down until revived
+    assert m.revive() is True
     with open(f"{m.path}/a", "rb") as f:
         assert f.read() == b"a" * 8192
     status = m.status()
-    assert (status.crashes, status.faults_fired) == (1, 1)
+    assert (status.crashes, status.faults_fired, status.crash_down) == (1, 1, False)
     fault, crash = [e for e in m.events() if e.kind in ("fault", "crash")]
     assert (fault.op, fault.path, fault.errno, fault.effect, fault.rule) == (
         "write", "/a", "EIO", "crash posix", rule)
@@ -67,6 +72,7 @@ def test_a_crash_rule_cuts_with_its_model(crash_mount: QuotaMount) -> None:
         assert errno_of(os.fsync, fd) == errno.EIO
     finally:
         close_dead(fd)
+    m.revive()
     assert sorted(os.listdir(m.path)) == ["a", "b"]
     assert (os.path.getsize(f"{m.path}/a"), os.path.getsize(f"{m.path}/b")) == (100, 0)
     assert_books_are_a_fresh_scan(m)
@@ -79,11 +85,115 @@ def test_a_crash_at_a_rename_leaves_the_rename_undone(crash_mount: QuotaMount) -
     write(f"{m.path}/new.tmp", b"new version", sync=True)
     m.add_fault("rename", crash=True, crash_model="ext4")
     assert errno_of(os.rename, f"{m.path}/new.tmp", f"{m.path}/old") == errno.EIO
+    m.revive()
     with open(f"{m.path}/old", "rb") as f:
         assert f.read() == b"old"
     # new.tmp's name was committed by its own fsync under ext4, its data with it.
     with open(f"{m.path}/new.tmp", "rb") as f:
         assert f.read() == b"new version"
+
+
+def test_after_a_crash_rule_the_device_stays_dead_until_revived(
+        crash_mount: QuotaMount) -> None:
+    # Nothing the program does after the cut may reach the post-crash state: every
+    # request answers EIO (opens and creates too) until the device is revived; the root's
+    # attributes and statfs still answer, so the mount stays usable and unmountable.
+    m = crash_mount
+    write(f"{m.path}/kept", b"k" * 100, sync=True)
+    fsync_dir(m.path)
+    m.add_fault("fsync", path="/f", crash=True, nth=1)
+    fd = os.open(f"{m.path}/f", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"f" * 4096)
+        assert errno_of(os.fsync, fd) == errno.EIO  # the cut
+    finally:
+        close_dead(fd)
+    assert m.status().crash_down
+    p = m.path
+    assert errno_of(os.open, f"{p}/late", os.O_WRONLY | os.O_CREAT, 0o600) == errno.EIO
+    assert errno_of(os.open, f"{p}/kept", os.O_RDONLY) == errno.EIO
+    assert errno_of(os.mkdir, f"{p}/dir") == errno.EIO
+    assert errno_of(os.symlink, "kept", f"{p}/link") == errno.EIO
+    assert errno_of(os.unlink, f"{p}/kept") == errno.EIO
+    assert errno_of(os.listdir, p) == errno.EIO
+    os.stat(p)  # the root's attributes answer
+    os.statvfs(p)
+    assert sorted(os.listdir(m.backing)) == ["kept"]  # nothing landed
+    assert m.revive() is True
+    assert not m.status().crash_down
+    write(f"{p}/late", b"after the reboot", sync=True)
+    assert sorted(os.listdir(p)) == ["kept", "late"]
+    assert m.revive() is False  # was not down
+    assert_books_are_a_fresh_scan(m)
+
+
+def test_a_manual_cut_leaves_the_device_up(crash_mount: QuotaMount) -> None:
+    # `quotafs crash` from outside is a power cut and a reboot: the device answers at once.
+    m = crash_mount
+    write(f"{m.path}/u", b"u" * 100)
+    m.crash()
+    assert not m.status().crash_down
+    write(f"{m.path}/v", b"v", sync=True)
+    assert os.listdir(m.path) == ["v"]
+
+
+def test_a_request_delayed_across_a_cut_never_lands(crash_mount: QuotaMount) -> None:
+    # A create held by a delay rule when the power goes: it answers EIO, and nothing
+    # of it is on disk after the cut.
+    m = crash_mount
+    m.add_fault("create", path="/slow", delay="1s")
+    got: list[int] = []
+
+    def create() -> None:
+        got.append(errno_of(os.open, f"{m.path}/slow", os.O_WRONLY | os.O_CREAT, 0o600))
+
+    thread = threading.Thread(target=create)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not [e for e in m.events() if e.kind == "fault"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    m.crash()
+    thread.join(30)
+    assert got == [errno.EIO]
+    assert os.listdir(m.backing) == []
+    assert os.listdir(m.path) == []
+
+
+def test_crash_revive_on_the_command_line(crash_mount: QuotaMount) -> None:
+    m = crash_mount
+    m.add_fault("fsyncdir", crash=True)
+    assert errno_of(fsync_dir, m.path) == errno.EIO
+
+    def quotafs(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "quotafs", *argv], capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    def revive(*options: str) -> subprocess.CompletedProcess[str]:
+        return quotafs("crash", m.path, "--revive", *options)
+
+    shown = quotafs("status", m.path)
+    assert shown.returncode == 0, shown.stderr
+    assert ("device:       DOWN since a --crash rule's cut: every request answers EIO "
+            "(quotafs crash --revive)") in shown.stdout.splitlines()
+    done = revive("--json")
+    assert (done.returncode, json.loads(done.stdout), done.stderr) == (
+        0, {"revived": True}, "")
+    done = revive()
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{m.path}: was not down\n", "")
+    done = revive("--torn")
+    assert done.returncode == ExitCode.USAGE
+    assert done.stderr == ("quotafs: --revive cuts nothing: it takes no --torn, "
+                           "--keep-fraction or --seed\n")
+    os.listdir(m.path)  # up again
+    assert "DOWN" not in quotafs("status", m.path).stdout
+
+
+def test_revive_needs_crash_sim(mount_factory: MountFactory) -> None:
+    m = mount_factory("1M")
+    done = subprocess.run([sys.executable, "-m", "quotafs", "crash", m.path, "--revive"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == ExitCode.USAGE
+    assert done.stderr == f"quotafs: {m.path} is not mounted with --crash-sim\n"
 
 
 def test_the_crash_seed_comes_from_the_rule(mount_factory: MountFactory) -> None:

@@ -985,3 +985,17 @@ def test_from_nth_and_allocating_in_a_rules_file_round_trip() -> None:
         load_rules_toml('[[rule]]\nop = "write"\nallocating = 1\nerrno = "EIO"\n')
     with pytest.raises(QuotafsError, match='rule 1: fields "nth" and "from_nth": give one'):
         load_rules_toml('[[rule]]\nop = "write"\nnth = 1\nfrom_nth = 2\nerrno = "EIO"\n')
+
+
+def test_a_down_device_makes_the_engine_active_until_revived() -> None:
+    # Handlers skip the gate while no rule is live: a device a cut left down must not be
+    # skipped once its (nth) rule has retired.
+    engine = FaultEngine(seed=1)
+    assert not engine.active
+    assert engine.set_down(True) is False
+    assert engine.active and engine.down
+    engine.add(spec_from_args("write", errno="EIO"))
+    engine.clear()
+    assert engine.active  # still down with no rule at all
+    assert engine.set_down(False) is True
+    assert not engine.active and not engine.down
