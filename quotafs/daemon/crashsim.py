@@ -26,6 +26,7 @@ caller awaits off the handler (pyfuse3's invalidations may wait for requests).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 
 STASH = b".quotafs-crash-stash"
 JOURNAL_MAX_BYTES = 256 << 20
-# A record is ~250 B with its Change (tracemalloc, docs/crash.md), so ~64 MiB at most;
+# A data record is ~400 B with its Change (tracemalloc, docs/crash.md): ~100 MiB at most;
 # consecutive appends share one record, so a workload reaches it only with many changes.
 JOURNAL_MAX_ENTRIES = 1 << 18
 _CHUNK = 1 << 20
@@ -68,7 +69,7 @@ class _File:
 
     fd: int
     path: str
-    seqs: dict[int, None] = field(default_factory=dict)  # an ordered set
+    seqs: collections.deque[int] = field(default_factory=collections.deque)
 
 
 @dataclass(slots=True)  # slots: there may be JOURNAL_MAX_ENTRIES of them
@@ -252,7 +253,7 @@ class CrashSim:
         self._log[seq] = _Record(Change(seq, kind, file=node.key, offset=off,
                                         length=size if kind == "write" else 0),
                                  entry.path, old_size=old_size, saved=keep, at=at)
-        entry.seqs[seq] = None
+        entry.seqs.append(seq)
         return seq
 
     def _merged(self, node: Node, entry: _File, off: int, size: int) -> bool:
@@ -261,7 +262,7 @@ class CrashSim:
         between two fsyncs costs one record."""
         if not entry.seqs:
             return False
-        seq = next(reversed(entry.seqs))
+        seq = entry.seqs[-1]
         record = self._log[seq]
         change = record.change
         if change.kind != "write" or record.saved or change.offset + change.length != off:
@@ -469,7 +470,7 @@ class CrashSim:
         if change.is_data and change.file is not None:
             self.journal_bytes -= record.saved
             entry = self._files[change.file]
-            del entry.seqs[change.seq]
+            _drop(entry.seqs, change.seq)
             if not entry.seqs:
                 os.close(entry.fd)
                 del self._files[change.file]
@@ -723,6 +724,17 @@ def decide_posix_names(log_: dict[int, _Record], dir_synced: dict[Key, int]) -> 
     from quotafs.model.durability import posix_kept
 
     return sorted(posix_kept([r.change for r in log_.values()], Syncs(dir_synced, 0)))
+
+
+def _drop(seqs: collections.deque[int], seq: int) -> None:
+    """A file's record leaves: nearly always its oldest (a sync, a checkpoint) or its
+    newest (a cancel, drop_unsynced): O(1) then."""
+    if seqs[0] == seq:
+        seqs.popleft()
+    elif seqs[-1] == seq:
+        seqs.pop()
+    else:
+        seqs.remove(seq)
 
 
 def _journal_file(backing: str) -> int:
