@@ -35,6 +35,7 @@ import random
 import resource
 import stat
 import tempfile
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -48,7 +49,7 @@ from quotafs.daemon.kernel import Kernel
 from quotafs.daemon.paths import Paths
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.model.costs import Costs, scan_backing
-from quotafs.model.durability import Change, Syncs, decide
+from quotafs.model.durability import Change, Decision, Syncs, decide
 from quotafs.model.ledger import Ledger
 from quotafs.protocol import CrashReport, LostItem
 
@@ -88,6 +89,8 @@ class _Record:
     stashed: bytes | None = None  # a name in STASH
     held: int = -1  # an O_PATH descriptor of an inode other names keep
     stash_bytes: int = 0  # the stashed inode's blocks (in the journal's bound)
+    # appends merged into this one: [seq, end, seq, end, ...] of each (the first's too)
+    pieces: array[int] | None = None
     is_dir: bool = False
     exchange: bool = False
 
@@ -267,6 +270,9 @@ class CrashSim:
         change = record.change
         if change.kind != "write" or record.saved or change.offset + change.length != off:
             return False
+        if record.pieces is None:
+            record.pieces = array("q", (seq, off))
+        record.pieces.extend((self._next(), off + size))  # its own seq: for keep_fraction
         record.change = replace(change, length=change.length + size)
         self._merge = (seq, change.length)
         self._uncommitted.add(node.key)
@@ -279,6 +285,10 @@ class CrashSim:
             return
         if self._merge[0] == seq:  # it grew a record: shrink it back
             record.change = replace(record.change, length=self._merge[1])
+            assert record.pieces is not None
+            del record.pieces[-2:]
+            if len(record.pieces) == 2:
+                record.pieces = None
             self._merge = (0, 0)
             return
         self._forget(self._log.pop(seq))
@@ -525,14 +535,15 @@ class CrashSim:
         respect to every request), kill every handle, recount."""
         seed = self._seeds.getrandbits(32) if seed is None else seed
         records = self._log
-        decision = decide([r.change for r in records.values()],
+        decision = decide([c for r in records.values() for c in _changes(r)],
                           Syncs(self._dir_synced, self._committed), model, torn=torn,
                           keep_fraction=keep_fraction, rng=random.Random(seed))
+        decision, kept_prefix, tear_at = _split_merged(records, decision)
         lost: list[LostItem] = []
         pending = _Pending()
         reverted: dict[Key, int] = {}
         kept_bytes: dict[Key, int] = {}
-        tears: list[tuple[_Record, bytes]] = []
+        tears: list[tuple[Key, int, bytes]] = []
         gone: set[Key] = set()
         sizes = {key: os.fstat(f.fd).st_size for key, f in self._files.items()}
         for seq in reversed(list(records)):
@@ -546,10 +557,13 @@ class CrashSim:
                 continue
             if change.is_data:
                 assert change.file is not None
+                if seq in kept_prefix:
+                    kept_bytes[change.file] = (kept_bytes.get(change.file, 0)
+                                               + kept_prefix[seq])
                 if seq in decision.torn:
-                    data = os.pread(self._files[change.file].fd, decision.torn[seq],
-                                    change.offset)
-                    tears.append((record, data))
+                    at = tear_at.get(seq, change.offset)
+                    data = os.pread(self._files[change.file].fd, decision.torn[seq], at)
+                    tears.append((change.file, at, data))
                 reverted[change.file] = reverted.get(change.file, 0) + change.length
                 self._undo_data(record)
             else:
@@ -558,9 +572,8 @@ class CrashSim:
                     lost.append(item)
                 if change.kind == "create":
                     gone.update(change.subjects)
-        for record, data in tears:
-            os.pwrite(self._files[record.change.file].fd, data,  # type: ignore[index]
-                      record.change.offset)
+        for file, offset, data in tears:
+            os.pwrite(self._files[file].fd, data, offset)
         lost = self._data_items(sizes, reverted, kept_bytes, tears, gone) + lost
         self._clear_after_cut(records, decision.kept)
         self._reset_books(pending)
@@ -582,9 +595,9 @@ class CrashSim:
         return report
 
     def _data_items(self, sizes: dict[Key, int], reverted: dict[Key, int],
-                    kept: dict[Key, int], tears: list[tuple[_Record, bytes]],
+                    kept: dict[Key, int], tears: list[tuple[Key, int, bytes]],
                     gone: set[Key]) -> list[LostItem]:
-        torn = {r.change.file: len(data) for r, data in tears}
+        torn = {file: len(data) for file, _, data in tears}
         items: list[LostItem] = []
         for key, entry in self._files.items():
             if key in gone:
@@ -724,6 +737,49 @@ def decide_posix_names(log_: dict[int, _Record], dir_synced: dict[Key, int]) -> 
     from quotafs.model.durability import posix_kept
 
     return sorted(posix_kept([r.change for r in log_.values()], Syncs(dir_synced, 0)))
+
+
+def _changes(record: _Record) -> list[Change]:
+    """What the decisions see of a record: a merged one's appends one by one."""
+    change, pieces = record.change, record.pieces
+    if pieces is None:
+        return [change]
+    out, start = [], change.offset
+    for i in range(0, len(pieces), 2):
+        out.append(replace(change, seq=pieces[i], offset=start, length=pieces[i + 1] - start))
+        start = pieces[i + 1]
+    return out
+
+
+def _split_merged(records: dict[int, _Record], decision: Decision
+                  ) -> tuple[Decision, dict[int, int], dict[int, int]]:
+    """A merged record whose appends a cut keeps in part (--keep-fraction: a prefix in
+    issue order) becomes a record of the rest, whose undo truncates to the end of the
+    kept ones; its seq is kept only if all are. Also: seq -> bytes kept that way, and
+    seq -> the file offset its torn write (--torn: its last append) starts at."""
+    kept, torn = set(decision.kept), dict(decision.torn)
+    kept_prefix: dict[int, int] = {}
+    tear_at: dict[int, int] = {}
+    for seq, record in records.items():
+        if record.pieces is None:
+            continue
+        pieces = _changes(record)
+        n = next((i for i, c in enumerate(pieces) if c.seq not in kept), len(pieces))
+        kept.difference_update(c.seq for c in pieces)
+        if n == len(pieces):
+            kept.add(seq)
+            continue
+        rest = pieces[n]
+        if n:
+            record.old_size = rest.offset
+            kept_prefix[seq] = rest.offset - record.change.offset
+        end = record.change.offset + record.change.length
+        record.change = replace(record.change, offset=rest.offset, length=end - rest.offset)
+        for piece in pieces[n:]:
+            if piece.seq in torn:
+                torn[seq] = torn.pop(piece.seq)
+                tear_at[seq] = piece.offset
+    return Decision(frozenset(kept), torn), kept_prefix, tear_at
 
 
 def _drop(seqs: collections.deque[int], seq: int) -> None:

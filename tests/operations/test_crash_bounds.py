@@ -194,3 +194,36 @@ async def test_an_open_waiting_on_a_cut_is_woken_after_a_second_cut(
         await crash.settle()
         with trio.fail_after(5):
             await woken.wait()
+
+
+async def appended(fs: InProcessFS, name: str, count: int) -> None:
+    """`count` appends of 4 KiB (A, B, C, ...) to an empty file, synced empty."""
+    await synced_file(fs, name, b"")
+    f = await fs.open(name)
+    for i in range(count):
+        await fs.write(f, 4096 * i, bytes([65 + i]) * 4096)
+    await fs.release(f)
+    assert (await fs.status())["crash_journal_entries"] == 1  # merged
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_keep_fraction_keeps_a_prefix_of_merged_appends(cfs: InProcessFS,
+                                                              seed: int) -> None:
+    await appended(cfs, "/f", 8)
+    report = await cfs.control(CRASH, {"model": "posix", "keep_fraction": 0.5,
+                                       "seed": seed})
+    kept = backing(cfs, "f")
+    assert kept == b"".join(bytes([65 + i]) * 4096 for i in range(len(kept) // 4096))
+    items = {i["kind"]: i["bytes"] for i in report["lost"]}
+    assert items.get("kept", 0) == len(kept) and items.get("data", 0) == 8 * 4096 - len(kept)
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_torn_tears_the_last_of_merged_appends(cfs: InProcessFS, seed: int) -> None:
+    await appended(cfs, "/f", 4)
+    await cfs.control(CRASH, {"model": "posix", "torn": True, "seed": seed})
+    data = backing(cfs, "f")
+    if data:  # the last append's prefix, at its own offset; the earlier ones lost
+        assert data[:3 * 4096] == bytes(3 * 4096)
+        tail = data[3 * 4096:]
+        assert tail == b"D" * len(tail) and 0 < len(tail) < 4096 and len(tail) % 512 == 0
