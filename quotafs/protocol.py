@@ -220,6 +220,8 @@ class Status(Document):
     crash_journal_entries: int = 0  # recorded changes not yet durable
     crash_forced_syncs: int = 0  # times the journal's bound made everything durable
     crash_down: bool = False  # a --crash rule's cut left the device down (crash --revive)
+    crash_stash_bytes: int = 0  # blocks of removed files kept for a cut (in the bound)
+    crash_unrecorded: int = 0  # changes made durable at once: no descriptor to record them
 
     def usage(self) -> Usage:
         return Usage(self.limit, self.used, self.reserved, self.free, self.root_reserve,

@@ -282,6 +282,18 @@ def run_capture(cmd: list[str], timeout: float = 600,
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def backing_names(backing: str, stashed: bool = False) -> list[str]:
+    """A --crash-sim backing directory's names but the daemon's stash, which must hold
+    only its mark (or, `stashed`, something more too)."""
+    from quotafs.daemon.crashsim import STASH, STASH_MARK  # the daemon's names
+
+    names = sorted(os.listdir(backing))
+    assert STASH.decode() in names, names
+    stash = os.listdir(os.path.join(backing, STASH.decode()))
+    assert (stash != [STASH_MARK.decode()]) == stashed, stash
+    return [n for n in names if n != STASH.decode()]
+
+
 def interrupt_when(cmd: list[str], ready: Callable[[], bool], sig: int,
                    wait: float = 60, poll: float = 0.1, **popen: Any
                    ) -> subprocess.CompletedProcess[str]:

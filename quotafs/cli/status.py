@@ -59,7 +59,9 @@ def _status_lines(status: Status) -> list[str]:
         f"xattrs:       {'on' if status['xattrs'] else 'off (--xattrs off)'}",
         *([f"crash sim:    on, {status['crash_journal_entries']} changes not durable "
            f"({size(status['crash_journal_bytes'])} saved), {status['crashes']} cuts, "
-           f"{status['durability_ops']} durability ops"] if status["crash_sim"] else []),
+           f"{status['durability_ops']} durability ops",
+           f"crash stash:  {size(status.get('crash_stash_bytes', 0))} of removed files "
+           "kept for a cut"] if status["crash_sim"] else []),
         *(["device:       DOWN since a --crash rule's cut: every request answers EIO "
            "(quotafs crash --revive)"] if status.get("crash_down") else []),
         f"ENOSPC:       {status['enospc_count']} answered",

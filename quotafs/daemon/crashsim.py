@@ -26,15 +26,18 @@ caller awaits off the handler (pyfuse3's invalidations may wait for requests).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
 import os
 import random
+import resource
 import stat
 import tempfile
+from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyfuse3
@@ -46,7 +49,7 @@ from quotafs.daemon.kernel import Kernel
 from quotafs.daemon.paths import Paths
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.model.costs import Costs, scan_backing
-from quotafs.model.durability import Change, Syncs, decide
+from quotafs.model.durability import Change, Decision, Syncs, decide
 from quotafs.model.ledger import Ledger
 from quotafs.protocol import CrashReport, LostItem
 
@@ -57,20 +60,23 @@ STASH = b".quotafs-crash-stash"
 # is ever removed; a user's tree of that name makes the --crash-sim mount refuse.
 STASH_MARK = b".quotafs-stash-mark"
 JOURNAL_MAX_BYTES = 256 << 20
-JOURNAL_MAX_ENTRIES = 1 << 20
+# A data record is ~400 B with its Change (tracemalloc, docs/crash.md): ~100 MiB at most;
+# consecutive appends share one record, so a workload reaches it only with many changes.
+JOURNAL_MAX_ENTRIES = 1 << 18
 _CHUNK = 1 << 20
 
 
-@dataclass
+@dataclass(slots=True)
 class _File:
-    """A file with recorded data changes: a descriptor to revert them through."""
+    """A file with recorded data changes: a descriptor to revert them through, and its
+    records in issue order (an fsync costs what the file recorded, not the whole log)."""
 
     fd: int
     path: str
-    changes: int = 0
+    seqs: collections.deque[int] = field(default_factory=collections.deque)
 
 
-@dataclass
+@dataclass(slots=True)  # slots: there may be JOURNAL_MAX_ENTRIES of them
 class _Record:
     """One recorded change: `change` for the decisions, the rest for its undo."""
 
@@ -85,6 +91,9 @@ class _Record:
     names: tuple[tuple[Key, bytes], ...] = ()
     stashed: bytes | None = None  # a name in STASH
     held: int = -1  # an O_PATH descriptor of an inode other names keep
+    stash_bytes: int = 0  # the stashed inode's blocks (in the journal's bound)
+    # appends merged into this one: [seq, end, seq, end, ...] of each (the first's too)
+    pieces: array[int] | None = None
     is_dir: bool = False
     exchange: bool = False
 
@@ -127,10 +136,14 @@ class CrashSim:
         self._journal = _journal_file(backing)
         self._journal_end = 0
         self.journal_bytes = 0
+        self.stash_bytes = 0  # blocks of the stashed inodes, counted in the bound
+        self.unrecorded = 0  # changes made durable at once: a descriptor could not be had
         self.durability_ops = 0
         self.crashes = 0
         self.forced_syncs = 0
         self._pending: _Pending | None = None
+        self._merge = (0, 0)  # the record the last write grew, and its length before
+        self._replaced_bytes = 0  # stash_replaced -> renamed: the replaced inode's blocks
         self._settled: trio.Event | None = None
 
     # -- status ---------------------------------------------------------------------------
@@ -139,7 +152,8 @@ class CrashSim:
         return {"crash_sim": True, "durability_ops": self.durability_ops,
                 "crashes": self.crashes, "crash_journal_bytes": self.journal_bytes,
                 "crash_journal_entries": len(self._log),
-                "crash_forced_syncs": self.forced_syncs}
+                "crash_forced_syncs": self.forced_syncs,
+                "crash_stash_bytes": self.stash_bytes, "crash_unrecorded": self.unrecorded}
 
     def close(self) -> None:
         """At unmount everything is durable: the stash goes, the journal with it."""
@@ -189,30 +203,60 @@ class CrashSim:
     def _file(self, node: Node) -> _File | None:
         entry = self._files.get(node.key)
         if entry is None:
+            self._bound_descriptors()
             try:
                 with self._as_daemon():
                     fd = os.open(self._inodes.proc(node), os.O_RDWR)
             except OSError as exc:  # cannot revert it: its changes count as durable
                 log.debug("crash-sim: %s not recorded: %s", self._paths.of(node), exc)
+                self.unrecorded += 1
                 return None
             entry = self._files[node.key] = _File(fd, self._paths.of(node))
         return entry
 
     def _room(self, nbytes: int) -> bool:
-        """Room in the journal for `nbytes` more (after a forced sync if need be)."""
-        if (self._journal_end + nbytes > JOURNAL_MAX_BYTES
+        """Room in the journal for `nbytes` more (after a forced sync if need be). The
+        stash's blocks count: a removed file's data stays on the backing until durable."""
+        if (self._journal_end + self.stash_bytes + nbytes > JOURNAL_MAX_BYTES
                 or len(self._log) >= JOURNAL_MAX_ENTRIES):
-            self.checkpoint()  # as the daemon (the stash is its own), whoever asked
-            self.forced_syncs += 1
-        return self._journal_end + nbytes <= JOURNAL_MAX_BYTES
+            self._forced_sync()
+        return self._journal_end + self.stash_bytes + nbytes <= JOURNAL_MAX_BYTES
+
+    def _forced_sync(self) -> None:
+        self.checkpoint()  # as the daemon (the stash is its own), whoever asked
+        self.forced_syncs += 1
+
+    def _bound_descriptors(self) -> None:
+        """Before one more descriptor (a file's, a directory's): past an eighth of
+        RLIMIT_NOFILE (the inode table has 3/4), a forced sync closes them all, so that
+        the mount's own opens never meet EMFILE because of the recording."""
+        limit = max(64, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8)
+        if len(self._files) + len(self._dirs) >= limit:
+            self._forced_sync()
 
     def before_write(self, handle: Handle, off: int, size: int) -> int:
         """Record a write of `size` bytes at `off` about to be made; its seq (0: none)."""
         node = handle.node
-        if handle.sync:  # O_SYNC/O_DSYNC: durable as it is written (and a commit)
-            self._synced(node, grows=off + size > node.size)
+        if handle.sync:  # O_SYNC/O_DSYNC: this range durable as it is written (a commit)
+            self._synced_range(node, off, off + size)
             return 0
         return self._save(node, "write", off, size, node.size)
+
+    def _synced_range(self, node: Node, start: int, end: int) -> None:
+        """An O_SYNC/O_DSYNC write of [start, end): Linux syncs only that range
+        (vfs_fsync_range), so the file's other unsynced writes stay undoable. Earlier
+        records whose undo would overwrite the range (their saved bytes overlap it, or a
+        size below its end) become durable with it."""
+        if end > node.size or node.key in self._uncommitted:
+            self.commit()
+        entry = self._files.get(node.key)
+        if entry is None:
+            return
+        for seq in list(entry.seqs):
+            record = self._log[seq]
+            off = record.change.offset
+            if record.old_size < end or (off < end and start < off + record.saved):
+                self._forget(self._log.pop(seq))
 
     def before_truncate(self, node: Node, size: int) -> None:
         old = os.fstat(self._inodes.fd(node)).st_size  # a closed file's node may be stale
@@ -226,6 +270,8 @@ class CrashSim:
         entry = self._file(node)
         if entry is None:
             return 0
+        if not keep and kind == "write" and self._merged(node, entry, off, size):
+            return self._merge[0]
         at = self._journal_end
         _copy(entry.fd, off, keep, self._journal, at)
         self._journal_end += keep
@@ -236,14 +282,42 @@ class CrashSim:
         self._log[seq] = _Record(Change(seq, kind, file=node.key, offset=off,
                                         length=size if kind == "write" else 0),
                                  entry.path, old_size=old_size, saved=keep, at=at)
-        entry.changes += 1
+        entry.seqs.append(seq)
         return seq
+
+    def _merged(self, node: Node, entry: _File, off: int, size: int) -> bool:
+        """An append right after the file's last record, itself an append: one record
+        grows (its undo needs only the oldest size), so a file written sequentially
+        between two fsyncs costs one record."""
+        if not entry.seqs:
+            return False
+        seq = entry.seqs[-1]
+        record = self._log[seq]
+        change = record.change
+        if change.kind != "write" or record.saved or change.offset + change.length != off:
+            return False
+        if record.pieces is None:
+            record.pieces = array("q", (seq, off))
+        record.pieces.extend((self._next(), off + size))  # its own seq: for keep_fraction
+        record.change = replace(change, length=change.length + size)
+        self._merge = (seq, change.length)
+        self._uncommitted.add(node.key)
+        return True
 
     def cancel(self, seq: int) -> None:
         """The recorded write was refused before any byte was written."""
-        record = self._log.pop(seq, None)
-        if record is not None:
-            self._forget(record)
+        record = self._log.get(seq)
+        if record is None:
+            return
+        if self._merge[0] == seq:  # it grew a record: shrink it back
+            record.change = replace(record.change, length=self._merge[1])
+            assert record.pieces is not None
+            del record.pieces[-2:]
+            if len(record.pieces) == 2:
+                record.pieces = None
+            self._merge = (0, 0)
+            return
+        self._forget(self._log.pop(seq))
 
     def synced_file(self, node: Node) -> None:
         """fsync/fdatasync of `node` succeeded: its data is durable, and ext4 commits."""
@@ -253,8 +327,9 @@ class CrashSim:
     def _synced(self, node: Node, grows: bool = False) -> None:
         if grows or node.key in self._uncommitted:
             self.commit()
-        if node.key in self._files:
-            for seq in [s for s, r in self._log.items() if r.change.file == node.key]:
+        entry = self._files.get(node.key)
+        if entry is not None:
+            for seq in list(entry.seqs):
                 self._forget(self._log.pop(seq))
 
     def commit(self) -> None:
@@ -266,6 +341,7 @@ class CrashSim:
     def _dir(self, node: Node) -> Key:
         entry = self._dirs.get(node.key)
         if entry is None:
+            self._bound_descriptors()
             self._dirs[node.key] = [os.dup(self._inodes.fd(node)), 1]
         else:
             entry[1] += 1
@@ -284,12 +360,22 @@ class CrashSim:
 
     def _record_names(self, kind: str, path: str, names: list[tuple[Node, bytes]],
                       subjects: tuple[Key, ...], **undo: Any) -> None:
+        pairs: list[tuple[Key, bytes]] = []
+        try:
+            for parent, name in names:
+                pairs.append((self._dir(parent), name))
+        except OSError as exc:  # the change happened: durable at once, never an error
+            log.debug("crash-sim: %s %s not recorded: %s", kind, path, exc)
+            self.unrecorded += 1
+            record = _Record(Change(0, kind), path, names=tuple(pairs), **undo)
+            self._remove_stashed(record)
+            self._forget(record)
+            return
         seq = self._next()
-        pairs = tuple((self._dir(parent), name) for parent, name in names)
         dirs = tuple(dict.fromkeys(key for key, _ in pairs))
         self._uncommitted.update(dirs, subjects)
         self._log[seq] = _Record(Change(seq, kind, dirs=dirs, subjects=subjects), path,
-                                 names=pairs, **undo)
+                                 names=tuple(pairs), **undo)
 
     def created(self, parent: Node, name: bytes, st: os.stat_result) -> None:
         """A create, mknod, mkdir or symlink made `name`."""
@@ -323,9 +409,14 @@ class CrashSim:
                 raise
             self._record_names("remove", path, [(parent, name)], (key,), held=held)
             return
+        kept = st.st_blocks * 512
+        if not self._room(kept):  # larger than the bound by itself: durable at once
+            remove(name, dir_fd=fd)
+            return
         stashed = self._stash(fd, name)
+        self.stash_bytes += kept
         self._record_names("remove", path, [(parent, name)], (key,), stashed=stashed,
-                           is_dir=is_dir)
+                           is_dir=is_dir, stash_bytes=kept)
 
     def _stash(self, dir_fd: int, name: bytes) -> bytes:
         stashed = str(self._seq + 1).encode() + b"-" + os.urandom(4).hex().encode()
@@ -346,11 +437,14 @@ class CrashSim:
             return None, -1  # EISDIR from the rename itself
         if replaced.st_nlink > 1:
             return None, os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=fd)
+        self._room(replaced.st_blocks * 512)  # a forced sync first if the stash is full
+        self._replaced_bytes = replaced.st_blocks * 512  # for renamed()'s record
         return self._stash(fd, name), -1
 
     def unstash(self, parent: Node, name: bytes, kept: tuple[bytes | None, int]) -> None:
         """The rename failed after stash_replaced: put the replaced inode back."""
         stashed, held = kept
+        self._replaced_bytes = 0
         if held >= 0:
             os.close(held)
         if stashed is not None:
@@ -364,8 +458,12 @@ class CrashSim:
         self.durability_ops += 1
         path = (f"{self._paths.of_entry(new_parent, new_name)} -> "
                 f"{self._paths.of_entry(old_parent, old_name)}")
+        kept_bytes, self._replaced_bytes = self._replaced_bytes, 0
+        if kept[0] is not None:
+            self.stash_bytes += kept_bytes
         self._record_names("rename", path, [(old_parent, old_name), (new_parent, new_name)],
-                           subjects, stashed=kept[0], held=kept[1], exchange=exchange)
+                           subjects, stashed=kept[0], held=kept[1], exchange=exchange,
+                           stash_bytes=kept_bytes if kept[0] is not None else 0)
 
     def synced_dir(self, node: Node) -> None:
         """fsyncdir of `node` succeeded: posix keeps the changes of its entries (and all
@@ -384,7 +482,8 @@ class CrashSim:
                 freed.append(record.change.subjects[-1])  # inode, or the one replaced
             self._make_durable(seq)
         for key in freed:  # nothing can bring their data back: let the inodes go
-            for seq in [s for s, r in self._log.items() if r.change.file == key]:
+            entry = self._files.get(key)
+            for seq in list(entry.seqs) if entry is not None else ():
                 self._forget(self._log.pop(seq))
 
     def checkpoint(self) -> None:
@@ -397,21 +496,25 @@ class CrashSim:
     def _make_durable(self, seq: int) -> None:
         """The change `seq` is durable: a removal is made real (as the daemon: the stash is
         its own), and only then does the record leave the log (kept if that fails)."""
-        record = self._log[seq]
+        self._remove_stashed(self._log[seq])
+        self._forget(self._log.pop(seq))
+
+    def _remove_stashed(self, record: _Record) -> None:
+        """Remove for real the inode a durable removal stashed (as the daemon)."""
         if record.stashed is not None:
             with self._as_daemon(), contextlib.suppress(FileNotFoundError):  # gone already
                 _remove_at(self._stash_dir, record.stashed)
             record.stashed = None
-        self._forget(self._log.pop(seq))
 
     def _forget(self, record: _Record) -> None:
         """A record leaves the log: its references go (a removal it stashed stays)."""
         change = record.change
+        self.stash_bytes -= record.stash_bytes
         if change.is_data and change.file is not None:
             self.journal_bytes -= record.saved
             entry = self._files[change.file]
-            entry.changes -= 1
-            if not entry.changes:
+            _drop(entry.seqs, change.seq)
+            if not entry.seqs:
                 os.close(entry.fd)
                 del self._files[change.file]
         for key, _ in record.names:
@@ -438,7 +541,8 @@ class CrashSim:
         writeback; the bytes dropped. The kernel's page cache may still hold them, as it
         does on ext4 (the pages are clean)."""
         dropped = 0
-        for seq in [s for s in reversed(self._log) if self._log[s].change.file == node.key]:
+        entry = self._files.get(node.key)
+        for seq in list(reversed(entry.seqs)) if entry is not None else ():
             record = self._log.pop(seq)
             dropped += record.change.length
             self._undo_data(record)
@@ -457,14 +561,15 @@ class CrashSim:
         respect to every request), kill every handle, recount."""
         seed = self._seeds.getrandbits(32) if seed is None else seed
         records = self._log
-        decision = decide([r.change for r in records.values()],
+        decision = decide([c for r in records.values() for c in _changes(r)],
                           Syncs(self._dir_synced, self._committed), model, torn=torn,
                           keep_fraction=keep_fraction, rng=random.Random(seed))
+        decision, kept_prefix, tear_at = _split_merged(records, decision)
         lost: list[LostItem] = []
         pending = _Pending()
         reverted: dict[Key, int] = {}
         kept_bytes: dict[Key, int] = {}
-        tears: list[tuple[_Record, bytes]] = []
+        tears: list[tuple[Key, int, bytes]] = []
         gone: set[Key] = set()
         sizes = {key: os.fstat(f.fd).st_size for key, f in self._files.items()}
         for seq in reversed(list(records)):
@@ -478,10 +583,13 @@ class CrashSim:
                 continue
             if change.is_data:
                 assert change.file is not None
+                if seq in kept_prefix:
+                    kept_bytes[change.file] = (kept_bytes.get(change.file, 0)
+                                               + kept_prefix[seq])
                 if seq in decision.torn:
-                    data = os.pread(self._files[change.file].fd, decision.torn[seq],
-                                    change.offset)
-                    tears.append((record, data))
+                    at = tear_at.get(seq, change.offset)
+                    data = os.pread(self._files[change.file].fd, decision.torn[seq], at)
+                    tears.append((change.file, at, data))
                 reverted[change.file] = reverted.get(change.file, 0) + change.length
                 self._undo_data(record)
             else:
@@ -490,9 +598,8 @@ class CrashSim:
                     lost.append(item)
                 if change.kind == "create":
                     gone.update(change.subjects)
-        for record, data in tears:
-            os.pwrite(self._files[record.change.file].fd, data,  # type: ignore[index]
-                      record.change.offset)
+        for file, offset, data in tears:
+            os.pwrite(self._files[file].fd, data, offset)
         lost = self._data_items(sizes, reverted, kept_bytes, tears, gone) + lost
         self._clear_after_cut(records, decision.kept)
         self._reset_books(pending)
@@ -502,15 +609,21 @@ class CrashSim:
                              lost_names=sum(1 for i in lost
                                             if i.kind in ("created", "removed", "renamed")),
                              crashes=self.crashes)
+        # A second cut before the first one's settle() ran: one invalidation for both, and
+        # the opens waiting on the first cut's Event are woken by it.
+        if self._pending is not None:
+            pending.inodes += self._pending.inodes
+            pending.entries += self._pending.entries
         self._pending = pending
-        self._settled = trio.Event() if _in_trio() else None
+        if self._settled is None and _in_trio():
+            self._settled = trio.Event()
         self._on_cut(report)
         return report
 
     def _data_items(self, sizes: dict[Key, int], reverted: dict[Key, int],
-                    kept: dict[Key, int], tears: list[tuple[_Record, bytes]],
+                    kept: dict[Key, int], tears: list[tuple[Key, int, bytes]],
                     gone: set[Key]) -> list[LostItem]:
-        torn = {r.change.file: len(data) for r, data in tears}
+        torn = {file: len(data) for file, _, data in tears}
         items: list[LostItem] = []
         for key, entry in self._files.items():
             if key in gone:
@@ -651,6 +764,60 @@ def decide_posix_names(log_: dict[int, _Record], dir_synced: dict[Key, int]) -> 
     from quotafs.model.durability import posix_kept
 
     return sorted(posix_kept([r.change for r in log_.values()], Syncs(dir_synced, 0)))
+
+
+def _changes(record: _Record) -> list[Change]:
+    """What the decisions see of a record: a merged one's appends one by one."""
+    change, pieces = record.change, record.pieces
+    if pieces is None:
+        return [change]
+    out, start = [], change.offset
+    for i in range(0, len(pieces), 2):
+        out.append(replace(change, seq=pieces[i], offset=start, length=pieces[i + 1] - start))
+        start = pieces[i + 1]
+    return out
+
+
+def _split_merged(records: dict[int, _Record], decision: Decision
+                  ) -> tuple[Decision, dict[int, int], dict[int, int]]:
+    """A merged record whose appends a cut keeps in part (--keep-fraction: a prefix in
+    issue order) becomes a record of the rest, whose undo truncates to the end of the
+    kept ones; its seq is kept only if all are. Also: seq -> bytes kept that way, and
+    seq -> the file offset its torn write (--torn: its last append) starts at."""
+    kept, torn = set(decision.kept), dict(decision.torn)
+    kept_prefix: dict[int, int] = {}
+    tear_at: dict[int, int] = {}
+    for seq, record in records.items():
+        if record.pieces is None:
+            continue
+        pieces = _changes(record)
+        n = next((i for i, c in enumerate(pieces) if c.seq not in kept), len(pieces))
+        kept.difference_update(c.seq for c in pieces)
+        if n == len(pieces):
+            kept.add(seq)
+            continue
+        rest = pieces[n]
+        if n:
+            record.old_size = rest.offset
+            kept_prefix[seq] = rest.offset - record.change.offset
+        end = record.change.offset + record.change.length
+        record.change = replace(record.change, offset=rest.offset, length=end - rest.offset)
+        for piece in pieces[n:]:
+            if piece.seq in torn:
+                torn[seq] = torn.pop(piece.seq)
+                tear_at[seq] = piece.offset
+    return Decision(frozenset(kept), torn), kept_prefix, tear_at
+
+
+def _drop(seqs: collections.deque[int], seq: int) -> None:
+    """A file's record leaves: nearly always its oldest (a sync, a checkpoint) or its
+    newest (a cancel, drop_unsynced): O(1) then."""
+    if seqs[0] == seq:
+        seqs.popleft()
+    elif seqs[-1] == seq:
+        seqs.pop()
+    else:
+        seqs.remove(seq)
 
 
 def _journal_file(backing: str) -> int:

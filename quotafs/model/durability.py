@@ -31,7 +31,7 @@ SECTOR = 512
 DATA_KINDS = ("write", "truncate")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the recorder may keep 262,144 of them
 class Change:
     """A recorded change, as the decisions see it.
 

@@ -16,10 +16,10 @@ import time
 import pytest
 
 from quotafs import QuotaMount
-from quotafs.daemon.crashsim import STASH, STASH_MARK
+from quotafs.daemon.crashsim import STASH
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.model.costs import Costs, Mode, scan_backing
-from tests.conftest import MountFactory
+from tests.conftest import MountFactory, backing_names
 
 
 def write(path: str, data: bytes, sync: bool = False, mode: str = "wb") -> None:
@@ -52,15 +52,6 @@ def assert_books_are_a_fresh_scan(m: QuotaMount) -> None:
         stashed, stashed_inodes = scan_backing(stash, costs)
         used, inodes = used - stashed - costs.directory(), inodes - stashed_inodes - 1
     assert (status.used, status.inodes_used, status.reserved) == (used, inodes, 0)
-
-
-def backing_names(m: QuotaMount) -> list[str]:
-    """The backing directory's names but the daemon's stash, which must hold only its
-    mark (nothing stashed)."""
-    names = sorted(os.listdir(m.backing))
-    assert STASH.decode() in names
-    assert os.listdir(os.path.join(m.backing, STASH.decode())) == [STASH_MARK.decode()]
-    return [n for n in names if n != STASH.decode()]
 
 
 @pytest.fixture
@@ -108,7 +99,7 @@ def test_posix_keeps_only_what_was_made_durable(crash_mount: QuotaMount) -> None
     assert {(i.path, i.kind) for i in report.lost} >= {
         ("/synced-but-unnamed", "created"), ("/e", "created"), ("/e/x", "created"),
         ("/d/kept", "data")}
-    assert backing_names(crash_mount) == ["d"]  # nothing else in the backing
+    assert backing_names(crash_mount.backing) == ["d"]  # nothing else in the backing
     assert_books_are_a_fresh_scan(crash_mount)
 
 
@@ -346,7 +337,7 @@ def test_the_stash_is_never_seen(crash_mount: QuotaMount) -> None:
     assert not os.path.exists(f"{p}/.quotafs-crash-stash")
     assert crash_mount.usage().used == used - 8192
     fsync_dir(p)  # the unlink is durable: the inode is gone for real
-    assert backing_names(crash_mount) == []
+    assert backing_names(crash_mount.backing) == []
     crash_mount.crash()
     assert os.listdir(p) == []
 

@@ -444,3 +444,10 @@ def run_now(request: Callable[..., Awaitable[T]], *args: Any) -> T:
 
 
 FsFactory = Callable[..., InProcessFS]  # the make_fs fixture: make(limit, **options)
+
+
+def backing_names(fs: InProcessFS, stashed: bool = False) -> list[str]:
+    """tests.conftest.backing_names of the in-process mount's backing directory."""
+    from tests.conftest import backing_names as names
+
+    return names(fs.backing, stashed)

@@ -11,7 +11,7 @@ import pytest
 
 from quotafs.daemon import crashsim
 from quotafs.protocol import CRASH
-from tests.operations.driver import Ctx, FsFactory, InProcessFS, SessionStandIns
+from tests.operations.driver import Ctx, FsFactory, InProcessFS, SessionStandIns, backing_names
 
 
 @pytest.fixture
@@ -22,15 +22,6 @@ def cfs(make_fs: FsFactory) -> InProcessFS:
 def backing(fs: InProcessFS, name: str) -> bytes:
     with open(os.path.join(fs.backing, name), "rb") as f:
         return f.read()
-
-
-def backing_names(fs: InProcessFS, stashed: bool = False) -> list[str]:
-    """The backing directory's names but the daemon's stash, which holds only its mark
-    (or, `stashed`, something more too)."""
-    names = sorted(os.listdir(fs.backing))
-    stash = os.listdir(os.path.join(fs.backing, crashsim.STASH.decode()))
-    assert (stash != [crashsim.STASH_MARK.decode()]) == stashed, stash
-    return [n for n in names if n != crashsim.STASH.decode()]
 
 
 async def cut(fs: InProcessFS, **args: object) -> dict[str, object]:
