@@ -29,8 +29,7 @@ from quotafs.model.costs import Costs, Mode, scan_backing
 from quotafs.protocol import FORGET
 from quotafs.reference.loopext4 import Ext4Loop, open_ext4_loop
 from tests.conftest import needs_fuse_and_loop_ext4
-from tests.differential.machinery import wait_until
-from tests.differential.test_differential import _workdir
+from tests.differential.machinery import image_workdir, wait_until
 from tests.mounts.test_posix import assert_healthy
 
 KiB = 1024
@@ -50,7 +49,7 @@ pytestmark = needs_fuse_and_loop_ext4
 def _ext4(free: int, block_size: int) -> Iterator[Ext4Loop]:
     """A loop-ext4 of a default mkfs.ext4: 1 KiB blocks below a 512M image, 4 KiB above."""
     try:
-        with open_ext4_loop(free, workdir=_workdir()) as loop:
+        with open_ext4_loop(free, workdir=image_workdir()) as loop:
             assert loop.block_size == block_size
             yield loop
     except QuotafsError as exc:
