@@ -144,6 +144,7 @@ class CrashSim:
         self._pending: _Pending | None = None
         self._merge = (0, 0)  # the record the last write grew, and its length before
         self._replaced_bytes = 0  # stash_replaced -> renamed: the replaced inode's blocks
+        self._rename_durable = False  # stash_replaced -> renamed: too big to keep
         self._settled: trio.Event | None = None
 
     # -- status ---------------------------------------------------------------------------
@@ -412,6 +413,7 @@ class CrashSim:
         kept = st.st_blocks * 512
         if not self._room(kept):  # larger than the bound by itself: durable at once
             remove(name, dir_fd=fd)
+            self.unrecorded += 1
             return
         stashed = self._stash(fd, name)
         self.stash_bytes += kept
@@ -432,19 +434,23 @@ class CrashSim:
         if stat.S_ISDIR(replaced.st_mode):
             if not stat.S_ISDIR(moved.st_mode) or _has_entries(fd, name, self._as_daemon):
                 return None, -1  # the rename fails (ENOTDIR, ENOTEMPTY) as it would
-            return self._stash(fd, name), -1
-        if stat.S_ISDIR(moved.st_mode):
+        elif stat.S_ISDIR(moved.st_mode):
             return None, -1  # EISDIR from the rename itself
-        if replaced.st_nlink > 1:
+        elif replaced.st_nlink > 1:
             return None, os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=fd)
-        self._room(replaced.st_blocks * 512)  # a forced sync first if the stash is full
-        self._replaced_bytes = replaced.st_blocks * 512  # for renamed()'s record
+        kept = replaced.st_blocks * 512
+        if not self._room(kept):
+            # Larger than the bound by itself (the forced sync made all before durable):
+            # the rename is durable at once, as remove() does for such a file.
+            self._rename_durable = True
+            return None, -1
+        self._replaced_bytes = kept  # for renamed()'s record
         return self._stash(fd, name), -1
 
     def unstash(self, parent: Node, name: bytes, kept: tuple[bytes | None, int]) -> None:
         """The rename failed after stash_replaced: put the replaced inode back."""
         stashed, held = kept
-        self._replaced_bytes = 0
+        self._replaced_bytes, self._rename_durable = 0, False
         if held >= 0:
             os.close(held)
         if stashed is not None:
@@ -458,6 +464,10 @@ class CrashSim:
         self.durability_ops += 1
         path = (f"{self._paths.of_entry(new_parent, new_name)} -> "
                 f"{self._paths.of_entry(old_parent, old_name)}")
+        if self._rename_durable:  # see stash_replaced: nothing to record
+            self._rename_durable = False
+            self.unrecorded += 1
+            return
         kept_bytes, self._replaced_bytes = self._replaced_bytes, 0
         if kept[0] is not None:
             self.stash_bytes += kept_bytes

@@ -110,6 +110,32 @@ async def test_stashed_bytes_count_in_the_journal_bound(
     assert backing_names(cfs) == ["b"]  # no stash: the data is gone
 
 
+async def test_a_rename_over_a_file_larger_than_the_bound_is_durable_at_once(
+        cfs: InProcessFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(crashsim, "JOURNAL_MAX_BYTES", 20_000)
+    await synced_file(cfs, "/big", b"c" * 65536)
+    await synced_file(cfs, "/new", b"n" * 100)
+    await cfs.fsyncdir("/")
+    await cfs.rename("/new", "/big")  # the replaced 64 KiB alone pass the bound
+    status = await cfs.status()
+    assert (status["crash_stash_bytes"], status["crash_unrecorded"]) == (0, 1)
+    await cfs.control(CRASH, {"model": "posix"})
+    # all or nothing: the rename stands whole (newpath never goes missing)
+    assert backing_names(cfs) == ["big"]
+    assert backing(cfs, "big") == b"n" * 100
+
+
+async def test_a_stashed_directory_counts_its_blocks(cfs: InProcessFS) -> None:
+    await cfs.mkdir("/old")
+    await cfs.mkdir("/moved")
+    await cfs.fsyncdir("/")
+    await cfs.rename("/moved", "/old")  # over an empty directory: it is stashed
+    stash = os.path.join(cfs.backing, crashsim.STASH.decode())
+    [stashed] = [n for n in os.listdir(stash) if n != crashsim.STASH_MARK.decode()]
+    blocks = os.stat(os.path.join(stash, stashed)).st_blocks * 512
+    assert (await cfs.status())["crash_stash_bytes"] == blocks
+
+
 # -- 7: one record for consecutive appends ----------------------------------------------
 
 
