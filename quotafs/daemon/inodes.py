@@ -32,8 +32,10 @@ _SPARE_INODES_START = 1 << 62
 
 
 def default_path_fd_budget() -> int:
-    """Open O_PATH descriptors of unpinned nodes kept at most: 3/4 of RLIMIT_NOFILE."""
-    return max(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] * 3 // 4)
+    """Open O_PATH descriptors of unpinned nodes kept at most: 3/4 of RLIMIT_NOFILE. (A
+    floor above the limit itself, as 1024 was, ran a daemon with a low hard limit out of
+    descriptors: its control socket's accept and users' opens met EMFILE.)"""
+    return max(64, resource.getrlimit(resource.RLIMIT_NOFILE)[0] * 3 // 4)
 
 
 @dataclass(eq=False, slots=True)  # slots: the write path reads several fields

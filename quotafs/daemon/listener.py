@@ -7,7 +7,9 @@ nothing but a task switch; a peer that sends nothing is dropped after a while.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import select
 import socket
 from collections.abc import Awaitable, Callable
@@ -19,6 +21,8 @@ from quotafs.daemon.control import ControlChannel
 
 log = logging.getLogger("quotafs")
 
+# accept(2)'s errnos that pass when descriptors or memory come free (trio retries them too)
+_SHORT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 IDLE_TIMEOUT = 30.0  # a connection that sends no full request line by then is dropped
 
 
@@ -61,4 +65,20 @@ def _handler(channel: ControlChannel) -> Callable[[trio.SocketStream], Awaitable
 async def serve(sock: socket.socket, channel: ControlChannel) -> None:
     """Serve `sock` (bound and listening: quotafs.controlsocket.bind) until cancelled."""
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    await trio.serve_listeners(_handler(channel), [listener])
+    handler = _handler(channel)
+    short = False  # out of descriptors: said once per spell, not a traceback per retry
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _SHORT_OF_RESOURCES:
+                    raise
+                if not short:
+                    log.warning("control socket: cannot accept (%s); retrying",
+                                os.strerror(exc.errno))
+                short = True
+                await trio.sleep(0.1)
+                continue
+            short = False
+            nursery.start_soon(handler, stream)

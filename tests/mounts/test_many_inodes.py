@@ -4,11 +4,18 @@ unpinned inodes are closed least-recently-used first and opened again by name.""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import MountFactory
+from tests.mounts.test_lifecycle2 import cleanup, quotafs
+
+__all__ = ["cleanup"]  # a fixture, used by name
 
 BUDGET = 16
 # Descriptors outside the budget: the daemon's own dozen (std streams, epoll, /dev/fuse,
@@ -70,3 +77,29 @@ def test_tree_far_larger_than_the_descriptor_budget(small_budget: None,
     assert peak_known > 10 * BUDGET, peak_known
     assert most <= BUDGET + OWN_FDS, most
     assert status["used"] == 10 * 2 * 4096 + 199 * 4096  # dirs, files (one unlinked)
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit is not installed")
+@pytest.mark.parametrize("crash_sim", [False, True])
+def test_a_low_hard_descriptor_limit_serves_every_file_and_the_control_socket(
+        tmp_path: Path, cleanup: list[str], crash_sim: bool) -> None:
+    """A daemon started under a hard RLIMIT_NOFILE of 600 (the budget was at least 1024,
+    above the limit itself) keeps its descriptors within it: 2,000 files made, written
+    and looked up again all work, and the control socket answers."""
+    mnt, backing = tmp_path / "mnt", tmp_path / "backing"
+    mnt.mkdir()
+    backing.mkdir()
+    cleanup.append(str(mnt))
+    flags = ["--crash-sim"] if crash_sim else []
+    started = subprocess.run(["prlimit", "--nofile=600:600", sys.executable, "-m", "quotafs",
+                              "mount", "--backing", str(backing), *flags, str(mnt)],
+                             capture_output=True, text=True, timeout=60)
+    assert started.returncode == 0, started.stderr
+    try:
+        for i in range(2000):
+            with open(mnt / f"f{i}", "wb") as out:
+                out.write(b"x")
+        assert len([os.stat(mnt / name) for name in os.listdir(mnt)]) == 2000
+        assert quotafs("status", "--json", str(mnt)).returncode == 0
+    finally:
+        assert quotafs("umount", str(mnt)).returncode == 0
