@@ -20,8 +20,9 @@ def register(sub: Any) -> None:
     p.add_argument("--model", choices=CRASH_MODELS, default="posix",
                    help="what survives: posix (only what was fsynced, and directory "
                         "entries whose directory was fsynced; default) or ext4 "
-                        "(data=ordered: any fsync also commits every earlier namespace "
-                        "change)")
+                        "(data=ordered: a journal commit — any fsyncdir, or the fsync of a "
+                        "file with a size or name change — makes every earlier namespace "
+                        "change durable)")
     p.add_argument("--torn", action="store_true",
                    help="each file's last unsynced write survives as a random "
                         "512-byte-sector prefix")
