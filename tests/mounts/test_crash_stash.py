@@ -20,7 +20,7 @@ from quotafs.client.api import mounted
 from quotafs.daemon.crashsim import STASH, STASH_MARK
 from quotafs.errors import ExitCode
 from tests.conftest import MountFactory, fuse_unusable_reason
-from tests.mounts.test_crash_sim import assert_books_are_a_fresh_scan
+from tests.mounts.test_crash_sim import assert_books_are_a_fresh_scan, fsync_dir
 from tests.mounts.test_lifecycle2 import _pid, assert_one_line, quotafs
 from tests.mounts.test_posix import Err, as_user, attempt
 
@@ -178,14 +178,6 @@ def test_the_stash_is_made_at_mount_and_gone_at_unmount(base: str) -> None:
 def read_text(path: str) -> str:
     with open(path) as f:
         return f.read()
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def test_a_killed_daemons_stash_goes_at_the_next_crash_sim_mount(base: str) -> None:
