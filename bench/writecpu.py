@@ -1,15 +1,22 @@
 """Daemon CPU per random 4 KiB write + fsync over FUSE, A/B between source trees.
 
-    python bench/writecpu.py [--writes N] [--rounds R] [--tree NAME=DIR ...]
+    python bench/writecpu.py [--writes N] [--rounds R] [--tree NAME=DIR ...] [--cpu N|none]
 
 Mounts, all on one tmpfs backing (below /dev/shm): for each tree, quotafs run from that
-tree (PYTHONPATH) with xattrs and with `--xattrs off`; and the do-nothing ceilings
-(bench/nullfs.py with and without --xattr). Each round visits every mount in turn (the
-order rotates): a fresh file, N pwrite+fsync of 4 KiB at distinct random blocks of a
-64 MiB hole ("holes"), then the same N again ("overwrite"); the daemon's utime+stime
-(/proc/PID/stat, 10 ms ticks) over each pass, per write. Prints, per mount and pass, the
-least and the median of the rounds in µs, one JSON line per mount (stdout); progress on
-stderr. Every mount is unmounted and every directory removed on any exit.
+tree (PYTHONPATH) with xattrs and with `--xattrs off`; pyfuse3's example passthrough
+(downloaded as bench/run.py does; it stores the data as quotafs does, with no
+bookkeeping and no xattrs); and the do-nothing ceilings (bench/nullfs.py with and without
+--xattr). Each round visits every mount in turn (the order rotates): a fresh file, N
+pwrite+fsync of 4 KiB at distinct random blocks of a 64 MiB hole ("holes"), then the same
+N again ("overwrite"); the daemon's CPU time over each pass (the sum of its threads'
+/proc schedstat run times, in ns), per write. Prints, per mount and pass, the least and
+the median of the rounds in µs, one JSON line per mount (stdout); progress on stderr.
+Every mount is unmounted and every directory removed on any exit.
+
+By default this script, its writer and every daemon run on one CPU (the last): on a
+VM, a wake-up that crosses CPUs costs tens of µs of the daemon's time, and whether it
+crosses changes from one pass to the next, which spread one mount's rounds by 20-30 µs
+per write. On one CPU they spread by 1-3 µs. `--cpu none` leaves the scheduler free.
 """
 
 from __future__ import annotations
@@ -30,12 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.system import is_mounted, unmount_retrying, wait_pid_gone
+from bench.targets import fetch_passthrough_example
 from quotafs.interrupts import sigterm_as_interrupt
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK = 4096
 FILE_BLOCKS = 16_384  # a 64 MiB file
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -47,9 +54,16 @@ class Mount:
 
 
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+    """The CPU time of every thread of `pid` (ns precision, where /proc/PID/stat counts
+    10 ms ticks: 1.2 µs per write over 8,192 writes)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return total / 1e9
 
 
 def _quotafs(tree: str, *args: str) -> str:
@@ -77,10 +91,11 @@ def quotafs_mount(name: str, tree: str, base: str, extra: list[str]) -> Iterator
 
 
 @contextlib.contextmanager
-def null_mount(name: str, base: str, extra: list[str]) -> Iterator[Mount]:
+def child_mount(name: str, base: str, argv: list[str]) -> Iterator[Mount]:
+    """A daemon that mounts at base/NAME, its last argument, and serves in the foreground."""
     path = os.path.join(base, name)
     os.mkdir(path)
-    process = subprocess.Popen([sys.executable, str(REPO / "bench" / "nullfs.py"), *extra, path],
+    process = subprocess.Popen([sys.executable, *argv, path],
                                stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -125,18 +140,40 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="rounds (least, median)")
     parser.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
                         help="a quotafs source tree to run (default: this one)")
+    parser.add_argument("--cpu", default="last",
+                        help="the CPU to run on, 'last' (default) or 'none' (not pinned)")
+    parser.add_argument("--cache-dir", default=str(REPO / "bench" / ".cache"),
+                        help="where pyfuse3's example is kept (bench/run.py's cache)")
     args = parser.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree) or {"quotafs": str(REPO)}
+    if args.cpu != "none":  # inherited by the daemons, started below
+        allowed = os.sched_getaffinity(0)
+        cpu = max(allowed) if args.cpu == "last" else args.cpu
+        if not str(cpu).isdigit() or int(cpu) not in allowed:
+            parser.error(f"--cpu {args.cpu}: not 'last', 'none' or a CPU this process may "
+                         f"run on ({','.join(map(str, sorted(allowed)))})")
+        os.sched_setaffinity(0, {int(cpu)})
+    example = fetch_passthrough_example(Path(args.cache_dir))
     base = tempfile.mkdtemp(prefix="writecpu-", dir="/dev/shm")
     try:
         with sigterm_as_interrupt(), contextlib.ExitStack() as stack:
             mounts = []
             for name, tree in trees.items():
                 mounts.append(stack.enter_context(quotafs_mount(name, tree, base, [])))
+                if "--xattrs" not in _quotafs(tree, "mount", "--help"):
+                    print(f"{name}-noxattr: skipped (this tree has no --xattrs)",
+                          file=sys.stderr)
+                    continue
                 mounts.append(stack.enter_context(
                     quotafs_mount(name + "-noxattr", tree, base, ["--xattrs", "off"])))
-            mounts.append(stack.enter_context(null_mount("null-xattr", base, ["--xattr"])))
-            mounts.append(stack.enter_context(null_mount("null", base, [])))
+            os.mkdir(os.path.join(base, "example.backing"))
+            mounts.append(stack.enter_context(child_mount("example", base, [
+                str(REPO / "bench" / "pyfuse3_example.py"), str(example),
+                os.path.join(base, "example.backing")])))
+            nullfs = str(REPO / "bench" / "nullfs.py")
+            mounts.append(stack.enter_context(child_mount("null-xattr", base,
+                                                          [nullfs, "--xattr"])))
+            mounts.append(stack.enter_context(child_mount("null", base, [nullfs])))
             for number in range(args.rounds):
                 print(f"round {number + 1}/{args.rounds}", file=sys.stderr, flush=True)
                 run_round(mounts, number, args.writes)
@@ -144,6 +181,8 @@ def main() -> None:
                 print(json.dumps({"mount": mount.name, **{
                     kind: [round(min(v), 1), round(statistics.median(v), 1)]
                     for kind, v in mount.samples.items()}}))
+    except subprocess.CalledProcessError as exc:
+        sys.exit(f"writecpu: {' '.join(exc.cmd)}: {(exc.stderr or '').strip()}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
