@@ -64,11 +64,12 @@ def drop_caches() -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is the state (field 3); utime and stime are fields 14 and 15
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    """The CPU time of a process (all its threads, ended ones too), in seconds, to the
+    nanosecond: the kernel's CPU clock of that process, where /proc/PID/stat counts 10 ms
+    ticks (1.2 µs per write over 8,192 writes). Raises OSError once the process is gone."""
+    # clock_getcpuclockid(3) of glibc: MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED) in the
+    # kernel's posix-cpu-timers; Python has no wrapper for it.
+    return time.clock_gettime((~pid << 3) | 2)
 
 
 def _proc_table() -> dict[int, tuple[int, float]]:

@@ -8,8 +8,8 @@ tree (PYTHONPATH) with xattrs and with `--xattrs off`; pyfuse3's example passthr
 bookkeeping and no xattrs); and the do-nothing ceilings (bench/nullfs.py with and without
 --xattr). Each round visits every mount in turn (the order rotates): a fresh file, N
 pwrite+fsync of 4 KiB at distinct random blocks of a 64 MiB hole ("holes"), then the same
-N again ("overwrite"); the daemon's CPU time over each pass (the sum of its threads'
-/proc schedstat run times, in ns), per write. Prints, per mount and pass, the least and
+N again ("overwrite"); the daemon's CPU time over each pass (its process CPU clock, to
+the ns), per write. Prints, per mount and pass, the least and
 the median of the rounds in µs, one JSON line per mount (stdout); progress on stderr.
 Every mount is unmounted and every directory removed on any exit.
 
@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.system import is_mounted, unmount_retrying, wait_pid_gone
+from bench.system import cpu_seconds, is_mounted, unmount_retrying, wait_pid_gone
 from bench.targets import fetch_passthrough_example
 from quotafs.interrupts import sigterm_as_interrupt
 
@@ -51,19 +51,6 @@ class Mount:
     path: str
     pid: int = 0
     samples: dict[str, list[float]] = field(default_factory=lambda: {"holes": [], "overwrite": []})
-
-
-def cpu_seconds(pid: int) -> float:
-    """The CPU time of every thread of `pid` (ns precision, where /proc/PID/stat counts
-    10 ms ticks: 1.2 µs per write over 8,192 writes)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except FileNotFoundError:  # a thread that ended meanwhile
-            continue
-    return total / 1e9
 
 
 def _quotafs(tree: str, *args: str) -> str:
