@@ -88,6 +88,9 @@ TARGETS = {
     "pyfuse3-mem-xattr": "bench/nullfs.py --xattr --keep-data: the same, keeping the data "
                          "in memory, the ceiling of the application workloads",
     "quotafs": "quotafs mount --limit SIZE --backing DIR (default options)",
+    "quotafs-baseline": "quotafs mount --limit SIZE (default options) run from the source "
+                        "tree given with --baseline DIR, an earlier commit's checkout: "
+                        "what a change costs, side by side",
     "quotafs-noxattr": "quotafs with the quota and --xattrs off (getxattr: ENOSYS, so the "
                        "kernel stops asking before every write)",
     "quotafs-nolimit": "the quotafs daemon with its limit set to none (quotafs set) for "
@@ -152,7 +155,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tree walk: DIRS directories of FILES files (default 40 100)")
     p.add_argument("--workloads", type=_names(WORKLOADS), default=list(WORKLOADS),
                    help=f"comma-separated subset of: {', '.join(WORKLOADS)}")
-    p.add_argument("--targets", type=_names(TARGETS), default=list(TARGETS),
+    p.add_argument("--targets", type=_names(TARGETS), default=None,
                    help=f"comma-separated subset of: {', '.join(TARGETS)} (native is "
                         "always run: ratios need it)")
     p.add_argument("--engine", choices=["auto", "fio", "python"], default="auto",
@@ -178,6 +181,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nice", type=int, metavar="N",
                    help="run the bench, fio and the daemons at this nice value (e.g. -5 on "
                         "a shared machine; default: unchanged)")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also run the quotafs-baseline target: quotafs from the source tree "
+                        "DIR (e.g. `git worktree add /tmp/base COMMIT`), compared with the "
+                        "quotafs target workload by workload")
     p.add_argument("--cpu", type=int, metavar="N",
                    help="run the bench, its writers, fio and every daemon on CPU N only: on "
                         "a VM a wake-up that crosses CPUs costs the daemon tens of µs, and "
@@ -193,6 +200,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("sqlite_txns", "tar_files", "git_files"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    explicit = args.targets is not None
+    args.targets = args.targets or [t for t in TARGETS if t != "quotafs-baseline"]
+    if args.baseline is None:
+        if "quotafs-baseline" in args.targets and explicit:
+            p.error("the quotafs-baseline target needs --baseline DIR")
+        args.targets = [t for t in args.targets if t != "quotafs-baseline"]
+    else:
+        if not os.path.isfile(os.path.join(args.baseline, "quotafs", "__init__.py")):
+            p.error(f"--baseline {args.baseline}: not a quotafs source tree (no "
+                    "quotafs/__init__.py)")
+        args.baseline = os.path.abspath(args.baseline)
+        if "quotafs-baseline" not in args.targets:
+            args.targets.append("quotafs-baseline")
     return args
 
 
@@ -295,7 +315,9 @@ class Bench:
                         raise TargetUnavailable(reason)
                     out.append(QuotafsTarget(name, TARGETS[name], ext4.subdir(f"backing-{name}"),
                                              ext4.mountpoint_for(name), limit,
-                                             extra=QUOTAFS_EXTRA.get(name)))
+                                             extra=QUOTAFS_EXTRA.get(name),
+                                             tree=self.args.baseline
+                                             if name == "quotafs-baseline" else None))
             except TargetUnavailable as exc:
                 self.skipped[name] = str(exc)
                 log(f"{name}: {exc}")
@@ -592,6 +614,9 @@ def _main(args: argparse.Namespace) -> int:
             if other in names:
                 comparisons += report.compare(bench.samples, other, "quotafs-nolimit",
                                               bench.workloads)
+    if {"quotafs", "quotafs-baseline"} <= set(names):  # this tree against the baseline's
+        comparisons += report.compare(bench.samples, "quotafs", "quotafs-baseline",
+                                      bench.workloads, goal=None)
     if {"quotafs-crashsim", "quotafs"} <= set(names):  # a cost to show, no goal to meet
         comparisons += report.compare(bench.samples, "quotafs-crashsim", "quotafs",
                                       bench.workloads, goal=None)

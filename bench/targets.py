@@ -167,22 +167,28 @@ class NativeTarget(Target):
         pass
 
 
-def quotafs_command() -> tuple[list[str], dict[str, str]]:
-    """The `quotafs` command of this Python environment (and its environment variables)."""
-    script = Path(sys.executable).parent / "quotafs"
+def quotafs_command(tree: str | None = None) -> tuple[list[str], dict[str, str], str | None]:
+    """The `quotafs` command of this Python environment, or of the source tree `tree` (an
+    earlier commit's checkout), with its environment variables and working directory."""
     env = dict(os.environ)
+    if tree is not None:
+        # cwd too: `python -m` puts the working directory first on sys.path, before
+        # PYTHONPATH; the daemon that `quotafs mount` starts inherits both.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [tree, env.get("PYTHONPATH")]))
+        return [sys.executable, "-m", "quotafs"], env, tree
+    script = Path(sys.executable).parent / "quotafs"
     if script.exists():
-        return [str(script)], env
+        return [str(script)], env, None
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return [sys.executable, "-m", "quotafs"], env
+    return [sys.executable, "-m", "quotafs"], env, None
 
 
-def _quotafs(*args: str, timeout: float = 120.0,
-             check: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd, env = quotafs_command()
+def _quotafs(*args: str, timeout: float = 120.0, check: bool = True,
+             tree: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd, env, cwd = quotafs_command(tree)
     # Its own session: a Ctrl-C in the terminal must not stop `quotafs mount` half-way,
     # after its daemon was started but before we know about it.
-    result = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env,
+    result = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=cwd,
                             timeout=timeout, stdin=subprocess.DEVNULL, check=False,
                             start_new_session=True)
     if check and result.returncode != 0:
@@ -217,8 +223,9 @@ class QuotafsTarget(Target):
 
     def __init__(self, name: str, description: str, backing: str, mountpoint: str,
                  limit: int | None, rule: list[str] | None = None,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, tree: str | None = None) -> None:
         super().__init__(name, description)
+        self.tree = tree  # run from this source tree instead of this environment's
         self.backing = backing
         self.mountpoint = mountpoint
         self.limit = limit
@@ -229,18 +236,26 @@ class QuotafsTarget(Target):
     def is_fuse(self) -> bool:
         return True
 
+    def quotafs(self, *args: str, timeout: float = 120.0,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+        """A `quotafs` command of this target's tree."""
+        return _quotafs(*args, timeout=timeout, check=check, tree=self.tree)
+
     def start(self) -> None:
         args = ["mount", "-q", "--backing", self.backing, *self.extra]
         if self.limit is not None:
             args += ["--limit", str(self.limit)]
+        if self.tree is not None:  # which code this is, in the report
+            version = self.quotafs("--version").stdout.strip()
+            self.notes.append(f"{version} from {self.tree}")
         begin = time.perf_counter()
-        _quotafs(*args, self.mountpoint)
+        self.quotafs(*args, self.mountpoint)
         self.mount_seconds = time.perf_counter() - begin
         try:
-            status = json.loads(_quotafs("status", "--json", self.mountpoint).stdout)
+            status = json.loads(self.quotafs("status", "--json", self.mountpoint).stdout)
             self.pid = int(status["pid"])
             if self.rule is not None:
-                result = _quotafs("fault", "add", self.mountpoint, *self.rule, check=False)
+                result = self.quotafs("fault", "add", self.mountpoint, *self.rule, check=False)
                 if result.returncode != 0:
                     message = (result.stderr.strip().splitlines() or ["failed"])[-1]
                     raise TargetUnavailable(f"skipped: quotafs fault add failed: {message}")
@@ -254,10 +269,10 @@ class QuotafsTarget(Target):
         """Safe to call at any point, also if start() was interrupted or never ran."""
         if self.pid is None and is_mounted(self.mountpoint):
             with contextlib.suppress(Exception):
-                status = json.loads(_quotafs("status", "--json", self.mountpoint).stdout)
+                status = json.loads(self.quotafs("status", "--json", self.mountpoint).stdout)
                 self.pid = int(status["pid"])
         if is_mounted(self.mountpoint):
-            result = _quotafs("umount", self.mountpoint, check=False, timeout=90)
+            result = self.quotafs("umount", self.mountpoint, check=False, timeout=90)
             if result.returncode != 0:
                 unmount_retrying(self.mountpoint)
         if self.pid is not None and not wait_pid_gone(self.pid, 30):

@@ -96,3 +96,36 @@ def test_smoke_run_reports_every_target_and_workload(tmp_path: Path) -> None:
         assert r["mount_cold_s"] > 0 and r["rss_after_lookups_mib"] > 0
     assert data["scale"]["checks"]
     assert csv_out.read_text().startswith("target,workload,")
+
+
+def test_baseline_target_runs_the_other_tree(tmp_path: Path) -> None:
+    """--baseline DIR: the quotafs-baseline target is that tree's quotafs, compared with
+    this tree's workload by workload."""
+    base = tmp_path / "base"
+    shutil.copytree(ROOT / "quotafs", base / "quotafs",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    init = base / "quotafs" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "9.9.9+base-'))
+    out = tmp_path / "bench.json"
+    proc = run_capture(
+        [sys.executable, "bench/run.py", "--smoke", "--skip-scale", "--targets", "quotafs",
+         "--workloads", "randwrite,files", "--baseline", str(base), "--json", str(out)],
+        cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    targets = {t["name"]: t for t in data["targets"]}
+    assert targets["quotafs-baseline"]["status"] == "ok"
+    assert "quotafs 9.9.9+base-" in targets["quotafs-baseline"]["note"]
+    assert str(base) in targets["quotafs-baseline"]["note"]
+    assert "9.9.9" not in targets["quotafs"]["note"]
+    ratios = {(c["target"], c["baseline"], c["workload"]) for c in data["comparisons"]}
+    assert ratios >= {("quotafs", "quotafs-baseline", "randwrite"),
+                      ("quotafs", "quotafs-baseline", "files")}
+
+
+def test_baseline_needs_a_quotafs_tree(tmp_path: Path) -> None:
+    for argv, message in ((["--baseline", str(tmp_path)], "not a quotafs source tree"),
+                          (["--targets", "quotafs-baseline"], "needs --baseline DIR")):
+        proc = run_capture([sys.executable, "bench/run.py", "--smoke", *argv], cwd=ROOT)
+        assert proc.returncode == 2
+        assert message in proc.stderr and "Traceback" not in proc.stderr
