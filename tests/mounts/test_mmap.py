@@ -9,6 +9,7 @@ import os
 import pytest
 
 from quotafs.compare.writers import bytes_on_disk, run_writer
+from quotafs.model.costs import Costs, Mode, scan_backing
 from tests.conftest import MountFactory
 
 MiB = 1024 * 1024
@@ -24,7 +25,13 @@ def test_default_mode_no_signal_msync_enospc(mount_factory: MountFactory) -> Non
                                                                        "msync")
     assert result.bytes_acknowledged == 32 * MiB  # every store "worked"
     assert bytes_on_disk(os.path.join(m.backing, "mapped"), MiB, 32 * MiB) <= 8 * MiB
-    assert m.usage()["used"] == 8 * MiB
+    # The ledger holds exactly what the backing holds. Writeback sends the dirty pages in
+    # requests of up to 1 MiB, and one that straddles the limit is refused whole (a short
+    # count would lose its tail), so the file stops within one request of the limit: how
+    # close depends on how the kernel grouped the pages (on a quiet machine, exactly at it).
+    used = m.usage()["used"]
+    assert scan_backing(m.backing, Costs(Mode.BLOCKS, PAGE)) == (used, 1)
+    assert 7 * MiB <= used <= 8 * MiB
 
 
 def test_faithful_mode_sigbus_at_the_limit(mount_factory: MountFactory) -> None:
