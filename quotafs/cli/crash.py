@@ -4,32 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import Any
 
+from quotafs.cli.crashopts import add_crash_model_options, keep_fraction
 from quotafs.client import control
 from quotafs.errors import ExitCode, QuotafsError, printable
 from quotafs.options import check_count
-from quotafs.protocol import CRASH_MODELS, CrashReport
+from quotafs.protocol import CrashReport
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("crash", help="cut the power of a --crash-sim mount: lose what was "
                                      "never made durable")
     p.add_argument("mountpoint")
-    p.add_argument("--model", choices=CRASH_MODELS, default="posix",
-                   help="what survives: posix (only what was fsynced, and directory "
-                        "entries whose directory was fsynced; default) or ext4 "
-                        "(data=ordered: a journal commit — any fsyncdir, or the fsync of a "
-                        "file with a size or name change — makes every earlier namespace "
-                        "change durable)")
-    p.add_argument("--torn", action="store_true",
-                   help="each file's last unsynced write survives as a random "
-                        "512-byte-sector prefix")
-    p.add_argument("--keep-fraction", metavar="P", default="0",
-                   help="a random share P (0 to 1) of each file's unsynced writes "
-                        "survives, oldest first, as writeback would have left it "
-                        "(default 0)")
+    add_crash_model_options(p, model_default="posix", keep_fraction_default="0")
     p.add_argument("--seed", default=None,
                    help="seed of the cut's random choices (default: the mount's seed "
                         "stream; printed)")
@@ -38,17 +26,6 @@ def register(sub: Any) -> None:
                         "(every request answers EIO until then)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_crash)
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 <= value <= 1.0:  # NaN fails too
-        raise QuotafsError(f"--keep-fraction must be a number from 0 to 1, got "
-                           f"{printable(text)!r}", ExitCode.USAGE)
-    return value
 
 
 def report_lines(report: CrashReport) -> list[str]:
@@ -71,7 +48,7 @@ def cmd_crash(args: argparse.Namespace) -> int:
             raise QuotafsError("--revive cuts nothing: it takes no --torn, --keep-fraction "
                                "or --seed", ExitCode.USAGE)
         return _revive(args)
-    fraction = _fraction(args.keep_fraction)
+    fraction = keep_fraction(args.keep_fraction)
     seed = check_count("--seed", args.seed, 2**64 - 1)
     report = control.crash(args.mountpoint, args.model, args.torn, fraction, seed)
     if args.json:

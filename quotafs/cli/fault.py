@@ -12,8 +12,9 @@ import sys
 import time
 from typing import Any
 
+from quotafs.cli.crashopts import add_crash_model_options
 from quotafs.client.control import add_rule, clear_rules, event_line, list_rules, read_events
-from quotafs.model.faults import CRASH_MODELS, Rule, spec_from_args
+from quotafs.model.faults import Rule, spec_from_args
 
 # -- commands -----------------------------------------------------------------------------
 
@@ -100,15 +101,7 @@ def register(sub: Any) -> None:
                              "out; it and every later request answer EIO until `quotafs "
                              "crash MOUNT --revive` (a mount with --crash-sim; see "
                              "docs/faults.md)")
-    a.add_argument("--crash-model", choices=CRASH_MODELS, default=None,
-                   help="with --crash: what survives the cut, as `quotafs crash --model` "
-                        "(default posix)")
-    a.add_argument("--crash-torn", action="store_true",
-                   help="with --crash: each file's last unsynced write survives as a "
-                        "seeded, sector-granular prefix")
-    a.add_argument("--crash-keep-fraction", metavar="P",
-                   help="with --crash: a seeded share P in [0, 1] of the unsynced writes "
-                        "survives, as background writeback would have left it")
+    add_crash_model_options(a, prefix="crash-", needs="--crash")
     a.add_argument("--drop-unsynced", action="store_true",
                    help="with --errno on op fsync: the file's unsynced writes are dropped "
                         "too, and the next fsync succeeds (ext4 after a writeback error; a "

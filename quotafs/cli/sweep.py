@@ -9,11 +9,11 @@ import sys
 import time
 from typing import Any
 
+from quotafs.cli.crashopts import add_crash_model_options
 from quotafs.cli.mountopts import add_mount_options
 from quotafs.compare.program import DEFAULT_TIMEOUT
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import sigterm_as_interrupt
-from quotafs.protocol import CRASH_MODELS
 from quotafs.sweeps.plan import (
     CHECK_FAILED_AFTER_SUCCESS,
     DATA_LOST,
@@ -61,12 +61,7 @@ def register(sub: Any) -> None:
                         "k-th durability operation (fsync, fdatasync, fsyncdir, rename), "
                         "k = 0..N from the baseline; with --points N, N of them (seeded); "
                         "mounts with --crash-sim. See docs/sweep.md#crash-points")
-    p.add_argument("--model", choices=CRASH_MODELS, default=None,
-                   help="with --crash-points: what survives a cut, as `quotafs crash "
-                        "--model` (default posix)")
-    p.add_argument("--torn", action="store_true",
-                   help="with --crash-points: each file's last unsynced write survives as "
-                        "a seeded, sector-granular prefix")
+    add_crash_model_options(p, needs="--crash-points", keep_fraction=False)
     p.add_argument("--max-runs", type=_count(), default=None, metavar="N",
                    help="run at most N points, evenly spread (the first and last kept)")
     p.add_argument("--jobs", "-j", type=_count(), default=1, metavar="N",

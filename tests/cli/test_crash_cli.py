@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from quotafs.cli.main import main
 from quotafs.errors import ExitCode
 from tests.cli.test_cli_errors import assert_one_line_error, quotafs
 from tests.conftest import MountFactory
@@ -64,6 +65,20 @@ def test_bad_keep_fraction(mount_factory: MountFactory, fraction: str) -> None:
     assert_one_line_error(quotafs("crash", m.path, "--keep-fraction", fraction),
                           ExitCode.USAGE, "--keep-fraction must be a number from 0 to 1")
     assert m.status().crashes == 0
+
+
+@pytest.mark.parametrize("command", [["crash"], ["sweep"], ["fault", "add"]])
+def test_help_says_the_ext4_model_commits_at_a_journal_commit(
+        command: list[str], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "10000")  # no wrapping: it would split at hyphens
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # a long flag's help on its next line
+    assert ("ext4 (data=ordered: a journal commit — any fsyncdir, or the fsync of a file "
+            "with a size or name change — makes every earlier namespace change durable)"
+            in text), text
 
 
 @pytest.mark.parametrize(("args", "words"), [

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.cli.test_sweep import _gone as gone
 from tests.cli.test_sweep import sweep_cli
-from tests.conftest import fuse_unusable_reason, interrupt_when
+from tests.conftest import fuse_unusable_reason
 
 pytestmark = pytest.mark.skipif(fuse_unusable_reason() is not None,
                                 reason=fuse_unusable_reason() or "")
@@ -212,46 +209,3 @@ def test_bad_crash_sweep_input_is_one_line_and_exit_2(args: list[str], message: 
     assert result.returncode == 2
     assert result.stderr.startswith(f"quotafs: {message}")
     assert len(result.stderr.splitlines()) == 1
-
-
-# The baseline makes one durability op (2 cut points); in the points it names itself in
-# the markers directory and sleeps before reaching it, on its mount, until interrupted.
-SLEEPER = """
-import os, sys, time
-from quotafs.client import control
-name = os.environ["QUOTAFS_SWEEP_RUN"]
-fd = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644)
-if name != "baseline":
-    daemon = control.read_status(os.environ["QUOTAFS_MOUNT"]).pid
-    with open(os.path.join(sys.argv[1], name), "w") as f:
-        f.write(f"{os.getpid()} {daemon} {os.getcwd()}")
-    time.sleep(120)
-os.fsync(fd)
-"""
-
-
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_mid_crash_sweep_leaves_no_mount_daemon_or_copy(tmp_path: Path,
-                                                                 signum: int) -> None:
-    script, markers, workdir = tmp_path / "sleeper.py", tmp_path / "markers", tmp_path / "w"
-    script.write_text(SLEEPER)
-    markers.mkdir()
-    workdir.mkdir()
-    result = interrupt_when(
-        [sys.executable, "-m", "quotafs", "sweep", "--crash-points", "--jobs", "2",
-         "--timeout", "300", "--workdir", str(workdir), "--check", "true", "--",
-         sys.executable, str(script), str(markers)],
-        lambda: len(os.listdir(markers)) >= 2, signum)  # both cut points running
-    assert result.returncode == 130, result.stderr
-    assert result.stderr.splitlines()[-1] == "quotafs: interrupted"
-    assert sorted(os.listdir(markers)) == ["point-1", "point-2"]
-    with open("/proc/self/mountinfo") as f:
-        mounted = f.read()
-    for name in os.listdir(markers):
-        program, daemon, mountpoint = (markers / name).read_text().split()
-        assert f" {mountpoint} " not in mounted
-        deadline = time.monotonic() + 10
-        while not (gone(int(program)) and gone(int(daemon))):
-            assert time.monotonic() < deadline, (program, daemon)
-            time.sleep(0.1)
-    assert os.listdir(workdir) == []  # the starting state and every copy removed

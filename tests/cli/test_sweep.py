@@ -1,6 +1,7 @@
 """`quotafs sweep -- CMD` on real mounts: a careless updater is caught at exactly the points
 where it breaks, the careful one at none; --each-write, --jobs, the API's one point; Ctrl-C
-and SIGTERM leave nothing behind; bad input is one line and its exit code."""
+and SIGTERM leave nothing behind (with --crash-points too); bad input is one line and its
+exit code."""
 
 from __future__ import annotations
 
@@ -217,6 +218,9 @@ def test_crashed_and_hung_points(tmp_path: Path) -> None:
 
 # -- Ctrl-C and SIGTERM -------------------------------------------------------------------
 
+# The baseline allocates 2 blocks (the limits' range) and makes one durability op (2 cut
+# points); in the points it names itself in the markers directory and sleeps, on its
+# mount, before any durability op, until interrupted.
 SLEEPER = f"""
 import os, sys, time
 from quotafs.client import control
@@ -224,6 +228,9 @@ name = os.environ["QUOTAFS_SWEEP_RUN"]
 try:
     with open("f", "wb") as f:
         f.write(b"x" * {2 * BLOCK})
+        if name == "baseline":
+            f.flush()
+            os.fsync(f.fileno())
 except OSError:
     pass
 if name != "baseline":
@@ -243,14 +250,16 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_mid_sweep_leaves_no_mount_daemon_or_copy(tmp_path: Path,
+@pytest.mark.parametrize("points", [["--points", "4"], ["--crash-points"]],
+                         ids=["limits", "crash-points"])
+def test_a_signal_mid_sweep_leaves_no_mount_daemon_or_copy(tmp_path: Path, points: list[str],
                                                            signum: int) -> None:
     script, markers, workdir = tmp_path / "sleeper.py", tmp_path / "markers", tmp_path / "w"
     script.write_text(SLEEPER)
     markers.mkdir()
     workdir.mkdir()
     result = interrupt_when(
-        [sys.executable, "-m", "quotafs", "sweep", "--points", "4", "--jobs", "2",
+        [sys.executable, "-m", "quotafs", "sweep", *points, "--jobs", "2",
          "--timeout", "300", "--workdir", str(workdir), "--check", "true", "--",
          sys.executable, str(script), str(markers)],
         lambda: len(os.listdir(markers)) >= 2, signum)  # two points running, each on its mount

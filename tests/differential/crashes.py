@@ -25,7 +25,9 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tests.differential.machinery import pattern
+# The operations that are the same in both harnesses are machinery's; Write (always
+# O_CREAT) and Fsync (also fdatasync) are this harness's own, FsyncDir is only here.
+from tests.differential.machinery import Link, Mkdir, Rename, Truncate, Unlink, pattern
 
 FILES = ("a", "b", "d/a", "d/b")
 DIRS = ("d",)
@@ -50,15 +52,6 @@ class Write:
 
 
 @dataclass(frozen=True)
-class Truncate:
-    path: str
-    size: int
-
-    def __str__(self) -> str:
-        return f"truncate({self.path!r}, {self.size})"
-
-
-@dataclass(frozen=True)
 class Fsync:
     path: str
     data_only: bool = False  # fdatasync
@@ -73,40 +66,6 @@ class FsyncDir:
 
     def __str__(self) -> str:
         return f"fsync(dir {self.path or '.'!r})"
-
-
-@dataclass(frozen=True)
-class Rename:
-    src: str
-    dst: str
-
-    def __str__(self) -> str:
-        return f"rename({self.src!r}, {self.dst!r})"
-
-
-@dataclass(frozen=True)
-class Unlink:
-    path: str
-
-    def __str__(self) -> str:
-        return f"unlink({self.path!r})"
-
-
-@dataclass(frozen=True)
-class Mkdir:
-    path: str
-
-    def __str__(self) -> str:
-        return f"mkdir({self.path!r})"
-
-
-@dataclass(frozen=True)
-class Link:
-    src: str
-    dst: str
-
-    def __str__(self) -> str:
-        return f"link({self.src!r}, {self.dst!r})"
 
 
 Op = Write | Truncate | Fsync | FsyncDir | Rename | Unlink | Mkdir | Link
