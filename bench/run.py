@@ -44,6 +44,7 @@ from bench.system import (
     machine_info,
     memory_kib,
     open_fds,
+    pin_to_cpu,
 )
 from bench.targets import (
     IDLE_RULE,
@@ -588,10 +589,9 @@ def _main(args: argparse.Namespace) -> int:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)
     if args.cpu is not None:  # inherited, as the nice value is
         try:
-            os.sched_setaffinity(0, {args.cpu})
-        except (OSError, OverflowError, ValueError):
-            allowed = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-            log(f"error: --cpu {args.cpu}: not a CPU this process may run on ({allowed})")
+            pin_to_cpu(args.cpu)
+        except ValueError as exc:
+            log(f"error: --cpu {args.cpu}: {exc}")
             return 2
     bench = Bench(args)
     try:

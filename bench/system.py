@@ -63,6 +63,16 @@ def drop_caches() -> None:
         pass  # not root: caches stay warm; the report says which mode ran
 
 
+def pin_to_cpu(cpu: int) -> None:
+    """Run this process, and everything it starts from now on, on CPU `cpu` only; a
+    ValueError that says which CPUs it may use otherwise."""
+    allowed = os.sched_getaffinity(0)
+    if cpu not in allowed:
+        raise ValueError(f"not a CPU this process may run on "
+                         f"({','.join(map(str, sorted(allowed)))})")
+    os.sched_setaffinity(0, {cpu})
+
+
 def cpu_seconds(pid: int) -> float:
     """The CPU time of a process (all its threads, ended ones too), in seconds, to the
     nanosecond: the kernel's CPU clock of that process, where /proc/PID/stat counts 10 ms

@@ -36,8 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.system import cpu_seconds, is_mounted, unmount_retrying, wait_pid_gone
-from bench.targets import fetch_passthrough_example
+from bench.system import cpu_seconds, is_mounted, pin_to_cpu, unmount_retrying, wait_pid_gone
+from bench.targets import fetch_passthrough_example, quotafs_command
 from quotafs.interrupts import sigterm_as_interrupt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,11 +54,8 @@ class Mount:
 
 
 def _quotafs(tree: str, *args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": tree}
-    # cwd too: `python -m` puts the working directory first on sys.path, before PYTHONPATH,
-    # so run from elsewhere it (and the daemon it starts) would import that tree instead.
-    return subprocess.run([sys.executable, "-m", "quotafs", *args], env=env, check=True,
-                          cwd=tree,
+    cmd, env, cwd = quotafs_command(tree)
+    return subprocess.run([*cmd, *args], env=env, cwd=cwd, check=True,
                           capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           start_new_session=True, timeout=120).stdout
 
@@ -134,12 +131,13 @@ def main() -> None:
     args = parser.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree) or {"quotafs": str(REPO)}
     if args.cpu != "none":  # inherited by the daemons, started below
-        allowed = os.sched_getaffinity(0)
-        cpu = max(allowed) if args.cpu == "last" else args.cpu
-        if not str(cpu).isdigit() or int(cpu) not in allowed:
-            parser.error(f"--cpu {args.cpu}: not 'last', 'none' or a CPU this process may "
-                         f"run on ({','.join(map(str, sorted(allowed)))})")
-        os.sched_setaffinity(0, {int(cpu)})
+        cpu = str(max(os.sched_getaffinity(0))) if args.cpu == "last" else args.cpu
+        try:
+            if not cpu.isdigit():
+                raise ValueError("not 'last', 'none' or a CPU number")
+            pin_to_cpu(int(cpu))
+        except ValueError as exc:
+            parser.error(f"--cpu {args.cpu}: {exc}")
     example = fetch_passthrough_example(Path(args.cache_dir))
     base = tempfile.mkdtemp(prefix="writecpu-", dir="/dev/shm")
     try:
