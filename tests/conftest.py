@@ -83,6 +83,15 @@ _NO_MOUNT_DIRS = ("unit", "operations")
 _TESTS = Path(__file__).parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Many tests check what a program does on Ctrl-C, with SIGINT sent to it or to this
+    # process. A suite started with SIGINT ignored (a script's background job, nohup)
+    # passes that on to every child across exec, so they would ignore it and the tests
+    # hang or leak; a handler, unlike SIG_IGN, is reset to the default by exec.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test outside tests/unit and tests/operations gets the `mount` marker."""
     no_mount = [_TESTS / d for d in _NO_MOUNT_DIRS]
