@@ -360,7 +360,7 @@ def fetch_passthrough_example(cache_dir: Path) -> Path:
     if not sdist.exists():
         log(f"downloading the pyfuse3 {pyfuse3_version} source distribution (pip download)")
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "pyfuse3",
              "--disable-pip-version-check", "-d", str(sdist_dir),
              f"pyfuse3=={pyfuse3_version}"],
             capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,

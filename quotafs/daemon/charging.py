@@ -362,15 +362,32 @@ class Charging:
                 node.charged = size
             else:
                 os.ftruncate(fd, size)
-                new_charge = self._costs.open_file(fd, size)
-                if new_charge < old_charge:
-                    self.credit(old_charge - new_charge)
-                else:
-                    self._ledger.force_charge(new_charge - old_charge)
-                node.charged = new_charge
+                self._settle(node, old_charge, self._costs.open_file(fd, size))
             node.size = size
             _truncated(node, ceil_div(size, self._block))
             self._reservations.release_from(node, ceil_div(size, self._block))
         finally:
             if own_fd:
                 os.close(fd)
+
+    def reverted(self, node: Node, revert: Callable[[], int]) -> int:
+        """`revert()` changes the file outside any request (--crash-sim's drop_unsynced
+        undoes its unsynced writes); the ledger follows what the file holds after it, as
+        after a truncate. What revert() returned."""
+        old_charge = self.charge_of(node)
+        result = revert()
+        st = self._inodes.stat(node)
+        self._settle(node, old_charge, self._measure(node, st))
+        node.size = st.st_size
+        node.filled, node.scattered = None, None  # old bytes came back anywhere: ask again
+        self._reservations.release_from(node, ceil_div(st.st_size, self._block))
+        return result
+
+    def _settle(self, node: Node, old_charge: int, new_charge: int) -> None:
+        """The file's blocks changed on disk from `old_charge` to `new_charge` (made
+        already: never refused)."""
+        if new_charge < old_charge:
+            self.credit(old_charge - new_charge)
+        else:
+            self._ledger.force_charge(new_charge - old_charge)
+        node.charged = new_charge

@@ -44,6 +44,7 @@ import pyfuse3
 import trio
 
 from quotafs.daemon import syscalls
+from quotafs.daemon.charging import Charging
 from quotafs.daemon.inodes import Handle, InodeTable, Key, Node
 from quotafs.daemon.kernel import Kernel
 from quotafs.daemon.paths import Paths
@@ -109,8 +110,7 @@ class _Pending:
 class CrashSim:
     def __init__(self, backing: str, inodes: InodeTable, ledger: Ledger, costs: Costs,
                  paths: Paths, kernel: Kernel, seed: int,
-                 on_cut: Callable[[CrashReport], None],
-                 recount: Callable[[], None],
+                 on_cut: Callable[[CrashReport], None], charging: Charging,
                  as_daemon: Callable[[], Any]) -> None:
         self._backing = backing
         self._inodes = inodes
@@ -120,7 +120,7 @@ class CrashSim:
         self._kernel = kernel
         self._seeds = random.Random(seed)
         self._on_cut = on_cut
-        self._recount = recount  # the handlers' own books (charges, reservations)
+        self._charging = charging  # the handlers' own books (charges, reservations)
         self._as_daemon = as_daemon
         self._stash_dir = _make_stash(inodes.fd(inodes.root))  # kept: used for every stash op
         self._seq = 0
@@ -146,6 +146,8 @@ class CrashSim:
         self._replaced_bytes = 0  # stash_replaced -> renamed: the replaced inode's blocks
         self._rename_durable = False  # stash_replaced -> renamed: too big to keep
         self._settled: trio.Event | None = None
+        # Removed inodes whose one name is now in the stash: for the kernel they have none.
+        self._stashed: set[Key] = set()
 
     # -- status ---------------------------------------------------------------------------
 
@@ -368,7 +370,8 @@ class CrashSim:
         except OSError as exc:  # the change happened: durable at once, never an error
             log.debug("crash-sim: %s %s not recorded: %s", kind, path, exc)
             self.unrecorded += 1
-            record = _Record(Change(0, kind), path, names=tuple(pairs), **undo)
+            record = _Record(Change(0, kind, subjects=subjects), path, names=tuple(pairs),
+                             **undo)
             self._remove_stashed(record)
             self._forget(record)
             return
@@ -415,16 +418,31 @@ class CrashSim:
             remove(name, dir_fd=fd)
             self.unrecorded += 1
             return
-        stashed = self._stash(fd, name)
+        stashed = self._stash(fd, name, key)
         self.stash_bytes += kept
         self._record_names("remove", path, [(parent, name)], (key,), stashed=stashed,
                            is_dir=is_dir, stash_bytes=kept)
 
-    def _stash(self, dir_fd: int, name: bytes) -> bytes:
+    def _stash(self, dir_fd: int, name: bytes, key: Key) -> bytes:
         stashed = str(self._seq + 1).encode() + b"-" + os.urandom(4).hex().encode()
         with self._as_daemon():
             os.rename(name, stashed, src_dir_fd=dir_fd, dst_dir_fd=self._stash_dir)
+        self._stashed.add(key)
         return stashed
+
+    def links(self, key: Key, nlink: int) -> int:
+        """The link count to report for the inode `key` (`nlink` on the backing): 0 for a
+        removed one the stash keeps, as after a real unlink. With its stash name counted,
+        the kernel would let linkat(AT_EMPTY_PATH) of an open descriptor give it a name
+        again, which no filesystem allows."""
+        return 0 if key in self._stashed else nlink
+
+    def before_link(self, node: Node, parent: Node, name: bytes) -> None:
+        """Before a link of `node` as `name`: a removed inode has no name to link from
+        (ENOENT, vfs_link's answer for an unlinked inode)."""
+        if node.key in self._stashed:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        self.before_name(parent, name)
 
     def stash_replaced(self, parent: Node, name: bytes, moved: os.stat_result,
                        replaced: os.stat_result) -> tuple[bytes | None, int]:
@@ -445,7 +463,7 @@ class CrashSim:
             self._rename_durable = True
             return None, -1
         self._replaced_bytes = kept  # for renamed()'s record
-        return self._stash(fd, name), -1
+        return self._stash(fd, name, (replaced.st_dev, replaced.st_ino)), -1
 
     def unstash(self, parent: Node, name: bytes, kept: tuple[bytes | None, int]) -> None:
         """The rename failed after stash_replaced: put the replaced inode back."""
@@ -455,8 +473,10 @@ class CrashSim:
             os.close(held)
         if stashed is not None:
             with self._as_daemon():
+                st = os.stat(stashed, dir_fd=self._stash_dir, follow_symlinks=False)
                 os.rename(stashed, name, src_dir_fd=self._stash_dir,
                           dst_dir_fd=self._inodes.fd(parent))
+            self._stashed.discard((st.st_dev, st.st_ino))
 
     def renamed(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
                 subjects: tuple[Key, ...], kept: tuple[bytes | None, int],
@@ -515,6 +535,7 @@ class CrashSim:
             with self._as_daemon(), contextlib.suppress(FileNotFoundError):  # gone already
                 _remove_at(self._stash_dir, record.stashed)
             record.stashed = None
+            self._stashed.discard(record.change.subjects[-1])
 
     def _forget(self, record: _Record) -> None:
         """A record leaves the log: its references go (a removal it stashed stays)."""
@@ -549,18 +570,20 @@ class CrashSim:
     def drop_unsynced(self, node: Node) -> int:
         """Revert `node`'s unsynced writes to its last sync, as ext4 does after a failed
         writeback; the bytes dropped. The kernel's page cache may still hold them, as it
-        does on ext4 (the pages are clean)."""
-        dropped = 0
+        does on ext4 (the pages are clean). The ledger gives back what the revert freed."""
         entry = self._files.get(node.key)
-        for seq in list(reversed(entry.seqs)) if entry is not None else ():
+        if entry is None:
+            return 0
+        return self._charging.reverted(node, lambda: self._undo_file(entry))
+
+    def _undo_file(self, entry: _File) -> int:
+        """Undo the records of `entry`'s file, newest first; the bytes they wrote."""
+        dropped = 0
+        for seq in list(reversed(entry.seqs)):
             record = self._log.pop(seq)
             dropped += record.change.length
             self._undo_data(record)
             self._forget(record)
-        if dropped or node.key in self._files:
-            node.size = os.fstat(self._inodes.fd(node)).st_size
-            node.filled, node.scattered = None, None
-            node.charged = None
         return dropped
 
     # -- the cut --------------------------------------------------------------------------
@@ -696,6 +719,7 @@ class CrashSim:
         elif record.stashed is not None:
             os.rename(record.stashed, name, src_dir_fd=self._stash_dir, dst_dir_fd=dir_fd)
             record.stashed = None
+            self._stashed.discard(record.change.subjects[-1])
 
     def _clear_after_cut(self, records: dict[int, _Record], kept: frozenset[int]) -> None:
         for seq in list(records):
@@ -705,6 +729,7 @@ class CrashSim:
         self._uncommitted.clear()  # all on disk now
         with self._as_daemon():
             _clear_stash(self._stash_dir)  # what is left: removals the model kept
+        self._stashed.clear()
 
     def _reset_books(self, pending: _Pending) -> None:
         """Every handle dies; the nodes forget what they knew; the ledger is a fresh scan."""
@@ -729,7 +754,7 @@ class CrashSim:
             elif not alive:
                 inodes.freed(node)
         inodes.renamed()
-        self._recount()
+        self._charging.forget_kept()
         used, count = scan_backing(self._backing, self._costs)
         stashed, stashed_count = scan_backing(f"/proc/self/fd/{self._stash_dir}", self._costs)
         # the stash (its mark now) is the daemon's, unseen as at the mount's scan

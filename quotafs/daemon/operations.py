@@ -109,8 +109,8 @@ class QuotaFS(pyfuse3.Operations):
         self.crash: CrashSim | None = None
         if options.crash_sim:
             self.crash = CrashSim(paths.backing, inodes, ledger, self.costs, paths, kernel,
-                                  faults.seed, control.record_crash,
-                                  self.charging.forget_kept, self.rights.as_daemon)
+                                  faults.seed, control.record_crash, self.charging,
+                                  self.rights.as_daemon)
             self.gate.crash = self.crash  # --crash and --drop-unsynced rules act through it
 
     # -- helpers the handlers share -------------------------------------------------------
@@ -144,7 +144,8 @@ class QuotaFS(pyfuse3.Operations):
         entry.entry_timeout = self.options.entry_timeout
         entry.attr_timeout = self.options.attr_timeout
         entry.st_mode = ModeT(st.st_mode)
-        entry.st_nlink = st.st_nlink
+        entry.st_nlink = (st.st_nlink if self.crash is None
+                          else self.crash.links(node.key, st.st_nlink))
         entry.st_uid = st.st_uid
         entry.st_gid = st.st_gid
         entry.st_rdev = st.st_rdev
@@ -345,7 +346,7 @@ class QuotaFS(pyfuse3.Operations):
             parent = self.inodes.node(new_parent_inode)
             self.rights.check_link(node, parent)
             if self.crash is not None:
-                self.crash.before_name(parent, new_name)
+                self.crash.before_link(node, parent, new_name)
             # Hard links share the inode's blocks: no charge, no new inode.
             os.link(self.inodes.proc(node), new_name, dst_dir_fd=self.inodes.fd(parent),
                     follow_symlinks=True)

@@ -229,6 +229,7 @@ def test_drop_unsynced_fails_the_fsync_and_the_next_one_succeeds(
         os.write(fd, b"u" * 8192)  # unsynced
         assert errno_of(os.fsync, fd) == errno.EIO  # the failed writeback...
         assert os.path.getsize(f"{m.backing}/wal") == 4096  # ...dropped them on disk
+        assert_books_are_a_fresh_scan(m)  # and gave their two blocks back
         assert errno_of(os.fsync, fd) == 0  # and the next fsync says all is well
         assert errno_of(os.fdatasync, fd) == 0
         os.pwrite(fd, b"v" * 100, 4096)

@@ -342,6 +342,33 @@ def test_the_stash_is_never_seen(crash_mount: QuotaMount) -> None:
     assert os.listdir(p) == []
 
 
+def test_a_removed_open_file_cannot_be_linked_back(crash_mount: QuotaMount) -> None:
+    """The stash keeps the removed inode's one name for a cut; the kernel must still see
+    no link, or linkat of the open descriptor would give it a name again (ext4: ENOENT)."""
+    p = crash_mount.path
+    write(f"{p}/f", b"f" * 8192, sync=True)
+    fsync_dir(p)
+    fd = os.open(f"{p}/f", os.O_RDWR)
+    root = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        # linkat(AT_FDCWD, "/proc/self/fd/N", root, "again", AT_SYMLINK_FOLLOW): works
+        # while the file has a name...
+        os.link(f"/proc/self/fd/{fd}", "again", dst_dir_fd=root, follow_symlinks=True)
+        os.unlink(f"{p}/again")
+        os.unlink(f"{p}/f")
+        assert os.fstat(fd).st_nlink == 0
+        with pytest.raises(FileNotFoundError):  # ...and not once it has none
+            os.link(f"/proc/self/fd/{fd}", "back", dst_dir_fd=root, follow_symlinks=True)
+        assert os.listdir(p) == []
+        os.pwrite(fd, b"g" * 4096, 8192)  # still a file to its opener
+    finally:
+        os.close(root)
+        os.close(fd)
+    fsync_dir(p)
+    assert backing_names(crash_mount.backing) == []
+    assert_books_are_a_fresh_scan(crash_mount)
+
+
 def test_a_mount_without_crash_sim_refuses_a_cut(qmount: QuotaMount) -> None:
     with pytest.raises(QuotafsError) as info:
         qmount.crash()

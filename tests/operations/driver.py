@@ -237,7 +237,17 @@ class InProcessFS:
             self.ops.mknod, InodeT(parent), FileNameT(name), ModeT(mode), rdev, self.ctx))
 
     async def link(self, existing: str, new: str) -> pyfuse3.EntryAttributes:
-        inode = await self.inode(existing)
+        return await self._link(await self.inode(existing), new)
+
+    async def link_open(self, f: OpenFile, new: str) -> pyfuse3.EntryAttributes:
+        """linkat(fd, "", AT_EMPTY_PATH) of an open file: the kernel sends LINK of its
+        inode only if the attributes the daemon gave it count a link (ENOENT itself)."""
+        attrs = await self._call(self.ops.getattr, InodeT(f.inode), self.ctx)
+        if attrs.st_nlink == 0:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return await self._link(f.inode, new)
+
+    async def _link(self, inode: int, new: str) -> pyfuse3.EntryAttributes:
         parent, name = await self._entry(new)
         return self._looked_up(await self._call(
             self.ops.link, InodeT(inode), InodeT(parent), FileNameT(name), self.ctx))

@@ -7,7 +7,9 @@ from __future__ import annotations
 import errno
 import os
 
+import pyfuse3
 import pytest
+from pyfuse3 import FileNameT, InodeT
 
 from quotafs.daemon import crashsim
 from quotafs.protocol import CRASH
@@ -100,6 +102,43 @@ async def test_drop_unsynced_reverts_one_file_to_its_last_sync(cfs: InProcessFS)
     assert backing(cfs, "b") == b"b" * 100  # another file's unsynced data is untouched
     await cfs.fsync(a)  # the next fsync succeeds: nothing left to sync
     await cfs.release(a)
+    assert (await cfs.books())[0] == (await cfs.books())[1]
+
+
+async def test_drop_unsynced_gives_back_the_blocks_it_freed(cfs: InProcessFS) -> None:
+    await cfs.write_file("/a", b"a" * 4096)
+    a = await cfs.open("/a")
+    await cfs.fsync(a)
+    used = (await cfs.status())["used"]
+    await cfs.write(a, 4096, b"A" * 65536)  # 16 new blocks, unsynced
+    await cfs.write(a, 100, b"Z")  # an overwrite of a synced block
+    assert (await cfs.status())["used"] == used + 65536
+    node = cfs.ops.inodes.handle(a.fh).node
+    assert cfs.ops.crash.drop_unsynced(node) == 65537
+    assert backing(cfs, "a") == b"a" * 4096
+    assert (await cfs.status())["used"] == used
+    assert (await cfs.books())[0] == (await cfs.books())[1]
+    await cfs.write(a, 4096, b"B" * 4096)  # the file's layout is asked again: charged
+    assert (await cfs.status())["used"] == used + 4096
+    await cfs.release(a)
+    assert (await cfs.books())[0] == (await cfs.books())[1]
+
+
+async def test_a_removed_open_file_has_no_links_and_no_way_back(cfs: InProcessFS) -> None:
+    await cfs.write_file("/f", b"f" * 8192)
+    await cfs.fsyncdir("/")
+    f = await cfs.open("/f")
+    await cfs.unlink("/f")  # stashed for a cut: its inode keeps a name on the backing
+    attrs = await cfs.ops.getattr(InodeT(f.inode), cfs.ctx)
+    assert attrs.st_nlink == 0  # as the kernel must see it: no name is left
+    with pytest.raises(pyfuse3.FUSEError) as info:  # linkat(fd, "", AT_EMPTY_PATH)
+        await cfs.ops.link(InodeT(f.inode), InodeT(pyfuse3.ROOT_INODE),
+                           FileNameT(b"back"), cfs.ctx)
+    assert info.value.errno == errno.ENOENT
+    assert await cfs.listdir("/") == []
+    await cfs.release(f)
+    await cfs.fsyncdir("/")  # the removal is durable: the inode is freed for real
+    assert backing_names(cfs) == []
     assert (await cfs.books())[0] == (await cfs.books())[1]
 
 

@@ -258,6 +258,19 @@ class OperationsMachine(RuleBasedStateMachine):
         self.attempt(self.fs.fsync, self.handle(index), datasync)
 
     @precondition(lambda self: self.handles)
+    @rule(index=HANDLE, new=PATHS)
+    def link_open(self, index: int, new: str) -> None:
+        self.attempt(self.fs.link_open, self.handle(index), new)
+
+    @precondition(lambda self: self.handles and self.config.get("crash_sim"))
+    @rule(index=HANDLE)
+    def drop_unsynced(self, index: int) -> None:
+        """A --drop-unsynced rule's failed fsync: the file's unsynced writes reverted."""
+        type(self).steps += 1
+        node = self.fs.ops.inodes.handle(self.handle(index).fh).node
+        self.fs.ops.crash.drop_unsynced(node)
+
+    @precondition(lambda self: self.handles)
     @rule(index=HANDLE)
     def release(self, index: int) -> None:
         f = self.handles.pop(index % len(self.handles))
