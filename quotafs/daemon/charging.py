@@ -375,13 +375,14 @@ class Charging:
         undoes its unsynced writes); the ledger follows what the file holds after it, as
         after a truncate. What revert() returned."""
         old_charge = self.charge_of(node)
-        result = revert()
-        st = self._inodes.stat(node)
-        self._settle(node, old_charge, self._measure(node, st))
-        node.size = st.st_size
-        node.filled, node.scattered = None, None  # old bytes came back anywhere: ask again
-        self._reservations.release_from(node, ceil_div(st.st_size, self._block))
-        return result
+        try:
+            return revert()
+        finally:  # what it changed, even if it stopped part way
+            st = self._inodes.stat(node)
+            self._settle(node, old_charge, self._measure(node, st))
+            node.size = st.st_size
+            node.filled, node.scattered = None, None  # old bytes came back anywhere
+            self._reservations.release_from(node, ceil_div(st.st_size, self._block))
 
     def _settle(self, node: Node, old_charge: int, new_charge: int) -> None:
         """The file's blocks changed on disk from `old_charge` to `new_charge` (made

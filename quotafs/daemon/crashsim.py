@@ -144,6 +144,7 @@ class CrashSim:
         self._pending: _Pending | None = None
         self._merge = (0, 0)  # the record the last write grew, and its length before
         self._replaced_bytes = 0  # stash_replaced -> renamed: the replaced inode's blocks
+        self._replaced_key: Key = (0, 0)  # stash_replaced -> unstash: the stashed inode
         self._rename_durable = False  # stash_replaced -> renamed: too big to keep
         self._settled: trio.Event | None = None
         # Removed inodes whose one name is now in the stash: for the kernel they have none.
@@ -463,7 +464,8 @@ class CrashSim:
             self._rename_durable = True
             return None, -1
         self._replaced_bytes = kept  # for renamed()'s record
-        return self._stash(fd, name, (replaced.st_dev, replaced.st_ino)), -1
+        self._replaced_key = (replaced.st_dev, replaced.st_ino)  # for unstash()
+        return self._stash(fd, name, self._replaced_key), -1
 
     def unstash(self, parent: Node, name: bytes, kept: tuple[bytes | None, int]) -> None:
         """The rename failed after stash_replaced: put the replaced inode back."""
@@ -473,10 +475,9 @@ class CrashSim:
             os.close(held)
         if stashed is not None:
             with self._as_daemon():
-                st = os.stat(stashed, dir_fd=self._stash_dir, follow_symlinks=False)
                 os.rename(stashed, name, src_dir_fd=self._stash_dir,
                           dst_dir_fd=self._inodes.fd(parent))
-            self._stashed.discard((st.st_dev, st.st_ino))
+            self._stashed.discard(self._replaced_key)
 
     def renamed(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
                 subjects: tuple[Key, ...], kept: tuple[bytes | None, int],
