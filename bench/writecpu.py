@@ -36,6 +36,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from bench.system import cpu_seconds, is_mounted, pin_to_cpu, unmount_retrying, wait_pid_gone
 from bench.targets import fetch_passthrough_example, quotafs_command
 from quotafs.interrupts import sigterm_as_interrupt
