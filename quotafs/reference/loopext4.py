@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import signals_deferred
 from quotafs.mountinfo import find_mount
+from quotafs.reference.reaper import Reaper
 from quotafs.reference.shutdown import shutdown
 from quotafs.reference.tools import find_tool, last_line, run_tool
 from quotafs.units import format_size
@@ -135,10 +136,12 @@ def open_ext4_loop(free_bytes: int, workdir: str | None = None,
     mkfs = (*mkfs_options, "-q", "-F")
     tmp: str | None = None
     built = False
+    reaper: Reaper | None = None
     try:
         try:
             with signals_deferred():  # so no interrupt lands between mkdtemp and `tmp =`
                 tmp = tempfile.mkdtemp(prefix="quotafs-ext4-", dir=base)
+            reaper = Reaper.start(tmp)  # tears down if we are killed (SIGKILL)
             image, mnt = os.path.join(tmp, "ext4.img"), os.path.join(tmp, "mnt")
             os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the mount from non-root tools
             os.mkdir(mnt)
@@ -165,6 +168,9 @@ def open_ext4_loop(free_bytes: int, workdir: str | None = None,
                 raise QuotafsError(
                     "could not remove the ext4 reference: " + "; ".join(problems),
                     ExitCode.LOOP)
+    finally:
+        if reaper is not None:  # torn down, or kept on purpose: nothing left for it
+            reaper.done()
 
 
 def _default_base() -> str:
@@ -316,6 +322,11 @@ def _reserved_clusters(dev: str, size: int, block: int) -> int:
 
 
 # --- teardown ------------------------------------------------------------------------------
+
+
+def teardown_dir(tmp: str) -> list[str]:
+    """_teardown of the reference in `tmp` (for the reaper, whose owner is gone)."""
+    return _teardown(_find_tools(), tmp)
 
 
 def _teardown(tools: _Tools, tmp: str) -> list[str]:

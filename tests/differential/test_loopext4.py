@@ -153,6 +153,43 @@ def test_busy_mount_is_lazily_unmounted(needs_loop: None, tmp_path: Path) -> Non
     assert _loops_backed_under(loop.workdir) == []
 
 
+_OWNER = """
+import sys, time
+from quotafs.reference.loopext4 import open_ext4_loop
+with open_ext4_loop(16 * 1024 * 1024, workdir=sys.argv[1]) as loop:
+    print(loop.workdir, loop.mountpoint, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_sigkill_of_the_owner_leaves_nothing(needs_loop: None, tmp_path: Path) -> None:
+    """No finally runs in a SIGKILLed process: its reaper tears the reference down."""
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path)], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True)
+    workdir = ""
+    try:
+        assert owner.stdout is not None
+        workdir, mnt = owner.stdout.readline().split()
+        assert _mounted_at(mnt)
+        owner.kill()
+        owner.wait()
+        deadline = time.monotonic() + 30
+        while (os.path.exists(workdir) or _loops_backed_under(workdir)) and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _mounted_at(mnt)
+        assert _loops_backed_under(workdir) == []
+        assert not os.path.exists(workdir)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        if owner.stdout is not None:
+            owner.stdout.close()
+        if workdir:
+            loopext4.teardown_dir(workdir)  # if the reaper failed: the test cleans up
+
+
 def test_keep_leaves_it_and_says_how_to_remove_it(needs_loop: None, tmp_path: Path) -> None:
     with open_ext4_loop(16 * M, workdir=str(tmp_path), keep=True) as loop:
         pass
