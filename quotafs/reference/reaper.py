@@ -33,11 +33,15 @@ class Reaper:
         """A reaper for the reference in `tmp`; None if it could not be started (the
         teardown then only has the owner's own `finally`, as before)."""
         read, write = os.pipe()  # both non-inheritable: no other child holds the writer
+        # This quotafs, wherever it was imported from (its cwd is / below).
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        paths = [here, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "quotafs.reference.reaper", tmp], stdin=read,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True)
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
+                start_new_session=True)  # cwd /: it keeps no directory (or mount) busy
         except OSError:
             os.close(write)
             return None
