@@ -141,7 +141,7 @@ def open_ext4_loop(free_bytes: int, workdir: str | None = None,
         try:
             with signals_deferred():  # so no interrupt lands between mkdtemp and `tmp =`
                 tmp = tempfile.mkdtemp(prefix="quotafs-ext4-", dir=base)
-            reaper = Reaper.start(tmp)  # tears down if we are killed (SIGKILL)
+                reaper = Reaper.start(tmp)  # tears down if we are killed (SIGKILL)
             image, mnt = os.path.join(tmp, "ext4.img"), os.path.join(tmp, "mnt")
             os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the mount from non-root tools
             os.mkdir(mnt)
@@ -151,6 +151,9 @@ def open_ext4_loop(free_bytes: int, workdir: str | None = None,
             raise QuotafsError(f"building the ext4 reference in {where} failed: {exc}",
                                ExitCode.LOOP) from exc
         built = True
+        if keep and reaper is not None:  # kept whatever happens to us from here on
+            reaper.done()
+            reaper = None
         yield loop
     except BaseException as exc:
         if built and keep:

@@ -3,7 +3,8 @@ killer), which no `finally` survives.
 
 `Reaper.start(tmp)` runs `python -m quotafs.reference.reaper TMP` in a session of its own
 (a terminal's Ctrl-C does not reach it), reading a pipe whose only writer is its owner
-(the descriptor is not inherited by the owner's other children). The owner tears down
+(the descriptor is not inherited by the owner's other children, except one forked
+without exec, which the reaper then waits for too). The owner tears down
 itself and then says so (`done()`): the reaper exits without touching anything. If the
 pipe closes without that word, the owner is gone, and the reaper does the same teardown
 (loopext4's: unmount, lazily if busy; detach every device `losetup -j IMAGE` lists;
@@ -17,6 +18,9 @@ import os
 import signal
 import subprocess
 import sys
+
+from quotafs import PACKAGE_PARENT
+from quotafs.interrupts import signals_deferred
 
 _DONE = b"done"
 
@@ -34,11 +38,12 @@ class Reaper:
         teardown then only has the owner's own `finally`, as before)."""
         read, write = os.pipe()  # both non-inheritable: no other child holds the writer
         # This quotafs, wherever it was imported from (its cwd is / below).
-        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        paths = [here, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        paths = [PACKAGE_PARENT,
+                 *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "quotafs.reference.reaper", tmp], stdin=read,
+                [sys.executable, "-m", "quotafs.reference.reaper", os.path.abspath(tmp)],
+                stdin=read,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
                 start_new_session=True)  # cwd /: it keeps no directory (or mount) busy
@@ -51,9 +56,10 @@ class Reaper:
 
     def done(self) -> None:
         """The owner tore down (or keeps the reference on purpose): the reaper exits."""
-        with contextlib.suppress(OSError):  # a reaper that died early: nothing to tell
-            os.write(self._fd, _DONE)
-        os.close(self._fd)
+        with signals_deferred():  # a Ctrl-C here must not leave it to tear down
+            with contextlib.suppress(OSError):  # a reaper that died early: nothing to tell
+                os.write(self._fd, _DONE)
+            os.close(self._fd)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=10)
             return
@@ -62,13 +68,15 @@ class Reaper:
 
 
 def _wait_for_owner() -> bool:
-    """Block until the owner says it is done (True) or is gone (False)."""
+    """Block until the owner says it is done (True) or is gone (False). Not until EOF
+    after the word: a child the owner forked without exec holds the pipe too."""
     said = b""
-    while True:
-        chunk = os.read(0, 64)
+    while not said.startswith(_DONE):
+        chunk = os.read(0, len(_DONE) - len(said))
         if not chunk:
-            return said.startswith(_DONE)
+            return False
         said += chunk
+    return True
 
 
 def main(argv: list[str]) -> int:
@@ -76,10 +84,11 @@ def main(argv: list[str]) -> int:
         print("usage: python -m quotafs.reference.reaper TMP", file=sys.stderr)
         return 2
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner's Ctrl-C is the owner's
-    if _wait_for_owner():
-        return 0
+    # Imported now, not after the owner is gone (memory may be short then).
     from quotafs.reference.loopext4 import teardown_dir
 
+    if _wait_for_owner():
+        return 0
     return 1 if teardown_dir(argv[0]) else 0
 
 

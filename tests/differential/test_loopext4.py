@@ -3,9 +3,11 @@ ext4 (root only; skipped with the reason when loop devices can't be used)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -156,30 +158,31 @@ def test_busy_mount_is_lazily_unmounted(needs_loop: None, tmp_path: Path) -> Non
 _OWNER = """
 import sys, time
 from quotafs.reference.loopext4 import open_ext4_loop
-with open_ext4_loop(16 * 1024 * 1024, workdir=sys.argv[1]) as loop:
+with open_ext4_loop(16 * 1024 * 1024, workdir=sys.argv[1], keep=sys.argv[2] == "keep") as loop:
     print(loop.workdir, loop.mountpoint, flush=True)
     time.sleep(600)
 """
 
 
-def test_sigkill_of_the_owner_leaves_nothing(needs_loop: None, tmp_path: Path) -> None:
-    """No finally runs in a SIGKILLed process: its reaper tears the reference down."""
-    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path)], cwd=ROOT,
+@contextlib.contextmanager
+def _killed_owner(tmp_path: Path, keep: bool) -> Iterator[tuple[str, str]]:
+    """A process that holds a loop-ext4 (kept or not), SIGKILLed once it is mounted:
+    (its work directory, its mount point). Whatever is left is removed afterwards."""
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path),
+                              "keep" if keep else "no"], cwd=ROOT,
                              stdout=subprocess.PIPE, text=True)
     workdir = ""
     try:
         assert owner.stdout is not None
-        workdir, mnt = owner.stdout.readline().split()
+        ready, _, _ = select.select([owner.stdout], [], [], 60)
+        assert ready, "the reference was not built within 60 s"
+        line = owner.stdout.readline().split()
+        assert len(line) == 2, f"the owner failed: {owner.wait()}"
+        workdir, mnt = line
         assert _mounted_at(mnt)
         owner.kill()
         owner.wait()
-        deadline = time.monotonic() + 30
-        while (os.path.exists(workdir) or _loops_backed_under(workdir)) and \
-                time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _mounted_at(mnt)
-        assert _loops_backed_under(workdir) == []
-        assert not os.path.exists(workdir)
+        yield workdir, mnt
     finally:
         if owner.poll() is None:
             owner.kill()
@@ -187,7 +190,27 @@ def test_sigkill_of_the_owner_leaves_nothing(needs_loop: None, tmp_path: Path) -
         if owner.stdout is not None:
             owner.stdout.close()
         if workdir:
-            loopext4.teardown_dir(workdir)  # if the reaper failed: the test cleans up
+            loopext4.teardown_dir(workdir)  # kept, or the reaper failed: the test cleans up
+
+
+def test_sigkill_of_the_owner_leaves_nothing(needs_loop: None, tmp_path: Path) -> None:
+    """No finally runs in a SIGKILLed process: its reaper tears the reference down."""
+    with _killed_owner(tmp_path, keep=False) as (workdir, mnt):
+        deadline = time.monotonic() + 30
+        while (os.path.exists(workdir) or _loops_backed_under(workdir)) and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _mounted_at(mnt)
+        assert _loops_backed_under(workdir) == []
+        assert not os.path.exists(workdir)
+
+
+def test_a_kept_reference_outlives_a_sigkill_of_its_owner(needs_loop: None,
+                                                          tmp_path: Path) -> None:
+    with _killed_owner(tmp_path, keep=True) as (workdir, mnt):
+        time.sleep(2)  # what a reaper would need to tear it down (it has exited)
+        assert _mounted_at(mnt)
+        assert _loops_backed_under(workdir) != []
 
 
 def test_keep_leaves_it_and_says_how_to_remove_it(needs_loop: None, tmp_path: Path) -> None:
