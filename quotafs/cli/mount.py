@@ -73,7 +73,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
         alive = False  # "Transport endpoint is not connected": the daemon died
     if pid is None and record is not None:
         pid = int(record["pid"])
-    lifecycle.unmount(mountpoint, lazy=args.lazy or not alive)
+    if args.lazy or not alive:
+        lifecycle.unmount(mountpoint, lazy=True)
+    else:
+        lifecycle.unmount_patiently(mountpoint)
     if alive and args.lazy:
         # Detached while busy: the daemon serves the remaining users, then exits.
         print(f"quotafs: {mountpoint} detached; the daemon exits when its last user leaves",

@@ -29,7 +29,7 @@ from quotafs.errors import ExitCode, QuotafsError, printable, with_doctor_hint
 from quotafs.mountinfo import MountInfo, find_mount
 from quotafs.options import MountOptions
 from quotafs.statedir import drop_log_if_empty, log_path, open_log, write_record
-from quotafs.unmounting import unmount_failure
+from quotafs.unmounting import unmount_failure, unmount_retrying
 
 READY_TIMEOUT = 60.0
 # How long a probe of a mount (a stat, umount) or a control request (status, set, fault,
@@ -311,6 +311,15 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
         raise NoAnswer(mountpoint, timeout) from None
     if proc.returncode != 0:
         raise unmount_failure(mountpoint, stderr)
+
+
+def unmount_patiently(mountpoint: str) -> None:
+    """unmount(), retried for about a second while the mount is busy, as it is for a
+    moment right after a mount (the daemon's own stat of it, before it tunes read-ahead)
+    and right after a program in it exits. Still busy then: unmount's busy error."""
+    busy = unmount_retrying(resolve(mountpoint), unmount, lazy=False)
+    if busy is not None:
+        raise unmount_failure(mountpoint, busy)
 
 
 def check_may_unmount(info: MountInfo) -> None:

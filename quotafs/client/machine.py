@@ -422,7 +422,7 @@ def mount_and_unmount(allow_other: bool) -> tuple[Trial, Trial]:
             except OSError as exc:  # the temp directory went away meanwhile, say
                 return Trial(False, f"cannot mount: {exc}"), Trial(False, "not tried")
         try:
-            lifecycle.unmount(mount.path)
+            lifecycle.unmount_patiently(mount.path)  # as `quotafs umount` does
         except QuotafsError as exc:
             unmounted = _failed(exc)
     finally:

@@ -19,14 +19,16 @@ import functools
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from quotafs import PACKAGE_PARENT
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import signals_deferred
 from quotafs.mountinfo import find_mount
-from quotafs.reference.reaper import Reaper
 from quotafs.reference.shutdown import shutdown
 from quotafs.reference.tools import find_tool, last_line, run_tool
 from quotafs.units import format_size
@@ -174,6 +176,53 @@ def open_ext4_loop(free_bytes: int, workdir: str | None = None,
     finally:
         if reaper is not None:  # torn down, or kept on purpose: nothing left for it
             reaper.done()
+
+
+# What the owner writes to its reaper (reaper.py) once nothing is left for it to do.
+REAPER_DONE = b"done"
+
+
+class Reaper:
+    """The owner's end of quotafs/reference/reaper.py: the reaper process, and the pipe
+    only the owner writes to it."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], fd: int) -> None:
+        self._proc = proc
+        self._fd = fd
+
+    @classmethod
+    def start(cls, tmp: str) -> Reaper | None:
+        """A reaper for the reference in `tmp`; None if it could not be started (the
+        teardown then only has the owner's own `finally`)."""
+        read, write = os.pipe()  # both non-inheritable: no exec'd child holds the writer
+        # This quotafs, wherever it was imported from (its cwd is / below).
+        paths = [PACKAGE_PARENT,
+                 *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "quotafs.reference.reaper", os.path.abspath(tmp)],
+                stdin=read,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
+                start_new_session=True)  # cwd /: it keeps no directory (or mount) busy
+        except OSError:
+            os.close(write)
+            return None
+        finally:
+            os.close(read)
+        return cls(proc, write)
+
+    def done(self) -> None:
+        """The owner tore down (or keeps the reference on purpose): the reaper exits."""
+        with signals_deferred():  # a Ctrl-C here must not leave it to tear down
+            with contextlib.suppress(OSError):  # a reaper that died early: nothing to tell
+                os.write(self._fd, REAPER_DONE)
+            os.close(self._fd)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=10)
+            return
+        self._proc.kill()  # never left behind, even if it hangs
+        self._proc.wait()
 
 
 def _default_base() -> str:
