@@ -30,6 +30,14 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them on 
 # so that they run this very copy even when the parent found it through sys.path tweaks.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+def child_env() -> dict[str, str]:
+    """The environment for a `python -m quotafs...` child: PACKAGE_PARENT first on its
+    PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    return env
+
 __all__ = ["Baseline", "CommandReport", "Ext4Mount", "MountOptions", "Point",
            "PointResult", "QuotaMount", "SweepPlan", "SweepReport", "TargetRun",
            "TmpfsMount", "check_ext4_loop", "check_fuse", "check_tmpfs_reference",

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NoReturn
 
-from quotafs import PACKAGE_PARENT
+from quotafs import child_env
 from quotafs.errors import ExitCode, QuotafsError, errno_name
 from quotafs.units import format_size, parse_size
 from quotafs.users import passwd_entry
@@ -350,8 +350,7 @@ def _apply(line: str, state: _Progress, progress: Callable[[int], None] | None) 
 
 def _child_env() -> dict[str, str]:
     # The child runs `-m quotafs.compare.writers` from this very package (PACKAGE_PARENT).
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    env = child_env()
     env.pop("PYTHONFAULTHANDLER", None)
     return env
 

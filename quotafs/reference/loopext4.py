@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from quotafs import PACKAGE_PARENT
+from quotafs import child_env
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import signals_deferred
 from quotafs.mountinfo import find_mount
@@ -195,14 +195,10 @@ class Reaper:
         """A reaper for the reference in `tmp`; None if it could not be started (the
         teardown then only has the owner's own `finally`)."""
         read, write = os.pipe()  # both non-inheritable: no exec'd child holds the writer
-        # This quotafs, wherever it was imported from (its cwd is / below).
-        paths = [PACKAGE_PARENT,
-                 *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         try:
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(  # this very quotafs (child_env): its cwd is / below
                 [sys.executable, "-m", "quotafs.reference.reaper", os.path.abspath(tmp)],
-                stdin=read,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+                stdin=read, env=child_env(),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
                 start_new_session=True)  # cwd /: it keeps no directory (or mount) busy
         except OSError:
