@@ -4,7 +4,8 @@
 
 For each request the kernel sends for a random 4 KiB write + fsync (WRITE, into holes of
 a fresh sparse file and over the same blocks again; GETXATTR security.capability; FSYNC),
-the least over R rounds of N calls of QuotaFS's handler,
+the least over R rounds of N calls of QuotaFS's handler (and, for the writes into holes,
+of the pyfuse3 example's),
 built by the daemon's own factory on a backing directory (default: a fresh directory
 below /dev/shm, a tmpfs, so that the backing's own cost stays small), and of the bare
 syscall the handler makes. Thread CPU time mostly does not see other processes; run two
@@ -42,6 +43,12 @@ def _run(coro: Coroutine[Any, Any, Any]) -> None:
     except pyfuse3.FUSEError:
         return
     raise RuntimeError("a handler awaited")
+
+
+async def _example_write(fd: int, off: int, buf: bytes) -> int:
+    """The pyfuse3 example's (passthroughfs.py) write handler, as it is there."""
+    os.lseek(fd, off, os.SEEK_SET)
+    return os.write(fd, buf)
 
 
 def _least(rounds: int, calls: int, one: Callable[[int], None],
@@ -102,9 +109,13 @@ def measure(backing: str, calls: int, rounds: int) -> dict[str, float]:
     def pwrite(i: int) -> None:
         os.pwrite(files.fd, buf, offsets[i])
 
+    def example_write(i: int) -> None:
+        _run(_example_write(files.fd, offsets[i], buf))
+
     results = {
         "write_into_holes_us": _least(rounds, calls, write, files.fresh),
         "pwrite_into_holes_us": _least(rounds, calls, pwrite, files.fresh_bare),
+        "example_write_into_holes_us": _least(rounds, calls, example_write, files.fresh_bare),
         # The last file again, at the same offsets: every block holds data now.
         "overwrite_us": _least(rounds, calls, write),
         "pwrite_overwrite_us": _least(rounds, calls, pwrite),

@@ -81,10 +81,11 @@ class Ledger:
 
     def free_for(self, privileged: bool) -> int:
         """Bytes that a new allocation by such a caller may still take (never negative)."""
-        limit = UNLIMITED if self.limit is None else self.limit - self.kept_back
+        limit = self.limit  # (asked by every allocating write: no call of max())
+        free = (UNLIMITED if limit is None else limit - self.kept_back) - self.used - self.reserved
         if not privileged:
-            limit -= self.root_reserve
-        return max(0, limit - self.used - self.reserved)
+            free -= self.root_reserve
+        return free if free > 0 else 0
 
     def try_charge(self, nbytes: int, *, privileged: bool) -> bool:
         """Charge `nbytes` if they fit a caller of this kind; otherwise charge nothing and

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 
 import pyfuse3
 import pytest
 
+from quotafs.daemon.charging import SCATTERED_MAX
 from tests.operations.driver import FsFactory, InProcessFS
 
 K = 1024
@@ -136,6 +138,52 @@ async def test_overwrites_past_the_dense_start_charge_only_the_new_blocks(
     with open(os.path.join(fs.backing, "s"), "rb") as back:
         assert back.read() == bytes(5 * BLOCK) + b"b" + b"c" * BLOCK
 
+
+
+async def test_random_block_writes_into_a_sparse_file_stop_at_the_limit(
+        fs: InProcessFS) -> None:
+    """The bench's random writes: one block each into a file truncated far past the
+    quota. Each new block is charged until the quota is full, the next new one is
+    refused whole, and overwrites of blocks written before still succeed."""
+    f = await fs.create("/r")
+    await fs.truncate(f, 4 * M)  # 1,024 blocks, the quota holds 256
+    order = random.Random(7).sample(range(1024), 300)
+    for n, block in enumerate(order):
+        data = block.to_bytes(2, "big") * (BLOCK // 2)
+        if n < 256:
+            assert await fs.write(f, block * BLOCK, data) == BLOCK
+        else:
+            with pytest.raises(OSError) as exc:
+                await fs.write(f, block * BLOCK, data)
+            assert refused(exc)
+    assert await usage(fs) == (M, 1)
+    for block in order[:10]:  # written before: nothing to allocate, even when full
+        assert await fs.write(f, block * BLOCK, b"o" * BLOCK) == BLOCK
+    await fs.release(f)
+    await assert_books_balance(fs)
+    with open(os.path.join(fs.backing, "r"), "rb") as back:
+        for n, block in enumerate(order):
+            back.seek(block * BLOCK)
+            want = (b"o" * BLOCK if n < 10 else block.to_bytes(2, "big") * (BLOCK // 2)
+                    if n < 256 else bytes(BLOCK))
+            assert back.read(BLOCK) == want, f"block {block}"
+
+
+async def test_one_block_writes_past_what_a_node_remembers_are_charged_alike(
+        make_fs: FsFactory) -> None:
+    """Past SCATTERED_MAX scattered blocks the node forgets which hold data and asks the
+    backing (SEEK_DATA): the charges go on exactly, holes and overwrites alike."""
+    fs = make_fs("100M")
+    f = await fs.create("/many")
+    blocks = list(range(1, 2 * (SCATTERED_MAX + 100), 2))  # every other block: no prefix
+    for block in blocks:
+        await fs.write(f, block * BLOCK, b"d")
+    assert await usage(fs) == (len(blocks) * BLOCK, 1)
+    await fs.write(f, blocks[0] * BLOCK, b"again")  # data already
+    await fs.write(f, 2 * BLOCK, b"new")  # a hole between two written blocks
+    assert await usage(fs) == ((len(blocks) + 1) * BLOCK, 1)
+    await fs.release(f)
+    await assert_books_balance(fs)
 
 
 async def test_writes_into_content_found_at_mount_charge_only_its_holes(
