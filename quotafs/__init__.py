@@ -7,6 +7,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them on first use
+    import subprocess
+
     from quotafs.client.api import (
         Ext4Mount,
         QuotaMount,
@@ -37,6 +39,17 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     return env
+
+
+def reap(process: "subprocess.Popen[Any]", timeout: float) -> int:
+    """Wait for the child `process` to exit, SIGKILL it after `timeout` seconds: never
+    left behind, even if it hangs. Its exit status."""
+    import subprocess  # (here: the daemon imports this package and never needs it)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 __all__ = ["Baseline", "CommandReport", "Ext4Mount", "MountOptions", "Point",
            "PointResult", "QuotaMount", "SweepPlan", "SweepReport", "TargetRun",

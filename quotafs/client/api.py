@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+from quotafs import reap
 from quotafs.client import control, lifecycle
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import signals_deferred
@@ -116,7 +117,7 @@ class QuotaMount:
         process = self._process
         if process is not None and process.poll() is None:
             process.terminate()
-            lifecycle.reap(process, timeout)
+            reap(process, timeout)
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the daemon to exit (after an unmount, a kill); its exit status, or None
@@ -142,7 +143,7 @@ class QuotaMount:
         try:
             self.unmount(lazy=True)
             if self._process is not None:
-                lifecycle.reap(self._process, 30)  # it exits once unmounted
+                reap(self._process, 30)  # it exits once unmounted
                 # One killed (SIGKILL) could not remove its control socket.
                 control.remove_stale_socket(self.path, os.geteuid())
         finally:

@@ -21,8 +21,8 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
 
+from quotafs import reap
 from quotafs.client import probe as _probe
 from quotafs.client.probe import Op, Result
 from quotafs.errors import ExitCode, QuotafsError, printable, with_doctor_hint
@@ -328,15 +328,6 @@ def check_may_unmount(info: MountInfo) -> None:
     if os.geteuid() != 0 and owner is not None and owner != os.geteuid():
         raise QuotafsError(f"not allowed to unmount {info.mountpoint}: only the user who "
                            f"mounted it (uid {owner}) and root may", ExitCode.PERMISSION)
-
-
-def reap(process: subprocess.Popen[Any], timeout: float) -> int:
-    """Wait for `process` to exit, SIGKILL it after `timeout` seconds; its exit status."""
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:

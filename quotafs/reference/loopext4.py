@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from quotafs import child_env
+from quotafs import child_env, reap
 from quotafs.errors import ExitCode, QuotafsError
 from quotafs.interrupts import signals_deferred
 from quotafs.mountinfo import find_mount
@@ -214,11 +214,7 @@ class Reaper:
             with contextlib.suppress(OSError):  # a reaper that died early: nothing to tell
                 os.write(self._fd, REAPER_DONE)
             os.close(self._fd)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(timeout=10)
-            return
-        self._proc.kill()  # never left behind, even if it hangs
-        self._proc.wait()
+        reap(self._proc, 10)
 
 
 def _default_base() -> str:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from quotafs import interrupts, unmounting
+from quotafs import interrupts, reap, unmounting
 from quotafs.cli.main import main as cli_main
 from quotafs.client import lifecycle
 from quotafs.errors import ExitCode, QuotafsError
@@ -88,7 +88,7 @@ def test_unmount_failure_marks_busy_for_a_retry() -> None:
 
 def test_reap_kills_a_process_that_does_not_exit() -> None:
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    assert lifecycle.reap(sleeper, 0.1) == -signal.SIGKILL
+    assert reap(sleeper, 0.1) == -signal.SIGKILL
 
 
 # -- signals ------------------------------------------------------------------------------
