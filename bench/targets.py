@@ -36,7 +36,7 @@ from bench.system import (
     unmount_retrying,
     wait_pid_gone,
 )
-from quotafs.client import lifecycle
+from quotafs import reap
 from quotafs.errors import QuotafsError
 from quotafs.reference import loopext4
 
@@ -436,7 +436,7 @@ class ChildDaemonTarget(Target):
         if process is not None and process.poll() is None and is_mounted(self.mountpoint):
             unmount_retrying(self.mountpoint)
         if process is not None:
-            lifecycle.reap(process, 30)
+            reap(process, 30)
         if is_mounted(self.mountpoint):
             unmount_retrying(self.mountpoint)
         self._process = None

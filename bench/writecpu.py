@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +38,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.system import cpu_seconds, is_mounted, pin_to_cpu, unmount_retrying, wait_pid_gone
-from bench.targets import fetch_passthrough_example, quotafs_command
+from bench.system import BenchError, cpu_seconds, is_mounted, pin_to_cpu
+from bench.targets import ChildDaemonTarget, fetch_passthrough_example, quotafs_command
 from quotafs.interrupts import sigterm_as_interrupt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,24 +78,18 @@ def quotafs_mount(name: str, tree: str, base: str, extra: list[str]) -> Iterator
 
 @contextlib.contextmanager
 def child_mount(name: str, base: str, argv: list[str]) -> Iterator[Mount]:
-    """A daemon that mounts at base/NAME, its last argument, and serves in the foreground."""
+    """A daemon that mounts at base/NAME, its last argument, and serves in the foreground
+    (bench/run.py's ChildDaemonTarget; its output in base/NAME.log)."""
     path = os.path.join(base, name)
     os.mkdir(path)
-    process = subprocess.Popen([sys.executable, *argv, path],
-                               stdin=subprocess.DEVNULL, start_new_session=True)
+    target = ChildDaemonTarget(name, name, [sys.executable, *argv, path], path,
+                               os.path.join(base, name + ".log"))
+    target.start()
     try:
-        deadline = time.monotonic() + 60
-        while not os.path.ismount(path):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not mount")
-            time.sleep(0.01)
-        yield Mount(name, path, process.pid)
+        assert target.pid is not None
+        yield Mount(name, path, target.pid)
     finally:
-        if is_mounted(path):
-            unmount_retrying(path)
-        if not wait_pid_gone(process.pid, 30):
-            process.kill()
-        process.wait()
+        target.stop()
 
 
 def one_pass(mount: Mount, fd: int, offsets: list[int], buf: bytes) -> float:
@@ -171,6 +164,8 @@ def main() -> None:
                     for kind, v in mount.samples.items()}}))
     except subprocess.CalledProcessError as exc:
         sys.exit(f"writecpu: {' '.join(exc.cmd)}: {(exc.stderr or '').strip()}")
+    except BenchError as exc:
+        sys.exit(f"writecpu: {exc}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
