@@ -285,8 +285,9 @@ class Charging:
         charged = node.charged if node.charged is not None else self.charge_of(node)
         if block > ledger.free_for(handle.privileged):
             self._refuse_write(node)
-        written = os.pwrite(handle.fd, buf, off)
-        error = None if written == len(buf) else _pwrite_rest(handle.fd, buf, off, written)[1]
+        written, error = os.pwrite(handle.fd, buf, off), None
+        if written < len(buf):  # (pwrite_whole's steps, without its call)
+            written, error = _pwrite_rest(handle.fd, buf, off, written)
         if written:  # (none when the backing refused the rest of a first pwrite of 0)
             ledger.force_charge(block)
             ledger.allocating_writes += 1

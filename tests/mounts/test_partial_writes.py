@@ -254,3 +254,29 @@ def test_a_backing_that_fills_mid_request_is_an_error_not_a_short_count(
         assert direct_write(path, 128 * KiB, 0) == errno.ENOSPC
         assert (small_tmpfs / "f").stat().st_size == 0
         assert m.usage()["used"] == 0
+
+
+@pytest.mark.parametrize("offset", [5 * PAGE, 5 * PAGE + 100],
+                         ids=["inside-one-block", "across-two-blocks"])
+def test_a_backing_that_stores_part_of_a_write_gets_the_rest_too(
+        mount_factory: MountFactory, offset: int) -> None:
+    """The backing is itself a quotafs mount whose next write stores 1,000 bytes and says
+    so (a short-write rule): the outer daemon writes the rest, so the program's 4 KiB
+    pwrite into a hole returns 4096, the data reads back whole, and the outer ledger holds
+    the blocks it touched. A short count passed on would be data lost for mmap writeback."""
+    inner = mount_factory(None)
+    outer = mount_factory("1M", backing=inner.path)
+    data = os.urandom(PAGE)
+    path = os.path.join(outer.path, "f")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        inner.add_fault("write", short_write=1000, times=1)
+        assert os.pwrite(fd, data, offset) == PAGE
+        assert os.pread(fd, PAGE, offset) == data
+    finally:
+        os.close(fd)
+    assert [r.fired for r in inner.faults()] == [1]
+    with open(os.path.join(inner.path, "f"), "rb") as f:
+        assert f.read() == bytes(offset) + data
+    blocks = (offset + PAGE - 1) // PAGE - offset // PAGE + 1
+    assert outer.usage()["used"] == blocks * PAGE
