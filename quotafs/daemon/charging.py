@@ -39,13 +39,8 @@ def pwrite_whole(fd: int, buf: bytes, off: int) -> tuple[int, OSError | None]:
     success and lose the rest, O_DIRECT would make it EIO. An error before any byte is
     written is raised as it is."""
     written = os.pwrite(fd, buf, off)
-    if written == len(buf):
+    if written == len(buf):  # nearly always
         return written, None
-    return _pwrite_rest(fd, buf, off, written)
-
-
-def _pwrite_rest(fd: int, buf: bytes, off: int, written: int) -> tuple[int, OSError | None]:
-    """pwrite_whole after a first pwrite that stored `written` bytes, fewer than asked."""
     view = memoryview(buf)
     while written < len(buf):
         try:
@@ -285,9 +280,7 @@ class Charging:
         charged = node.charged if node.charged is not None else self.charge_of(node)
         if block > ledger.free_for(handle.privileged):
             self._refuse_write(node)
-        written, error = os.pwrite(handle.fd, buf, off), None
-        if written < len(buf):  # (pwrite_whole's steps, without its call)
-            written, error = _pwrite_rest(handle.fd, buf, off, written)
+        written, error = pwrite_whole(handle.fd, buf, off)
         if written:  # (none when the backing refused the rest of a first pwrite of 0)
             ledger.force_charge(block)
             ledger.allocating_writes += 1
