@@ -314,9 +314,8 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
 
 
 def unmount_patiently(mountpoint: str) -> None:
-    """unmount(), retried for about a second while the mount is busy, as it is for a
-    moment right after a mount (the daemon's own stat of it, before it tunes read-ahead)
-    and right after a program in it exits. Still busy then: unmount's busy error."""
+    """unmount(), retried for about a second while the mount is busy, as it may be for a
+    moment right after a program in it exits. Still busy then: unmount's busy error."""
     busy = unmount_retrying(resolve(mountpoint), unmount, lazy=False)
     if busy is not None:
         raise unmount_failure(mountpoint, busy)

@@ -95,6 +95,7 @@ class QuotaFS(pyfuse3.Operations):
         self.xattrs = options.xattrs
         self.enable_acl = options.xattrs  # ACLs are xattrs: no FUSE_POSIX_ACL without them
         self.getxattr_requests = 0  # a figure for the status (and the bench)
+        self.on_init: Callable[[], None] = lambda: None  # serve.py: when INIT is answered
         self.paths = paths
         self.kernel = kernel
         self.rights = Access(identity, inodes, kernel, is_root=os.geteuid() == 0)
@@ -112,6 +113,11 @@ class QuotaFS(pyfuse3.Operations):
                                   faults.seed, control.record_crash, self.charging,
                                   self.rights.as_daemon)
             self.gate.crash = self.crash  # --crash and --drop-unsynced rules act through it
+
+    def init(self) -> None:
+        """pyfuse3 calls this while it answers the kernel's INIT, before the reply is sent;
+        it must not raise."""
+        self.on_init()
 
     # -- helpers the handlers share -------------------------------------------------------
 

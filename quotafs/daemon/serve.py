@@ -160,15 +160,13 @@ def _set_read_ahead(mountpoint: str, kb: int) -> None:
         log.debug("read_ahead_kb left at the default: %s", exc)
 
 
-async def _tune_after_init(config: MountOptions, kb: int) -> None:
-    # The kernel lowers the bdi's read-ahead to what INIT negotiated when it processes
-    # the INIT reply, so raise it only once the mount has answered a request (a stat in
-    # a thread, served by the loop that runs beside it).
-    # Abandoned on cancel: if the loop stops first, nothing would ever answer the stat.
-    try:
-        await trio.to_thread.run_sync(os.stat, config.mountpoint, abandon_on_cancel=True)
-    except OSError:
-        return
+async def _tune_after_init(config: MountOptions, kb: int, initialized: trio.Event) -> None:
+    # The kernel lowers the bdi's read-ahead to what INIT negotiated when it reads the INIT
+    # reply, so raise it after that. pyfuse3 calls fs.init() (which sets `initialized`)
+    # just before libfuse writes the reply, in one step of the session loop: this task runs
+    # only once that step is over and the reply read. No request on the mount itself: a
+    # stat of it kept a fresh mount busy for umount and used up mount-time fault rules.
+    await initialized.wait()
     _set_read_ahead(config.mountpoint, kb)
 
 
@@ -186,7 +184,9 @@ async def _serve(config: MountOptions, fs: QuotaFS, control: socket.socket) -> N
         nursery.start_soon(listener.serve, control, fs.control)
         kb = _read_ahead_kb(config)
         if os.geteuid() == 0 and kb is not None:
-            nursery.start_soon(_tune_after_init, config, kb)
+            initialized = trio.Event()
+            fs.on_init = initialized.set
+            nursery.start_soon(_tune_after_init, config, kb, initialized)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

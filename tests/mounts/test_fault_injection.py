@@ -170,6 +170,20 @@ def test_rules_file_at_mount(mount_factory: MountFactory, tmp_path: Path) -> Non
     assert m.status()["seed"] == 5
 
 
+def test_a_rule_at_mount_waits_for_the_first_request_of_a_program(
+        mount_factory: MountFactory, tmp_path: Path) -> None:
+    # The daemon makes no request on its own mount (it once stat()ed it to time its
+    # read-ahead tuning, and that stat used up a one-time getattr rule).
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nop = "getattr"\npath = "/"\nerrno = "EIO"\ntimes = 1\n')
+    m = mount_factory("1M", rules_file=str(rules))
+    time.sleep(0.5)  # what the daemon does on its own after the mount, it has done
+    assert errno_of(os.stat, m.path) == errno.EIO
+    assert errno_of(os.stat, m.path) == 0  # used up by our stat, and only by it
+    [event] = [e for e in m.events() if e["kind"] == "fault"]
+    assert event["op"] == "getattr" and event["pid"] == os.getpid()
+
+
 def test_bad_rules_and_bad_fault_options_are_one_line(tmp_path: Path) -> None:
     rules = tmp_path / "rules.toml"
     rules.write_text('[[rule]]\nop = "read"\nerrno = "EIO"\n[[rule]]\nop = "write"\n'

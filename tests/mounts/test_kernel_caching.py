@@ -58,8 +58,7 @@ def test_a_rule_on_another_file_leaves_this_file_readable(mount_factory: MountFa
 def test_read_ahead_of_a_root_mount(mount_factory: MountFactory, options: dict[str, bool],
                                     expected: int | None) -> None:
     m = mount_factory("4M", **options)
-    os.stat(m.path)
-    # The daemon raises it right after its first answer; give it a moment.
+    # The daemon raises it once it has answered INIT; give it a moment.
     deadline = time.monotonic() + (5 if expected else 1)
     while read_ahead_kb(m.path) != 1024 and time.monotonic() < deadline:
         time.sleep(0.02)
