@@ -4,12 +4,13 @@
 
 For each request the kernel sends for a random 4 KiB write + fsync (WRITE, into holes of
 a fresh sparse file and over the same blocks again; GETXATTR security.capability; FSYNC),
-the least over R rounds of N calls of QuotaFS's handler (and, for the writes into holes,
-of the pyfuse3 example's),
-built by the daemon's own factory on a backing directory (default: a fresh directory
-below /dev/shm, a tmpfs, so that the backing's own cost stays small), and of the bare
-syscall the handler makes. Thread CPU time mostly does not see other processes; run two
-trees alternately (A/B) to compare them. Prints one JSON line.
+and for the 1 MiB WRITEs of a sequential writer (appends to a file emptied before each
+round), the least over R rounds of N calls (32 for the appends) of QuotaFS's handler, of
+the pyfuse3 example's (writes into holes, appends), and of the bare syscall the handler
+makes; the filesystem built by the daemon's own factory on a backing directory (default:
+a fresh directory below /dev/shm, a tmpfs, so that the backing's own cost stays small).
+Thread CPU time mostly does not see other processes; run two trees alternately (A/B) to
+compare them. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from tests.operations.driver import Ctx
 
 BLOCK = 4096
 FILE_BLOCKS = 16_384  # a 64 MiB sparse file
+APPEND = 1 << 20  # the WRITE requests of a sequential writer (FUSE's largest)
+APPENDS = 32  # per round: a 32 MiB file, emptied before each round
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> None:
@@ -92,6 +95,47 @@ class _Files:
             os.close(self.fd)
 
 
+class _Appends:
+    """One file made through the handlers and one in the backing, emptied before each
+    round (through the handlers for the first: its charges and blocks go with it)."""
+
+    def __init__(self, fs: Any, backing: str) -> None:
+        self.fs = fs
+        self.file = trio.run(fs.create, "/appends")
+        self.fd = os.open(os.path.join(backing, "bare-appends"), os.O_RDWR | os.O_CREAT, 0o644)
+
+    def empty(self) -> None:
+        trio.run(self.fs.truncate, self.file, 0)
+
+    def empty_bare(self) -> None:
+        os.ftruncate(self.fd, 0)
+
+    def close(self) -> None:
+        self.empty()
+        trio.run(self.fs.release, self.file)
+        os.close(self.fd)
+
+
+def _append_figures(fs: Any, backing: str, rounds: int) -> dict[str, float]:
+    """1 MiB WRITE requests at the end of a file, as a sequential writer sends them."""
+    appends, buf, ops = _Appends(fs, backing), os.urandom(APPEND), fs.ops
+
+    def write(i: int) -> None:
+        _run(ops.write(appends.file.fh, i * APPEND, buf))
+
+    def example_write(i: int) -> None:
+        _run(_example_write(appends.fd, i * APPEND, buf))
+
+    results = {
+        "append_1m_us": _least(rounds, APPENDS, write, appends.empty),
+        "example_append_1m_us": _least(rounds, APPENDS, example_write, appends.empty_bare),
+        "pwrite_append_1m_us": _least(rounds, APPENDS, lambda i: os.pwrite(
+            appends.fd, buf, i * APPEND), appends.empty_bare),
+    }
+    appends.close()
+    return results
+
+
 def measure(backing: str, calls: int, rounds: int) -> dict[str, float]:
     fs = new_filesystem(backing)
     ops: Any = fs.ops
@@ -126,6 +170,7 @@ def measure(backing: str, calls: int, rounds: int) -> dict[str, float]:
             rounds, calls, lambda i: _run(ops.getxattr(files.inode, cap, other))),
         "fsync_us": _least(rounds, calls, lambda i: _run(ops.fsync(files.fh, False))),
         "fsync_alone_us": _least(rounds, calls, lambda i: os.fsync(files.fd)),
+        **_append_figures(fs, backing, rounds),
     }
     files.close()
     trio.run(fs.close)

@@ -18,7 +18,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, NoReturn
 
@@ -322,7 +322,9 @@ class Charging:
         last = -(-end // block)
         scattered = node.scattered
         if lo * block >= node.size or (scattered is not None and not scattered):
-            holes: list[int] = list(range(lo, last))  # past EOF, or known to be holes
+            # Past EOF, or known to be holes: a range, not a list (a list of a 1 MiB
+            # write's 256 block numbers took 8 µs, more than the rest of the handler).
+            holes: Sequence[int] = range(lo, last)
         elif scattered is not None:
             holes = (([] if lo in scattered else [lo]) if last - lo == 1  # the usual case
                      else [b for b in range(lo, last) if b not in scattered])

@@ -103,6 +103,7 @@ FAULT_OPS: tuple[FaultOp, ...] = tuple(
 NOT_FAULT_OPS: dict[str, str] = {
     "forget": "pyfuse3 answers forget itself; nothing raised in it may leave the handler",
     "releasedir": "closing a directory handle cannot fail for a program (closedir)",
+    "init": "the kernel's INIT at mount, no program's request; pyfuse3 forbids raising",
 }
 
 Subject = tuple[Node | None, bytes | None]  # (node, None) or (directory, name)
