@@ -3,7 +3,8 @@
     PYTHONPATH=TREE python bench/handlers.py [--calls N] [--rounds R] [--backing DIR]
 
 For each request the kernel sends for a random 4 KiB write + fsync (WRITE, into holes of
-a fresh sparse file and over the same blocks again; GETXATTR security.capability; FSYNC),
+a fresh sparse file, of one closed and opened again, and over the same blocks again;
+GETXATTR security.capability; FSYNC),
 and for the 1 MiB WRITEs of a sequential writer (appends to a file emptied before each
 round), the least over R rounds of N calls (32 for the appends) of QuotaFS's handler, of
 the pyfuse3 example's (writes into holes, appends), and of the bare syscall the handler
@@ -80,6 +81,17 @@ class _Files:
         f = trio.run(self.fs.create, f"/data-{self.round}")
         self.opened.append(f)
         self.fh, self.inode = f.fh, f.inode
+
+    def reopened(self) -> None:
+        """A sparse file made, closed and opened again, as a program's existing file."""
+        self.fresh()
+        last = (FILE_BLOCKS - 1) * BLOCK  # data at the end only: the rest is holes
+        _run(self.fs.ops.write(self.fh, last, os.urandom(BLOCK)))
+        f = self.opened.pop()
+        trio.run(self.fs.release, f)
+        f = trio.run(self.fs.open, f"/data-{self.round}")
+        self.opened.append(f)
+        self.fh = f.fh
 
     def fresh_bare(self) -> None:
         self.round += 1
@@ -163,6 +175,7 @@ def measure(backing: str, calls: int, rounds: int) -> dict[str, float]:
         # The last file again, at the same offsets: every block holds data now.
         "overwrite_us": _least(rounds, calls, write),
         "pwrite_overwrite_us": _least(rounds, calls, pwrite),
+        "write_into_holes_reopened_us": _least(rounds, calls, write, files.reopened),
         "getxattr_capability_us": _least(rounds, calls,
                                          lambda i: _run(ops.getxattr(files.inode, cap, ctx))),
         # Another user's write(2) on an --allow-other mount (a root daemon switches ids).

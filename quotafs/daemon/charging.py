@@ -27,7 +27,7 @@ import pyfuse3
 from quotafs.daemon.inodes import Handle, InodeTable, Key, Node
 from quotafs.daemon.reservations import Reservations
 from quotafs.model.allocation import ceil_div
-from quotafs.model.costs import Costs, data_prefix, open_entry
+from quotafs.model.costs import Costs, data_blocks, data_prefix, open_entry
 from quotafs.model.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ def _stored(node: Node, off: int, written: int, error: OSError | None) -> int:
 # Blocks: past this, Node.scattered is dropped and SEEK_DATA tells (a set of 16,384 blocks,
 # 64 MiB of data in 4 KiB blocks, takes about 1 MB; it lives while the file is open).
 SCATTERED_MAX = 1 << 14
+# At an open, the extents asked (two syscalls each) to learn which blocks hold data:
+# past this the file is left to SEEK_DATA at each write (a few ms of asking at most).
+LAYOUT_EXTENTS_MAX = 1024
 
 
 def _note_data(node: Node, first: int, stop: int) -> None:
@@ -303,8 +306,8 @@ class Charging:
         if charged is None:
             charged = self.charge_of(node)
         filled = node.filled
-        if filled is None and first < -(-node.size // block):
-            filled = self._learn_layout(handle)  # part of the write lies inside the file
+        if filled is None:  # the first write since the file was opened
+            filled = self._learn_layout(handle)
         if filled is not None and (last <= filled or (
                 last - first == 1 and node.scattered and first in node.scattered)):
             # An overwrite of blocks that hold data (most writes of a database, and every
@@ -349,11 +352,14 @@ class Charging:
         return _stored(node, off, written, error)
 
     def _learn_layout(self, handle: Handle) -> int:
-        """Node.filled (and, for a dense file, Node.scattered) from the backing file."""
-        node = handle.node
-        node.filled = data_prefix(handle.fd, node.size, self._block)
-        node.scattered = set() if node.filled * self._block >= node.size else None
-        return node.filled
+        """Node.filled and Node.scattered from the backing file, once per open: its dense
+        start (SEEK_HOLE), and the blocks past it that hold data, unless they are too many
+        (scattered stays None: each write past the start then asks SEEK_DATA)."""
+        node, block = handle.node, self._block
+        filled = node.filled = data_prefix(handle.fd, node.size, block)
+        node.scattered = (set() if filled * block >= node.size else data_blocks(
+            handle.fd, filled * block, node.size, block, SCATTERED_MAX, LAYOUT_EXTENTS_MAX))
+        return filled
 
     def _write_apparent(self, handle: Handle, off: int, buf: bytes) -> int:
         node = handle.node

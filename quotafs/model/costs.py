@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from quotafs.model.allocation import Extent, ceil_div, count_blocks, hole_blocks, round_up
@@ -29,25 +29,43 @@ class Mode(enum.Enum):
     APPARENT = "apparent"
 
 
-def data_extents(fd: int, start: int, end: int) -> list[Extent]:
-    """Data extents of the open file `fd` within [start, end), via SEEK_DATA/SEEK_HOLE."""
-    extents: list[Extent] = []
+def _extents(fd: int, start: int, end: int) -> Iterator[Extent]:
+    """Data extents of the open file `fd` within [start, end), asked one at a time."""
     pos = start
     while pos < end:
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # no data past pos
-                break
+                return
             if exc.errno == errno.EINVAL:  # no SEEK_DATA support: all data
-                return [(start, end)]
+                yield pos, end
+                return
             raise
         if data >= end:
-            break
+            return
         hole = os.lseek(fd, data, os.SEEK_HOLE)
-        extents.append((data, min(hole, end)))
+        yield data, min(hole, end)
         pos = hole
-    return extents
+
+
+def data_extents(fd: int, start: int, end: int) -> list[Extent]:
+    """Data extents of the open file `fd` within [start, end), via SEEK_DATA/SEEK_HOLE."""
+    return list(_extents(fd, start, end))
+
+
+def data_blocks(fd: int, start: int, end: int, block: int, most_blocks: int,
+                most_extents: int) -> set[int] | None:
+    """The blocks that data of the open file `fd` in [start, end) touches; None when they
+    are more than `most_blocks`, or the extents more than `most_extents` (each costs two
+    syscalls here), without asking further."""
+    found: set[int] = set()
+    for n, (lo, hi) in enumerate(_extents(fd, start, end)):
+        first, stop = lo // block, ceil_div(hi, block)
+        if n == most_extents or len(found) + stop - first > most_blocks:
+            return None
+        found.update(range(first, stop))
+    return found
 
 
 def _has_data(fd: int, start: int, end: int) -> bool:

@@ -10,7 +10,7 @@ import random
 import pyfuse3
 import pytest
 
-from quotafs.daemon.charging import SCATTERED_MAX
+from quotafs.daemon.charging import LAYOUT_EXTENTS_MAX, SCATTERED_MAX
 from tests.operations.driver import FsFactory, InProcessFS
 
 K = 1024
@@ -202,6 +202,44 @@ async def test_writes_into_content_found_at_mount_charge_only_its_holes(
     for block, charged in [(1, 3), (0, 3), (3, 3), (2, 4), (2, 4), (4, 5), (1, 5)]:
         assert await fs.write(f, block * BLOCK, b"o" * BLOCK) == BLOCK
         assert await usage(fs) == (charged * BLOCK, 1), f"after writing block {block}"
+    await fs.release(f)
+    await assert_books_balance(fs)
+
+
+async def test_a_reopened_sparse_file_is_charged_for_its_holes_only(fs: InProcessFS) -> None:
+    """A file written, closed and opened again: the first write (past the end) learns
+    which blocks hold data; later writes into its holes are charged, over its data not."""
+    f = await fs.create("/s")
+    for block in (0, 1, 4, 6, 7):
+        await fs.write(f, block * BLOCK, bytes([block]) * BLOCK)
+    await fs.release(f)
+    assert await usage(fs) == (5 * BLOCK, 1)
+    f = await fs.open("/s")
+    steps = [(9, 6), (6, 6), (3, 7), (4, 7), (8, 8), (2, 9), (5, 10), (9, 10), (0, 10)]
+    for block, charged in steps:
+        assert await fs.write(f, block * BLOCK, b"n" * BLOCK) == BLOCK
+        assert await usage(fs) == (charged * BLOCK, 1), f"after writing block {block}"
+    await fs.release(f)
+    await assert_books_balance(fs)
+    n, kept = b"n" * BLOCK, [bytes([1]) * BLOCK, bytes([7]) * BLOCK]  # 1 and 7 not rewritten
+    assert await fs.read_file("/s") == n + kept[0] + 5 * n + kept[1] + 2 * n
+
+
+async def test_a_reopened_file_of_many_extents_is_charged_alike(make_fs: FsFactory) -> None:
+    """Past LAYOUT_EXTENTS_MAX extents an open does not learn the layout: each write asks
+    the backing (SEEK_DATA), and the charges are the same."""
+    fs = make_fs("100M")
+    f = await fs.create("/many")
+    blocks = list(range(0, 2 * (LAYOUT_EXTENTS_MAX + 10), 2))  # every other block
+    for block in blocks:
+        await fs.write(f, block * BLOCK, b"d")
+    await fs.release(f)
+    f = await fs.open("/many")
+    await fs.write(f, blocks[-1] * BLOCK, b"again")  # data already
+    assert await usage(fs) == (len(blocks) * BLOCK, 1)
+    for n, block in enumerate([1, 3, blocks[-1] + 5]):  # holes, then past the end
+        await fs.write(f, block * BLOCK, b"new")
+        assert await usage(fs) == ((len(blocks) + n + 1) * BLOCK, 1)
     await fs.release(f)
     await assert_books_balance(fs)
 
