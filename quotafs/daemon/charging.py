@@ -67,8 +67,8 @@ def _stored(node: Node, off: int, written: int, error: OSError | None) -> int:
 # Blocks: past this, Node.scattered is dropped and SEEK_DATA tells (a set of 16,384 blocks,
 # 64 MiB of data in 4 KiB blocks, takes about 1 MB; it lives while the file is open).
 SCATTERED_MAX = 1 << 14
-# At an open, the extents asked (two syscalls each) to learn which blocks hold data:
-# past this the file is left to SEEK_DATA at each write (a few ms of asking at most).
+# At the first write into a file opened again, the extents asked (two syscalls each) to
+# learn which blocks hold data: past this the file is left to SEEK_DATA at each write.
 LAYOUT_EXTENTS_MAX = 1024
 
 
@@ -306,8 +306,10 @@ class Charging:
         if charged is None:
             charged = self.charge_of(node)
         filled = node.filled
-        if filled is None:  # the first write since the file was opened
-            filled = self._learn_layout(handle)
+        if filled is None and first < -(-node.size // block):
+            # The first write inside the file since it was opened (an append learns
+            # nothing: its blocks are new, and a log's appends then never scan it).
+            filled = self._learn_layout(handle, charged)
         if filled is not None and (last <= filled or (
                 last - first == 1 and node.scattered and first in node.scattered)):
             # An overwrite of blocks that hold data (most writes of a database, and every
@@ -351,14 +353,21 @@ class Charging:
             _note_data(node, off // block, stored_end)
         return _stored(node, off, written, error)
 
-    def _learn_layout(self, handle: Handle) -> int:
-        """Node.filled and Node.scattered from the backing file, once per open: its dense
-        start (SEEK_HOLE), and the blocks past it that hold data, unless they are too many
+    def _learn_layout(self, handle: Handle, charged: int) -> int:
+        """Node.filled and Node.scattered from the backing file, while they are unknown
+        (a file opened again; they are forgotten at its last release): its dense start
+        (SEEK_HOLE), and the blocks past it that hold data, unless they are too many
         (scattered stays None: each write past the start then asks SEEK_DATA)."""
         node, block = handle.node, self._block
         filled = node.filled = data_prefix(handle.fd, node.size, block)
-        node.scattered = (set() if filled * block >= node.size else data_blocks(
-            handle.fd, filled * block, node.size, block, SCATTERED_MAX, LAYOUT_EXTENTS_MAX))
+        if filled * block >= node.size:
+            node.scattered = set()
+        elif charged // block - filled > SCATTERED_MAX:
+            # Known too many without a scan, which on tmpfs walks every page of the file.
+            node.scattered = None
+        else:
+            node.scattered = data_blocks(handle.fd, filled * block, node.size, block,
+                                         SCATTERED_MAX, LAYOUT_EXTENTS_MAX)
         return filled
 
     def _write_apparent(self, handle: Handle, off: int, buf: bytes) -> int:

@@ -69,8 +69,9 @@ class Node:
     # first open (the backing may have changed while the file was closed).
     filled: int | None = None
     # The blocks from `filled` on that hold data, when known exactly (a file this daemon
-    # made or emptied, or found dense): then no write asks the backing where its holes
-    # are. None: not known, SEEK_DATA tells. Both are forgotten at the last release.
+    # made or emptied, or one opened again, learnt at its first write inside it, up to
+    # LAYOUT_EXTENTS_MAX extents): then no write asks the backing where its holes are.
+    # None: not known, SEEK_DATA tells. Both are forgotten at the last release.
     scattered: set[int] | None = None
     # -- reservations.py's ---------------------------------------------------------------
     reserved: dict[int, int] = field(default_factory=dict)  # block -> fh that reserved it

@@ -10,6 +10,7 @@ import random
 import pyfuse3
 import pytest
 
+from quotafs.daemon import charging
 from quotafs.daemon.charging import LAYOUT_EXTENTS_MAX, SCATTERED_MAX
 from tests.operations.driver import FsFactory, InProcessFS
 
@@ -207,8 +208,9 @@ async def test_writes_into_content_found_at_mount_charge_only_its_holes(
 
 
 async def test_a_reopened_sparse_file_is_charged_for_its_holes_only(fs: InProcessFS) -> None:
-    """A file written, closed and opened again: the first write (past the end) learns
-    which blocks hold data; later writes into its holes are charged, over its data not."""
+    """A file written, closed and opened again: a write past the end learns nothing, the
+    first write inside it learns which blocks hold data; later writes into its holes are
+    charged, over its data not."""
     f = await fs.create("/s")
     for block in (0, 1, 4, 6, 7):
         await fs.write(f, block * BLOCK, bytes([block]) * BLOCK)
@@ -543,3 +545,20 @@ async def test_write_fsync_getxattr_answer_errno_and_eio_for_a_bug(
     assert await fs.write(f, 0, b"after") == 5  # the handlers work on
     await fs.release(f)
     await fs.release(ro)
+
+
+async def test_a_reopened_file_known_to_hold_too_many_blocks_is_charged_alike(
+        fs: InProcessFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file whose charge alone says its data past the dense start is more than
+    SCATTERED_MAX blocks is not scanned at reopen: each write asks SEEK_DATA, and the
+    charges are the same."""
+    monkeypatch.setattr(charging, "SCATTERED_MAX", 8)
+    f = await fs.create("/big")
+    await fs.write(f, BLOCK, b"d" * (20 * BLOCK))  # block 0 a hole, 1-20 data
+    await fs.release(f)
+    f = await fs.open("/big")
+    for block, charged in [(5, 20), (0, 21), (0, 21), (25, 22), (23, 23), (20, 23)]:
+        await fs.write(f, block * BLOCK, b"n" * 10)
+        assert await usage(fs) == (charged * BLOCK, 1), f"after writing block {block}"
+    await fs.release(f)
+    await assert_books_balance(fs)
