@@ -446,14 +446,17 @@ class ChildDaemonTarget(Target):
         return self.pid is not None and pid_alive(self.pid)
 
 
-def passthrough_target(script: Path, backing: str, mountpoint: str,
-                       log_path: str) -> ChildDaemonTarget:
+def passthrough_target(script: Path, backing: str, mountpoint: str, log_path: str,
+                       xattr: bool = False) -> ChildDaemonTarget:
     """pyfuse3's example as `python passthroughfs.py SOURCE MOUNTPOINT`, through
-    bench/pyfuse3_example.py, which adds the fsync handler the example lacks."""
+    bench/pyfuse3_example.py, which adds the fsync handler the example lacks; with `xattr`
+    a getxattr that passes through to the backing too."""
     wrapper = Path(__file__).with_name("pyfuse3_example.py")
-    return ChildDaemonTarget("pyfuse3-passthrough", f"pyfuse3's examples/{script.name} "
-                             "with an fsync handler",
-                             [sys.executable, str(wrapper), str(script), backing, mountpoint],
+    name, added = (("pyfuse3-passthrough-xattr", "fsync and getxattr handlers") if xattr
+                   else ("pyfuse3-passthrough", "an fsync handler"))
+    return ChildDaemonTarget(name, f"pyfuse3's examples/{script.name} with {added}",
+                             [sys.executable, str(wrapper), str(script),
+                              *(["--xattr"] if xattr else []), backing, mountpoint],
                              mountpoint, log_path)
 
 

@@ -50,8 +50,9 @@ def test_smoke_run_reports_every_target_and_workload(tmp_path: Path) -> None:
     assert workloads == {"seqwrite", "randwrite", "seqread", "seqread-warm", "files", "walk",
                          "mmap", "sqlite-wal", "sqlite-rollback", "tar", "git-clone"}
     targets = {t["name"]: t for t in data["targets"]}
-    assert set(targets) == {"native", "pyfuse3-passthrough", "pyfuse3-null",
-                            "pyfuse3-null-xattr", "pyfuse3-mem-xattr", "quotafs-nolimit",
+    assert set(targets) == {"native", "pyfuse3-passthrough", "pyfuse3-passthrough-xattr",
+                            "pyfuse3-null", "pyfuse3-null-xattr", "pyfuse3-mem-xattr",
+                            "quotafs-nolimit",
                             "quotafs", "quotafs-rule", "quotafs-nocache", "quotafs-noxattr",
                             "quotafs-crashsim"}
     for name, target in targets.items():
@@ -87,6 +88,18 @@ def test_smoke_run_reports_every_target_and_workload(tmp_path: Path) -> None:
         assert {c["workload"] for c in crashsim} == workloads
         assert {(c["baseline"], c["goal"], c["meets"]) for c in crashsim} == {
             ("quotafs", None, None)}
+    # The write goals, each against its anchor, round by round (bench/run.py WRITE_GOALS).
+    goals = {(c["target"], c["baseline"], c["workload"]): c["goal"]
+             for c in data["comparisons"]}
+    for target, against, workload, goal in (
+            ("quotafs-noxattr", "pyfuse3-passthrough", "randwrite", 1.0),
+            ("quotafs", "pyfuse3-passthrough", "mmap", 1.0),
+            ("quotafs", "pyfuse3-null-xattr", "randwrite", 0.9),
+            ("quotafs", "pyfuse3-passthrough-xattr", "seqwrite", 1.0),
+            ("pyfuse3-passthrough-xattr", "pyfuse3-null-xattr", "randwrite", None)):
+        if targets[target]["status"] == targets[against]["status"] == "ok":
+            assert goals[(target, against, workload)] == goal, (target, against, workload)
+    assert ("quotafs", "pyfuse3-null-xattr", "seqwrite") not in goals
     for c in data["comparisons"]:
         assert math.isfinite(c["ratio"]) and c["ratio"] > 0
 
