@@ -439,6 +439,9 @@ class Charging:
             node.size = st.st_size
             node.filled, node.scattered = None, None  # old bytes came back anywhere
             self._reservations.release_from(node, ceil_div(st.st_size, self._block))
+            handle = self._inodes.open_handle_of(node) if node.reserved else None
+            if handle is not None:  # (a reservation lives only while a handle is open)
+                self._reservations.release_filled(node, handle.fd)
 
     def _settle(self, node: Node, old_charge: int, new_charge: int) -> None:
         """The file's blocks changed on disk from `old_charge` to `new_charge` (made

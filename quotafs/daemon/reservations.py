@@ -7,7 +7,8 @@ and the kernel turns that into SIGBUS at the faulting access, as ext4's page_mkw
 does. The kernel retries a failed readahead one page at a time, so the signal lands on the
 first page that does not fit. A reservation becomes usage when the block is written
 (charging.py converts it), and goes back to the ledger when its handle is released, the
-range truncated or the inode freed. Reservations live in `Node.reserved` (block -> fh).
+range truncated, the inode freed or the block filled by --crash-sim's revert of unsynced
+writes. Reservations live in `Node.reserved` (block -> fh).
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ class Reservations:
         if node.reserved:
             self._ledger.release(len(node.reserved) * self._block)
             node.reserved.clear()
+
+    def release_filled(self, node: Node, fd: int) -> None:
+        """The file changed outside any request (--crash-sim's drop_unsynced put old data
+        back): a reserved block that holds data now is charged as usage already, so its
+        reservation goes back (it would count twice until its handle's release)."""
+        if not node.reserved:
+            return
+        block = self._block
+        lo, hi = min(node.reserved) * block, (max(node.reserved) + 1) * block
+        holes = set(self._costs.holes(fd, lo, hi, node.size))
+        filled = [b for b in node.reserved if b not in holes]
+        for b in filled:
+            del node.reserved[b]
+        if filled:
+            self._ledger.release(len(filled) * block)
 
     def release_from(self, node: Node, start_block: int) -> None:
         """Truncated: reservations from `start_block` on go back."""

@@ -248,6 +248,34 @@ def test_drop_unsynced_fails_the_fsync_and_the_next_one_succeeds(
     assert_books_are_a_fresh_scan(m)
 
 
+def test_drop_unsynced_that_refills_reserved_holes_charges_them_once(
+        mount_factory: MountFactory) -> None:
+    # --mmap-sigbus reserves the holes a read through a writable handle brings in; undoing
+    # the unsynced truncates that made them holes puts the old data back: usage now, so
+    # the reservation must go (it counted the same blocks twice until the close).
+    m = mount_factory("16M", mmap_sigbus=True, crash_sim=True)
+    write(f"{m.path}/db", b"d" * 65536, sync=True)
+    fsync_dir(m.path)
+    used = m.status().used
+    fd = os.open(f"{m.path}/db", os.O_RDWR)
+    try:
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, 65536)  # 16 holes, unsynced
+        os.pread(fd, 65536, 0)
+        assert m.status().reserved == 65536
+        m.add_fault("fsync", errno="EIO", drop_unsynced=True, path="/db")
+        assert errno_of(os.fsync, fd) == errno.EIO  # the truncates are undone
+        with open(f"{m.backing}/db", "rb") as f:
+            assert f.read() == b"d" * 65536
+        status = m.status()
+        assert (status.used, status.reserved) == (used, 0)
+        assert_books_are_a_fresh_scan(m)
+        m.clear_faults()
+    finally:
+        os.close(fd)
+    assert_books_are_a_fresh_scan(m)
+
+
 @pytest.mark.parametrize(("kwargs", "flag"), [
     ({"op": "write", "crash": True}, "--crash"),
     ({"op": "fsync", "errno": "EIO", "drop_unsynced": True}, "--drop-unsynced"),

@@ -124,6 +124,25 @@ async def test_drop_unsynced_gives_back_the_blocks_it_freed(cfs: InProcessFS) ->
     assert (await cfs.books())[0] == (await cfs.books())[1]
 
 
+async def test_drop_unsynced_that_refills_reserved_holes_charges_them_once(
+        make_fs: FsFactory) -> None:
+    fs = make_fs("4M", crash_sim=True, mmap_sigbus=True)
+    await fs.write_file("/a", b"a" * 65536)
+    a = await fs.open("/a")
+    await fs.fsync(a)
+    used = (await fs.status())["used"]
+    await fs.truncate(a, 0)
+    await fs.truncate(a, 65536)  # 16 holes, unsynced
+    await fs.read(a, 32768, 16384)  # reserves 4 of them (a page read for a mapping)
+    assert (await fs.status())["reserved"] == 16384
+    node = fs.ops.inodes.handle(a.fh).node
+    fs.ops.crash.drop_unsynced(node)  # the old data is back in all 16
+    assert backing(fs, "a") == b"a" * 65536
+    assert (await fs.books())[0] == (await fs.books())[1] == (used, 1, 0)
+    await fs.release(a)
+    assert (await fs.books())[0] == (await fs.books())[1]
+
+
 async def test_a_removed_open_file_has_no_links_and_no_way_back(cfs: InProcessFS) -> None:
     await cfs.write_file("/f", b"f" * 8192)
     await cfs.fsyncdir("/")
