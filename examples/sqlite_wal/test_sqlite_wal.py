@@ -109,7 +109,11 @@ def test_synchronous_normal_loses_reported_transactions_at_the_checkpoint_cut(
     report = quotafs.sweep([PYTHON, str(ORDERS), "write", "NORMAL"], setup=SETUP,
                            check=CHECK, crash_points=True, model=model, seed=7,
                            workdir=str(tmp_path))
-    lost = [p for p in report.points if p.verdict == "data lost at the cut"]
+    # At that cut SQLite may still close and exit 0 before the sweep stops it (the
+    # checkpoint's failed fsync is not reported by close): "check failed after success"
+    # then, "data lost at the cut" if the stop came first. Both say the check failed.
+    lost = [p for p in report.points
+            if p.verdict in ("data lost at the cut", "check failed after success")]
     assert lost, [(p.cut_after, p.verdict) for p in report.points]
     for point in lost:
         assert not point.cut_at_end and point.cut_killed
